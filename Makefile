@@ -1,0 +1,49 @@
+# Two commands: `make serve` (MONAI Label server with a ready model and demo studies)
+# and `make test` (set up, then run the tests). Everything else is a helper target.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+STUDIES ?= studies/demo
+HOST ?= 127.0.0.1
+PORT ?= 8000
+CONF ?=
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup test test-fast serve demo demo-studies bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-data.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-data.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --timeout 600 tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -x -m "not slow" tests
+
+demo: $(STAMP)
+	$(VENV)/bin/fasttextdiff demo --out runs/demo
+
+demo-studies: $(STAMP)
+	@test -d $(STUDIES) || $(VENV)/bin/fasttextdiff demo-studies --out $(STUDIES)
+
+serve: $(STAMP) demo-studies
+	$(VENV)/bin/monailabel start_server --app monailabel_app --studies $(STUDIES) \
+		--host $(HOST) --port $(PORT) $(CONF)
+
+bench: $(STAMP)
+	$(PY) bench/accuracy.py --dataset text-necessary --quick
+	$(PY) bench/speed.py --quick
+
+clean:
+	rm -rf runs .pytest_cache

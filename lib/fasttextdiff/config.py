@@ -1,0 +1,224 @@
+"""Typed, validated configuration records that save as JSON next to the weights.
+
+Every component keeps its constructor arguments in one of these dataclasses so a model
+directory reloads from `config.json` + safetensors alone (the diffusers convention),
+and so bad combinations fail at construction with a sentence instead of deep in a forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="JsonConfig")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write via a temp file in the same folder and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+class JsonConfig:
+    """Mixin: dict/JSON round trip with unknown-key and type checks, then `validate()`."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # JSON gives lists where we keep tuples
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                setattr(self, f.name, tuple(value))
+        self.validate()
+
+    def validate(self) -> None:  # overridden where combinations matter
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown option(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls: type[T], path: str | os.PathLike) -> T:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"missing config file {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+@dataclass
+class BackboneConfig(JsonConfig):
+    """The frozen denoising U-Net (diffusers UNet2DModel) and the timesteps it is probed at."""
+
+    image_size: int = 64
+    in_channels: int = 1
+    block_out_channels: tuple[int, ...] = (32, 64, 64, 128)
+    layers_per_block: int = 1
+    attention: bool = False  # attention blocks in the two coarsest levels, as in DDPM
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    timesteps: tuple[int, ...] = (50, 150, 250)  # of 1000; rescaled if the schedule is shorter
+    feature_blocks: tuple[int, ...] = ()  # decoder up-block indices to tap; () = all
+    noise_seed: int = 0
+
+    def validate(self) -> None:
+        _positive("image_size", self.image_size)
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {self.in_channels}")
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels must name at least one level")
+        factor = 2 ** (len(self.block_out_channels) - 1)
+        if self.image_size % factor:
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by {factor} "
+                f"for {len(self.block_out_channels)} U-Net levels"
+            )
+        if not self.timesteps:
+            raise ValueError("timesteps must name at least one diffusion step")
+        for t in self.timesteps:
+            if not 0 <= t < 1000:
+                raise ValueError(f"timesteps are given on a 0..999 scale, got {t}")
+        for b in self.feature_blocks:
+            if not 0 <= b < len(self.block_out_channels):
+                raise ValueError(f"feature block {b} does not exist ({len(self.block_out_channels)} up-blocks)")
+        if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+            raise ValueError(f"unsupported beta_schedule {self.beta_schedule!r}")
+
+
+@dataclass
+class TextConfig(JsonConfig):
+    """Which encoder turns the report into token states, and how long reports are handled."""
+
+    encoder: str = "tiny"  # "tiny", a local model directory, or a hub id (explicit opt-in)
+    max_length: int | None = None  # None = the encoder's own context (8192 for ModernBERT)
+    chunk_overlap: int = 64  # for 512-token BERTs: windows overlap by this many tokens
+    max_chars: int = 200_000  # reports longer than this are refused (about 30k words)
+
+    def validate(self) -> None:
+        if not self.encoder:
+            raise ValueError("text encoder must be 'tiny', a local directory or a hub id")
+        if self.max_length is not None:
+            _positive("max_length", self.max_length)
+        if self.chunk_overlap < 0:
+            raise ValueError("chunk_overlap must be >= 0")
+        _positive("max_chars", self.max_chars)
+
+
+@dataclass
+class FusionConfig(JsonConfig):
+    """Cross-modal attention: image tokens query the report's tokens, per scale."""
+
+    dim: int = 64  # the reference uses 768 (the text width); small models use less
+    heads: int = 4
+    shared: bool = True  # one transformer block for every scale, as in the reference
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    positional_encoding: bool = True
+
+    def validate(self) -> None:
+        _positive("dim", self.dim)
+        _positive("heads", self.heads)
+        if self.dim % self.heads:
+            raise ValueError(f"fusion dim {self.dim} must be divisible by heads {self.heads}")
+        if self.dim % 4 and self.positional_encoding:
+            raise ValueError(f"fusion dim {self.dim} must be divisible by 4 for 2D sine positions")
+        _positive("mlp_ratio", self.mlp_ratio)
+        if not 0 <= self.dropout < 1:
+            raise ValueError("dropout must be in [0, 1)")
+
+
+@dataclass
+class SegmenterConfig(JsonConfig):
+    """The trainable part (fusion + head) and how it is used."""
+
+    num_classes: int = 2  # background + foreground; >2 for multi-class
+    labels: tuple[str, ...] = ("lesion",)  # names of the foreground classes
+    head_channels: int = 32
+    use_text: bool = True  # False = the `no_text` ablation: same network, text branch removed
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fusion, dict):
+            self.fusion = FusionConfig.from_dict(self.fusion)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        if self.num_classes < 2:
+            raise ValueError("num_classes counts the background too and must be >= 2")
+        if len(self.labels) != self.num_classes - 1:
+            raise ValueError(f"{self.num_classes} classes need {self.num_classes - 1} label names, got {list(self.labels)}")
+        _positive("head_channels", self.head_channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["fusion"] = self.fusion.to_dict()
+        return d
+
+
+@dataclass
+class TrainConfig(JsonConfig):
+    """Segmentation training: few labels, frozen backbone and text encoder."""
+
+    epochs: int = 50
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    dice_weight: float = 1.5  # loss = CE + 1.5 x Dice, as in the paper
+    augment: bool = True
+    rotate_degrees: float = 20.0
+    labeled: float | None = None  # N images (>= 1) or a fraction (< 1) of the training split
+    seed: int = 0
+    amp: bool = True  # used only on CUDA
+    num_workers: int = 0
+    val_every: int = 1
+
+    def validate(self) -> None:
+        _positive("epochs", self.epochs)
+        _positive("batch_size", self.batch_size)
+        _positive("lr", self.lr)
+        if self.labeled is not None and self.labeled <= 0:
+            raise ValueError("labeled must be a count >= 1 or a fraction in (0, 1)")
+        if self.labeled is not None and self.labeled > 1 and self.labeled != int(self.labeled):
+            raise ValueError("labeled above 1 is a count of images and must be whole")
+        if self.val_every < 1:
+            raise ValueError("val_every must be >= 1")
