@@ -100,9 +100,14 @@ class BackboneConfig(JsonConfig):
     timesteps: tuple[int, ...] = (50, 150, 250)  # of 1000; rescaled if the schedule is shorter
     feature_blocks: tuple[int, ...] = ()  # decoder up-block indices to tap; () = all
     noise_seed: int = 0
+    # Intensity scaling the backbone was trained with (the same must be used at inference):
+    # None = robust percentiles per image/volume; (center, width) = a CT window in HU.
+    window: tuple[float, float] | None = None
 
     def validate(self) -> None:
         _positive("image_size", self.image_size)
+        if self.window is not None and (len(self.window) != 2 or self.window[1] <= 0):
+            raise ValueError(f"window must be (center, width) with width > 0, got {self.window}")
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {self.in_channels}")
         if not self.block_out_channels:

@@ -1,0 +1,73 @@
+"""Publishing finished model directories so that readers never see a half-written model.
+
+A training run writes into a staging directory beside its target. Only when it has finished does
+it become visible, either by renaming onto the target (`replace_dir`, for CLI outputs) or by
+swapping a `current` symlink inside a model root (`publish`, for the server, where the model is
+read while the next one trains: the swap is one `os.replace`, so there is no moment without a model).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+CURRENT = "current"
+VERSIONS = "versions"
+
+
+def staging_dir(target: str | os.PathLike) -> Path:
+    """A fresh empty directory next to `target` (same filesystem, so the final rename is atomic)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+
+
+def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move a finished directory onto `target`, replacing an older one."""
+    staging, target = Path(staging), Path(target)
+    if target.is_symlink() or not target.exists():
+        os.replace(staging, target)
+        return target
+    aside = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
+    os.replace(target, aside)
+    os.replace(staging, target)
+    shutil.rmtree(aside, ignore_errors=True)
+    return target
+
+
+def publish(staging: str | os.PathLike, root: str | os.PathLike, keep: int = 3) -> Path:
+    """Make `staging` the current model of `root` (root/current -> versions/<stamp>)."""
+    root = Path(root)
+    versions = root / VERSIONS
+    versions.mkdir(parents=True, exist_ok=True)
+    final = versions / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}"
+    os.replace(staging, final)
+    link_tmp = root / f".{CURRENT}.{os.getpid()}.{time.time_ns()}"
+    os.symlink(os.path.relpath(final, root), link_tmp)
+    os.replace(link_tmp, root / CURRENT)
+    _prune(versions, keep, protect=final)
+    return final
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """Accept a model directory or a published root (its `current` link)."""
+    path = Path(path)
+    current = path / CURRENT
+    if current.exists():
+        return current.resolve()
+    return path
+
+
+def has_model(path: str | os.PathLike) -> bool:
+    from .model import MODEL_CONFIG_FILE
+
+    return (resolve_model_dir(path) / MODEL_CONFIG_FILE).is_file()
+
+
+def _prune(versions: Path, keep: int, protect: Path) -> None:
+    old = sorted((p for p in versions.iterdir() if p.is_dir() and p != protect), key=lambda p: p.name)
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)

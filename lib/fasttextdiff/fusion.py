@@ -1,0 +1,113 @@
+"""Cross-modal attention: image tokens (queries) read the report's tokens (keys/values).
+
+Improves on the reference in two ways it lacked: a 2D sine positional encoding on the image
+tokens, so "upper left" can be matched to a place, and the text padding mask, so padding tokens
+of shorter reports in a batch carry no weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import FusionConfig
+
+
+def sine_positions_2d(height: int, width: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+    """(H*W, dim) encoding of normalised (y, x), the same for every scale of a feature pyramid."""
+    if dim % 4:
+        raise ValueError(f"2D sine positions need dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    freqs = torch.exp(torch.arange(quarter, device=device, dtype=torch.float32) * (-math.log(1000.0) / quarter))
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    y_angles = ys[:, None] * freqs[None] * 2 * math.pi * 4
+    x_angles = xs[:, None] * freqs[None] * 2 * math.pi * 4
+    y_enc = torch.cat([y_angles.sin(), y_angles.cos()], dim=1)  # (H, dim/2)
+    x_enc = torch.cat([x_angles.sin(), x_angles.cos()], dim=1)  # (W, dim/2)
+    grid = torch.cat(
+        [y_enc[:, None, :].expand(height, width, -1), x_enc[None, :, :].expand(height, width, -1)], dim=-1
+    )
+    return grid.reshape(height * width, dim).to(dtype or torch.float32)
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm cross-attention then feed-forward, each residual (one transformer block)."""
+
+    def __init__(self, config: FusionConfig, use_text: bool = True):
+        super().__init__()
+        self.use_text = use_text
+        hidden = int(config.dim * config.mlp_ratio)
+        if use_text:
+            self.norm_q = nn.LayerNorm(config.dim)
+            self.norm_kv = nn.LayerNorm(config.dim)
+            self.attn = nn.MultiheadAttention(config.dim, config.heads, dropout=config.dropout, batch_first=True)
+        self.norm_ff = nn.LayerNorm(config.dim)
+        self.ff = nn.Sequential(
+            nn.Linear(config.dim, hidden), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(hidden, config.dim)
+        )
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None, text: torch.Tensor | None,
+                text_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.use_text:
+            query = self.norm_q(tokens if positions is None else tokens + positions)
+            kv = self.norm_kv(text)
+            padding = None if text_mask is None else ~text_mask.bool()
+            attended, _ = self.attn(query, kv, kv, key_padding_mask=padding, need_weights=False)
+            tokens = tokens + attended
+        return tokens + self.ff(self.norm_ff(tokens))
+
+
+class CrossModalFusion(nn.Module):
+    """Brings every feature scale to `dim` channels and lets its pixels attend to the report."""
+
+    def __init__(self, in_channels: list[int], text_dim: int, config: FusionConfig, use_text: bool = True):
+        super().__init__()
+        if not in_channels:
+            raise ValueError("CrossModalFusion needs at least one feature scale")
+        if use_text and text_dim <= 0:
+            raise ValueError(f"text_dim must be positive when the text branch is used, got {text_dim}")
+        self.config = config
+        self.use_text = use_text
+        self.project = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, config.dim, kernel_size=1), nn.GroupNorm(_groups(config.dim), config.dim))
+            for c in in_channels
+        )
+        self.text_project = nn.Linear(text_dim, config.dim) if use_text else None
+        n_blocks = 1 if config.shared else len(in_channels)
+        self.blocks = nn.ModuleList(CrossAttentionBlock(config, use_text) for _ in range(n_blocks))
+
+    def forward(self, features: list[torch.Tensor], text_states: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        if len(features) != len(self.project):
+            raise ValueError(f"expected {len(self.project)} feature scales, got {len(features)}")
+        text = None
+        if self.use_text:
+            if text_states is None:
+                raise ValueError("this model was built with text; pass the report's token states")
+            if text_states.shape[0] != features[0].shape[0]:
+                raise ValueError(
+                    f"batch of {features[0].shape[0]} images but {text_states.shape[0]} report encodings"
+                )
+            text = self.text_project(text_states.to(features[0].dtype))
+        fused = []
+        for i, (feat, project) in enumerate(zip(features, self.project)):
+            x = project(feat)
+            b, c, h, w = x.shape
+            tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, dim)
+            positions = None
+            if self.config.positional_encoding:
+                positions = sine_positions_2d(h, w, c, device=x.device, dtype=x.dtype)[None]
+            block = self.blocks[0 if self.config.shared else i]
+            tokens = block(tokens, positions, text, text_mask)
+            fused.append(tokens.transpose(1, 2).reshape(b, c, h, w))
+        return fused
+
+
+def _groups(channels: int) -> int:
+    for g in (8, 4, 2):
+        if channels % g == 0:
+            return g
+    return 1
