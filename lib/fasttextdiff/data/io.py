@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,7 +160,7 @@ def _read_raster(path: Path) -> Image:
     except ImageReadError:
         raise
     except PILImage.DecompressionBombError as exc:
-        raise ImageReadError(f"{path.name} is too large to decode safely ({exc}).") from exc
+        raise ImageReadError(f"{path.name} has more pixels than PIL decodes safely, above the limit for 2D images.") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path.name} is corrupt or truncated and cannot be decoded ({exc}).") from exc
     return _flat_image(array)
@@ -351,6 +352,8 @@ def _read_itk(path: Path) -> Image:
     _check_size(path, size)
     if comps != 1 and not (comps in (3, 4) and (dim == 2 or size[2] == 1)):
         raise ImageReadError(f"{path.name} has {comps} values per voxel (a vector or tensor volume); only scalar volumes can be segmented.")
+    if _extension(path) in (".nii", ".nii.gz") and comps == 1:
+        return _read_nifti(path, reader, size)
     try:
         itk_image = reader.Execute()
     except RuntimeError as exc:
@@ -359,6 +362,33 @@ def _read_itk(path: Path) -> Image:
     if comps == 4:
         array = array[..., :3]
     return _from_itk(itk_image, array)
+
+
+def _read_nifti(path: Path, reader, size: tuple[int, ...]) -> Image:
+    """NIfTI pixels via nibabel, geometry via SimpleITK.
+
+    ITK's NIfTI reader silently zero-fills truncated files and replaces NaN/Inf by 0; nibabel
+    reads the same voxels in the same storage order (scaling applied) but refuses short data.
+    """
+    import nibabel
+
+    try:
+        data = np.asanyarray(nibabel.load(str(path)).dataobj)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise ImageReadError(f"{path.name} is truncated or corrupt; its pixel data cannot be read.") from exc
+    if data.size != int(np.prod(size)):
+        raise ImageReadError(f"{path.name} holds {data.size} voxels but its header describes {int(np.prod(size))}.")
+    array = np.ascontiguousarray(data.reshape(size, order="F").T)  # (x, y, z) storage -> (z, y, x)
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)
+    dims = len(size)
+    full = reader.GetDimension()
+    spacing, origin = tuple(reader.GetSpacing())[:dims], tuple(reader.GetOrigin())[:dims]
+    direction = tuple(np.asarray(reader.GetDirection()).reshape(full, full)[:dims, :dims].ravel().tolist())
+    is_volume = dims == 3 and size[2] > 1
+    if dims == 3 and not is_volume:
+        array = array[0]
+    return Image(array=array, spacing=spacing, origin=origin, direction=direction, is_volume=is_volume)
 
 
 # ---------------------------------------------------------------- writing
