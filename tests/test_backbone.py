@@ -42,6 +42,15 @@ def images(n: int = 8, channels: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.stack(out)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a thread pool, and on a shared, loaded machine its spinning costs seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def backbone() -> DiffusionBackbone:
     torch.manual_seed(0)
