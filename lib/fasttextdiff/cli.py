@@ -1,0 +1,313 @@
+"""The `fasttextdiff` command line. Each subcommand is a thin shell over a library function.
+
+User errors (bad files, missing models, unusable reports) print one line `error: ...` and exit 2;
+only real bugs print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline unless the user opts in (see README)
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from .errors import FastTextDiffError  # noqa: E402
+
+EXAMPLES = """examples:
+  fasttextdiff demo-data --out data/synth --variant text-necessary
+  fasttextdiff pretrain-backbone --data data/synth --out runs/backbone --epochs 20
+  fasttextdiff train --data data/synth --backbone runs/backbone --out runs/model --labeled 0.25
+  fasttextdiff evaluate --model runs/model --data data/synth --split test --json runs/eval.json
+  fasttextdiff segment image.png --report "Unilateral pulmonary infection, one infected area, upper left lung." \\
+      --model runs/model --out mask.png --uncertainty unc.png
+  fasttextdiff bench ablation --quick --json bench/results/ablation.json
+"""
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError("widths must be positive integers")
+    return values
+
+
+def _labeled(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--labeled takes a count (e.g. 10) or a fraction (e.g. 0.25), got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("--labeled must be positive")
+    return value
+
+
+def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backbone architecture")
+    g.add_argument("--image-size", type=int, default=64, help="model input size in pixels (default 64; the paper uses 256)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 = grayscale (CT/X-ray), 3 = RGB (histology)")
+    g.add_argument("--widths", type=_widths, default=(32, 64, 64, 128), help="U-Net level widths (default 32,64,64,128)")
+    g.add_argument("--timesteps", type=_widths, default=(50, 150, 250), help="feature timesteps of 1000 (default 50,150,250)")
+    g.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"), help="CT window in HU (default: percentiles)")
+
+
+def cmd_demo_data(args) -> int:
+    from .data.synthetic import make_lvit_dataset
+
+    root = make_lvit_dataset(args.out, variant=args.variant, n_train=args.n_train, n_val=args.n_val,
+                             n_test=args.n_test, size=args.size, seed=args.seed)
+    print(f"wrote {args.variant} LViT-layout dataset to {root}")
+    return 0
+
+
+def cmd_pretrain_backbone(args) -> int:
+    from .config import BackboneConfig
+    from .pipeline import find_image_files, lvit_image_paths, pretrain_backbone_on_files
+
+    config = BackboneConfig(image_size=args.image_size, in_channels=args.channels, block_out_channels=args.widths,
+                            timesteps=args.timesteps, window=tuple(args.window) if args.window else None)
+    paths = lvit_image_paths(args.data) if args.data else find_image_files(args.images)
+    stats = pretrain_backbone_on_files(paths, config, args.out, epochs=args.epochs, batch_size=args.batch_size,
+                                       lr=args.lr, seed=args.seed, max_steps=args.max_steps, device=args.device,
+                                       resume=not args.no_resume)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _text_config(args):
+    from .config import TextConfig
+
+    return TextConfig(encoder=args.text_encoder, max_length=args.max_text_tokens)
+
+
+def cmd_train(args) -> int:
+    from .config import FusionConfig, SegmenterConfig, TrainConfig
+    from .pipeline import load_lvit
+    from .train import train_segmenter
+
+    splits = load_lvit(args.data)
+    seg = SegmenterConfig(use_text=not args.no_text, head_channels=args.head_channels,
+                          fusion=FusionConfig(dim=args.fusion_dim, heads=args.heads, shared=not args.per_scale))
+    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, labeled=args.labeled,
+                            seed=args.seed, augment=not args.no_augment)
+    metrics = train_segmenter(splits["train"], args.out, backbone_dir=args.backbone, text_config=_text_config(args),
+                              segmenter_config=seg, train_config=train_cfg, val_samples=splits.get("val"),
+                              test_samples=splits.get("test"), device=args.device)
+    metrics.pop("history", None)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .config import atomic_write_json
+    from .data.lvit import load_split
+    from .evaluate import evaluate_model
+
+    result = evaluate_model(args.model, load_split(args.data, args.split), device=args.device, n_noise=args.n_noise)
+    if args.json:
+        atomic_write_json(args.json, result)
+    summary = {k: v for k, v in result.items() if k != "per_image"}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def read_report_arg(report: str | None, report_file: str | None) -> str:
+    from .errors import ReportError
+
+    if report_file:
+        raw = Path(report_file).read_bytes()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ReportError(f"{report_file} is not UTF-8 text") from None
+    return report or ""
+
+
+def cmd_segment(args) -> int:
+    from .infer import Segmenter
+
+    text = read_report_arg(args.report, args.report_file)
+    if not text.strip():
+        print("warning: empty report: segmenting with the encoder's empty-text embedding", file=sys.stderr)
+    segmenter = Segmenter.load(args.model, device=args.device, n_noise=args.n_noise)
+    result = segmenter.segment_file(args.image, text, args.out, args.uncertainty)
+    print(json.dumps({"mask": str(args.out), "uncertainty": str(args.uncertainty) if args.uncertainty else None,
+                      **result.summary}, indent=2))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .ablation import run_ablation
+
+    result = run_ablation(quick=args.quick, work_dir=args.work_dir, seed=args.seed, json_path=args.json,
+                          device=args.device)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .ablation import run_demo
+
+    run_demo(Path(args.out), device=args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fasttextdiff", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Report-conditioned, label-efficient diffusion segmentation (FastTextDiff).", epilog=EXAMPLES)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help_: str, example: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("demo-data", cmd_demo_data, "write a synthetic chest-X-ray-like dataset in the LViT layout",
+            "fasttextdiff demo-data --out data/synth --variant text-necessary")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--variant", choices=("standard", "text-necessary"), default="standard",
+                   help="text-necessary: only the lesions the report names are labeled")
+    p.add_argument("--n-train", type=int, default=80)
+    p.add_argument("--n-val", type=int, default=16)
+    p.add_argument("--n-test", type=int, default=40)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("pretrain-backbone", cmd_pretrain_backbone, "train the diffusion U-Net as a denoiser on unlabeled images",
+            "fasttextdiff pretrain-backbone --data data/synth --out runs/backbone --epochs 20")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="an LViT-layout root (images of all splits, labels unused)")
+    src.add_argument("--images", type=Path, nargs="+", help="image files or folders (2D images, volumes' slices)")
+    p.add_argument("--out", required=True, type=Path)
+    add_backbone_arguments(p)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left by an interrupted run")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+
+    p = add("train", cmd_train, "train fusion + head (report-conditioned segmenter) on labeled images",
+            "fasttextdiff train --data data/synth --backbone runs/backbone --out runs/model --labeled 10")
+    p.add_argument("--data", required=True, type=Path, help="LViT-layout root (Train_Folder, Val_Folder, Test_Folder)")
+    p.add_argument("--backbone", required=True, type=Path, help="a pretrain-backbone output directory")
+    p.add_argument("--out", required=True, type=Path, help="model directory to write")
+    p.add_argument("--text-encoder", default="tiny",
+                   help="'tiny' (small ModernBERT, offline), a local model directory, or a hub id (downloads)")
+    p.add_argument("--max-text-tokens", type=int, help="truncate reports to this many tokens (default: encoder context)")
+    p.add_argument("--no-text", action="store_true", help="ablation: the same network without the text branch")
+    p.add_argument("--labeled", type=_labeled, help="use only N labeled training images, or a fraction (0.25)")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--fusion-dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-channels", type=int, default=32)
+    p.add_argument("--per-scale", action="store_true", help="one attention block per scale instead of a shared one")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+
+    p = add("evaluate", cmd_evaluate, "per-image Dice and IoU of a model on a dataset split",
+            "fasttextdiff evaluate --model runs/model --data data/synth --split test --json eval.json")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--n-noise", type=int, default=1, help="noise draws averaged per image")
+    p.add_argument("--json", type=Path, help="write all figures, per image too, to this file")
+    p.add_argument("--device")
+
+    p = add("segment", cmd_segment, "segment a 2D image or 3D volume, conditioned on its report",
+            'fasttextdiff segment ct.nii.gz --report-file report.txt --model runs/model --out mask.nii.gz')
+    p.add_argument("image", type=Path, help="PNG/JPEG/TIFF/DICOM file, DICOM series folder, NIfTI or NRRD volume")
+    rep = p.add_mutually_exclusive_group()
+    rep.add_argument("--report", help="the report text")
+    rep.add_argument("--report-file", help="a UTF-8 text file with the report")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="mask file (.png for 2D, .nii.gz/.nrrd for volumes)")
+    p.add_argument("--uncertainty", type=Path, help="also write the uncertainty map here")
+    p.add_argument("--n-noise", type=int, default=4, help="noise draws (the uncertainty is their spread)")
+    p.add_argument("--device")
+
+    p = add("bench", cmd_bench, "run a built-in benchmark (ablation: text vs no_text on the text-necessary set)",
+            "fasttextdiff bench ablation --quick --json bench/results/ablation.json")
+    p.add_argument("name", choices=("ablation",))
+    p.add_argument("--quick", action="store_true", help="CPU-sized run (under 10 minutes on 2 cores)")
+    p.add_argument("--json", type=Path, help="write the result here")
+    p.add_argument("--work-dir", type=Path, help="keep data and models here (default: a temporary folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+
+    p = add("demo", cmd_demo, "the whole pipeline end to end on synthetic data (make demo)",
+            "fasttextdiff demo --out runs/demo")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--device")
+
+    _add_optional(sub, "pretrain-text", "fasttextdiff.text_pretrain", "add_pretrain_text_arguments", "run_pretrain_text",
+                  "adapt a ModernBERT to clinical text by masked-language modelling",
+                  "fasttextdiff pretrain-text --corpus iu-xray --init tiny --out runs/clinical-mbert --quick")
+    _add_optional(sub, "demo-studies", "fasttextdiff.studies", "add_demo_studies_arguments", "run_demo_studies",
+                  "write a MONAI Label studies folder of synthetic images with reports",
+                  "fasttextdiff demo-studies --out studies/demo")
+    return parser
+
+
+def _add_optional(sub, name: str, module: str, add_fn: str, run_fn: str, help_: str, example: str) -> None:
+    """Subcommands whose implementation lives in its own module (text pretraining, demo studies)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return
+    p = sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    getattr(mod, add_fn)(p)
+    p.set_defaults(func=getattr(mod, run_fn))
+
+
+def _quiet_third_party() -> None:
+    """Our own tqdm bars say what runs; transformers' per-load bars are noise on every command."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_third_party()
+    try:
+        return int(args.func(args) or 0)
+    except FastTextDiffError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:  # configuration combinations, missing inputs
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

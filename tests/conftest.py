@@ -1,0 +1,59 @@
+"""Shared, session-scoped fixtures: one tiny dataset, backbone and model built once per test run.
+
+Everything is real (files on disk, a pretrained-for-a-few-steps diffusers U-Net, a tiny
+ModernBERT), just small enough to build in seconds on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Tiny encoders and text caches go to a per-run folder, not the user's home."""
+    if "FASTTEXTDIFF_CACHE" not in os.environ:
+        os.environ["FASTTEXTDIFF_CACHE"] = str(tmp_path_factory.mktemp("fasttextdiff-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    from fasttextdiff.data.synthetic import make_lvit_dataset
+
+    return make_lvit_dataset(tmp_path_factory.mktemp("data") / "synth", variant="text-necessary",
+                             n_train=8, n_val=4, n_test=4, size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory, tiny_dataset) -> Path:
+    from fasttextdiff.config import BackboneConfig
+    from fasttextdiff.pipeline import lvit_image_paths, pretrain_backbone_on_files
+
+    out = tmp_path_factory.mktemp("backbone") / "backbone"
+    cfg = BackboneConfig(image_size=32, block_out_channels=(8, 16), timesteps=(50, 150))
+    pretrain_backbone_on_files(lvit_image_paths(tiny_dataset), cfg, out, epochs=1, max_steps=3, batch_size=4,
+                               progress=False, resume=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_dataset, tiny_backbone) -> Path:
+    from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
+    from fasttextdiff.pipeline import load_lvit
+    from fasttextdiff.train import train_segmenter
+
+    splits = load_lvit(tiny_dataset)
+    out = tmp_path_factory.mktemp("model") / "model"
+    train_segmenter(splits["train"], out, backbone_dir=tiny_backbone, text_config=TextConfig(encoder="tiny"),
+                    segmenter_config=SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2)),
+                    train_config=TrainConfig(epochs=1, batch_size=4, lr=1e-3), val_samples=splits["val"],
+                    progress=False)
+    return out
