@@ -145,7 +145,7 @@ def load_split(root: str | os.PathLike, split: str, require_masks: bool = True, 
             without_text.append(image.name)
             text = ""
         samples.append(Sample(image=image, mask=mask, text=text, name=image.name))
-    if without_text and table:
+    if without_text and (table or require_text):
         logger.warning("%d image(s) in %s have no row in the text table and get an empty report, e.g. %s",
                        len(without_text), image_dir, without_text[0])
     return samples
