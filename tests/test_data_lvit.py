@@ -207,9 +207,26 @@ def test_dataset_refuses_bad_input(qata_root, tmp_path):
     with pytest.raises(ValueError, match="size"):
         SegmentationDataset(samples, 4, 1)
     PILImage.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "small_mask.png")
-    dataset = SegmentationDataset([Sample(samples[0].image, tmp_path / "small_mask.png", "", "x")], 32, 1)
+    wrong_size = [Sample(samples[0].image, tmp_path / "small_mask.png", "", "x")]
     with pytest.raises(FastTextDiffError, match="mask"):
-        dataset.preload()
+        SegmentationDataset(wrong_size, 32, 1)  # preloading surfaces bad files at construction
+    lazy = SegmentationDataset(wrong_size, 32, 1, preload=False)
+    with pytest.raises(FastTextDiffError, match="mask"):
+        lazy[0]
+
+
+def test_augmentation_in_loader_workers_is_seeded_and_varies_by_epoch(qata_root):
+    from torch.utils.data import DataLoader
+
+    dataset = SegmentationDataset(load_split(qata_root, "train"), size=32, channels=1, augment=True, seed=1)
+
+    def epoch_images(generator_seed):
+        loader = DataLoader(dataset, batch_size=3, num_workers=1, generator=torch.Generator().manual_seed(generator_seed))
+        return [next(iter(loader))["image"] for _ in range(2)]  # two epochs, fresh workers each
+
+    first, again = epoch_images(0), epoch_images(0)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], first[1])
 
 
 # ------------------------------------------------------------------ --labeled

@@ -4,7 +4,8 @@ Why it caches: the training sets are small and an epoch touches every image, so 
 resizing PNGs each step would dominate a CPU run. Each sample is read and preprocessed once
 (through `io` and `preprocess`, exactly as inference does), then only augmented. Augmentation
 uses MONAI dictionary transforms so the image and its mask always move together, and it is
-seeded per (seed, epoch, index) so a run reproduces regardless of the number of loader workers.
+seeded per (seed, epoch, index, draw) - and, inside DataLoader workers, by the worker's torch seed,
+which the loader's generator makes reproducible - so a seeded run repeats exactly.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from fasttextdiff.data.io import read_image
 from fasttextdiff.data.lvit import Sample
@@ -92,6 +93,7 @@ class SegmentationDataset(Dataset):
         rotate_degrees: float = 20.0,
         seed: int = 0,
         window: tuple[float, float] | None = None,
+        preload: bool = True,
     ) -> None:
         if int(size) != size or size < 8:
             raise ValueError(f"size must be an integer >= 8, got {size}")
@@ -111,6 +113,8 @@ class SegmentationDataset(Dataset):
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._draws: Counter[int] = Counter()
         self._transform = _augmentation(rotate_degrees) if augment else None
+        if preload:  # before DataLoader workers fork, so they share one cache instead of re-reading
+            self.preload()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -147,7 +151,9 @@ class SegmentationDataset(Dataset):
         if self._transform is not None:
             draw = self._draws[index]
             self._draws[index] += 1
-            state = np.random.SeedSequence([self.seed, self.epoch, index, draw]).generate_state(1)[0]
+            worker = get_worker_info()  # fresh workers each epoch: torch gives them a new, seeded base seed
+            worker_seed = int(torch.initial_seed()) % 2**63 if worker is not None else 0
+            state = np.random.SeedSequence([self.seed, self.epoch, index, draw, worker_seed]).generate_state(1)[0]
             self._transform.set_random_state(seed=int(state))
             out = self._transform({"image": item["image"], "label": item["label"].float()})
             item = {"image": _plain(out["image"]).float().clamp(-1, 1), "label": _plain(out["label"]).round().long()}

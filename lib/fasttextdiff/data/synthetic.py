@@ -14,8 +14,9 @@ Variants:
 - "standard": 1-3 lesions in distinct regions, all labeled, all named in the report.
 - "text-necessary": 2-4 look-alike lesions in distinct regions; a random non-empty proper
   subset is labeled and only those regions are named. Labeled and unlabeled lesions are drawn
-  from the same distributions, so only the report tells which ones to segment: an image-only
-  model cannot do much better than segment all of them (about half the achievable Dice).
+  from the same distributions, so only the report tells which ones to segment. About half of
+  the lesions are labeled, so the best image-only guess (segment every lesion) averages a Dice of
+  about 0.67 and guessing a subset about 0.5, while a model that reads the report can reach 1.
 """
 
 from __future__ import annotations
