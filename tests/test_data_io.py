@@ -483,3 +483,47 @@ def test_mask_to_labels(mask, num_classes, expected):
 def test_mask_to_labels_refuses_too_many_levels():
     with pytest.raises(ValueError, match="distinct values"):
         mask_to_labels(np.array([[0, 50], [100, 200]], np.uint8), 3)
+
+
+# ------------------------------------------------------------------ generated DICOM files
+
+
+def _write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", frames: int = 1) -> None:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientName = "DX", "Test^Synthetic"
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.PixelSpacing = [0.2, 0.3]  # row spacing (y), column spacing (x)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(str(path), write_like_original=False)
+
+
+def test_monochrome1_with_full_16bit_range_does_not_wrap(tmp_path):
+    pixels = np.tile(np.linspace(100, 65535, 32).astype(np.uint16), (24, 1))
+    _write_dicom(tmp_path / "mono1.dcm", pixels, "MONOCHROME1")
+    image = read_image(tmp_path / "mono1.dcm")
+    assert image.array.dtype == np.uint16
+    assert image.array[0, 0] == 65535 and image.array[0, -1] == 100  # reversed, same range
+    np.testing.assert_allclose(image.spacing[:2], (0.3, 0.2))  # (x, y) from PixelSpacing (row, col)
+
+
+def test_dicom_without_extension_and_multiframe(tmp_path):
+    pixels = np.arange(3 * 16 * 20, dtype=np.uint16).reshape(3, 16, 20)
+    _write_dicom(tmp_path / "IM0001", pixels, frames=3)
+    image = read_image(tmp_path / "IM0001")
+    assert image.is_volume and image.array.shape == (3, 16, 20)
+    np.testing.assert_array_equal(image.array, pixels)
+    out = write_image(tmp_path / "frames_mask.nii.gz", np.zeros((3, 16, 20), np.uint8), like=image)
+    assert sitk.ReadImage(str(out)).GetSize() == (20, 16, 3)

@@ -211,19 +211,38 @@ def _read_tiff(path: Path) -> Image:
 # ---------------------------------------------------------------- DICOM
 
 
-def _dicom_header_geometry(path: Path, ds) -> tuple[tuple, tuple, tuple] | None:
-    """SimpleITK/GDCM's view of the file's geometry, so written masks match what viewers load."""
+def _invert(array: np.ndarray) -> np.ndarray:
+    """MONOCHROME1 -> MONOCHROME2 (bright = dense) within the same value range and dtype."""
+    lo, hi = array.min(), array.max()
+    if np.issubdtype(array.dtype, np.floating):
+        return (hi + lo) - array
+    wide = (np.int64(hi) + np.int64(lo)) - array.astype(np.int64)  # no unsigned wrap-around
+    return wide.astype(array.dtype)
+
+
+def _dicom_header_geometry(path: Path, ds, plane: tuple[int, int], frames: int) -> tuple[tuple, tuple, tuple]:
+    """SimpleITK/GDCM's view of the file's geometry, so written masks match what viewers load.
+
+    Falls back to PixelSpacing (or ImagerPixelSpacing) when GDCM cannot parse the header or
+    sees a different grid than pydicom decoded.
+    """
     import SimpleITK as sitk
 
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
-        return tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection())
+        size = tuple(reader.GetSize())
+        if size[:2] == (plane[1], plane[0]) and (len(size) == 2 or size[2] == frames):
+            return tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection())
     except RuntimeError:
-        spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+        pass
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    try:
         sx, sy = (float(spacing[1]), float(spacing[0])) if spacing and float(spacing[0]) > 0 else (1.0, 1.0)
-        return (sx, sy), (0.0, 0.0), _IDENTITY_2D
+    except (TypeError, ValueError, IndexError):
+        sx, sy = 1.0, 1.0
+    return (sx, sy), (0.0, 0.0), _IDENTITY_2D
 
 
 def _read_dicom_file(path: Path) -> Image:
@@ -246,8 +265,8 @@ def _read_dicom_file(path: Path) -> Image:
     except Exception as exc:  # pydicom cannot decode (compressed, damaged): let GDCM try
         array = _decode_with_gdcm(path, exc, colour)
     if photometric == "MONOCHROME1":
-        array = array.max() + array.min() - array  # bright = dense, as MONOCHROME2 shows it
-    spacing, origin, direction = _dicom_header_geometry(path, ds)
+        array = _invert(array)
+    spacing, origin, direction = _dicom_header_geometry(path, ds, (rows, cols), frames)
     if frames > 1 and len(spacing) == 2:
         spacing, origin, direction = spacing + (1.0,), origin + (0.0,), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
     if frames > 1 and not colour:
@@ -315,7 +334,7 @@ def _read_dicom_series(folder: Path) -> Image:
         raise ImageReadError(f"the DICOM series in {folder} cannot be read ({str(exc).strip().splitlines()[-1]}).") from exc
     array = sitk.GetArrayFromImage(itk_image)
     if info.HasMetaDataKey("0028|0004") and info.GetMetaData("0028|0004").strip().upper() == "MONOCHROME1":
-        array = array.max() + array.min() - array
+        array = _invert(array)
     image = _from_itk(itk_image, array)
     _check_finite(folder, image.array)
     image.path = str(folder)
