@@ -398,3 +398,20 @@ def test_pretraining_under_torch_distributed(tmp_path):
         dist.destroy_process_group()
     assert result["steps"] == 3
     DiffusionBackbone.from_pretrained(tmp_path / "bb")
+
+
+def test_pretraining_can_start_from_a_diffusers_checkpoint(tmp_path):
+    """Domain adaptation of a public U-Net: its architecture is kept, its weights move."""
+    unet = _foreign_unet()
+    unet.save_pretrained(tmp_path / "public", safe_serialization=True)
+    config = tiny_config(in_channels=3, timesteps=(30,))
+    result = pretrain_backbone(images(4, channels=3), config, tmp_path / "bb", batch_size=2, max_steps=2,
+                               progress=False, init=tmp_path / "public")
+    assert result["steps"] == 2
+    tuned = DiffusionBackbone.from_pretrained(tmp_path / "bb")
+    assert tuned.config.block_out_channels == (8, 16, 16) and tuned.config.layers_per_block == 2
+    assert tuned.config.timesteps == (30,) and tuned.unet.config.norm_num_groups == 4
+    start = unet.conv_in.weight
+    moved = tuned.unet.conv_in.weight
+    assert not torch.equal(start, moved) and (start - moved).abs().max() < 0.1  # fine-tuned, not re-initialised
+

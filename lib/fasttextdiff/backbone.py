@@ -565,6 +565,30 @@ def _load_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return _load_tensors(weights), _read_json(meta)
 
 
+def _initial_unet(
+    init: str | os.PathLike | DiffusionBackbone | None, config: BackboneConfig, seed: int
+) -> tuple[BackboneConfig, UNet2DModel]:
+    """Seeded fresh weights, or a copy of ``init``'s U-Net (and ``config`` updated to its architecture)."""
+    if init is None:
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
+            torch.manual_seed(seed)
+            return config, build_unet(config)
+    if isinstance(init, DiffusionBackbone):
+        source = init
+    elif (Path(init) / BACKBONE_CONFIG_NAME).is_file():
+        source = DiffusionBackbone.from_pretrained(init)
+    else:
+        source = DiffusionBackbone.from_diffusers(init)
+    unet = copy.deepcopy(source.unet)
+    if unet.config.out_channels != unet.config.in_channels:
+        raise ValueError(
+            f"the initial U-Net predicts {unet.config.out_channels} channels for {unet.config.in_channels} input "
+            "channels; epsilon-prediction pretraining needs them equal"
+        )
+    arch = {k: getattr(source.config, k) for k in ("block_out_channels", "layers_per_block", "attention")}
+    return config.replace(**arch), unet
+
+
 def pretrain_backbone(
     images: Any,
     config: BackboneConfig,
@@ -582,6 +606,7 @@ def pretrain_backbone(
     stop_event: threading.Event | None = None,
     checkpoint_every: int = 200,
     num_workers: int = 0,
+    init: str | os.PathLike | DiffusionBackbone | None = None,
 ) -> dict[str, Any]:
     """Train the U-Net as an epsilon-predicting denoiser on unlabeled images; save the EMA weights.
 
@@ -590,6 +615,10 @@ def pretrain_backbone(
     torch.distributed is initialised (only rank 0 writes). ``max_steps`` caps the total step count
     (including steps done before a resume). Returns ``{"steps", "final_loss", "seconds", "images",
     "stopped", "resumed_from"}``; ``final_loss`` is the mean of this run's last (up to) 20 steps.
+
+    ``init`` starts from existing weights instead of random ones - a backbone directory, any
+    diffusers UNet2DModel directory, or a DiffusionBackbone - to adapt a public checkpoint to the
+    user's domain; its architecture is kept and replaces ``config``'s architecture fields.
     """
     start_time = time.perf_counter()
     if batch_size < 1 or epochs < 1:
@@ -603,6 +632,10 @@ def pretrain_backbone(
         else:
             device = "cpu"
     device = torch.device(device)
+    if distributed and device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)  # NCCL collectives (all_gather_object) use the current device
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / CHECKPOINT_DIR
 
@@ -612,9 +645,8 @@ def pretrain_backbone(
         raise ValueError("pretraining needs at least one image")
     _check_first_image(data[0], config)
 
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
-        torch.manual_seed(seed)
-        backbone = DiffusionBackbone(config)
+    config, initial = _initial_unet(init, config, seed)
+    backbone = DiffusionBackbone(config, unet=initial)
     unet = backbone.unet.to(device).train()
     scheduler = backbone.scheduler
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
