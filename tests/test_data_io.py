@@ -527,3 +527,48 @@ def test_dicom_without_extension_and_multiframe(tmp_path):
     np.testing.assert_array_equal(image.array, pixels)
     out = write_image(tmp_path / "frames_mask.nii.gz", np.zeros((3, 16, 20), np.uint8), like=image)
     assert sitk.ReadImage(str(out)).GetSize() == (20, 16, 3)
+
+
+# ------------------------------------------------------------------ canonical (LPS) orientation
+
+
+def _directed_volume(direction) -> sitk.Image:
+    itk = sitk.GetImageFromArray(np.random.default_rng(3).random((6, 10, 14)).astype(np.float32))
+    itk.SetDirection(direction)
+    itk.SetSpacing((0.5, 0.75, 2.0))
+    return itk
+
+
+@pytest.mark.parametrize(
+    "direction",
+    [
+        (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),  # RAS storage (NIfTI convention)
+        (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0),  # a sagittal acquisition
+        (1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0),  # a coronal acquisition
+        (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),  # already LPS
+    ],
+)
+def test_volumes_are_sliced_in_lps_like_dicomorient(tmp_path, direction):
+    from fasttextdiff.data.preprocess import canonical_array
+
+    itk = _directed_volume(direction)
+    sitk.WriteImage(itk, str(tmp_path / "v.nrrd"))
+    image = read_image(tmp_path / "v.nrrd")
+    expected = sitk.GetArrayFromImage(sitk.DICOMOrient(itk, "LPS"))
+    np.testing.assert_array_equal(canonical_array(image), expected)
+    tensor = to_model_input(image, 16, 1)
+    assert tensor.shape[0] == expected.shape[0]
+    # model outputs in canonical slices go back to the stored grid exactly (same-size identity)
+    canonical_maps = torch.from_numpy(np.ascontiguousarray(expected))
+    back = to_original_grid(canonical_maps, image, mode="bilinear")
+    np.testing.assert_allclose(back, sitk.GetArrayFromImage(itk), rtol=1e-6)
+
+
+def test_mni_template_slices_are_axial_and_radiological():
+    from fasttextdiff.data.preprocess import canonical_array
+
+    folder = _package_file("nilearn", "datasets", "data")
+    image = read_image(next(iter(sorted(folder.glob("mni_icbm152_t1_*.nii.gz")))))
+    oriented = canonical_array(image)
+    reference = sitk.DICOMOrient(sitk.ReadImage(str(next(iter(sorted(folder.glob("mni_icbm152_t1_*.nii.gz")))))), "LPS")
+    np.testing.assert_array_equal(oriented, sitk.GetArrayFromImage(reference))

@@ -3,7 +3,7 @@
 from fasttextdiff.data.dataset import SegmentationDataset, select_labeled
 from fasttextdiff.data.io import Image, is_volume_path, read_image, supported_extensions, write_image
 from fasttextdiff.data.lvit import DatasetLayoutError, Sample, load_split, read_text_table, split_folder_name
-from fasttextdiff.data.preprocess import mask_to_labels, to_model_input, to_original_grid
+from fasttextdiff.data.preprocess import canonical_array, mask_to_labels, to_model_input, to_original_grid
 from fasttextdiff.data.synthetic import (
     REGIONS,
     make_lvit_dataset,
@@ -17,6 +17,7 @@ from fasttextdiff.data.synthetic import (
 __all__ = [
     "DatasetLayoutError",
     "Image",
+    "canonical_array",
     "REGIONS",
     "Sample",
     "SegmentationDataset",
