@@ -156,6 +156,19 @@ def test_2d_nrrd_round_trip(tmp_path):
     _assert_same_geometry(write_image(tmp_path / "mask.nii.gz", np.zeros((16, 18), np.uint8), image), itk)
 
 
+def test_scaled_nifti_from_nibabel_matches_simpleitk(tmp_path):
+    import nibabel
+
+    data = np.arange(12 * 10 * 6, dtype=np.int16).reshape(12, 10, 6)
+    nifti = nibabel.Nifti1Image(data, np.diag([-0.8, -0.9, 2.0, 1.0]))
+    nifti.header.set_slope_inter(0.5, -3)
+    nibabel.save(nifti, tmp_path / "scaled.nii.gz")
+    image, reference = read_image(tmp_path / "scaled.nii.gz"), sitk.ReadImage(str(tmp_path / "scaled.nii.gz"))
+    np.testing.assert_allclose(image.array, sitk.GetArrayFromImage(reference))
+    assert image.array.dtype == np.float32 and image.array.min() == -3
+    assert image.direction == reference.GetDirection()
+
+
 def test_singleton_time_axis_is_dropped(tmp_path):
     frame = sitk.GetImageFromArray(np.zeros((5, 12, 14), np.float32))
     sitk.WriteImage(sitk.JoinSeries([frame]), str(tmp_path / "t1.nii.gz"))
@@ -167,6 +180,7 @@ def test_mni_template_round_trip(tmp_path):
     source = next(iter(sorted(folder.glob("mni_icbm152_t1_*.nii.gz"))))
     image = read_image(source)
     assert image.is_volume and image.array.ndim == 3
+    np.testing.assert_array_equal(image.array, sitk.GetArrayFromImage(sitk.ReadImage(str(source))))
     mask = (image.array > np.percentile(image.array, 70)).astype(np.uint8)
     out = write_image(tmp_path / "brain_mask.nii.gz", mask, like=image)
     _assert_same_geometry(out, sitk.ReadImage(str(source)))
