@@ -586,3 +586,19 @@ def test_mni_template_slices_are_axial_and_radiological():
     oriented = canonical_array(image)
     reference = sitk.DICOMOrient(sitk.ReadImage(str(next(iter(sorted(folder.glob("mni_icbm152_t1_*.nii.gz")))))), "LPS")
     np.testing.assert_array_equal(oriented, sitk.GetArrayFromImage(reference))
+
+
+@pytest.mark.parametrize(
+    "package_path",
+    [
+        ("pydicom", "data", "test_files", "SC_ybr_full_422_uncompressed.dcm"),
+        ("pydicom", "data", "test_files", "SC_rgb_jpeg_dcmtk.dcm"),  # JPEG baseline, YBR_FULL
+        ("pydicom", "data", "test_files", "SC_rgb_rle.dcm"),
+        ("pydicom", "data", "test_files", "SC_rgb_jpeg_gdcm.dcm"),  # JPEG lossless
+    ],
+)
+def test_colour_dicom_encodings_decode_to_the_same_rgb(package_path):
+    reference = read_image(_package_file("data_store", "data", "SC_rgb.dcm")).array.astype(int)
+    image = read_image(_package_file(*package_path)).array.astype(int)
+    assert image.shape == reference.shape == (100, 100, 3)
+    assert np.abs(image - reference).mean() < 2  # YBR converted to RGB once, not twice or never
