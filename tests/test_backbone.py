@@ -139,6 +139,15 @@ def test_batched_timesteps_equal_one_forward_per_timestep(backbone):
             torch.testing.assert_close(f_all[:, k * c : (k + 1) * c], f_one, atol=1e-5, rtol=1e-4)
 
 
+def test_a_subset_of_blocks_gives_the_same_maps_as_all_blocks(backbone):
+    """Tapping only early blocks ends the forward early; the maps must not change."""
+    x = images(2)
+    everything = backbone.features(x, seed=0)
+    first_only = DiffusionBackbone(backbone.config.replace(feature_blocks=(0,)), unet=backbone.unet).freeze()
+    (coarse,) = first_only.features(x, seed=0)
+    assert torch.equal(coarse, everything[0])
+
+
 def test_noise_is_drawn_for_the_full_batch(backbone):
     """Batch items get different noise, so identical images give different features."""
     x = images(1).repeat(2, 1, 1, 1)

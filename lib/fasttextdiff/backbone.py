@@ -195,6 +195,10 @@ def _load_unet_dir(directory: Path) -> UNet2DModel:
 # --------------------------------------------------------------------------------------------
 
 
+class _FeaturesReady(Exception):
+    """Raised by the last feature hook to end the U-Net forward early (private control flow)."""
+
+
 class DiffusionBackbone(nn.Module):
     """A DDPM U-Net (diffusers) + its noise schedule, used as a frozen multi-scale feature extractor.
 
@@ -314,10 +318,13 @@ class DiffusionBackbone(nn.Module):
         step_per_item = steps.repeat_interleave(b)  # timestep-major: [t0]*B + [t1]*B + ...
         grad = torch.is_grad_enabled() and not self.is_frozen
         captured: dict[int, torch.Tensor] = {}
+        last = self.feature_block_ids[-1]
 
         def hook_for(index: int):
             def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
                 captured[index] = output[0] if isinstance(output, tuple) else output
+                if index == last:  # the rest of the decoder and the output conv are not needed
+                    raise _FeaturesReady
 
             return hook
 
@@ -327,6 +334,8 @@ class DiffusionBackbone(nn.Module):
                 x_rep = x.repeat(t_count, 1, 1, 1)
                 noisy = self.scheduler.add_noise(x_rep, eps.repeat(t_count, 1, 1, 1), step_per_item)
                 self.unet(noisy, step_per_item, return_dict=False)
+        except _FeaturesReady:
+            pass
         finally:
             for h in handles:
                 h.remove()
