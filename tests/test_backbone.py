@@ -202,7 +202,26 @@ def test_save_over_existing_dir_replaces_weights_and_keeps_other_entries(tmp_pat
     assert loaded.config.noise_seed == 9
     assert torch.equal(loaded.unet.conv_in.weight, second.unet.conv_in.weight)
     assert (out / "checkpoint" / "marker.txt").read_text() == "keep me"
+    (out / "checkpoint.tmp-0123456789ab").mkdir()  # left by an interrupted checkpoint save
+    first.save_pretrained(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [BACKBONE_CONFIG_NAME, "config.json", UNET_WEIGHTS_NAME, "checkpoint"]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bb"]
+
+
+def test_save_refuses_to_replace_a_directory_with_other_files(backbone, tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(ValueError, match="thesis.tex"):
+        backbone.save_pretrained(out)
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # no staging leftovers
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    backbone.save_pretrained(empty)
+    DiffusionBackbone.from_pretrained(empty)
 
 
 def test_truncated_weights_raise_checkpoint_error(backbone, tmp_path):

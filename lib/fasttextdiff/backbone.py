@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -115,6 +116,25 @@ def _staging_dir(target: Path) -> Path:
     return tmp
 
 
+def _is_leftover(name: str) -> bool:
+    """A staging or set-aside directory of an interrupted save (ours, safe to drop)."""
+    return re.fullmatch(r".+\.(tmp|old)-[0-9a-f]{12}", name) is not None
+
+
+def _check_replaceable(target: Path, allowed: set[str]) -> None:
+    """Refuse to swap out a directory that holds more than ours: a typo must not move a user's files."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ValueError(f"{target} exists and is not a directory")
+    foreign = sorted(e.name for e in target.iterdir() if e.name not in allowed and not _is_leftover(e.name))
+    if foreign:
+        raise ValueError(
+            f"{target} already holds files that are not part of a backbone ({foreign[:5]}); "
+            "save into a new or empty directory, or an existing backbone directory"
+        )
+
+
 def _publish_dir(staging: Path, target: Path, keep_foreign: bool = False) -> None:
     """Swap a finished staging directory into place: rename the old one aside, move, delete the old.
 
@@ -128,7 +148,7 @@ def _publish_dir(staging: Path, target: Path, keep_foreign: bool = False) -> Non
         return
     if keep_foreign and target.is_dir():
         for entry in target.iterdir():
-            if not (staging / entry.name).exists():
+            if not (staging / entry.name).exists() and not _is_leftover(entry.name):
                 os.replace(entry, staging / entry.name)
     old = target.parent / f"{target.name}.old-{uuid.uuid4().hex[:12]}"
     os.replace(target, old)
@@ -354,10 +374,11 @@ class DiffusionBackbone(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``backbone_config.json`` + the diffusers U-Net (config.json + safetensors) atomically.
 
-        An existing directory is replaced as a whole; entries of it that are not backbone files
-        (e.g. ``checkpoint/`` from pretraining) are kept.
+        An existing backbone directory is replaced as a whole, keeping a pretraining ``checkpoint/``
+        in it; a directory holding anything else is refused with ValueError.
         """
         target = Path(directory)
+        _check_replaceable(target, {BACKBONE_CONFIG_NAME, UNET_CONFIG_NAME, UNET_WEIGHTS_NAME, CHECKPOINT_DIR})
         staging = _staging_dir(target)
         try:
             self.unet.save_pretrained(staging, safe_serialization=True)
