@@ -397,6 +397,24 @@ def test_pretraining_rejects_images_of_the_wrong_shape(tmp_path):
         pretrain_backbone(torch.zeros(2, 1, 16, 16), tiny_config(), tmp_path / "bb", progress=False)
     with pytest.raises(ValueError, match="'image' key"):
         pretrain_backbone([{"img": torch.zeros(1, SIZE, SIZE)}], tiny_config(), tmp_path / "bb", progress=False)
+    with pytest.raises(ValueError, match=r"image 1 has \(1, 16, 16\)"):  # a later item of another size
+        pretrain_backbone([torch.zeros(1, SIZE, SIZE), torch.zeros(1, 16, 16)], tiny_config(), tmp_path / "bb",
+                          batch_size=2, progress=False)
+    with pytest.raises(ValueError, match=r"scaled to \[-1, 1\]"):  # raw 0..255 pixels
+        pretrain_backbone(images(2) * 127.5 + 127.5, tiny_config(), tmp_path / "bb", progress=False)
+    assert not (tmp_path / "bb").exists()
+
+
+def test_a_corrupt_training_checkpoint_is_reported_not_used(tmp_path):
+    data = images(4)
+    pretrain_backbone(data, tiny_config(), tmp_path / "bb", batch_size=4, max_steps=1, progress=False)
+    state = tmp_path / "bb" / "checkpoint" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        pretrain_backbone(data, tiny_config(), tmp_path / "bb", batch_size=4, max_steps=2, progress=False)
+    result = pretrain_backbone(data, tiny_config(), tmp_path / "bb", batch_size=4, max_steps=2, progress=False,
+                               resume=False)
+    assert result["steps"] == 2 and result["resumed_from"] is None
 
 
 def test_stop_event_stops_after_the_current_step_and_saves(tmp_path):

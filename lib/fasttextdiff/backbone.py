@@ -486,22 +486,33 @@ def _item_tensor(item: Any) -> torch.Tensor:
 
 
 class _ImageOnly(torch.utils.data.Dataset):
-    """Turns every accepted input form into (C, H, W) float tensors for the DataLoader."""
+    """Every accepted input form as checked (C, H, W) float tensors in [-1, 1] for the DataLoader.
 
-    def __init__(self, source: Any) -> None:
+    Checking each item costs nothing next to a U-Net step and turns a wrongly scaled or sized image
+    (0..255 pixels, a forgotten resize) into a sentence instead of a silently useless backbone.
+    """
+
+    def __init__(self, source: Any, config: BackboneConfig) -> None:
         self.source = source
+        self.shape = (config.in_channels, config.image_size, config.image_size)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return _item_tensor(self.source[index]).float()
-
-
-def _check_first_image(image: torch.Tensor, config: BackboneConfig) -> None:
-    want = (config.in_channels, config.image_size, config.image_size)
-    if tuple(image.shape) != want:
-        raise ValueError(f"pretraining images must have shape (C, H, W) = {want}, got {tuple(image.shape)}")
+        image = _item_tensor(self.source[index]).float()
+        if tuple(image.shape) != self.shape:
+            raise ValueError(
+                f"pretraining images must have shape (C, H, W) = {self.shape}, image {index} has {tuple(image.shape)}"
+            )
+        if not torch.isfinite(image).all():
+            raise ValueError(f"pretraining image {index} contains NaN or infinite values")
+        low, high = float(image.min()), float(image.max())
+        if low < -1.001 or high > 1.001:
+            raise ValueError(
+                f"pretraining images must be scaled to [-1, 1]; image {index} spans [{low:.3g}, {high:.3g}]"
+            )
+        return image
 
 
 def _random_flips(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -669,11 +680,11 @@ def pretrain_backbone(
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / CHECKPOINT_DIR
 
-    data = _ImageOnly(_as_image_source(images))
+    data = _ImageOnly(_as_image_source(images), config)
     n_images = len(data)
     if n_images == 0:
         raise ValueError("pretraining needs at least one image")
-    _check_first_image(data[0], config)
+    data[0]  # fail on a wrong shape or scale before building anything
 
     config, initial = _initial_unet(init, config, seed)
     backbone = DiffusionBackbone(config, unet=initial)
