@@ -25,7 +25,7 @@ LIB = MODULE / "ReportSegmentLib"
 sys.path.insert(0, str(MODULE))
 
 from ReportSegmentLib import (  # noqa: E402
-    MAX_REPORT_CHARS,
+    MAX_REPORT_BYTES,
     ReportSegmentError,
     distinct_colors,
     export_values,
@@ -199,10 +199,13 @@ def test_normalize_report():
 
 
 def test_validate_report_limit_is_a_sentence():
-    assert len(validate_report("a" * MAX_REPORT_CHARS)) == MAX_REPORT_CHARS
+    assert len(validate_report("a" * MAX_REPORT_BYTES)) == MAX_REPORT_BYTES
     with pytest.raises(ReportSegmentError) as err:
-        validate_report("a" * (MAX_REPORT_CHARS + 1))
+        validate_report("a" * (MAX_REPORT_BYTES + 1))
     assert "at most" in str(err.value) and str(err.value).endswith(".")
+    with pytest.raises(ReportSegmentError, match="bytes"):  # the limit counts UTF-8 bytes, as the server does
+        validate_report("\u00e9" * (MAX_REPORT_BYTES // 2 + 1))
+    assert validate_report("ab", max_bytes=2) == "ab"
 
 
 @pytest.mark.parametrize(
@@ -224,7 +227,7 @@ def test_read_report_file_refuses_binary_missing_and_huge(tmp_path):
     with pytest.raises(ReportSegmentError, match="Cannot read"):
         read_report_file(str(tmp_path / "missing.txt"))
     huge = tmp_path / "huge.txt"
-    huge.write_bytes(b"a" * (4 * MAX_REPORT_CHARS + 1))
+    huge.write_bytes(b"a" * (4 * MAX_REPORT_BYTES + 1))
     with pytest.raises(ReportSegmentError, match="at most"):
         read_report_file(str(huge))
 

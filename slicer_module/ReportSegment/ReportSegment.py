@@ -604,7 +604,7 @@ class ReportSegmentTest(ScriptedLoadableModuleTest):
         self.assertEqual(stored, "Opacity in the right upper lobe.\n\nNo effusion.")
         self.assertEqual(logic.getReport(volume), stored)
         with self.assertRaises(ReportSegmentError):
-            logic.setReport(volume, "x" * 300000)
+            logic.setReport(volume, "x" * 70000)
 
         bundle = os.path.join(logic.tmpdir, "report-scene.mrb")
         self.assertTrue(slicer.util.saveScene(bundle))

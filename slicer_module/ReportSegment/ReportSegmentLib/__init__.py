@@ -18,7 +18,7 @@ from .errors import ReportSegmentError
 from .labels import SegmentSpec, export_values, label_info, segments_for_labels
 from .report import (
     IMAGE_ID_ATTRIBUTE,
-    MAX_REPORT_CHARS,
+    MAX_REPORT_BYTES,
     REPORT_ATTRIBUTE,
     image_id_from_name,
     normalize_report,
@@ -30,7 +30,7 @@ from .report import (
 __all__ = [
     "FastTextDiffClient",
     "IMAGE_ID_ATTRIBUTE",
-    "MAX_REPORT_CHARS",
+    "MAX_REPORT_BYTES",
     "REPORT_ATTRIBUTE",
     "ReportSegmentError",
     "Sample",

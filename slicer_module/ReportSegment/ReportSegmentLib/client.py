@@ -45,7 +45,7 @@ from .httputil import (
     safe_filename,
     server_reason,
 )
-from .report import DATASTORE_TEXT_KEY, validate_report
+from .report import DATASTORE_TEXT_KEY, MAX_REPORT_BYTES, validate_report
 
 DEFAULT_MODEL = "fasttextdiff"
 DEFAULT_STRATEGY = "uncertainty"
@@ -120,6 +120,8 @@ class FastTextDiffClient:
         self.timeout = float(timeout)
         self.tmpdir = tmpdir
         self.client_id = client_id
+        #: the server's report size limit (UTF-8 bytes); updated from /info/ by info()
+        self.max_report_bytes = MAX_REPORT_BYTES
         handlers: List[urllib.request.BaseHandler] = []
         if is_loopback(self.url):
             handlers.append(urllib.request.ProxyHandler({}))  # never send 127.0.0.1 through a proxy
@@ -225,7 +227,17 @@ class FastTextDiffClient:
         payload = self._json(data, "connect")
         if not isinstance(payload, dict) or "models" not in payload:
             raise ReportSegmentError(f"The server at {self.url} does not look like a MONAI Label server.")
+        limit = ((payload.get("fasttextdiff") or {}).get("conf") or {}).get("max_text_bytes")
+        if isinstance(limit, int) and limit > 0:
+            self.max_report_bytes = limit
         return payload
+
+    def model_state(self, info: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        """The FastTextDiff model's state from /info/ (``{"state": "ready" | "preparing" | ...}``);
+        {} for a server that does not report one."""
+        info = self.info() if info is None else info
+        state = (info.get("fasttextdiff") or {}).get("model")
+        return dict(state) if isinstance(state, dict) else {}
 
     # ------------------------------------------------------------------ datastore
     def image_exists(self, image_id: str) -> bool:
@@ -249,7 +261,7 @@ class FastTextDiffClient:
         sent again (that would drop its labels): only the report is updated."""
         if not os.path.isfile(path):
             raise ReportSegmentError(f"The image file {path} does not exist.")
-        report = None if text is None else validate_report(text)
+        report = None if text is None else validate_report(text, self.max_report_bytes)
         if image_id:
             _require_id(image_id)
             if not replace and self.image_exists(image_id):
@@ -290,7 +302,7 @@ class FastTextDiffClient:
         """Store (or replace) the report of an image already in the datastore; returns the stored
         (normalised) text."""
         _require_id(image_id)
-        report = validate_report(text)
+        report = validate_report(text, self.max_report_bytes)
         body, content_type = encode_multipart({"info": json.dumps({DATASTORE_TEXT_KEY: report})})
         self._request(
             "PUT",
@@ -335,7 +347,7 @@ class FastTextDiffClient:
         request: Dict[str, Any] = {"client_id": self.client_id}
         request.update(params or {})
         if text is not None:
-            request[DATASTORE_TEXT_KEY] = validate_report(text)
+            request[DATASTORE_TEXT_KEY] = validate_report(text, self.max_report_bytes)
         body, content_type = encode_multipart({"params": json.dumps(request)})
         _, headers, data = self._request(
             "POST",
@@ -386,11 +398,13 @@ class FastTextDiffClient:
     def _fetch_uncertainty(
         self, image_id: str, model: str, params: Mapping[str, Any], directory: str
     ) -> Optional[str]:
-        """Download the uncertainty map the infer result points at (a datastore label id and tag),
-        when it names one."""
+        """Download the uncertainty map the infer result points at (a datastore label id and tag:
+        ``params["uncertainty"]["map"]`` in the FastTextDiff app), when it names one."""
         ref = params.get("uncertainty")
         if not isinstance(ref, dict):
             return None
+        if isinstance(ref.get("map"), dict):
+            ref = ref["map"]
         label_id = ref.get("label") or ref.get("id")
         tag = ref.get("tag")
         if not label_id or not tag:
@@ -562,11 +576,21 @@ def _label_map(labels: Any) -> Dict[str, int]:
 
 
 def _summary(params: Mapping[str, Any]) -> Dict[str, Any]:
-    summary = params.get("summary")
-    if isinstance(summary, dict):
-        return dict(summary)
-    keys = ("uncertainty_mean", "uncertainty_per_label", "foreground_fraction", "labels")
-    return {key: params[key] for key in keys if key in params}
+    """The uncertainty summary of an infer result as flat keys: ``uncertainty_mean``,
+    ``uncertainty_per_label``, ``foreground_fraction`` (+ ``n_noise``, ``text_source``)."""
+    summary: Dict[str, Any] = dict(params["summary"]) if isinstance(params.get("summary"), dict) else {}
+    for key in ("uncertainty_mean", "uncertainty_per_label", "foreground_fraction", "text_source", "text_chars"):
+        if key in params and key not in summary:
+            summary[key] = params[key]
+    unc = params.get("uncertainty")
+    if isinstance(unc, dict):  # FastTextDiff app: {"mean", "per_label", "n_noise", "map"}
+        summary.setdefault("uncertainty_mean", unc.get("mean"))
+        summary.setdefault("uncertainty_per_label", unc.get("per_label"))
+        if "n_noise" in unc:
+            summary.setdefault("n_noise", unc["n_noise"])
+    elif isinstance(unc, (int, float)):
+        summary.setdefault("uncertainty_mean", unc)
+    return summary
 
 
 def progress_from_status(task: Optional[Mapping[str, Any]], stats: Optional[Mapping[str, Any]]) -> TrainProgress:
@@ -576,9 +600,12 @@ def progress_from_status(task: Optional[Mapping[str, Any]], stats: Optional[Mapp
         return TrainProgress("NONE", False, 0, None, None, None, "No training has run on this server yet.")
     state = str(task.get("status") or "SUBMITTED").upper()
     running = state in ("SUBMITTED", "RUNNING")
-    epoch = _int_or_none(stats.get("epoch"))
-    total = _int_or_none(stats.get("total_epochs") or stats.get("max_epochs"))
-    best = stats.get("best_metric", stats.get("best_val_dice"))
+    last = stats.get("last") if isinstance(stats.get("last"), dict) else {}
+    epoch = _int_or_none(stats.get("epoch", last.get("epoch")))
+    total = _int_or_none(stats.get("total_epochs") or stats.get("max_epochs") or stats.get("epochs"))
+    best = stats.get("best_metric")
+    if best is None:
+        best = stats.get("best_val_dice", last.get("best_val_dice", last.get("val_dice")))
     best = float(best) if isinstance(best, (int, float)) else None
     if state == "DONE":
         percent = 100

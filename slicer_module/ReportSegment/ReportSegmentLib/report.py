@@ -22,10 +22,11 @@ IMAGE_ID_ATTRIBUTE = "FastTextDiff.ImageId"
 #: Datastore image info key that holds the report (what the server reads).
 DATASTORE_TEXT_KEY = "text"
 
-#: Longest report the server accepts, in characters (FastTextDiff ``TextConfig.max_chars``).
-MAX_REPORT_CHARS = 200_000
+#: Largest report the server accepts by default, in UTF-8 bytes (the FastTextDiff app's
+#: ``--conf max_text_bytes``; the client reads the server's actual value from ``/info/``).
+MAX_REPORT_BYTES = 65536
 #: A .txt file bigger than this is refused before it is read (4 bytes per character at worst).
-MAX_REPORT_FILE_BYTES = 4 * MAX_REPORT_CHARS
+MAX_REPORT_FILE_BYTES = 4 * MAX_REPORT_BYTES
 
 # Control characters other than tab and newline carry no meaning in a report and upset
 # tokenizers and XML scene files alike.
@@ -51,12 +52,17 @@ def normalize_report(text: Optional[str]) -> str:
     return text.strip()
 
 
-def validate_report(text: Optional[str]) -> str:
-    """Normalise the report and check it fits the server's limit; return the normalised text."""
+def validate_report(text: Optional[str], max_bytes: int = MAX_REPORT_BYTES) -> str:
+    """Normalise the report and check it fits the server's limit (UTF-8 bytes); return the
+    normalised text."""
     text = normalize_report(text)
-    if len(text) > MAX_REPORT_CHARS:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # lone surrogates
+        raise ReportSegmentError(f"The report contains characters that are not valid Unicode ({exc.reason}).") from exc
+    if size > max_bytes:
         raise ReportSegmentError(
-            f"The report has {len(text):,} characters; the server accepts at most {MAX_REPORT_CHARS:,}."
+            f"The report is {size:,} bytes long; the server accepts at most {max_bytes:,} bytes."
         )
     return text
 
@@ -87,7 +93,7 @@ def read_report_file(path: str) -> str:
     if size > MAX_REPORT_FILE_BYTES:
         raise ReportSegmentError(
             f"The report file {os.path.basename(path)} is {size:,} bytes; a report is at most "
-            f"{MAX_REPORT_CHARS:,} characters."
+            f"{MAX_REPORT_BYTES:,} bytes of text."
         )
     try:
         with open(path, "rb") as handle:
