@@ -460,4 +460,9 @@ def test_pretraining_can_start_from_a_diffusers_checkpoint(tmp_path):
     start = unet.conv_in.weight
     moved = tuned.unet.conv_in.weight
     assert not torch.equal(start, moved) and (start - moved).abs().max() < 0.1  # fine-tuned, not re-initialised
+    frozen = DiffusionBackbone.from_diffusers(tmp_path / "public").freeze()  # a frozen backbone object also works
+    pretrain_backbone(images(4, channels=3), config, tmp_path / "bb2", batch_size=2, max_steps=1, progress=False,
+                      init=frozen)
+    assert not torch.equal(DiffusionBackbone.from_pretrained(tmp_path / "bb2").unet.conv_in.weight, start)
+    assert frozen.is_frozen  # the caller's object is untouched
 

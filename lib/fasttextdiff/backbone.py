@@ -620,7 +620,7 @@ def _initial_unet(
         source = DiffusionBackbone.from_pretrained(init)
     else:
         source = DiffusionBackbone.from_diffusers(init)
-    unet = copy.deepcopy(source.unet)
+    unet = copy.deepcopy(source.unet).requires_grad_(True)  # ``init`` may be a frozen backbone
     if unet.config.out_channels != unet.config.in_channels:
         raise ValueError(
             f"the initial U-Net predicts {unet.config.out_channels} channels for {unet.config.in_channels} input "
