@@ -72,6 +72,7 @@ def test_info_lists_model_labels_and_strategies(client):
     assert client.model_state(info).get("state") == "ready"
     line = describe_server(info)
     assert "models: fasttextdiff" in line and "uncertainty" in line and "lesion" in line
+    assert "model ready" in line
     # the server's report limit replaces the default
     assert client.max_report_bytes == info["fasttextdiff"]["conf"]["max_text_bytes"]
 
@@ -82,6 +83,12 @@ def test_report_attached_to_uploaded_volume_reads_back(client, uploaded):
     assert client.get_report(uploaded) == REPORT_NORMALIZED
     info = client.image_info(uploaded)
     assert info["name"].endswith(".nrrd")
+
+
+def test_unused_image_id_never_lands_on_an_existing_image(client, uploaded):
+    assert client.unused_image_id("slicer_never_used") == "slicer_never_used"
+    fresh = client.unused_image_id(uploaded)
+    assert fresh == uploaded + "_2" and not client.image_exists(fresh)
 
 
 def test_report_update_keeps_the_stored_image(client, uploaded, volume_file, tmp_path):

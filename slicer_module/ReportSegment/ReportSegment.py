@@ -353,16 +353,18 @@ class ReportSegmentLogic(ScriptedLoadableModuleLogic):
 
     # ---------------------------------------------------------------- upload / segment
     def uploadVolume(self, volumeNode):
-        """Upload the volume with its report; when the server already has it, only the report is
-        updated. Returns the image id."""
+        """Upload the volume with its report; when the server already has it (the volume came from
+        the server, or was uploaded before), only the report is updated. Returns the image id."""
         if volumeNode is None:
             raise ReportSegmentError("Select a volume first.")
         client = self.requireClient()
-        report = validate_report(self.getReport(volumeNode))
-        imageId = self.imageIdForVolume(volumeNode)
-        if client.image_exists(imageId):
+        report = validate_report(self.getReport(volumeNode), client.max_report_bytes)
+        imageId = volumeNode.GetAttribute(IMAGE_ID_ATTRIBUTE)
+        if imageId and client.image_exists(imageId):
             client.set_report(imageId, report)
         else:
+            # never uploaded from here: a fresh id, so another image of the same name is not touched
+            imageId = client.unused_image_id(image_id_from_name(volumeNode.GetName()))
             path = os.path.join(self.tmpdir, imageId + FILE_EXTENSION)
             self._writeNode(volumeNode, path)
             imageId = client.upload_image(path, image_id=imageId, text=report)

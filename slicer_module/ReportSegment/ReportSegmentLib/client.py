@@ -252,6 +252,19 @@ class FastTextDiffClient:
             raise
         return True
 
+    def unused_image_id(self, base: str) -> str:
+        """``base`` when the datastore has no image of that id, else ``base_2``, ``base_3``, ...
+        (so a new volume never lands on someone else's image of the same name)."""
+        _require_id(base)
+        candidate = base
+        number = 1
+        while self.image_exists(candidate):
+            number += 1
+            if number > 1000:
+                raise ReportSegmentError(f"Too many images named like '{base}' in the datastore; rename the volume.")
+            candidate = f"{base}_{number}"
+        return candidate
+
     def upload_image(
         self, path: str, image_id: Optional[str] = None, text: Optional[str] = None, replace: bool = False
     ) -> str:
@@ -654,6 +667,9 @@ def describe_server(info: Mapping[str, Any]) -> str:
     total = datastore.get("total")
     done = datastore.get("completed")
     parts = [f"{name}" + (f" {version}" if version else ""), f"models: {models}"]
+    model = (info.get("fasttextdiff") or {}).get("model")
+    if isinstance(model, dict) and model.get("state"):
+        parts.append(f"model {model['state']}")
     parts.append(f"labels: {', '.join(labels) if labels else 'none'}")
     parts.append(f"strategies: {strategies}")
     if total is not None:
