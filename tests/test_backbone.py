@@ -17,7 +17,7 @@ from fasttextdiff.backbone import (
     pretrain_backbone,
 )
 from fasttextdiff.config import BackboneConfig
-from fasttextdiff.errors import CheckpointError, ModelNotFoundError
+from fasttextdiff.errors import CheckpointError, FastTextDiffError, ModelNotFoundError
 
 SIZE = 32
 
@@ -179,7 +179,7 @@ def test_frozen_backbone_gives_no_gradients():
 def test_save_load_round_trip_gives_identical_features(backbone, tmp_path):
     out = tmp_path / "bb"
     backbone.save_pretrained(out)
-    assert {p.name for p in out.iterdir()} == {BACKBONE_CONFIG_NAME, "config.json", UNET_WEIGHTS_NAME}
+    assert {p.name for p in out.iterdir()} == {BACKBONE_CONFIG_NAME, "config.json", UNET_WEIGHTS_NAME, "checksums.json"}
     assert not [p for p in tmp_path.iterdir() if p.name != "bb"]  # no staging leftovers
     loaded = DiffusionBackbone.from_pretrained(out).freeze()
     assert loaded.config == backbone.config
@@ -205,7 +205,7 @@ def test_save_over_existing_dir_replaces_weights_and_keeps_other_entries(tmp_pat
     (out / "checkpoint.tmp-0123456789ab").mkdir()  # left by an interrupted checkpoint save
     first.save_pretrained(out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [BACKBONE_CONFIG_NAME, "config.json", UNET_WEIGHTS_NAME, "checkpoint"]
+        [BACKBONE_CONFIG_NAME, "config.json", UNET_WEIGHTS_NAME, "checksums.json", "checkpoint"]
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bb"]
 
@@ -235,6 +235,27 @@ def test_truncated_weights_raise_checkpoint_error(backbone, tmp_path):
     weights.write_bytes(b"\x00" * 64)  # garbage header
     with pytest.raises(CheckpointError):
         DiffusionBackbone.from_pretrained(out)
+
+
+def test_flipped_weight_bytes_raise_checkpoint_error(backbone, tmp_path):
+    """Corruption inside the tensor data keeps the header valid; the recorded sha256 catches it."""
+    out = tmp_path / "bb"
+    backbone.save_pretrained(out)
+    weights = out / UNET_WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        DiffusionBackbone.from_pretrained(out)
+
+
+def test_non_finite_weights_raise_checkpoint_error(tmp_path):
+    model = DiffusionBackbone(tiny_config())
+    with torch.no_grad():
+        model.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "bb")
+    with pytest.raises(CheckpointError, match="NaN"):
+        DiffusionBackbone.from_pretrained(tmp_path / "bb")
 
 
 def test_corrupt_config_raises_checkpoint_error(backbone, tmp_path):
@@ -415,6 +436,13 @@ def test_a_corrupt_training_checkpoint_is_reported_not_used(tmp_path):
     result = pretrain_backbone(data, tiny_config(), tmp_path / "bb", batch_size=4, max_steps=2, progress=False,
                                resume=False)
     assert result["steps"] == 2 and result["resumed_from"] is None
+
+
+def test_diverging_pretraining_stops_with_a_sentence_and_saves_nothing(tmp_path):
+    with pytest.raises(FastTextDiffError, match="diverged"):
+        pretrain_backbone(images(4), tiny_config(), tmp_path / "bb", batch_size=4, lr=1e30, max_steps=20,
+                          progress=False)
+    assert not (tmp_path / "bb" / UNET_WEIGHTS_NAME).exists()
 
 
 def test_stop_event_stops_after_the_current_step_and_saves(tmp_path):

@@ -11,6 +11,7 @@ the q_sample maths), its on-disk form, and its self-supervised pretraining on un
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -33,13 +34,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import BackboneConfig, atomic_write_json
-from .errors import CheckpointError, ModelNotFoundError
+from .errors import CheckpointError, FastTextDiffError, ModelNotFoundError
 
 __all__ = ["DiffusionBackbone", "pretrain_backbone", "BACKBONE_CONFIG_NAME", "UNET_WEIGHTS_NAME"]
 
 BACKBONE_CONFIG_NAME = "backbone_config.json"
 UNET_CONFIG_NAME = "config.json"  # diffusers' name
 UNET_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' name
+CHECKSUMS_NAME = "checksums.json"  # sha256 of the weights: catches corruption the header cannot show
 CHECKPOINT_DIR = "checkpoint"
 _STATE_WEIGHTS = "state.safetensors"
 _STATE_JSON = "state.json"
@@ -193,16 +195,45 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_checksums(directory: Path) -> None:
+    """Compare the weights with the sha256 recorded at save time (directories without a record pass)."""
+    record_path = directory / CHECKSUMS_NAME
+    if not record_path.is_file():
+        return
+    record = _read_json(record_path)
+    for name, expected in record.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is listed in {record_path} but missing")
+        if _sha256(path) != expected:
+            raise CheckpointError(
+                f"{path} does not match the checksum recorded when it was saved: the file is corrupt or was "
+                "modified; restore it or pretrain the backbone again"
+            )
+
+
 def _load_unet_dir(directory: Path) -> UNet2DModel:
     """Build the U-Net from its config.json and load its safetensors weights strictly."""
     weights = directory / UNET_WEIGHTS_NAME
     _check_safetensors(weights)
+    _verify_checksums(directory)
     config = _read_json(directory / UNET_CONFIG_NAME)
     try:
         unet = UNet2DModel.from_config(config)
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{directory / UNET_CONFIG_NAME} does not describe a UNet2DModel: {exc}") from exc
     state = _load_tensors(weights)
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{weights} holds NaN or infinite weights ({broken[:3]}); the training that wrote it diverged")
     try:
         unet.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -374,15 +405,20 @@ class DiffusionBackbone(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``backbone_config.json`` + the diffusers U-Net (config.json + safetensors) atomically.
 
+        ``checksums.json`` records the weights' sha256, so later corruption fails loudly on load.
+
         An existing backbone directory is replaced as a whole, keeping a pretraining ``checkpoint/``
         in it; a directory holding anything else is refused with ValueError.
         """
         target = Path(directory)
-        _check_replaceable(target, {BACKBONE_CONFIG_NAME, UNET_CONFIG_NAME, UNET_WEIGHTS_NAME, CHECKPOINT_DIR})
+        _check_replaceable(
+            target, {BACKBONE_CONFIG_NAME, UNET_CONFIG_NAME, UNET_WEIGHTS_NAME, CHECKSUMS_NAME, CHECKPOINT_DIR}
+        )
         staging = _staging_dir(target)
         try:
             self.unet.save_pretrained(staging, safe_serialization=True)
             atomic_write_json(staging / BACKBONE_CONFIG_NAME, self.config.to_dict())
+            atomic_write_json(staging / CHECKSUMS_NAME, {UNET_WEIGHTS_NAME: _sha256(staging / UNET_WEIGHTS_NAME)})
             _publish_dir(staging, target, keep_foreign=True)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -791,6 +827,11 @@ def pretrain_backbone(
                     torch.distributed.all_reduce(loss_value)
                     loss_value = loss_value / world
                 loss_value = float(loss_value)
+                if not math.isfinite(loss_value) and scaler is None:  # (fp16 AMP skips such steps by itself)
+                    raise FastTextDiffError(
+                        f"backbone pretraining diverged: the loss became {loss_value} at step {step}; "
+                        f"lower the learning rate (now {lr}). The last checkpoint in {ckpt_dir} is kept."
+                    )
                 run_losses.append(loss_value)
                 recent = (recent + [loss_value])[-20:]
                 bar.update(1)
