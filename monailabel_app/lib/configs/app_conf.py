@@ -1,0 +1,171 @@
+"""Typed, validated `--conf key value` options of the FastTextDiff MONAI Label app.
+
+MONAI Label hands every `--conf` value over as a string; the radiology sample app reads them
+with `strtobool`/`eval` wherever they are used. Here they are parsed once, at start, into one
+dataclass with documented defaults, and a bad value or an unknown key stops the start with a
+sentence naming the key (instead of a traceback deep inside a request).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# keys MONAI Label itself reads from the same dict (interfaces/app.py)
+_MONAILABEL_KEYS = {"server_mode"}
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+
+
+@dataclass(frozen=True)
+class AppConf:
+    """Every option of the app; `docs/SERVER.md` lists them with these defaults."""
+
+    # where the served model lives: a publish root (versions/ + current) or a plain model directory;
+    # "" = <state_dir>/model, built from the studies on first start
+    model_dir: str = ""
+    # a pretrained backbone (ours or any diffusers UNet2DModel dir) for the default model and training;
+    # "" = pretrain one on all datastore images (published to <state_dir>/backbone)
+    backbone_dir: str = ""
+    # text encoder: "tiny" (bundled small ModernBERT) or a local model directory (e.g. ModernBERT-base)
+    text_encoder: str = "tiny"
+    # app state: published models, text cache, training scratch; "" = <app>/model/<studies name>-<hash>
+    state_dir: str = ""
+    # model input size (pixels, square) for a newly built model; a served model keeps its own
+    image_size: int = 64
+    # diffusion timesteps (of 1000) the frozen backbone is probed at, for a newly built model
+    timesteps: tuple[int, ...] = (50, 150, 250)
+    # backbone U-Net widths for a newly built model (one per level)
+    backbone_channels: tuple[int, ...] = (16, 32, 32)
+    # noise draws per prediction; their spread is the uncertainty (1 = no uncertainty)
+    n_noise: int = 4
+    # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
+    # fusion + head training epochs (train task `fasttextdiff` and the default model)
+    epochs: int = 30
+    # backbone denoising pretraining epochs (train task `backbone` and the default model)
+    backbone_epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    # slices per forward pass when segmenting a volume
+    infer_batch_size: int = 16
+    # names of the foreground classes of a newly built model
+    labels: tuple[str, ...] = ("lesion",)
+    # build the default model in a background thread when none is published
+    prepare_default_model: bool = True
+    # run /infer in a worker thread so the server answers other requests meanwhile
+    threaded_infer: bool = True
+    # save each infer's uncertainty map in the datastore as label tag `uncertainty`
+    save_uncertainty: bool = True
+    # longest report accepted, in UTF-8 bytes (longer ones get HTTP 413)
+    max_text_bytes: int = 65536
+    # at most this many volume slices (spread over the volume) go into backbone pretraining per volume
+    pretrain_slices_per_volume: int = 8
+    seed: int = 0
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_conf(cls, conf: dict[str, Any] | None) -> "AppConf":
+        """Parse MONAI Label's string conf; unknown keys and bad values raise ValueError."""
+        conf = dict(conf or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(k for k in conf if k not in fields and k not in _MONAILABEL_KEYS)
+        if unknown:
+            raise ValueError(f"unknown --conf option(s) {unknown}; known options: {sorted(fields)}")
+        values: dict[str, Any] = {}
+        for key, raw in conf.items():
+            if key in _MONAILABEL_KEYS:
+                continue
+            values[key] = _parse(key, raw, hints[key])
+        out = cls(**values)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--conf {name} must be positive, got {getattr(self, name)}")
+
+        for name in ("image_size", "n_noise", "epochs", "backbone_epochs", "batch_size", "lr",
+                     "infer_batch_size", "max_text_bytes", "pretrain_slices_per_volume"):
+            positive(name)
+        if not self.timesteps or any(not 0 <= t < 1000 for t in self.timesteps):
+            raise ValueError(f"--conf timesteps must be comma-separated steps in 0..999, got {self.timesteps}")
+        if not self.backbone_channels or any(c <= 0 for c in self.backbone_channels):
+            raise ValueError(f"--conf backbone_channels must be positive widths, got {self.backbone_channels}")
+        factor = 2 ** (len(self.backbone_channels) - 1)
+        if self.image_size % factor:
+            raise ValueError(f"--conf image_size {self.image_size} must be divisible by {factor} "
+                             f"for {len(self.backbone_channels)} backbone levels")
+        if not self.labels or any(not label.strip() for label in self.labels):
+            raise ValueError("--conf labels must name at least one foreground class")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ValueError(f"--conf device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if not self.text_encoder:
+            raise ValueError("--conf text_encoder must be 'tiny' or a local model directory")
+
+    # ------------------------------------------------------------------ derived paths
+    def state_path(self, studies: str, app_dir: str) -> Path:
+        """Models and caches of one studies folder, kept in the app's `model/` folder (MONAI Label's place
+        for models), one subfolder per studies folder, so a later start on the same studies reuses them.
+
+        Not inside the studies folder: MONAI Label watches that folder recursively and would rescan
+        the datastore on every file a training run writes."""
+        if self.state_dir:
+            return Path(self.state_dir).expanduser().resolve()
+        import hashlib
+
+        key = studies if studies.startswith(("http://", "https://")) else str(Path(studies).resolve())
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in key.rstrip("/").split("/")[-1])[:40]
+        return Path(app_dir, "model", f"{name or 'studies'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}").resolve()
+
+    def torch_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            return "cpu"
+        return self.device
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _parse(key: str, raw: Any, hint: Any) -> Any:
+    """One string (or already typed value, from tests) to the field's type."""
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError("expected true/false")
+        if hint is int:
+            if isinstance(raw, bool):
+                raise ValueError("expected an integer")
+            return int(str(raw).strip())
+        if hint is float:
+            return float(str(raw).strip())
+        if hint is str:
+            return str(raw)
+        if origin is tuple:
+            (item_type, *_rest) = typing.get_args(hint)
+            items = raw if isinstance(raw, (list, tuple)) else [s for s in str(raw).split(",") if s.strip()]
+            return tuple(item_type(str(s).strip()) for s in items)
+    except ValueError as exc:
+        raise ValueError(f"--conf {key}: cannot read {raw!r} as {getattr(hint, '__name__', hint)} ({exc})") from exc
+    raise ValueError(f"--conf {key}: unsupported option type {hint}")  # pragma: no cover - a programming error
+
+
+__all__ = ["AppConf"]

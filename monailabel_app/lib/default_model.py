@@ -1,0 +1,91 @@
+"""Build the default model from the studies when the server starts without one.
+
+Runs in a background thread of the server process: backbone pretraining on all images (unless a
+backbone is already published or given), then fusion + head on the labeled images, each published
+atomically. Progress goes to the log and to `/info` (`fasttextdiff.model`); infer requests get
+HTTP 503 "model is being prepared" meanwhile. On later starts the published model is reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from lib.configs.app_conf import AppConf
+from lib.model_manager import ModelManager
+
+logger = logging.getLogger(__name__)
+
+
+class DefaultModelBuilder:
+    def __init__(self, conf: AppConf, manager: ModelManager, datastore: Any,
+                 on_ready: Callable[[], None] | None = None):
+        self.conf, self.manager, self.datastore, self.on_ready = conf, manager, datastore, on_ready
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.timings: dict[str, float] = {}
+
+    def start(self) -> bool:
+        """Start building if no model is served; returns whether a build started."""
+        if self.manager.ready or (self.thread is not None and self.thread.is_alive()):
+            return False
+        self.manager.set_status("preparing", "starting")
+        self.thread = threading.Thread(target=self._run, name="fasttextdiff-default-model", daemon=True)
+        self.thread.start()
+        return True
+
+    def _progress(self, stage: str, total_epochs: int) -> Callable[[dict], None]:
+        def log(record: dict) -> None:
+            epoch = record.get("epoch", "?")
+            loss = record.get("loss")
+            msg = f"{stage}: epoch {epoch}/{total_epochs}" + (f", loss {loss:.4f}" if isinstance(loss, float) else "")
+            self.manager.set_status("preparing", msg, stage=stage)
+            logger.info("default model - %s", msg)
+
+        return log
+
+    def _run(self) -> None:
+        from lib.training import pretrain_backbone_from_datastore, train_segmenter_from_datastore
+
+        conf, paths = self.conf, self.manager.paths
+        started = time.time()
+        device = conf.torch_device()
+        try:
+            images = self.datastore.list_images()
+            labeled = self.datastore.get_labeled_images()
+            if not labeled:
+                self.manager.set_status("failed", "the studies have no final labels to train the default model on; "
+                                        "save a label and run the `fasttextdiff` train task")
+                return
+            logger.info("default model: building from %d images (%d labeled) on %s", len(images), len(labeled), device)
+            if paths.backbone_dir() is None:
+                self.manager.set_status("preparing", "backbone pretraining: starting", stage="backbone")
+                t0 = time.time()
+                pretrain_backbone_from_datastore(self.datastore, conf, paths, epochs=conf.backbone_epochs,
+                                                 batch_size=max(conf.batch_size, 16), device=device,
+                                                 log=self._progress("backbone pretraining", conf.backbone_epochs),
+                                                 stop_event=self.stop_event)
+                self.timings["backbone_s"] = round(time.time() - t0, 1)
+            if self.stop_event.is_set():
+                return
+            self.manager.set_status("preparing", "segmenter training: starting", stage="segmenter")
+            t0 = time.time()
+            metrics = train_segmenter_from_datastore(self.datastore, conf, paths, epochs=conf.epochs,
+                                                     batch_size=conf.batch_size, lr=conf.lr, device=device,
+                                                     log=self._progress("segmenter training", conf.epochs))
+            self.timings["segmenter_s"] = round(time.time() - t0, 1)
+            self.timings["total_s"] = round(time.time() - started, 1)
+            self.manager.set_status("ready", f"default model built in {self.timings['total_s']}s "
+                                    f"and published to {metrics.get('published')}", timings=dict(self.timings),
+                                    model_dir=str(metrics.get("published")))
+        except Exception as exc:  # noqa: BLE001 - reported in /info and the log, the server keeps running
+            logger.exception("default model: failed")
+            self.manager.set_status("failed", f"{type(exc).__name__}: {exc}")
+            return
+        if self.on_ready is not None:
+            try:
+                self.on_ready()
+            except Exception:  # noqa: BLE001
+                logger.exception("default model: post-ready hook failed")

@@ -1,0 +1,162 @@
+"""Infer task `fasttextdiff`: a report-conditioned segmentation of a 2D image or a 3D volume.
+
+The report is the request's `text` param when given (non-empty), else the datastore's stored
+report for that image, else empty (the model then segments without report guidance; the result
+says which via `text_source`). Volumes are segmented slice by slice in batches and the label is
+written in the input's own geometry. The result JSON carries the uncertainty summary (spread of
+the predictions over `n_noise` noise draws); the uncertainty map itself is saved in the datastore
+as label tag `uncertainty` for datastore images, or returned instead of the label with
+`{"result": "uncertainty"}`.
+
+MONAI Label's BasicInferTask is built around MONAI transform chains and torch checkpoints; this
+task owns its pipeline (the library's `Segmenter`), so it implements the plain `InferTask`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Callable, Dict, Tuple, Union
+
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from lib.configs.app_conf import AppConf
+from lib.model_manager import ModelManager
+from lib.validation import bad_request, check_int, check_text
+
+logger = logging.getLogger(__name__)
+
+SCORE_KEY = "fasttextdiff_uncertainty"
+UNCERTAINTY_TAG = "uncertainty"
+RESULTS = ("label", "uncertainty")
+
+
+def text_sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class FastTextDiffInfer(InferTask):
+    """Segment one image with its report; see the module docstring for the text rule."""
+
+    def __init__(self, conf: AppConf, manager: ModelManager, datastore: Callable[[], Any]):
+        labels = {name: i for i, name in enumerate(conf.labels, start=1)}
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels=labels,
+            dimension=3,
+            description="FastTextDiff: diffusion features + report text (2D images and volumes, slice-wise)",
+            config={
+                "text": "",  # the report; empty = use the one stored with the image
+                "n_noise": conf.n_noise,  # noise draws for the uncertainty estimate
+                "result": "label",  # or "uncertainty": return the uncertainty map instead
+                "save_uncertainty": conf.save_uncertainty,
+            },
+        )
+        self.conf = conf
+        self.manager = manager
+        self._datastore = datastore
+
+    def is_valid(self) -> bool:
+        return True  # listed while the model is prepared; requests then get 503 with the reason
+
+    def info(self) -> Dict[str, Any]:
+        info = super().info()
+        info["model_state"] = self.manager.status.get("state")
+        return info
+
+    # ------------------------------------------------------------------ request -> text
+    def _text(self, req: Dict[str, Any], image_id: str | None) -> tuple[str, str]:
+        given = req.get("text")
+        if given not in (None, ""):
+            return check_text(given, self.conf.max_text_bytes), "request"
+        if image_id:
+            ds = self._datastore()
+            stored = ds.get_image_info(image_id).get("text") if ds is not None else None
+            if stored:
+                return str(stored), "datastore"
+        return "", "none"
+
+    def __call__(self, request: Dict[str, Any]) -> Tuple[Union[str, None], Dict]:
+        started = time.time()
+        req = dict(self._config)
+        req.update(request)
+        image_path = req.get("image")
+        image_id = req.get("image_id") or req.get("_image_id")
+        if not isinstance(image_path, str) or not image_path or not os.path.exists(image_path):
+            raise bad_request(404, f"image {str(image_id or image_path)[:80]!r} is not in the datastore")
+        result_kind = req.get("result", "label")
+        if result_kind not in RESULTS:
+            raise bad_request(400, f"result must be one of {list(RESULTS)}, got {str(result_kind)[:40]!r}")
+        n_noise = check_int(req.get("n_noise", self.conf.n_noise), "n_noise", 1, 32)
+        text, source = self._text(req, image_id)
+
+        from fasttextdiff.data.io import read_image
+
+        t0 = time.time()
+        image = read_image(image_path)
+        t_read = time.time() - t0
+        segmenter, identity = self.manager.segmenter()
+        t0 = time.time()
+        result = segmenter.segment(image, text, n_noise=n_noise)
+        t_infer = time.time() - t0
+
+        t0 = time.time()
+        ext = str(req.get("result_extension") or (".nii.gz" if image.is_volume else ".nrrd"))
+        if ext not in (".nii.gz", ".nrrd", ".nii"):
+            raise bad_request(400, f"result_extension must be .nii.gz, .nii or .nrrd, got {ext[:20]!r}")
+        from fasttextdiff.data.io import write_image
+
+        results = self.manager.paths.work / "results"  # not /tmp: a client on this machine saves there by name
+        results.mkdir(parents=True, exist_ok=True)
+        out = tempfile.NamedTemporaryFile(suffix=ext, prefix="fasttextdiff-", dir=results, delete=False).name
+        if result_kind == "uncertainty":
+            write_image(out, result.uncertainty.astype("float32"), like=image)
+        else:
+            write_image(out, result.mask.astype("uint8"), like=image)
+
+        summary = dict(result.summary)
+        uncertainty_info: Dict[str, Any] = {
+            "mean": summary.get("uncertainty_mean"),
+            "per_label": summary.get("uncertainty_per_label"),
+            "n_noise": n_noise,
+        }
+        ds = self._datastore()
+        if image_id and ds is not None and result_kind == "label" and bool(req.get("save_uncertainty")) \
+                and ds.get_image_uri(image_id):
+            unc_file = tempfile.NamedTemporaryFile(suffix=ext, dir=results, delete=False).name
+            try:
+                write_image(unc_file, result.uncertainty.astype("float32"), like=image)
+                base_save = getattr(type(ds).__mro__[1], "save_label")  # unchecked: we made this file ourselves
+                base_save(ds, image_id, unc_file, UNCERTAINTY_TAG, {"model": identity, "kind": "uncertainty"})
+                uncertainty_info["map"] = {"label": image_id, "tag": UNCERTAINTY_TAG,
+                                           "url": f"/datastore/label?label={image_id}&tag={UNCERTAINTY_TAG}"}
+            finally:
+                os.unlink(unc_file)
+        if image_id and ds is not None and source == "datastore" and hasattr(ds, "update_image_info_internal"):
+            # the same number the scoring method computes: keep it, so scoring skips this image
+            ds.update_image_info_internal(image_id, {SCORE_KEY: {
+                "score": summary.get("uncertainty_mean"), "model": identity, "text_sha": text_sha(text),
+                "n_noise": n_noise, "ts": int(time.time())}})
+        t_write = time.time() - t0
+
+        labels = summary.get("labels") or {n: i for i, n in enumerate(segmenter.labels, start=1)}
+        result_json = {
+            "label_names": labels,
+            "labels": labels,
+            "result": result_kind,
+            "text_source": source,
+            "text_chars": len(text),
+            "uncertainty": uncertainty_info,
+            "foreground_fraction": summary.get("foreground_fraction"),
+            "model": identity,
+            "shape": list(image.array.shape),
+            "is_volume": bool(image.is_volume),
+            "latencies": {"read": round(t_read, 3), "infer": round(t_infer, 3), "write": round(t_write, 3),
+                          "total": round(time.time() - started, 3)},
+        }
+        logger.info("infer %s: %s, text from %s (%d chars), %.2fs", image_id or "upload",
+                    "volume" if image.is_volume else "2D", source, len(text), time.time() - started)
+        return out, result_json

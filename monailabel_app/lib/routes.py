@@ -1,0 +1,147 @@
+"""Adapt MONAI Label 0.8.5's FastAPI routes: 4xx for bad input, /infer off the event loop.
+
+Two gaps in the server we are served by:
+
+* Its endpoints are `async def` functions that call the app synchronously, so a running
+  `/infer` holds the event loop and every other request (even `/info`) waits for it.
+* Exceptions other than `HTTPException` become HTTP 500: a malformed `params` JSON, an unknown
+  image id in the datastore, an unknown model or strategy.
+
+MONAI Label gives an app no hook for either, and middleware cannot be added once the server is
+running, so the app re-registers those routes once, at init, with the same path, parameters and
+auth dependency: each wrapper translates known error types into 4xx with the message, and the
+`/infer` wrapper runs MONAI Label's own `run_inference` in the thread pool. Everything else of the
+request handling is MONAI Label's code, unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+from typing import Any, Callable
+
+from fastapi import HTTPException
+from fastapi.routing import APIRoute, APIRouter
+from starlette.concurrency import run_in_threadpool
+
+logger = logging.getLogger(__name__)
+
+_MARK = "_fasttextdiff_hardened"
+
+
+def translate(exc: BaseException) -> HTTPException | None:
+    """The 4xx an exception stands for, or None when it is a genuine server error."""
+    from monailabel.interfaces.exception import (
+        ImageNotFoundException,
+        LabelNotFoundException,
+        MONAILabelError,
+        MONAILabelException,
+    )
+
+    if isinstance(exc, HTTPException):
+        return exc
+    if isinstance(exc, (ImageNotFoundException, LabelNotFoundException)):
+        return HTTPException(404, detail=str(exc.msg))
+    if isinstance(exc, MONAILabelException):
+        if exc.error in (MONAILabelError.INVALID_INPUT, MONAILabelError.APP_INIT_ERROR):
+            return HTTPException(404 if "no" in exc.msg.lower() else 400, detail=str(exc.msg))
+        return None
+    if isinstance(exc, json.JSONDecodeError):
+        return HTTPException(400, detail=f"request parameters are not valid JSON: {exc.msg} at position {exc.pos}")
+    if isinstance(exc, UnicodeDecodeError):
+        return HTTPException(400, detail=f"request is not valid UTF-8 ({exc.reason})")
+    try:
+        from fasttextdiff.errors import (
+            CheckpointError,
+            FastTextDiffError,
+            ImageReadError,
+            ModelNotFoundError,
+            ReportError,
+        )
+    except ImportError:  # pragma: no cover - library missing
+        return None
+    if isinstance(exc, ImageReadError):
+        return HTTPException(415, detail=f"cannot read the image: {exc}")
+    if isinstance(exc, ReportError):
+        return HTTPException(400, detail=f"cannot use the report text: {exc}")
+    if isinstance(exc, (ModelNotFoundError, CheckpointError)):
+        return HTTPException(503, detail=f"model is not available: {exc}")
+    if isinstance(exc, FastTextDiffError):
+        return HTTPException(400, detail=str(exc))
+    return None
+
+
+def _wrap(endpoint: Callable, in_thread: Callable | None = None) -> Callable:
+    """Same signature as `endpoint` (FastAPI reads it via __wrapped__), errors translated."""
+
+    @functools.wraps(endpoint)
+    async def wrapper(**kwargs: Any) -> Any:
+        try:
+            if in_thread is not None:
+                kwargs.pop("user", None)
+                return await run_in_threadpool(in_thread, **kwargs)
+            return await endpoint(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - translated or re-raised
+            http = translate(exc)
+            if http is None:
+                raise
+            if http is not exc:
+                logger.info("request refused (%s): %s", http.status_code, http.detail)
+            raise http from exc
+
+    setattr(wrapper, _MARK, True)
+    return wrapper
+
+
+def _walk(router: Any, threaded_infer: bool, seen: set[int]) -> int:
+    """Replace the APIRoutes of `router` and, recursively, of routers it includes (FastAPI keeps
+    included routers either flattened into `routes` or wrapped, depending on its version)."""
+    from monailabel.endpoints import infer as infer_endpoints
+
+    if id(router) in seen:
+        return 0
+    seen.add(id(router))
+    count = 0
+    routes = router.routes
+    for index, route in enumerate(list(routes)):
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            count += _walk(included, threaded_infer, seen)
+            continue
+        if not isinstance(route, APIRoute) or getattr(route.endpoint, _MARK, False):
+            continue
+        if "kwargs" in inspect.signature(route.endpoint).parameters:
+            continue
+        in_thread = None
+        if threaded_infer and route.endpoint is infer_endpoints.api_run_inference:
+            in_thread = infer_endpoints.run_inference
+        fresh = APIRouter()
+        fresh.add_api_route(
+            route.path,
+            _wrap(route.endpoint, in_thread),
+            methods=sorted(route.methods),
+            name=route.name,
+            summary=route.summary,
+            description=route.description,
+            tags=route.tags,
+            responses=route.responses,
+            include_in_schema=route.include_in_schema,
+            deprecated=route.deprecated,
+            response_class=route.response_class,
+        )
+        routes[index] = fresh.routes[0]
+        count += 1
+    if count and hasattr(router, "_mark_routes_changed"):
+        router._mark_routes_changed()
+    return count
+
+
+def harden(app: Any, threaded_infer: bool = True) -> int:
+    """Re-register MONAI Label's routes on `app` (monailabel.app.app); returns how many. Idempotent."""
+    count = _walk(app.router, threaded_infer, set())
+    app.openapi_schema = None
+    logger.info("FastTextDiff: %d MONAI Label routes answer bad input with 4xx%s", count,
+                "; /infer runs in a worker thread" if threaded_infer else "")
+    return count

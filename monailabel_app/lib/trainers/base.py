@@ -1,0 +1,146 @@
+"""What both train tasks share: typed request options, stats file, DDP spawn, atomic publish.
+
+MONAI Label runs a train request in a fresh subprocess (`python -m monailabel.interfaces.utils.app
+-m train`), and with `multi_gpu` on several GPUs this task spawns one process per GPU with
+`torch.multiprocessing.spawn`, which pickles the task: so the task holds only plain values (the
+typed conf and folder paths), never a model, lock or datastore.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, Dict, List
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+
+from lib.configs.app_conf import AppConf
+from lib.model_manager import ModelPaths, resolve_device
+from lib.validation import check_int
+
+logger = logging.getLogger(__name__)
+
+
+class FastTextDiffTrainTask(TrainTask):
+    """A train task whose run is one library workflow; subclasses name it in `run`."""
+
+    name = "base"
+
+    def __init__(self, conf: AppConf, paths: ModelPaths, description: str):
+        super().__init__(description)
+        self.conf = conf
+        self.paths = paths
+
+    # ---------------------------------------------------------------- MONAI Label interface
+    def config(self) -> Dict[str, Any]:
+        return {"max_epochs": self.default_epochs(), "train_batch_size": self.conf.batch_size,
+                "device": "auto", "multi_gpu": True, "gpus": "all"}
+
+    def stats_path(self) -> Path:
+        return Path(self.paths.state) / f"train_stats_{self.name}.json"
+
+    def stats(self) -> Dict[str, Any]:
+        try:
+            return json.loads(self.stats_path().read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _write_stats(self, stats: Dict[str, Any]) -> None:
+        from fasttextdiff.config import atomic_write_json
+
+        atomic_write_json(self.stats_path(), stats)
+
+    def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
+        req = self.config()
+        req.update(request)
+        epochs = check_int(req.get("max_epochs", req.get("epochs")), "max_epochs", 1, 10000)
+        batch = check_int(req.get("train_batch_size", self.conf.batch_size), "train_batch_size", 1, 4096)
+        device = resolve_device(req.get("device"), self.conf)
+        options = {"epochs": epochs, "batch_size": batch, "device": device}
+        options.update(self.pre_process(req, datastore))
+
+        world = self._world_size(req)
+        started = time.time()
+        stats = {"name": self.name, "status": "RUNNING", "start_ts": int(started), "epochs": epochs,
+                 "device": device, "world_size": world, "history": []}
+        self._write_stats(stats)
+        try:
+            if world > 1:
+                import torch.multiprocessing as mp
+
+                logger.info("%s: spawning %d DDP processes", self.name, world)
+                mp.spawn(_ddp_worker, nprocs=world, args=(world, self, options, datastore.datalist()), join=True)
+                result = self.stats().get("result", {})
+            else:
+                result = self.run(datastore, options, log=self._logger(stats))
+        except Exception as exc:
+            stats.update(status="FAILED", error=str(exc), total_time=round(time.time() - started, 1))
+            self._write_stats(stats)
+            raise
+        stats = {**self.stats(), **stats}
+        stats.update(status="DONE", result=result, total_time=round(time.time() - started, 1),
+                     best_metric=result.get("best_val_dice"), end_ts=int(time.time()))
+        self._write_stats(stats)
+        logger.info("%s: done in %.1fs; published %s", self.name, time.time() - started, result.get("published"))
+        return stats
+
+    # ---------------------------------------------------------------- hooks
+    @abstractmethod
+    def default_epochs(self) -> int: ...
+
+    def pre_process(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
+        """Extra options from the request (validated); the datalist is built in `run`."""
+        return {}
+
+    @abstractmethod
+    def run(self, datastore: Any, options: Dict[str, Any], log) -> Dict[str, Any]: ...
+
+    # ---------------------------------------------------------------- helpers
+    def _logger(self, stats: Dict[str, Any]):
+        history: List[dict] = stats["history"]
+
+        def log(record: dict) -> None:
+            history.append({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()})
+            del history[:-50]
+            stats["last"] = history[-1]
+            self._write_stats(stats)
+            logger.info("%s: %s", self.name, " ".join(f"{k}={v}" for k, v in history[-1].items()))
+
+        return log
+
+    @staticmethod
+    def _world_size(req: Dict[str, Any]) -> int:
+        import torch
+
+        if not req.get("multi_gpu") or not torch.cuda.is_available():
+            return 1
+        gpus = req.get("gpus", "all")
+        n = torch.cuda.device_count() if not gpus or gpus == "all" else len(str(gpus).split(","))
+        return n if n > 1 else 1
+
+
+def _ddp_worker(rank: int, world: int, task: FastTextDiffTrainTask, options: Dict[str, Any], _datalist) -> None:
+    """One GPU's process: join the group, run the same workflow (the library shards and syncs)."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world)
+    try:
+        from monailabel.interfaces.utils.app import app_instance
+
+        datastore = app_instance().datastore()
+        options = dict(options, device=f"cuda:{rank}" if torch.cuda.is_available() else "cpu")
+        stats = {"name": task.name, "status": "RUNNING", "history": [], "world_size": world}
+        result = task.run(datastore, options, log=task._logger(stats) if rank == 0 else None)
+        if rank == 0:
+            task._write_stats({**stats, "result": result})
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,43 @@
+"""Train task `fasttextdiff`: fusion + head on the labeled images with their reports.
+
+The backbone and the text encoder stay frozen (the label-efficient part of the method); the
+reports come from the datastore's image info `text` (MONAI Label's datalist has no image info).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from lib.trainers.base import FastTextDiffTrainTask
+from lib.validation import bad_request
+
+
+class FastTextDiffTrain(FastTextDiffTrainTask):
+    name = "fasttextdiff"
+
+    def __init__(self, conf, paths):
+        super().__init__(conf, paths, "FastTextDiff: train cross-modal fusion + head on labeled images and reports")
+
+    def default_epochs(self) -> int:
+        return self.conf.epochs
+
+    def config(self) -> Dict[str, Any]:
+        return {**super().config(), "lr": self.conf.lr}
+
+    def pre_process(self, request: Dict[str, Any], datastore) -> Dict[str, Any]:
+        try:
+            lr = float(request.get("lr", self.conf.lr))
+        except (TypeError, ValueError):
+            raise bad_request(400, f"lr must be a number, got {str(request.get('lr'))[:40]!r}") from None
+        if not 0 < lr < 1:
+            raise bad_request(400, f"lr must be in (0, 1), got {lr}")
+        if not datastore.get_labeled_images():
+            raise bad_request(409, "no image has a final label yet: save at least one label, then train")
+        return {"lr": lr}
+
+    def run(self, datastore: Any, options: Dict[str, Any], log) -> Dict[str, Any]:
+        from lib.training import train_segmenter_from_datastore
+
+        return train_segmenter_from_datastore(datastore, self.conf, self.paths, epochs=options["epochs"],
+                                              batch_size=options["batch_size"], lr=options["lr"],
+                                              device=options["device"], log=log)

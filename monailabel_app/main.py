@@ -1,0 +1,197 @@
+"""FastTextDiff as a MONAI Label app: report-conditioned segmentation, training and active learning.
+
+    monailabel start_server --app monailabel_app --studies studies/demo --host 127.0.0.1 --port 8000 \
+        [--conf model_dir DIR] [--conf n_noise 8] ...
+
+See docs/SERVER.md for every `--conf` option, the endpoints and client examples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import Any, Dict
+
+_APP_DIR = os.path.dirname(os.path.realpath(__file__))
+if _APP_DIR not in sys.path:  # `lib.*` must be this app's lib, also in MONAI Label's task subprocesses
+    sys.path.insert(0, _APP_DIR)
+if sys.path.count(_APP_DIR) < 2:  # MONAI Label removes one copy after loading main.py; spawned workers need it
+    sys.path.append(_APP_DIR)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from monailabel.config import settings  # noqa: E402
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+
+from lib import redact  # noqa: E402
+from lib.configs.app_conf import AppConf  # noqa: E402
+from lib.configs.fasttextdiff import SCORING, FastTextDiffConfig  # noqa: E402
+from lib.datastore import FastTextDiffDatastore  # noqa: E402
+from lib.default_model import DefaultModelBuilder  # noqa: E402
+from lib.infers.batch import FastTextDiffBatchInfer  # noqa: E402
+from lib.model_manager import ModelManager, ModelPaths  # noqa: E402
+from lib.validation import bad_request, check_image_id  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class FastTextDiffApp(MONAILabelApp):
+    """One model (`fasttextdiff`), two train tasks, three strategies, one scoring method."""
+
+    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+        redact.install()
+        self.app_conf = AppConf.from_conf(conf)  # a bad option stops the start with a sentence
+        self.paths = ModelPaths.from_conf(self.app_conf, studies, app_dir)
+        os.makedirs(self.paths.state, exist_ok=True)
+        self.manager = ModelManager(self.app_conf, self.paths)
+        self.task_config = FastTextDiffConfig(self.app_conf, self.paths, self.manager, lambda: self._datastore)
+        self._builder: DefaultModelBuilder | None = None
+        self._scoring_lock = threading.Lock()
+        self._scoring_thread: threading.Thread | None = None
+        self._scoring_again = False
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="FastTextDiff",
+            description="Report-conditioned, label-efficient diffusion segmentation (2D images and volumes)",
+            version="0.1.0",
+        )
+        self._harden_routes()
+
+    # ------------------------------------------------------------------ MONAI Label hooks
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return FastTextDiffDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            max_text_bytes=self.app_conf.max_text_bytes,
+        )
+
+    def init_infers(self):
+        return self.task_config.infers()
+
+    def init_trainers(self):
+        return self.task_config.trainers()
+
+    def init_strategies(self):
+        return self.task_config.strategies()
+
+    def init_scoring_methods(self):
+        return self.task_config.scoring_methods()
+
+    def init_batch_infer(self):
+        return FastTextDiffBatchInfer(lambda: self._infers)
+
+    def info(self):
+        meta = super().info()
+        meta["fasttextdiff"] = {
+            "model": dict(self.manager.refresh_status()),
+            "model_identity": self.paths.model_identity(),
+            "conf": self.app_conf.to_dict(),
+            "report_text_key": "text",
+            "uncertainty_label_tag": "uncertainty",
+            "scoring": SCORING,
+        }
+        return meta
+
+    def on_init_complete(self):
+        """Server process only (MONAI Label's task subprocesses never call this)."""
+        super().on_init_complete()
+        if self.app_conf.prepare_default_model and not self.manager.ready:
+            self._builder = DefaultModelBuilder(self.app_conf, self.manager, self._datastore,
+                                                on_ready=lambda: self.async_scoring(None))
+            self._builder.start()
+
+    # ------------------------------------------------------------------ requests
+    def infer(self, request, datastore=None):
+        model = request.get("model")
+        if model not in self._infers:
+            raise bad_request(404, f"unknown model {str(model)[:40]!r}; available: {sorted(self._infers)}")
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image):
+            check_image_id(image)
+            ds = datastore if datastore else self.datastore()
+            if not ds.get_image_uri(image):
+                raise bad_request(404, f"image {image!r} is not in the datastore")
+            request = dict(request, image_id=image)
+        return super().infer(request, datastore)
+
+    def train(self, request):
+        if request.get("model") not in self._trainers:
+            raise bad_request(404, f"unknown train task {str(request.get('model'))[:40]!r}; "
+                                   f"available: {sorted(self._trainers)}")
+        return super().train(request)
+
+    def next_sample(self, request):
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise bad_request(404, f"unknown strategy {str(strategy)[:40]!r}; available: {sorted(self._strategies)}")
+        return super().next_sample(request)
+
+    def scoring(self, request, datastore=None):
+        if request.get("method") not in self._scoring_methods:
+            raise bad_request(404, f"unknown scoring method {str(request.get('method'))[:40]!r}; "
+                                   f"available: {sorted(self._scoring_methods)}")
+        return super().scoring(request, datastore)
+
+    def bundle_path(self, model):
+        """Called by MONAI Label before it launches a background train/batch task: refuse unknown names early."""
+        if model is not None and model not in self._trainers and model not in self._infers:
+            raise bad_request(404, f"unknown model {str(model)[:40]!r}; infer: {sorted(self._infers)}, "
+                                   f"train: {sorted(self._trainers)}")
+        return None
+
+    # ------------------------------------------------------------------ background scoring
+    def async_scoring(self, method, params=None):
+        """Score stale images in a server thread instead of a subprocess per call.
+
+        MONAI Label calls this after every next_sample and train; a subprocess would reload torch
+        and the model each time. Here the loaded model is reused and nothing starts when every
+        unlabeled image's score is already current.
+        """
+        if method not in (None, SCORING) or not self._server_mode:
+            return super().async_scoring(method, params)
+        from lib.scoring.uncertainty import stale_images
+
+        if not self.manager.ready or not stale_images(self._datastore, self.paths.model_identity()):
+            return {}
+        with self._scoring_lock:
+            if self._scoring_thread is not None and self._scoring_thread.is_alive():
+                self._scoring_again = True
+                return {SCORING: "running"}
+            self._scoring_thread = threading.Thread(target=self._score_loop, name="fasttextdiff-scoring", daemon=True)
+            self._scoring_thread.start()
+        return {SCORING: "started"}
+
+    def _score_loop(self) -> None:
+        while True:
+            try:
+                self._scoring_methods[SCORING]({"method": SCORING}, self._datastore)
+            except Exception:  # noqa: BLE001 - background work: log, never crash the server
+                logger.exception("background uncertainty scoring failed")
+            with self._scoring_lock:
+                if not self._scoring_again:
+                    return
+                self._scoring_again = False
+
+    def wait_for_background(self, timeout: float = 600.0) -> None:
+        """For tests and scripts: wait for the default-model build and background scoring."""
+        for thread in (self._builder.thread if self._builder else None, self._scoring_thread):
+            if thread is not None:
+                thread.join(timeout)
+
+    # ------------------------------------------------------------------ server adaptation
+    def _harden_routes(self) -> None:
+        module = sys.modules.get("monailabel.app")
+        if module is None:  # a MONAI Label task subprocess: no HTTP server here
+            return
+        from lib.routes import harden
+
+        harden(module.app, threaded_infer=self.app_conf.threaded_infer)
+

@@ -1,0 +1,325 @@
+"""Reusable pieces to run the real FastTextDiff MONAI Label server in tests.
+
+Import the fixtures into a test module (or a conftest) with
+`from tests.server_fixtures import *` — or use the plain functions directly:
+
+* `make_tiny_studies(dir)` — a small demo studies folder (32 px, a few 2D images + 1 volume).
+* `TINY_CONF` — `--conf` values for tiny, fast models (widths 8/16, 32 px, 1-2 epochs).
+* `build_tiny_model(studies, out)` — a ready model publish root built from the studies with the
+  app's own training workflows, for `--conf model_dir`.
+* `InProcessServer` — the real `monailabel.app` FastAPI app served by uvicorn in a thread on a
+  free 127.0.0.1 port (MONAI Label's client needs a socket), plus a `TestClient` on the same app.
+* `SubprocessServer` — `monailabel start_server ... --host 127.0.0.1` as a child process.
+
+Module-scoped pytest fixtures at the end: `tiny_studies`, `tiny_model_root`, `inprocess_server`,
+`subprocess_server`. Everything is real; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "monailabel_app"
+
+# tiny, fast models: widths 8/16, 32 px inputs, 1-2 epochs, 2 noise draws
+TINY_CONF: dict[str, str] = {
+    "image_size": "32",
+    "backbone_channels": "8,16",
+    "timesteps": "50,150",
+    "n_noise": "2",
+    "epochs": "2",
+    "backbone_epochs": "1",
+    "batch_size": "4",
+    "pretrain_slices_per_volume": "2",
+    "device": "cpu",
+}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_tiny_studies(out: Path, n_2d: int = 6, n_3d: int = 1, n_labeled: int = 3, seed: int = 0) -> Path:
+    from fasttextdiff.studies import make_demo_studies
+
+    make_demo_studies(out, n_2d=n_2d, n_3d=n_3d, size=32, n_labeled=n_labeled, n_labeled_3d=min(1, n_3d),
+                      volume_size=32, volume_slices=6, seed=seed)
+    return Path(out)
+
+
+def build_tiny_model(studies: Path, out_root: Path, conf: dict[str, str] | None = None) -> Path:
+    """A published model root (versions/ + current) trained on `studies` by the app's workflows."""
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        from monailabel.datastore.local import LocalDatastore
+
+        from lib.configs.app_conf import AppConf
+        from lib.model_manager import ModelPaths
+        from lib.training import pretrain_backbone_from_datastore, train_segmenter_from_datastore
+    finally:
+        sys.path.remove(str(APP_DIR))
+    conf_values = dict(TINY_CONF, **(conf or {}))
+    conf_values["model_dir"] = str(out_root)
+    conf_values["state_dir"] = str(Path(out_root).parent / f".{Path(out_root).name}-state")
+    app_conf = AppConf.from_conf(conf_values)
+    paths = ModelPaths.from_conf(app_conf, str(studies), str(APP_DIR))
+    ds = LocalDatastore(str(studies), extensions=["*.nii.gz", "*.nii", "*.nrrd", "*.png", "*.jpg"], auto_reload=False)
+    pretrain_backbone_from_datastore(ds, app_conf, paths, epochs=app_conf.backbone_epochs, batch_size=8, device="cpu")
+    train_segmenter_from_datastore(ds, app_conf, paths, epochs=app_conf.epochs, batch_size=app_conf.batch_size,
+                                   lr=app_conf.lr, device="cpu")
+    return Path(out_root)
+
+
+def _get_json(url: str, timeout: float = 5.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
+        return json.loads(r.read())
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition") -> Any:
+    end = time.time() + timeout
+    last_exc: Exception | None = None
+    while time.time() < end:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+def wait_model_ready(url: str, timeout: float = 300.0) -> dict:
+    """Poll /info until the app reports its model ready; fail fast if the build failed."""
+
+    def ready():
+        info = _get_json(f"{url}/info/")
+        model = info.get("fasttextdiff", {}).get("model", {})
+        if model.get("state") == "failed":
+            raise AssertionError(f"default model build failed: {model}")
+        return info if model.get("state") == "ready" else None
+
+    return wait_for(ready, timeout, 1.0, "the model to be ready")
+
+
+def _server_env(studies: Path, conf: dict[str, str], port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "MONAI_LABEL_APP_DIR": str(APP_DIR),
+        "MONAI_LABEL_STUDIES": str(studies),
+        "MONAI_LABEL_APP_CONF": json.dumps(conf),
+        "MONAI_LABEL_SERVER_PORT": str(port),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(APP_DIR), str(REPO / "lib"), env.get("PYTHONPATH", "")) if p),
+    })
+    return env
+
+
+@dataclass
+class InProcessServer:
+    """The real MONAI Label FastAPI app in this process, on uvicorn in a thread (127.0.0.1)."""
+
+    studies: Path
+    conf: dict[str, str]
+    port: int = field(default_factory=free_port)
+    _server: Any = None
+    _thread: threading.Thread | None = None
+    _saved_env: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> "InProcessServer":
+        import uvicorn
+        from monailabel.config import settings
+        from monailabel.interfaces.utils.app import clear_cache
+
+        env = _server_env(self.studies, self.conf, self.port)
+        for key in ("MONAI_LABEL_APP_DIR", "MONAI_LABEL_STUDIES", "MONAI_LABEL_APP_CONF", "MONAI_LABEL_SERVER_PORT",
+                    "PYTHONPATH"):
+            self._saved_env[key] = os.environ.get(key)
+            os.environ[key] = env[key]
+        settings.MONAI_LABEL_APP_DIR = str(APP_DIR)
+        settings.MONAI_LABEL_STUDIES = str(self.studies)
+        settings.MONAI_LABEL_APP_CONF = dict(self.conf)
+        settings.MONAI_LABEL_SERVER_PORT = self.port
+        clear_cache()
+        import monailabel.app
+
+        config = uvicorn.Config(monailabel.app.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="uvicorn-test", daemon=True)
+        self._thread.start()
+        wait_for(lambda: _get_json(f"{self.url}/info/"), timeout, 0.3, "the in-process server")
+        return self
+
+    @property
+    def app(self):
+        """The FastTextDiffApp instance the server uses."""
+        from monailabel.interfaces.utils.app import app_instance
+
+        return app_instance()
+
+    def client(self):
+        """MONAI Label's client with its own result folder: it saves results under the server's
+        file name, and on one machine the server's temp file of the same name is deleted after
+        the response is sent."""
+        from monailabel.client import MONAILabelClient
+
+        return MONAILabelClient(self.url, tmpdir=tempfile.mkdtemp(prefix="mlclient-"))
+
+    def test_client(self):
+        """A FastAPI TestClient on the same app (no lifespan: the uvicorn thread already ran it)."""
+        import monailabel.app
+        from fastapi.testclient import TestClient
+
+        return TestClient(monailabel.app.app, raise_server_exceptions=False)
+
+    def stop(self) -> None:
+        from monailabel.interfaces.utils.app import clear_cache
+
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(30)
+        try:
+            self.app.wait_for_background(30)
+        except Exception:  # noqa: BLE001
+            pass
+        clear_cache()
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass
+class SubprocessServer:
+    """`monailabel start_server --app monailabel_app --studies DIR --host 127.0.0.1 --port P --conf ...`."""
+
+    studies: Path
+    conf: dict[str, str]
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        exe = Path(sys.executable).with_name("monailabel")
+        cmd = [str(exe), "start_server", "--app", str(APP_DIR), "--studies", str(self.studies),
+               "--host", "127.0.0.1", "--port", str(self.port)]
+        for key, value in self.conf.items():
+            cmd += ["--conf", key, str(value)]
+        return cmd
+
+    def start(self, timeout: float = 180.0) -> "SubprocessServer":
+        env = _server_env(self.studies, self.conf, self.port)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=str(REPO), start_new_session=True)
+
+        def up():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_tail()}")
+            return _get_json(f"{self.url}/info/")
+
+        try:
+            wait_for(up, timeout, 0.5, f"monailabel start_server on port {self.port}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except FileNotFoundError:
+            return ""
+
+    def client(self):
+        from monailabel.client import MONAILabelClient
+
+        return MONAILabelClient(self.url, tmpdir=tempfile.mkdtemp(prefix="mlclient-"))
+
+    def stop(self) -> None:
+        """SIGTERM the server's own process group (it and the training subprocesses it started)."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(20)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+# ---------------------------------------------------------------- pytest fixtures (module scope)
+@pytest.fixture(scope="module")
+def tiny_studies(tmp_path_factory) -> Path:
+    return make_tiny_studies(tmp_path_factory.mktemp("studies") / "demo")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_root(tmp_path_factory) -> Path:
+    studies = make_tiny_studies(tmp_path_factory.mktemp("model-studies") / "demo", seed=1)
+    return build_tiny_model(studies, tmp_path_factory.mktemp("model") / "root")
+
+
+@pytest.fixture(scope="module")
+def inprocess_server(tiny_studies, tmp_path_factory) -> Iterator[InProcessServer]:
+    """A real server that builds its default model from `tiny_studies` on start (tiny conf)."""
+    conf = dict(TINY_CONF, state_dir=str(tmp_path_factory.mktemp("state")))
+    server = InProcessServer(tiny_studies, conf).start()
+    try:
+        wait_model_ready(server.url, timeout=300)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def subprocess_server(tmp_path_factory, tiny_model_root) -> Iterator[SubprocessServer]:
+    """`monailabel start_server` on fresh tiny studies, serving `tiny_model_root` via --conf model_dir."""
+    studies = make_tiny_studies(tmp_path_factory.mktemp("sub-studies") / "demo", seed=2)
+    conf = dict(TINY_CONF, model_dir=str(tiny_model_root), prepare_default_model="false",
+                state_dir=str(tmp_path_factory.mktemp("sub-state")))
+    server = SubprocessServer(studies, conf, tmp_path_factory.mktemp("logs") / "server.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def copy_studies(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst

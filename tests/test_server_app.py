@@ -1,0 +1,221 @@
+"""The FastTextDiff MONAI Label app on the real server (in-process uvicorn), through MONAI Label's client.
+
+One server per module: it builds its default model from tiny demo studies on start, then every
+test talks to it over HTTP with `monailabel.client.MONAILabelClient` (or raw HTTP where the client
+has no call, e.g. scoring and batch infer).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server_fixtures import inprocess_server, tiny_studies  # noqa: F401 - pytest fixtures
+
+pytestmark = pytest.mark.server
+
+MODEL = "fasttextdiff"
+
+
+def _http(server, method: str, path: str, body=None):
+    from monailabel.client.client import MONAILabelUtils
+
+    status, response, _, _ = MONAILabelUtils.http_method(method, server.url, path, body)
+    text = response.decode() if isinstance(response, bytes) else response
+    return status, (json.loads(text) if text and text[0] in "[{" else text)
+
+
+def _read(path):
+    from fasttextdiff.data.io import read_image
+
+    return read_image(path)
+
+
+@pytest.fixture(scope="module")
+def case_png(tmp_path_factory):
+    """A text-necessary synthetic image: several lesions, the report names the labeled ones."""
+    from fasttextdiff.data.io import Image, write_image
+    from fasttextdiff.data.synthetic import render_case_details, report_for_regions
+
+    rng = np.random.default_rng(11)
+    case = render_case_details(rng, 32, "text-necessary")
+    while len(case.lesion_regions) < 3:
+        case = render_case_details(rng, 32, "text-necessary")
+    out = tmp_path_factory.mktemp("upload")
+    like = Image(case.image, (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0), False)
+    path = write_image(out / "upload_case.png", case.image, like)
+    label = write_image(out / "upload_case_label.png", case.mask, like)
+    other = report_for_regions([r for r in case.lesion_regions if r not in case.labeled_regions])
+    return {"path": path, "label": label, "report": case.report, "other_report": other}
+
+
+def test_info_lists_tasks_and_text_option(inprocess_server):
+    info = inprocess_server.client().info()
+    assert info["models"][MODEL]["config"]["text"] == ""
+    assert set(info["trainers"]) == {MODEL, "backbone"}
+    assert {"random", "first", "uncertainty"} <= set(info["strategies"])
+    assert "fasttextdiff_uncertainty" in info["scoring"]
+    assert info["fasttextdiff"]["model"]["state"] == "ready"
+    assert info["fasttextdiff"]["conf"]["image_size"] == 32
+
+
+def test_upload_with_report_then_infer_with_stored_and_explicit_text(inprocess_server, case_png):
+    client = inprocess_server.client()
+    res = client.upload_image(str(case_png["path"]), "upload_case", {"text": case_png["report"]})
+    assert res["image"] == "upload_case"
+    status, info = _http(inprocess_server, "GET", "/datastore/image/info?image=upload_case")
+    assert status == 200 and info["text"] == case_png["report"]
+
+    stored_file, stored = client.infer(MODEL, "upload_case", {})
+    assert stored["text_source"] == "datastore" and stored["text_chars"] == len(case_png["report"])
+    assert stored["label_names"] == {"lesion": 1}
+    assert 0 <= stored["uncertainty"]["mean"] and "lesion" in stored["uncertainty"]["per_label"]
+    mask_stored = _read(stored_file)
+    assert mask_stored.array.shape == (32, 32) and mask_stored.array.dtype == np.uint8
+
+    other_file, other = client.infer(MODEL, "upload_case", {"text": case_png["other_report"]})
+    assert other["text_source"] == "request"
+    assert not np.array_equal(mask_stored.array, _read(other_file).array), "different reports gave the same mask"
+
+    # the uncertainty map is kept as label tag `uncertainty` and downloadable
+    unc_path = client.download_label("upload_case", "uncertainty")
+    unc = _read(unc_path)
+    assert unc.array.shape == (32, 32) and unc.array.dtype == np.float32 and np.isfinite(unc.array).all()
+    # ... or returned instead of the mask
+    unc_file, unc_json = client.infer(MODEL, "upload_case", {"result": "uncertainty"})
+    assert unc_json["result"] == "uncertainty" and _read(unc_file).array.dtype == np.float32
+
+
+def test_report_text_set_later_with_put_info(inprocess_server):
+    status, _ = _http(inprocess_server, "GET", "/datastore/image/info?image=cxr_005")
+    assert status == 200
+    from monailabel.client.client import MONAILabelUtils
+
+    text = "Unilateral pulmonary infection, one infected area, lower left lung."
+    status, _, _, _ = MONAILabelUtils.http_multipart(
+        "PUT", inprocess_server.url, "/datastore/image/info?image=cxr_005", {"info": json.dumps({"text": text})}, {})
+    assert status == 200
+    _, info = _http(inprocess_server, "GET", "/datastore/image/info?image=cxr_005")
+    assert info["text"] == text
+    _, result = inprocess_server.client().infer(MODEL, "cxr_005", {})
+    assert result["text_source"] == "datastore" and result["text_chars"] == len(text)
+
+
+def test_volume_label_keeps_geometry(inprocess_server, tmp_path):
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(3)
+    vol = sitk.GetImageFromArray(rng.normal(0, 100, (7, 40, 36)).astype(np.int16))
+    vol.SetSpacing((0.7, 0.9, 3.0))
+    vol.SetOrigin((-10.0, 5.0, 2.5))
+    vol.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, -1))
+    path = tmp_path / "vol_geo.nii.gz"
+    sitk.WriteImage(vol, str(path))
+    client = inprocess_server.client()
+    client.upload_image(str(path), "vol_geo", {"text": "Bilateral pulmonary infection, two infected areas."})
+    out, result = client.infer(MODEL, "vol_geo", {})
+    assert result["is_volume"] and result["shape"] == [7, 40, 36]
+    label = sitk.ReadImage(out)
+    assert label.GetSize() == vol.GetSize()
+    assert np.allclose(label.GetSpacing(), vol.GetSpacing()) and np.allclose(label.GetOrigin(), vol.GetOrigin())
+    assert np.allclose(label.GetDirection(), vol.GetDirection())
+    assert sitk.GetArrayFromImage(label).dtype == np.uint8
+
+
+def test_save_label_and_train_synchronously_publishes_new_model(inprocess_server, case_png):
+    client = inprocess_server.client()
+    before = client.info()["fasttextdiff"]["model_identity"]
+    res = client.save_label("upload_case", str(case_png["label"]), tag="final")
+    assert res["image"] == "upload_case"
+    assert "upload_case" in client.datastore()["objects"] and \
+        "final" in client.datastore()["objects"]["upload_case"]["labels"]
+
+    status, stats = _http(inprocess_server, "POST", f"/train/{MODEL}?run_sync=true", {"max_epochs": 1})
+    assert status == 200, stats
+    assert stats["status"] == "DONE" and stats["result"]["published"]
+    assert stats["result"]["samples"] >= 4  # 3 demo labels + this one (+ labeled volume slices)
+    info = client.info()
+    assert info["fasttextdiff"]["model_identity"] != before
+    assert info["train_stats"][MODEL]["status"] == "DONE"
+    # the new model serves at once
+    _, result = client.infer(MODEL, "upload_case", {})
+    assert result["model"] == info["fasttextdiff"]["model_identity"]
+
+
+def test_scoring_is_per_unlabeled_image_with_text_and_incremental(inprocess_server):
+    app = inprocess_server.app
+    app.wait_for_background(120)  # MONAI Label's automatic scoring after train may be running
+    status, res = _http(inprocess_server, "POST", "/scoring/fasttextdiff_uncertainty?run_sync=true", {})
+    assert status == 200, res
+    identity = inprocess_server.client().info()["fasttextdiff"]["model_identity"]
+    objects = inprocess_server.client().datastore()["objects"]
+    unlabeled = [k for k, v in objects.items() if "final" not in v["labels"]]
+    assert unlabeled
+    for image_id in unlabeled:
+        entry = objects[image_id]["image"]["info"].get("fasttextdiff_uncertainty")
+        assert entry and entry["model"] == identity and entry["score"] >= 0, image_id
+    status, again = _http(inprocess_server, "POST", "/scoring/fasttextdiff_uncertainty?run_sync=true", {})
+    assert status == 200 and again["scored"] == 0 and again["skipped"] == len(unlabeled)
+
+
+def test_next_sample_uncertainty_returns_unlabeled_image_with_report(inprocess_server):
+    client = inprocess_server.client()
+    sample = client.next_sample("uncertainty", {})
+    objects = client.datastore()["objects"]
+    assert sample["id"] in objects and "final" not in objects[sample["id"]]["labels"]
+    assert "text" in sample and sample.get("score_current") is True
+    scores = {k: v["image"]["info"]["fasttextdiff_uncertainty"]["score"] for k, v in objects.items()
+              if "final" not in v["labels"] and "fasttextdiff_uncertainty" in v["image"]["info"]}
+    assert sample["uncertainty"] == pytest.approx(max(scores.values()))
+    for strategy in ("random", "first"):
+        assert client.next_sample(strategy, {})["id"] in scores
+
+
+def test_batch_infer_saves_original_labels(inprocess_server):
+    status, res = _http(inprocess_server, "POST", f"/batch/infer/{MODEL}?images=unlabeled&run_sync=true",
+                        {"device": "cpu", "label_tag": "original", "max_workers": 1})
+    assert status == 200, res
+    objects = inprocess_server.client().datastore()["objects"]
+    unlabeled = [k for k, v in objects.items() if "final" not in v["labels"]]
+    assert set(res) == set(unlabeled)
+    for image_id in unlabeled:
+        assert "original" in objects[image_id]["labels"], image_id
+
+
+def test_info_answers_quickly_during_a_volume_infer(inprocess_server, tmp_path):
+    """MONAI Label's /infer blocks the event loop; the app moves it to a worker thread."""
+    import SimpleITK as sitk
+
+    vol = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 100, (48, 96, 96)).astype(np.int16))
+    path = tmp_path / "slow_vol.nii.gz"
+    sitk.WriteImage(vol, str(path))
+    client = inprocess_server.client()
+    client.upload_image(str(path), "slow_vol", {"text": "Bilateral pulmonary infection."})
+    done: dict = {}
+
+    def run():
+        t0 = time.perf_counter()
+        done["result"] = client.infer(MODEL, "slow_vol", {"n_noise": 8})
+        done["seconds"] = time.perf_counter() - t0
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    waits = []
+    time.sleep(0.2)
+    while thread.is_alive():
+        t0 = time.perf_counter()
+        status, _ = _http(inprocess_server, "GET", "/info/")
+        waits.append(time.perf_counter() - t0)
+        assert status == 200
+        time.sleep(0.05)
+    thread.join()
+    assert "result" in done
+    print(f"\n/info during a {done['seconds']:.2f}s volume infer: n={len(waits)} "
+          f"max={max(waits or [0]):.3f}s median={float(np.median(waits or [0])):.3f}s")
+    assert len(waits) >= 2, "the infer finished too fast to measure"
+    assert max(waits) < max(0.5 * done["seconds"], 0.5)
