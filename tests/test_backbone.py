@@ -338,6 +338,18 @@ def test_from_diffusers_reads_a_pipeline_and_its_schedule(tmp_path):
     assert model.schedule_timesteps == [5, 15, 25]
 
 
+def test_from_diffusers_refuses_unets_that_do_not_take_ddpm_timesteps(tmp_path):
+    common = dict(sample_size=SIZE, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                  norm_num_groups=8, layers_per_block=1)
+    UNet2DModel(time_embedding_type="fourier", **common).save_pretrained(tmp_path / "sde")
+    with pytest.raises(ValueError, match="fourier"):
+        DiffusionBackbone.from_diffusers(tmp_path / "sde")
+    UNet2DModel(num_class_embeds=4, **common).save_pretrained(tmp_path / "classes")
+    with pytest.raises(ValueError, match="class-conditional"):
+        DiffusionBackbone.from_diffusers(tmp_path / "classes")
+
+
 def test_from_diffusers_refuses_missing_and_pickled_checkpoints(tmp_path):
     with pytest.raises(ModelNotFoundError):
         DiffusionBackbone.from_diffusers(tmp_path / "nowhere")

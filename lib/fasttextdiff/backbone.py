@@ -292,6 +292,11 @@ class DiffusionBackbone(nn.Module):
             )
         if getattr(ucfg, "num_class_embeds", None) or getattr(ucfg, "class_embed_type", None):
             raise ValueError("class-conditional U-Nets are not supported as backbones (they need class labels)")
+        if getattr(ucfg, "time_embedding_type", "positional") == "fourier":
+            raise ValueError(
+                "this U-Net embeds continuous noise levels (score-SDE, 'fourier'), not DDPM timesteps; "
+                "use a DDPM-style UNet2DModel"
+            )
 
     def _up_block_geometry(self) -> tuple[list[int], list[int]]:
         """Output channels and spatial size of every up-block, read from the modules, not by running them.
