@@ -52,6 +52,7 @@ from ReportSegmentLib import settings as keys
 #: Node reference roles (saved with the scene) from a volume to its result nodes.
 SEGMENTATION_REFERENCE = "FastTextDiff.Segmentation"
 UNCERTAINTY_REFERENCE = "FastTextDiff.Uncertainty"
+LABEL_COLORS_REFERENCE = "FastTextDiff.LabelColors"
 #: Attribute on the segmentation node: JSON {label name: value} of the server's result.
 LABELS_ATTRIBUTE = "FastTextDiff.Labels"
 #: Colour maps tried, in order, for the uncertainty overlay.
@@ -250,8 +251,7 @@ class ReportSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._commitReport()
             strategy = str(qt.QSettings().value(keys.STRATEGY_KEY, keys.DEFAULT_STRATEGY))
             volume, sample = self.logic.loadNextSample(strategy)
-            self.ui.volumeSelector.setCurrentNode(volume)
-            self.onVolumeChanged(volume)
+            self.ui.volumeSelector.setCurrentNode(volume)  # -> onVolumeChanged fills in the report
             self._status(f"Next sample ({strategy}): {sample.image_id} \u2014 {summarize_report(sample.report)}")
 
         self._run("Next sample", nextSample)
@@ -403,7 +403,10 @@ class ReportSegmentLogic(ScriptedLoadableModuleLogic):
                 values = self._labelValues(labelNode)
                 labels = {f"label {value}": value for value in values}
             specs = segments_for_labels(labels)
-            colorNode = self._colorTable(volumeNode.GetName() + " labels", specs)
+            colorNode = self._colorTable(
+                volumeNode.GetName() + " labels", specs, volumeNode.GetNodeReference(LABEL_COLORS_REFERENCE)
+            )
+            volumeNode.SetNodeReferenceID(LABEL_COLORS_REFERENCE, colorNode.GetID())
             labelNode.GetDisplayNode().SetAndObserveColorNodeID(colorNode.GetID())
 
             segmentation = self.segmentationForVolume(volumeNode)
@@ -460,14 +463,18 @@ class ReportSegmentLogic(ScriptedLoadableModuleLogic):
     def loadNextSample(self, strategy=keys.DEFAULT_STRATEGY):
         """Ask the server for the next image, load it and fill in its report. Returns
         ``(volumeNode, sample)``."""
-        sample = self.requireClient().next_sample(strategy, out_dir=tempfile.mkdtemp(dir=self.tmpdir))
+        # downloads stay on disk (outside the logic's temporary folder): the volume node's storage
+        # node points at the file, and the scene may be saved later
+        downloads = os.path.join(slicer.app.temporaryPath, "ReportSegment", "samples")
+        sample = self.requireClient().next_sample(strategy, out_dir=tempfile.mkdtemp(dir=_makedirs(downloads)))
         volume = slicer.util.loadVolume(sample.image_path, {"name": sample.image_id})
         if volume is None:
             raise ReportSegmentError(f"Slicer could not read the image {sample.image_id} sent by the server.")
         volume.SetAttribute(IMAGE_ID_ATTRIBUTE, sample.image_id)
         volume.SetAttribute(REPORT_ATTRIBUTE, normalize_report(sample.report))
+        if hasattr(volume, "StorableModified"):
+            volume.StorableModified()  # offered in "Save data" like any new data
         slicer.util.setSliceViewerLayers(background=volume, foreground=None, fit=True)
-        shutil.rmtree(os.path.dirname(sample.image_path), ignore_errors=True)
         return volume, sample
 
     # ---------------------------------------------------------------- submit
@@ -496,6 +503,7 @@ class ReportSegmentLogic(ScriptedLoadableModuleLogic):
                 )
             except TypeError:  # older Slicer: values 1..N in list order
                 ok = logic.ExportSegmentsToLabelmapNode(segmentationNode, segmentIds, labelmap, volumeNode)
+                specs = [spec._replace(value=index + 1) for index, spec in enumerate(specs)]
             if not ok:
                 raise ReportSegmentError("Slicer could not export the segments to a labelmap.")
             self._writeNode(labelmap, path)
@@ -534,15 +542,18 @@ class ReportSegmentLogic(ScriptedLoadableModuleLogic):
     def _writeNode(node, path):
         """Write a node to a file without changing where the scene saves it."""
         writer = getattr(slicer.util, "exportNode", None)
-        ok = writer(node, path) if writer is not None else slicer.util.saveNode(node, path)
+        # a fresh properties dict each call: slicer.util's default one is shared between calls
+        ok = writer(node, path, {}) if writer is not None else slicer.util.saveNode(node, path, {})
         if not ok or not os.path.isfile(path):
             raise ReportSegmentError(f"Slicer could not write {node.GetName()} to {os.path.basename(path)}.")
 
     @staticmethod
-    def _colorTable(name, specs):
-        colorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
-        colorNode.SetTypeToUser()
-        colorNode.SetHideFromEditors(True)
+    def _colorTable(name, specs, colorNode=None):
+        """A colour table naming and colouring each label value (reused when given)."""
+        if colorNode is None:
+            colorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
+            colorNode.SetTypeToUser()
+            colorNode.SetHideFromEditors(True)
         count = max([spec.value for spec in specs] + [0]) + 1
         colorNode.SetNumberOfColors(count)
         colorNode.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
@@ -563,6 +574,11 @@ class ReportSegmentLogic(ScriptedLoadableModuleLogic):
         accumulate.Update()
         counts = accumulate.GetOutput().GetPointData().GetScalars()
         return [int(low) + i for i in range(counts.GetNumberOfTuples()) if counts.GetTuple1(i) > 0 and int(low) + i != 0]
+
+
+def _makedirs(path):
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 #
