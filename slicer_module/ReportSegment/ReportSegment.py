@@ -204,6 +204,9 @@ class ReportSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.serverUrlLineEdit.text = self.logic.client.url
             self.ui.serverInfoLabel.text = describe_server(info)
             self._status(f"Connected to {self.logic.client.url}.")
+            if self.logic.client.is_training():  # started earlier or by someone else: follow it
+                self.ui.trainProgressBar.setVisible(True)
+                self._trainTimer.start()
 
         self._run("Connect", connect)
 
