@@ -66,7 +66,7 @@ def backbone() -> DiffusionBackbone:
         # two levels: up-block 0 upsamples 16 -> 32, the last up-block has no upsampler (stays at 32)
         (dict(), [16 * 2, 8 * 2], [32, 32]),
         # three levels with attention, three timesteps, blocks 0 and 2 only
-        (dict(block_out_channels=(8, 16, 16), attention=True, timesteps=(10, 50, 900), feature_blocks=(2, 0)),
+        (dict(block_out_channels=(8, 16, 16), attention=True, timesteps=(10, 50, 900), feature_blocks=(2, 0, 2)),
          [16 * 3, 8 * 3], [16, 32]),
         # RGB input, two layers per block
         (dict(in_channels=3, layers_per_block=2, timesteps=(100,)), [16, 8], [32, 32]),

@@ -266,12 +266,11 @@ class DiffusionBackbone(nn.Module):
             num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule
         )
         n_up = len(self.unet.up_blocks)
-        self.feature_block_ids: list[int] = list(config.feature_blocks) if config.feature_blocks else list(range(n_up))
+        # Coarse -> fine is the up-blocks' own order (their resolutions never decrease).
+        self.feature_block_ids: list[int] = sorted(set(config.feature_blocks)) if config.feature_blocks else list(range(n_up))
         bad = [b for b in self.feature_block_ids if not 0 <= b < n_up]
         if bad:
             raise ValueError(f"feature blocks {bad} do not exist; this U-Net has {n_up} up-blocks")
-        # Coarse -> fine is the up-blocks' own order (their resolutions never decrease).
-        self.feature_block_ids.sort()
         channels, sizes = self._up_block_geometry()
         n_t = len(config.timesteps)
         self.feature_channels: list[int] = [channels[b] * n_t for b in self.feature_block_ids]
