@@ -436,6 +436,11 @@ def test_pretraining_rejects_images_of_the_wrong_shape(tmp_path):
     with pytest.raises(ValueError, match=r"scaled to \[-1, 1\]"):  # raw 0..255 pixels
         pretrain_backbone(images(2) * 127.5 + 127.5, tiny_config(), tmp_path / "bb", progress=False)
     assert not (tmp_path / "bb").exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="notes.txt"):  # refused before training, not after
+        pretrain_backbone(images(2), tiny_config(), tmp_path / "busy", progress=False)
+    assert not (tmp_path / "busy" / "checkpoint").exists()
 
 
 def test_a_corrupt_training_checkpoint_is_reported_not_used(tmp_path):

@@ -45,6 +45,7 @@ CHECKSUMS_NAME = "checksums.json"  # sha256 of the weights: catches corruption t
 CHECKPOINT_DIR = "checkpoint"
 _STATE_WEIGHTS = "state.safetensors"
 _STATE_JSON = "state.json"
+_BACKBONE_ENTRIES = {BACKBONE_CONFIG_NAME, UNET_CONFIG_NAME, UNET_WEIGHTS_NAME, CHECKSUMS_NAME, CHECKPOINT_DIR}
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,9 +416,7 @@ class DiffusionBackbone(nn.Module):
         in it; a directory holding anything else is refused with ValueError.
         """
         target = Path(directory)
-        _check_replaceable(
-            target, {BACKBONE_CONFIG_NAME, UNET_CONFIG_NAME, UNET_WEIGHTS_NAME, CHECKSUMS_NAME, CHECKPOINT_DIR}
-        )
+        _check_replaceable(target, _BACKBONE_ENTRIES)
         staging = _staging_dir(target)
         try:
             self.unet.save_pretrained(staging, safe_serialization=True)
@@ -719,6 +718,7 @@ def pretrain_backbone(
         torch.cuda.set_device(device)  # NCCL collectives (all_gather_object) use the current device
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / CHECKPOINT_DIR
+    _check_replaceable(out_dir, _BACKBONE_ENTRIES)  # fail now, not after hours of training
 
     data = _ImageOnly(_as_image_source(images), config)
     n_images = len(data)
