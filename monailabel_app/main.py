@@ -110,11 +110,15 @@ class FastTextDiffApp(MONAILabelApp):
 
     # ------------------------------------------------------------------ requests
     def infer(self, request, datastore=None):
+        from lib.routes import REQUEST_ORIGIN
+
         model = request.get("model")
         if model not in self._infers:
             raise bad_request(404, f"unknown model {str(model)[:40]!r}; available: {sorted(self._infers)}")
         image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image):
+        origin = REQUEST_ORIGIN.get()
+        # over HTTP, `image` is a datastore id (a server path only for this request's own upload)
+        if isinstance(image, str) and (origin == "http" or not os.path.exists(image)):
             check_image_id(image)
             ds = datastore if datastore else self.datastore()
             if not ds.get_image_uri(image):

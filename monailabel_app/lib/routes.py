@@ -16,6 +16,7 @@ request handling is MONAI Label's code, unchanged.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import json
@@ -29,6 +30,11 @@ from starlette.concurrency import run_in_threadpool
 logger = logging.getLogger(__name__)
 
 _MARK = "_fasttextdiff_hardened"
+
+# set while an HTTP request is handled: "http", or "http-upload" when it carries an image file.
+# MONAI Label reads an `image` that is an existing server path directly; over HTTP the app allows
+# that only for the file MONAI Label itself saved from this request's upload.
+REQUEST_ORIGIN: contextvars.ContextVar[str | None] = contextvars.ContextVar("fasttextdiff_origin", default=None)
 
 
 def translate(exc: BaseException) -> HTTPException | None:
@@ -78,6 +84,7 @@ def _wrap(endpoint: Callable, in_thread: Callable | None = None) -> Callable:
 
     @functools.wraps(endpoint)
     async def wrapper(**kwargs: Any) -> Any:
+        token = REQUEST_ORIGIN.set("http-upload" if kwargs.get("file") else "http")
         try:
             if in_thread is not None:
                 kwargs.pop("user", None)
@@ -90,9 +97,83 @@ def _wrap(endpoint: Callable, in_thread: Callable | None = None) -> Callable:
             if http is not exc:
                 logger.info("request refused (%s): %s", http.status_code, http.detail)
             raise http from exc
+        finally:
+            REQUEST_ORIGIN.reset(token)
 
     setattr(wrapper, _MARK, True)
     return wrapper
+
+
+_FORM_ROUTES = ("/infer/{model}", "/datastore/image", "/datastore/image/info", "/datastore/label",
+                "/datastore/label/info", "/datastore/")
+
+
+def non_utf8_form_field(content_type: bytes, body: bytes) -> str | None:
+    """The reason a multipart body is refused (a form field that is not UTF-8), or None.
+
+    Starlette decodes an undecodable form field as Latin-1 and carries on, so a report sent in a
+    wrong encoding would be stored as mojibake; so the raw field bytes are checked first.
+    """
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    ctype, options = parse_options_header(content_type)
+    if ctype != b"multipart/form-data" or b"boundary" not in options:
+        return None
+    fields: list[list] = []
+    state: dict[str, Any] = {"header": b"", "is_file": False, "field": None}
+
+    def on_part_begin():
+        state.update(is_file=False, field=[b"", []])
+
+    def on_header_field(data, start, end):
+        state["header"] = data[start:end].lower()
+
+    def on_header_value(data, start, end):
+        if state["header"] == b"content-disposition":
+            state["field"][0] = data[start:end]
+            state["is_file"] = b"filename=" in data[start:end]
+
+    def on_part_data(data, start, end):
+        if not state["is_file"]:
+            state["field"][1].append(data[start:end])
+
+    def on_part_end():
+        if not state["is_file"]:
+            fields.append(state["field"])
+
+    parser = MultipartParser(options[b"boundary"], {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+        "on_header_value": on_header_value, "on_part_data": on_part_data, "on_part_end": on_part_end})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except Exception:  # noqa: BLE001 - malformed bodies are left to Starlette's own checks
+        return None
+    for disposition, parts in fields:
+        try:
+            b"".join(parts).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            name = disposition.split(b"name=")[-1].split(b";")[0].strip(b'"').decode("latin-1")[:40]
+            return f"form field {name!r} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    return None
+
+
+class _Utf8FormRoute(APIRoute):
+    """An APIRoute whose handler reads the raw body first and refuses non-UTF-8 form fields."""
+
+    def get_route_handler(self) -> Callable:
+        inner = super().get_route_handler()
+
+        async def handler(request):
+            from starlette.responses import JSONResponse
+
+            body = await request.body()  # cached: the form parser reads it again from memory
+            reason = non_utf8_form_field(request.headers.get("content-type", "").encode("latin-1"), body)
+            if reason:
+                return JSONResponse({"detail": reason}, status_code=400)
+            return await inner(request)
+
+        return handler
 
 
 def _walk(router: Any, threaded_infer: bool, seen: set[int]) -> int:
@@ -117,7 +198,8 @@ def _walk(router: Any, threaded_infer: bool, seen: set[int]) -> int:
         in_thread = None
         if threaded_infer and route.endpoint is infer_endpoints.api_run_inference:
             in_thread = infer_endpoints.run_inference
-        fresh = APIRouter()
+        form_route = any(route.path.endswith(p) for p in _FORM_ROUTES) and bool({"PUT", "POST"} & set(route.methods))
+        fresh = APIRouter(route_class=_Utf8FormRoute) if form_route else APIRouter()
         fresh.add_api_route(
             route.path,
             _wrap(route.endpoint, in_thread),
