@@ -13,6 +13,10 @@ import os
 import sys
 from pathlib import Path
 
+import warnings  # noqa: E402
+
+# MONAI's import emits FutureWarnings about torch.jit that users can do nothing about.
+warnings.filterwarnings("ignore", category=FutureWarning)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline unless the user opts in (see README)
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -96,7 +100,7 @@ def cmd_train(args) -> int:
     seg = SegmenterConfig(use_text=not args.no_text, head_channels=args.head_channels,
                           fusion=FusionConfig(dim=args.fusion_dim, heads=args.heads, shared=not args.per_scale))
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, labeled=args.labeled,
-                            seed=args.seed, augment=not args.no_augment)
+                            seed=args.seed, augment=args.augment)
     metrics = train_segmenter(splits["train"], args.out, backbone_dir=args.backbone, text_config=_text_config(args),
                               segmenter_config=seg, train_config=train_cfg, val_samples=splits.get("val"),
                               test_samples=splits.get("test"), device=args.device)
@@ -134,9 +138,9 @@ def cmd_segment(args) -> int:
     from .infer import Segmenter
 
     text = read_report_arg(args.report, args.report_file)
+    segmenter = Segmenter.load(args.model, device=args.device, n_noise=args.n_noise)
     if not text.strip():
         print("warning: empty report: segmenting with the encoder's empty-text embedding", file=sys.stderr)
-    segmenter = Segmenter.load(args.model, device=args.device, n_noise=args.n_noise)
     result = segmenter.segment_file(args.image, text, args.out, args.uncertainty)
     print(json.dumps({"mask": str(args.out), "uncertainty": str(args.uncertainty) if args.uncertainty else None,
                       **result.summary}, indent=2))
@@ -215,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-channels", type=int, default=32)
     p.add_argument("--per-scale", action="store_true", help="one attention block per scale instead of a shared one")
-    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--augment", action="store_true",
+                   help="rot90/flip/rotation augmentation (off by default: flips contradict left/right in reports)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
 

@@ -209,8 +209,13 @@ class TrainConfig(JsonConfig):
     lr: float = 1e-4
     weight_decay: float = 0.0
     dice_weight: float = 1.5  # loss = CE + 1.5 x Dice, as in the paper
-    augment: bool = True
+    # Off by default: flips and 90-degree turns swap left/right and upper/lower, contradicting
+    # reports that name locations (the reference applied them anyway). Turn on for reports
+    # without laterality (e.g. histology). Without augmentation the frozen backbone's features
+    # are computed once and cached, which makes each epoch several times cheaper.
+    augment: bool = False
     rotate_degrees: float = 20.0
+    feature_cache_gb: float = 4.0  # cache backbone features when they fit in this much memory
     labeled: float | None = None  # N images (>= 1) or a fraction (< 1) of the training split
     seed: int = 0
     amp: bool = True  # used only on CUDA

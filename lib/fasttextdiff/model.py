@@ -81,12 +81,20 @@ class FastTextDiffModel(nn.Module):
         self.backbone.eval()  # frozen: no dropout/EMA drift in the feature extractor
         return self
 
-    def forward(self, images: torch.Tensor, text_states: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
-        with torch.no_grad():
-            features = self.backbone.features(images, seed=seed)
-        fused = self.fusion([f.detach() for f in features], text_states, text_mask)
-        return self.head(fused, images.shape[-1])
+    def forward(self, images: torch.Tensor | None, text_states: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, seed: int | None = None,
+                features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """`features` (precomputed by the frozen backbone) replaces `images` when given."""
+        if features is None:
+            with torch.no_grad():
+                features = self.backbone.features(images, seed=seed)
+        return self.forward_features(features, text_states, text_mask)
+
+    def forward_features(self, features: list[torch.Tensor], text_states: torch.Tensor | None = None,
+                         text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """From precomputed backbone features: training on a frozen backbone can cache them."""
+        fused = self.fusion([f.detach().float() for f in features], text_states, text_mask)
+        return self.head(fused, self.image_size)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, text_states: torch.Tensor | None = None,

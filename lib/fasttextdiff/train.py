@@ -24,7 +24,7 @@ import torch.distributed as dist
 from monai.losses import DiceCELoss
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
@@ -52,6 +52,37 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+class FeatureCache(Dataset):
+    """Backbone features of every (un-augmented) training image, computed once.
+
+    The backbone is frozen and its noise draw fixed, so its output for an image never changes:
+    recomputing it every epoch (as the reference does) is most of the training time.
+    """
+
+    def __init__(self, base: SegmentationDataset, model: FastTextDiffModel, device: torch.device,
+                 batch_size: int = 16, progress: bool = False):
+        self.base = base
+        self.features: list[list[torch.Tensor]] = []
+        loader = DataLoader(base, batch_size=batch_size, shuffle=False)
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc="cache features", disable=not progress):
+                feats = model.backbone.features(batch["image"].to(device))
+                for i in range(batch["image"].shape[0]):
+                    self.features.append([f[i].to(torch.float16).cpu() for f in feats])
+
+    @staticmethod
+    def bytes_needed(model: FastTextDiffModel, n: int) -> int:
+        per_image = sum(c * s * s for c, s in zip(model.backbone.feature_channels, model.backbone.feature_sizes))
+        return per_image * n * 2  # float16
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.base[index]
+        return {"features": self.features[index], "label": item["label"], "text": item["text"], "name": item["name"]}
 
 
 class TextTable:
@@ -149,7 +180,11 @@ def train_segmenter(
     labeled = select_labeled(labeled, train_config.labeled, seed=train_config.seed)
 
     backbone = DiffusionBackbone.from_pretrained(backbone_dir)
+    if world > 1 and rank != 0:
+        dist.barrier()  # rank 0 first: it may build or fill shared caches (tiny encoder, text cache)
     encoder = TextEncoder(text_config, device=device, cache_dir=text_cache_dir) if segmenter_config.use_text else None
+    if world > 1 and rank == 0:
+        dist.barrier()
     all_texts = [s.text for s in labeled] + [s.text for s in (val_samples or [])]
     texts = TextTable(encoder, all_texts)
     text_dim = encoder.hidden_size if encoder else 0
@@ -159,6 +194,10 @@ def train_segmenter(
     train_ds = SegmentationDataset(labeled, size=size, channels=channels, num_classes=segmenter_config.num_classes,
                                    augment=train_config.augment, rotate_degrees=train_config.rotate_degrees,
                                    seed=train_config.seed, window=backbone.config.window)
+    cached = not train_config.augment and \
+        FeatureCache.bytes_needed(model, len(train_ds)) <= train_config.feature_cache_gb * 2**30
+    if cached:
+        train_ds = FeatureCache(train_ds, model, device, progress=progress and rank == 0)
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=train_config.seed) if world > 1 else None
     loader = DataLoader(train_ds, batch_size=train_config.batch_size, shuffle=sampler is None, sampler=sampler,
                         generator=generator, num_workers=train_config.num_workers, drop_last=False)
@@ -191,12 +230,17 @@ def train_segmenter(
     for epoch in bar:
         if sampler is not None:
             sampler.set_epoch(epoch)
+        if not cached:
+            train_ds.set_epoch(epoch)  # fresh, reproducible augmentation each epoch
         losses = []
         for batch in loader:
-            images, labels = batch["image"].to(device), batch["label"].to(device)
+            labels = batch["label"].to(device)
             states, mask = texts.batch(batch["text"], device)
             with torch.autocast(device.type, enabled=use_amp):
-                logits = net(images, states, mask)
+                if cached:
+                    logits = net(None, states, mask, features=[f.to(device) for f in batch["features"]])
+                else:
+                    logits = net(batch["image"].to(device), states, mask)
                 loss = loss_fn(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -222,6 +266,7 @@ def train_segmenter(
             break
 
     metrics: dict = {"epochs": len(history), "history": history, "labeled_images": len(labeled),
+                     "feature_cache": cached,
                      "trainable_parameters": n_params, "seconds": round(time.time() - started, 2),
                      "world_size": world}
     if best_state is not None:

@@ -1,0 +1,118 @@
+"""Segmenter training: cached and augmented paths, determinism, resume after an interruption,
+two-process DDP under torchrun, and evaluation figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
+from fasttextdiff.evaluate import evaluate_model
+from fasttextdiff.model import MODEL_CONFIG_FILE, WEIGHTS_FILE
+from fasttextdiff.pipeline import load_lvit
+from fasttextdiff.train import RESUME_DIR_SUFFIX, train_segmenter
+
+SEG = SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2))
+
+
+def _train(data, backbone, out, **train_kwargs):
+    splits = load_lvit(data)
+    cfg = TrainConfig(**{"epochs": 2, "batch_size": 4, "lr": 1e-3, **train_kwargs})
+    return train_segmenter(splits["train"], out, backbone_dir=backbone, text_config=TextConfig(encoder="tiny"),
+                           segmenter_config=SEG, train_config=cfg, val_samples=splits["val"],
+                           test_samples=splits["test"], progress=False)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_training_writes_a_complete_model_dir(tmp_path, tiny_dataset, tiny_backbone, augment):
+    metrics = _train(tiny_dataset, tiny_backbone, tmp_path / "m", augment=augment)
+    assert metrics["feature_cache"] is (not augment)
+    assert metrics["epochs"] == 2 and len(metrics["history"]) == 2
+    assert 0 <= metrics["best_val_dice"] <= 1 and 0 <= metrics["test"]["dice"] <= 1
+    for name in (MODEL_CONFIG_FILE, WEIGHTS_FILE, "backbone", "text_encoder.json"):
+        assert (tmp_path / "m" / name).exists(), name
+    assert not any(p.name.startswith(".m.staging") for p in tmp_path.iterdir())  # staging cleaned up
+    assert not (tmp_path / f"m{RESUME_DIR_SUFFIX}").exists()
+
+
+def test_same_seed_same_weights_and_labeled_subset(tmp_path, tiny_dataset, tiny_backbone):
+    a = _train(tiny_dataset, tiny_backbone, tmp_path / "a", seed=3, labeled=4)
+    _train(tiny_dataset, tiny_backbone, tmp_path / "b", seed=3, labeled=4)
+    assert a["labeled_images"] == 4
+    wa, wb = load_file(str(tmp_path / "a" / WEIGHTS_FILE)), load_file(str(tmp_path / "b" / WEIGHTS_FILE))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_interrupted_training_resumes_and_keeps_old_model(tmp_path, tiny_dataset, tiny_backbone):
+    out = tmp_path / "m"
+    _train(tiny_dataset, tiny_backbone, out, epochs=1)
+    before = (out / WEIGHTS_FILE).read_bytes()
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_second_epoch(record):
+        if record["epoch"] == 2:
+            raise Interrupt
+
+    splits = load_lvit(tiny_dataset)
+    with pytest.raises(Interrupt):
+        train_segmenter(splits["train"], out, backbone_dir=tiny_backbone, text_config=TextConfig(encoder="tiny"),
+                        segmenter_config=SEG, train_config=TrainConfig(epochs=4, batch_size=4), progress=False,
+                        log=stop_after_second_epoch, val_samples=splits["val"])
+    assert (out / WEIGHTS_FILE).read_bytes() == before  # the published model is untouched
+    state = json.loads((tmp_path / f"m{RESUME_DIR_SUFFIX}" / "state.json").read_text())
+    assert state["epoch"] == 1  # the interrupt came before epoch 2 was saved
+
+    seen = []
+    metrics = train_segmenter(splits["train"], out, backbone_dir=tiny_backbone, text_config=TextConfig(encoder="tiny"),
+                              segmenter_config=SEG, train_config=TrainConfig(epochs=4, batch_size=4),
+                              progress=False, log=lambda r: seen.append(r["epoch"]), val_samples=splits["val"])
+    assert seen == [2, 3, 4] and [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
+    assert (out / WEIGHTS_FILE).read_bytes() != before
+
+
+def test_evaluate_reports_per_image_figures(tiny_model, tiny_dataset):
+    result = evaluate_model(tiny_model, load_lvit(tiny_dataset)["test"], progress=False)
+    assert result["n"] == len(result["per_image"]) == 4
+    assert 0 <= result["dice_mean"] <= 1 and result["dice_std"] >= 0
+    assert all(0 <= r["dice"] <= 1 and 0 <= r["iou"] <= r["dice"] + 1e-9 for r in result["per_image"])
+
+
+def test_two_cpu_processes_train_together_with_identical_weights(tmp_path, tiny_dataset, tiny_backbone):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with socket.socket() as sock:  # a free loopback port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port),
+           "-m", "fasttextdiff.cli", "train", "--data", str(tiny_dataset), "--backbone", str(tiny_backbone),
+           "--out", str(tmp_path / "ddp"), "--epochs", "2", "--batch-size", "2", "--fusion-dim", "16",
+           "--heads", "2", "--head-channels", "8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs = [json.loads(chunk) for chunk in _json_objects(proc.stdout)]
+    assert len(outputs) == 2  # one result per rank
+    assert all(o["world_size"] == 2 and o["ddp_weights_identical"] is True for o in outputs)
+    assert (tmp_path / "ddp" / WEIGHTS_FILE).is_file()
+
+
+def _json_objects(text: str) -> list[str]:
+    objects, depth, start = [], 0, None
+    for i, ch in enumerate(text):
+        if ch == "{":
+            depth += 1
+            start = i if depth == 1 else start
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                objects.append(text[start:i + 1])
+    return objects
