@@ -199,3 +199,24 @@ def test_cli_arguments_run(tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
     settings = json.loads((tmp_path / "cli" / "metrics.json").read_text())["settings"]
     assert settings["tokenizer"] == "minilm" and settings["steps"] == 3
+
+
+@pytest.mark.slow
+def test_ddp_under_torchrun_with_gloo(tmp_path):
+    """Two CPU processes (gloo): both train, rank 0 writes one loadable encoder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "lib"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fasttextdiff.text_pretrain", "--corpus", "iu-xray", "--init", "tiny", "--out", str(out),
+           "--steps", "4", "--max-seq-len", "32", "--batch-size", "4", "--hidden", "32", "--layers", "2",
+           "--tokenizer", "minilm", "--max-notes", "150", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4
+    assert metrics["tokens"] == 4 * 4 * 32 * 2  # both ranks' blocks are counted
+    assert TextEncoder(TextConfig(encoder=str(out))).hidden_size == 32
