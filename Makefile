@@ -12,6 +12,8 @@ CONF ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Spinning OpenMP threads slow torch ~10x when cores are shared (see lib/fasttextdiff/__init__.py).
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup test test-fast serve demo demo-studies bench clean
 

@@ -25,8 +25,9 @@ class AblationPlan:
     n_val: int = 16
     n_test: int = 32
     widths: tuple[int, ...] = (16, 32, 64)
-    pretrain_steps: int = 300
-    epochs: int = 30
+    pretrain_steps: int = 150
+    pretrain_batch: int = 8
+    epochs: int = 40
     batch_size: int = 8
     lr: float = 1e-3
     fusion_dim: int = 32
@@ -60,7 +61,7 @@ def _run(plan: AblationPlan, work: Path, seed: int, json_path, device, progress:
     t = time.time()
     backbone_cfg = BackboneConfig(image_size=plan.size, block_out_channels=plan.widths, noise_seed=seed)
     pretrain_backbone_on_files(lvit_image_paths(data), backbone_cfg, work / "backbone", epochs=10_000,
-                               max_steps=plan.pretrain_steps, batch_size=16, seed=seed, device=device,
+                               max_steps=plan.pretrain_steps, batch_size=plan.pretrain_batch, seed=seed, device=device,
                                progress=progress, resume=False)
     timings["pretrain_backbone_s"] = time.time() - t
 
@@ -101,7 +102,7 @@ def run_demo(out: Path, device=None) -> dict:
     splits = load_lvit(data)
     cfg = BackboneConfig(image_size=plan.size, block_out_channels=plan.widths)
     pretrain_backbone_on_files(lvit_image_paths(data), cfg, out / "backbone", epochs=10_000,
-                               max_steps=plan.pretrain_steps, device=device)
+                               max_steps=plan.pretrain_steps, batch_size=plan.pretrain_batch, device=device)
     train_segmenter(splits["train"], out / "model", backbone_dir=out / "backbone", text_config=TextConfig(),
                     segmenter_config=SegmenterConfig(fusion=FusionConfig(dim=plan.fusion_dim)),
                     train_config=TrainConfig(epochs=plan.epochs, lr=plan.lr), val_samples=splits["val"], device=device)

@@ -180,6 +180,10 @@ class SegmenterConfig(JsonConfig):
     labels: tuple[str, ...] = ("lesion",)  # names of the foreground classes
     head_channels: int = 32
     use_text: bool = True  # False = the `no_text` ablation: same network, text branch removed
+    # Fusion and head run at this fraction of the input size (finer feature maps are average-
+    # pooled to it) and the logits are upsampled: at 256 px input that is the reference's finest
+    # scale (128), and it bounds the number of image tokens the attention sees.
+    head_scale: float = 0.5
     fusion: FusionConfig = field(default_factory=FusionConfig)
 
     def __post_init__(self) -> None:
@@ -193,6 +197,8 @@ class SegmenterConfig(JsonConfig):
         if len(self.labels) != self.num_classes - 1:
             raise ValueError(f"{self.num_classes} classes need {self.num_classes - 1} label names, got {list(self.labels)}")
         _positive("head_channels", self.head_channels)
+        if not 0 < self.head_scale <= 1:
+            raise ValueError(f"head_scale must be in (0, 1], got {self.head_scale}")
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()

@@ -90,11 +90,24 @@ class FastTextDiffModel(nn.Module):
                 features = self.backbone.features(images, seed=seed)
         return self.forward_features(features, text_states, text_mask)
 
+    @property
+    def head_size(self) -> int:
+        return max(1, round(self.image_size * self.config.head_scale))
+
+    def pool_features(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Feature maps finer than the head's grid, averaged down to it (fewer tokens to attend)."""
+        size = self.head_size
+        return [F.adaptive_avg_pool2d(f, size) if f.shape[-1] > size else f for f in features]
+
     def forward_features(self, features: list[torch.Tensor], text_states: torch.Tensor | None = None,
                          text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """From precomputed backbone features: training on a frozen backbone can cache them."""
-        fused = self.fusion([f.detach().float() for f in features], text_states, text_mask)
-        return self.head(fused, self.image_size)
+        """From (pooled or raw) backbone features: training on a frozen backbone can cache them."""
+        fused = self.fusion([f.detach().float() for f in self.pool_features(features)], text_states, text_mask)
+        logits = self.head(fused, self.head_size)
+        if logits.shape[-1] != self.image_size:
+            logits = F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear",
+                                   align_corners=False)
+        return logits
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, text_states: torch.Tensor | None = None,

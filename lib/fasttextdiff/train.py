@@ -68,13 +68,14 @@ class FeatureCache(Dataset):
         loader = DataLoader(base, batch_size=batch_size, shuffle=False)
         with torch.inference_mode():
             for batch in tqdm(loader, desc="cache features", disable=not progress):
-                feats = model.backbone.features(batch["image"].to(device))
+                feats = model.pool_features(model.backbone.features(batch["image"].to(device)))
                 for i in range(batch["image"].shape[0]):
                     self.features.append([f[i].to(torch.float16).cpu() for f in feats])
 
     @staticmethod
     def bytes_needed(model: FastTextDiffModel, n: int) -> int:
-        per_image = sum(c * s * s for c, s in zip(model.backbone.feature_channels, model.backbone.feature_sizes))
+        per_image = sum(c * min(s, model.head_size) ** 2
+                        for c, s in zip(model.backbone.feature_channels, model.backbone.feature_sizes))
         return per_image * n * 2  # float16
 
     def __len__(self) -> int:
