@@ -129,6 +129,9 @@ def _server_env(studies: Path, conf: dict[str, str], port: int) -> dict[str, str
         "MONAI_LABEL_SERVER_PORT": str(port),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
+        # MONAI Label's `monailabel` launcher runs `python` from PATH unless told which interpreter
+        "MONAILABEL_PYEXE": sys.executable,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         "PYTHONPATH": os.pathsep.join(p for p in (str(APP_DIR), str(REPO / "lib"), env.get("PYTHONPATH", "")) if p),
     })
     return env

@@ -219,3 +219,15 @@ def test_info_answers_quickly_during_a_volume_infer(inprocess_server, tmp_path):
           f"max={max(waits or [0]):.3f}s median={float(np.median(waits or [0])):.3f}s")
     assert len(waits) >= 2, "the infer finished too fast to measure"
     assert max(waits) < max(0.5 * done["seconds"], 0.5)
+
+
+def test_train_tasks_pickle_for_multi_gpu_spawn(inprocess_server):
+    """torch.multiprocessing.spawn pickles the task: it must carry only plain values."""
+    import pickle
+
+    for name in (MODEL, "backbone"):
+        task = inprocess_server.app._trainers[name]
+        clone = pickle.loads(pickle.dumps(task))
+        assert type(clone).__name__ == type(task).__name__
+        assert clone.conf == task.conf and clone.paths == task.paths
+        assert clone.config()["multi_gpu"] is True
