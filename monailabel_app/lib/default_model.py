@@ -2,7 +2,8 @@
 
 Runs in a background thread of the server process: backbone pretraining on all images (unless a
 backbone is already published or given), then fusion + head on the labeled images, each published
-atomically. Progress goes to the log and to `/info` (`fasttextdiff.model`); infer requests get
+atomically, within `--conf prepare_budget_s` (a stage out of time stops after its current step or
+epoch and keeps what it learned, so the server is ready in bounded time). Progress goes to the log and to `/info` (`fasttextdiff.model`); infer requests get
 HTTP 503 "model is being prepared" meanwhile. On later starts the published model is reused.
 """
 
@@ -51,6 +52,16 @@ class DefaultModelBuilder:
 
         conf, paths = self.conf, self.manager.paths
         started = time.time()
+        budget = conf.prepare_budget_s
+
+        def stage_deadline(seconds: float | None) -> threading.Event:
+            """An event set after `seconds` (or by shutdown): the stage then stops and keeps its result."""
+            event = threading.Event()
+            if seconds is not None:
+                timer = threading.Timer(max(seconds, 1.0), event.set)
+                timer.daemon = True
+                timer.start()
+            return event
         device = conf.torch_device()
         try:
             images = self.datastore.list_images()
@@ -63,18 +74,26 @@ class DefaultModelBuilder:
             if paths.backbone_dir() is None:
                 self.manager.set_status("preparing", "backbone pretraining: starting", stage="backbone")
                 t0 = time.time()
-                pretrain_backbone_from_datastore(self.datastore, conf, paths, epochs=conf.backbone_epochs,
-                                                 batch_size=max(conf.batch_size, 16), device=device,
-                                                 log=self._progress("backbone pretraining", conf.backbone_epochs),
-                                                 stop_event=self.stop_event)
+                stop = stage_deadline(budget / 2 if budget else None)
+                metrics = pretrain_backbone_from_datastore(
+                    self.datastore, conf, paths, epochs=conf.backbone_epochs, batch_size=max(conf.batch_size, 16),
+                    device=device, log=self._progress("backbone pretraining", conf.backbone_epochs),
+                    stop_event=stop, accept_stopped=True)
                 self.timings["backbone_s"] = round(time.time() - t0, 1)
+                self.timings["backbone_steps"] = metrics.get("steps")
+                if metrics.get("stopped"):
+                    logger.info("default model: backbone pretraining reached its time budget after %s steps",
+                                metrics.get("steps"))
             if self.stop_event.is_set():
                 return
             self.manager.set_status("preparing", "segmenter training: starting", stage="segmenter")
             t0 = time.time()
+            left = budget - (time.time() - started) if budget else None
             metrics = train_segmenter_from_datastore(self.datastore, conf, paths, epochs=conf.epochs,
                                                      batch_size=conf.batch_size, lr=conf.lr, device=device,
-                                                     log=self._progress("segmenter training", conf.epochs))
+                                                     log=self._progress("segmenter training", conf.epochs),
+                                                     stop_event=stage_deadline(left))
+            self.timings["segmenter_epochs"] = metrics.get("epochs")
             self.timings["segmenter_s"] = round(time.time() - t0, 1)
             self.timings["total_s"] = round(time.time() - started, 1)
             self.manager.set_status("ready", f"default model built in {self.timings['total_s']}s "

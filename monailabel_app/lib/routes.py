@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 logger = logging.getLogger(__name__)
 
 _MARK = "_fasttextdiff_hardened"
+_TOKEN = object()  # this import of the module; MONAI Label re-imports `lib` for each app instance
 
 # set while an HTTP request is handled: "http", or "http-upload" when it carries an image file.
 # MONAI Label reads an `image` that is an existing server path directly; over HTTP the app allows
@@ -100,7 +101,7 @@ def _wrap(endpoint: Callable, in_thread: Callable | None = None) -> Callable:
         finally:
             REQUEST_ORIGIN.reset(token)
 
-    setattr(wrapper, _MARK, True)
+    setattr(wrapper, _MARK, _TOKEN)
     return wrapper
 
 
@@ -191,18 +192,22 @@ def _walk(router: Any, threaded_infer: bool, seen: set[int]) -> int:
         if included is not None:
             count += _walk(included, threaded_infer, seen)
             continue
-        if not isinstance(route, APIRoute) or getattr(route.endpoint, _MARK, False):
+        if not isinstance(route, APIRoute):
             continue
-        if "kwargs" in inspect.signature(route.endpoint).parameters:
+        mark = getattr(route.endpoint, _MARK, None)
+        if mark is _TOKEN:
+            continue
+        endpoint = route.endpoint.__wrapped__ if mark is not None else route.endpoint  # re-wrap after a re-import
+        if "kwargs" in inspect.signature(endpoint).parameters:
             continue
         in_thread = None
-        if threaded_infer and route.endpoint is infer_endpoints.api_run_inference:
+        if threaded_infer and endpoint is infer_endpoints.api_run_inference:
             in_thread = infer_endpoints.run_inference
         form_route = any(route.path.endswith(p) for p in _FORM_ROUTES) and bool({"PUT", "POST"} & set(route.methods))
         fresh = APIRouter(route_class=_Utf8FormRoute) if form_route else APIRouter()
         fresh.add_api_route(
             route.path,
-            _wrap(route.endpoint, in_thread),
+            _wrap(endpoint, in_thread),
             methods=sorted(route.methods),
             name=route.name,
             summary=route.summary,

@@ -106,7 +106,7 @@ def backbone_config(conf: AppConf):
 
 def pretrain_backbone_from_datastore(datastore: Any, conf: AppConf, paths: ModelPaths, *, epochs: int,
                                      batch_size: int, device: str, log: Callable[[dict], None] | None = None,
-                                     stop_event: threading.Event | None = None) -> dict:
+                                     stop_event: threading.Event | None = None, accept_stopped: bool = False) -> dict:
     """Pretrain on every image in the datastore and publish to the backbone root."""
     from fasttextdiff.backbone import pretrain_backbone
     from fasttextdiff.checkpoint import publish, staging_dir
@@ -134,8 +134,12 @@ def pretrain_backbone_from_datastore(datastore: Any, conf: AppConf, paths: Model
         metrics = pretrain_backbone(images, config, run_dir, epochs=epochs, batch_size=batch_size, lr=1e-3,
                                     ema_decay=0.99, seed=conf.seed, device=device, progress=False,
                                     log=_throttled(log), stop_event=stop_event)
-    if metrics.get("stopped"):
+    if metrics.get("stopped") and not accept_stopped:
         raise RuntimeError("backbone pretraining was stopped; the published backbone is unchanged")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return metrics  # rank 0 publishes
     staging = staging_dir(Path(paths.backbone_root) / "versions" / "new")
     try:
         for item in run_dir.iterdir():

@@ -58,6 +58,9 @@ class AppConf:
     labels: tuple[str, ...] = ("lesion",)
     # build the default model in a background thread when none is published
     prepare_default_model: bool = True
+    # wall-clock budget of that build in seconds (half for backbone pretraining, the rest for the
+    # segmenter); a stage that runs out stops after its current step/epoch and keeps what it learned
+    prepare_budget_s: float = 480.0
     # run /infer in a worker thread so the server answers other requests meanwhile
     threaded_infer: bool = True
     # save each infer's uncertainty map in the datastore as label tag `uncertainty`
@@ -95,6 +98,8 @@ class AppConf:
         for name in ("image_size", "n_noise", "epochs", "backbone_epochs", "batch_size", "lr",
                      "infer_batch_size", "max_text_bytes", "pretrain_slices_per_volume"):
             positive(name)
+        if self.prepare_budget_s < 0:
+            raise ValueError(f"--conf prepare_budget_s must be >= 0 (0 = no limit), got {self.prepare_budget_s}")
         if not self.timesteps or any(not 0 <= t < 1000 for t in self.timesteps):
             raise ValueError(f"--conf timesteps must be comma-separated steps in 0..999, got {self.timesteps}")
         if not self.backbone_channels or any(c <= 0 for c in self.backbone_channels):
