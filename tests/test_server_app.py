@@ -231,3 +231,12 @@ def test_train_tasks_pickle_for_multi_gpu_spawn(inprocess_server):
         assert type(clone).__name__ == type(task).__name__
         assert clone.conf == task.conf and clone.paths == task.paths
         assert clone.config()["multi_gpu"] is True
+
+
+def test_infer_on_an_uploaded_file_not_in_the_datastore(inprocess_server, case_png):
+    client = inprocess_server.client()
+    before = set(client.datastore()["objects"])
+    out, result = client.infer(MODEL, "", {"text": case_png["report"]}, file=str(case_png["path"]))
+    assert result["text_source"] == "request" and "map" not in result["uncertainty"]
+    assert _read(out).array.shape == (32, 32)
+    assert set(client.datastore()["objects"]) == before  # nothing stored for a one-off file

@@ -85,7 +85,9 @@ def _wrap(endpoint: Callable, in_thread: Callable | None = None) -> Callable:
 
     @functools.wraps(endpoint)
     async def wrapper(**kwargs: Any) -> Any:
-        token = REQUEST_ORIGIN.set("http-upload" if kwargs.get("file") else "http")
+        # an uploaded file, or a MONAI Label session (an image the client uploaded earlier)
+        uploaded = bool(kwargs.get("file") or kwargs.get("session_id"))
+        token = REQUEST_ORIGIN.set("http-upload" if uploaded else "http")
         try:
             if in_thread is not None:
                 kwargs.pop("user", None)

@@ -47,9 +47,9 @@ class AppConf:
     # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     device: str = "auto"
     # fusion + head training epochs (train task `fasttextdiff` and the default model)
-    epochs: int = 25
+    epochs: int = 80
     # backbone denoising pretraining epochs (train task `backbone` and the default model)
-    backbone_epochs: int = 20
+    backbone_epochs: int = 60
     batch_size: int = 8
     lr: float = 1e-3
     # slices per forward pass when segmenting a volume
@@ -68,7 +68,7 @@ class AppConf:
     # longest report accepted, in UTF-8 bytes (longer ones get HTTP 413)
     max_text_bytes: int = 65536
     # at most this many volume slices (spread over the volume) go into backbone pretraining per volume
-    pretrain_slices_per_volume: int = 4
+    pretrain_slices_per_volume: int = 8
     seed: int = 0
 
     # ------------------------------------------------------------------ parsing
