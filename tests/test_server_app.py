@@ -191,7 +191,7 @@ def test_info_answers_quickly_during_a_volume_infer(inprocess_server, tmp_path):
     """MONAI Label's /infer blocks the event loop; the app moves it to a worker thread."""
     import SimpleITK as sitk
 
-    vol = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 100, (48, 96, 96)).astype(np.int16))
+    vol = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 100, (64, 128, 128)).astype(np.int16))
     path = tmp_path / "slow_vol.nii.gz"
     sitk.WriteImage(vol, str(path))
     client = inprocess_server.client()

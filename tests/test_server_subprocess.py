@@ -33,7 +33,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("subprocess")
     studies = make_tiny_studies(root / "studies", seed=3)
     # enough backbone epochs that the build is still running when the server first answers
-    conf = dict(TINY_CONF, backbone_epochs="30", state_dir=str(root / "state"))
+    conf = dict(TINY_CONF, backbone_epochs="100", state_dir=str(root / "state"))
     srv = SubprocessServer(studies, conf, root / "server.log").start()
     srv.state = root / "state"
     yield srv
