@@ -14,6 +14,8 @@ export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Spinning OpenMP threads slow torch ~10x when cores are shared (see lib/fasttextdiff/__init__.py).
 export OMP_WAIT_POLICY := PASSIVE
+# UTF-8 I/O whatever the machine's locale (progress bars and reports are not ASCII).
+export PYTHONUTF8 := 1
 
 .PHONY: setup test test-fast serve demo demo-studies bench clean
 

@@ -110,11 +110,11 @@ def test_bad_input_gives_one_clear_line(case, tmp_path, tiny_model, capsys):
 
 def test_console_script_help_and_error_exit_code(tmp_path):
     exe = Path(sys.executable).with_name("fasttextdiff")
-    help_ = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    help_ = subprocess.run([exe, "--help"], capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert help_.returncode == 0
     for command in ("demo-data", "pretrain-backbone", "train", "evaluate", "segment", "bench", "pretrain-text",
                     "demo-studies"):
         assert command in help_.stdout
     bad = subprocess.run([exe, "segment", tmp_path / "x.png", "--model", tmp_path, "--out", tmp_path / "m.png"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr

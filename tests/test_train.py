@@ -97,7 +97,8 @@ def test_two_cpu_processes_train_together_with_identical_weights(tmp_path, tiny_
            "-m", "fasttextdiff.cli", "train", "--data", str(tiny_dataset), "--backbone", str(tiny_backbone),
            "--out", str(tmp_path / "ddp"), "--epochs", "2", "--batch-size", "2", "--fusion-dim", "16",
            "--heads", "2", "--head-channels", "8"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=300, env=env,
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     outputs = [json.loads(chunk) for chunk in _json_objects(proc.stdout)]
     assert len(outputs) == 2  # one result per rank
