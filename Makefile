@@ -41,8 +41,10 @@ demo: $(STAMP)
 demo-studies: $(STAMP)
 	@test -d $(STUDIES) || $(VENV)/bin/fasttextdiff demo-studies --out $(STUDIES)
 
+# MONAI Label's launcher runs `python` from PATH: point it at the venv's interpreter.
 serve: $(STAMP) demo-studies
-	$(VENV)/bin/monailabel start_server --app monailabel_app --studies $(STUDIES) \
+	PATH="$(abspath $(VENV))/bin:$$PATH" MONAILABEL_PYEXE="$(abspath $(PY))" \
+		$(VENV)/bin/monailabel start_server --app monailabel_app --studies $(STUDIES) \
 		--host $(HOST) --port $(PORT) $(CONF)
 
 bench: $(STAMP)
