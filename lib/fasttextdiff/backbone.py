@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import load_optimizer_state, optimizer_state_tensors
 from .config import BackboneConfig, atomic_write_json
 from .errors import CheckpointError, FastTextDiffError, ModelNotFoundError
 
@@ -579,30 +580,6 @@ def _epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, wo
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, pstate in sd["state"].items():
-        for name, value in pstate.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{name}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    for key, value in meta.get("scalars", {}).items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def _save_checkpoint(
     ckpt_dir: Path,
     unet: UNet2DModel,
@@ -618,7 +595,7 @@ def _save_checkpoint(
     ema_state = ema.state_dict()
     for name, shadow in zip(names, ema_state.pop("shadow_params")):
         tensors[f"ema.{name}"] = shadow.detach().cpu().contiguous()
-    opt_tensors, opt_meta = _optimizer_to_tensors(opt)
+    opt_tensors, opt_meta = optimizer_state_tensors(opt)
     tensors.update(opt_tensors)
     for r, s in enumerate(rng_states):
         tensors[f"rng.{r}"] = s.cpu().contiguous()
@@ -763,7 +740,7 @@ def pretrain_backbone(
             names = [n for n, _ in unet.named_parameters()]
             ema_state = dict(meta["ema"], shadow_params=[tensors[f"ema.{n}"].to(device) for n in names])
             ema.load_state_dict(ema_state)
-            _optimizer_from_tensors(opt, tensors, meta["optimizer"])
+            load_optimizer_state(opt, tensors, meta["optimizer"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"the checkpoint in {ckpt_dir} does not fit this model: {exc}") from exc
         if scaler is not None and meta.get("scaler"):

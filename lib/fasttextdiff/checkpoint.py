@@ -71,3 +71,31 @@ def _prune(versions: Path, keep: int, protect: Path) -> None:
     old = sorted((p for p in versions.iterdir() if p.is_dir() and p != protect), key=lambda p: p.name)
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def optimizer_state_tensors(optimizer) -> tuple[dict, dict]:
+    """An optimizer's state as (tensors for safetensors, JSON-able rest): resumable without pickle."""
+    import torch
+
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, pstate in sd["state"].items():
+        for name, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer, tensors: dict, meta: dict) -> None:
+    """Inverse of `optimizer_state_tensors` (other tensors in the same file are ignored)."""
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for key, value in meta.get("scalars", {}).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import load_optimizer_state, optimizer_state_tensors
 from .config import atomic_write_json
 from .corpora import CORPORA, CorpusError, iter_corpus
 from .errors import CheckpointError, ModelNotFoundError
@@ -265,24 +266,13 @@ def _load_init_model(s: PretrainSettings, out_dir: Path, dist: _Dist, notes_for_
     return model, tokenizer, source
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    state = opt.state_dict()
-    tensors = {f"state.{idx}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-               for idx, st in state["state"].items() for k, v in st.items()}
-    return tensors, {"param_groups": json.dumps(state["param_groups"])}
-
-
 def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
+        meta = json.loads((fh.metadata() or {})["optimizer"])
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    load_optimizer_state(opt, tensors, meta)
 
 
 def masked_perplexity(model, tokenizer, blocks: list[list[int]], mlm_probability: float, seed: int,
@@ -558,8 +548,8 @@ def _save_checkpoint(ckpt: Path, model, opt, dist: _Dist, state: dict) -> None:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                    if k != "decoder.weight"}  # tied to the token embeddings
         save_file(weights, str(tmp / "model.safetensors"))
-        tensors, meta = _optimizer_tensors(opt)
-        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
+        tensors, meta = optimizer_state_tensors(opt)
+        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"optimizer": json.dumps(meta)})
         atomic_write_json(tmp / "trainer_state.json", state)
         old = ckpt.with_name(".checkpoint.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -29,7 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from .backbone import DiffusionBackbone
-from .checkpoint import replace_dir, staging_dir
+from .checkpoint import load_optimizer_state, optimizer_state_tensors, replace_dir, staging_dir
 from .config import SegmenterConfig, TextConfig, TrainConfig, atomic_write_json
 from .data.dataset import SegmentationDataset, select_labeled
 from .data.lvit import Sample
@@ -219,7 +219,8 @@ def train_segmenter(
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     resume_dir = out_dir.with_name(out_dir.name + RESUME_DIR_SUFFIX)
-    start_epoch, best, history, best_state = _resume(resume_dir, model, optimizer, train_config)
+    fingerprint = run_fingerprint(labeled, val_samples, backbone_dir, text_config, segmenter_config, train_config)
+    start_epoch, best, history, best_state = _resume(resume_dir, model, optimizer, train_config, fingerprint)
 
     n_params = sum(p.numel() for p in trainable)
     if rank == 0:
@@ -261,7 +262,7 @@ def train_segmenter(
         if log and rank == 0:
             log(dict(record))
         if rank == 0:
-            _save_resume(resume_dir, model, optimizer, epoch + 1, best, history, best_state)
+            _save_resume(resume_dir, model, optimizer, epoch + 1, best, history, best_state, fingerprint)
         if stop_event is not None and stop_event.is_set():
             log_.info("training stopped on request after epoch %d", epoch + 1)
             break
@@ -306,20 +307,57 @@ def _weights_identical_across_ranks(model: FastTextDiffModel) -> bool:
     return all(torch.equal(gathered[0], g) for g in gathered[1:])
 
 
-def _save_resume(resume_dir: Path, model, optimizer, epoch: int, best: dict, history: list, best_state) -> None:
+def _file_sha256(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_fingerprint(labeled: Sequence[Sample], val_samples: Sequence[Sample] | None, backbone_dir: str | Path,
+                    text_config: TextConfig, segmenter_config: SegmenterConfig, train_config: TrainConfig) -> str:
+    """What a resumable run was started on: the contents (not paths) of every image, mask and
+    report, the backbone, and the settings except the epoch count. A resume state with another
+    fingerprint belongs to a different training set (labels saved or changed since) and is dropped."""
+    import hashlib
+
+    def rows(samples):
+        return sorted([_file_sha256(Path(s.image)), _file_sha256(Path(s.mask) if s.mask else None),
+                       hashlib.sha256(s.text.encode("utf-8")).hexdigest()] for s in samples)
+
+    backbone_dir = Path(backbone_dir)
+    backbone = {name: _file_sha256(backbone_dir / name) for name in ("config.json", "backbone_config.json", "checksums.json")
+                if (backbone_dir / name).is_file()}
+    if "checksums.json" not in backbone:  # weights without a recorded checksum: hash them
+        backbone["weights"] = [_file_sha256(w) for w in sorted(backbone_dir.glob("*.safetensors"))]
+    settings = {k: v for k, v in train_config.to_dict().items() if k != "epochs"}
+    record = {"train": rows(labeled), "val": rows(val_samples or []), "backbone": backbone,
+              "text": text_config.to_dict(), "segmenter": segmenter_config.to_dict(), "settings": settings}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_resume(resume_dir: Path, model, optimizer, epoch: int, best: dict, history: list, best_state,
+                 fingerprint: str | None = None) -> None:
     """Epoch-end state as safetensors + JSON, written to a staging dir and renamed in place."""
     staging = staging_dir(resume_dir)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()},
               str(staging / "model.safetensors"))
     if best_state is not None:
         save_file({k: v.cpu().contiguous() for k, v in best_state.items()}, str(staging / "best.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    opt_tensors, opt_meta = optimizer_state_tensors(optimizer)
     save_file(opt_tensors, str(staging / "optimizer.safetensors"))
-    atomic_write_json(staging / "state.json", {"epoch": epoch, "best": best, "history": history, "optimizer": opt_meta})
+    atomic_write_json(staging / "state.json", {"epoch": epoch, "best": best, "history": history, "optimizer": opt_meta,
+                                               "fingerprint": fingerprint})
     replace_dir(staging, resume_dir)
 
 
-def _resume(resume_dir: Path, model, optimizer, train_config: TrainConfig) -> tuple[int, dict, list, dict | None]:
+def _resume(resume_dir: Path, model, optimizer, train_config: TrainConfig,
+            fingerprint: str | None = None) -> tuple[int, dict, list, dict | None]:
     """(start epoch, best record, history, best weights) from an interrupted run, or a fresh start."""
     fresh = (0, {"dice": -1.0, "epoch": 0}, [], None)
     state_file = resume_dir / "state.json"
@@ -327,8 +365,13 @@ def _resume(resume_dir: Path, model, optimizer, train_config: TrainConfig) -> tu
         return fresh
     try:
         state = json.loads(state_file.read_text())
+        if fingerprint is not None and state.get("fingerprint") != fingerprint:
+            log_.warning("discarding the resume state in %s: the training images, labels, reports, backbone or "
+                         "settings changed since that run; starting over", resume_dir)
+            shutil.rmtree(resume_dir, ignore_errors=True)
+            return fresh
         model.load_state_dict(load_file(str(resume_dir / "model.safetensors")), strict=False)
-        _restore_optimizer(optimizer, load_file(str(resume_dir / "optimizer.safetensors")), state["optimizer"])
+        load_optimizer_state(optimizer, load_file(str(resume_dir / "optimizer.safetensors")), state["optimizer"])
         best_file = resume_dir / "best.safetensors"
         best_state = load_file(str(best_file)) if best_file.is_file() else None
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
@@ -338,24 +381,3 @@ def _resume(resume_dir: Path, model, optimizer, train_config: TrainConfig) -> tu
     epoch = min(int(state["epoch"]), train_config.epochs)
     log_.info("resuming training from epoch %d (%s)", epoch, resume_dir)
     return epoch, state.get("best", fresh[1]), state.get("history", []), best_state
-
-
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
-    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
-    for pid, st in sd["state"].items():
-        meta["state"][str(pid)] = {}
-        for key, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
-                meta["state"][str(pid)][key] = "tensor"
-            else:
-                meta["state"][str(pid)][key] = value
-    return tensors, meta
-
-
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state = {}
-    for pid, st in meta["state"].items():
-        state[int(pid)] = {k: (tensors[f"{pid}.{k}"] if v == "tensor" else v) for k, v in st.items()}
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
