@@ -272,10 +272,7 @@ def _add_optional(sub, name: str, module: str, add_fn: str, run_fn: str, help_: 
     """Subcommands whose implementation lives in its own module (text pretraining, demo studies)."""
     import importlib
 
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return
+    mod = importlib.import_module(module)
     p = sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     getattr(mod, add_fn)(p)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .backbone import DiffusionBackbone, pretrain_backbone
+from .backbone import pretrain_backbone
 from .config import BackboneConfig
 from .data.io import read_image, supported_extensions
 from .data.lvit import Sample, load_split
@@ -101,12 +101,3 @@ def load_lvit(root: str | Path) -> dict[str, list[Sample]]:
                 raise
     return splits
 
-
-def backbone_config_from(args_like: dict) -> BackboneConfig:
-    return BackboneConfig.from_dict({k: v for k, v in args_like.items() if v is not None})
-
-
-__all__ = [
-    "DiffusionBackbone", "find_image_files", "unlabeled_tensor", "lvit_image_paths",
-    "pretrain_backbone_on_files", "load_lvit", "backbone_config_from",
-]
