@@ -352,6 +352,22 @@ def _from_itk(itk_image, array: np.ndarray) -> Image:
     return Image(array=np.ascontiguousarray(array), spacing=spacing, origin=origin, direction=direction, is_volume=is_volume)
 
 
+# deflate cannot compress better than about 1032:1, so a file can hold at most this many voxel
+# bytes per byte of its own size; NIfTI/NRRD/MHA readers allocate the whole array before reading
+MAX_COMPRESSION_RATIO = 1100
+
+
+def _check_plausible_length(path: Path, min_data_bytes: int) -> None:
+    """Refuse a header that describes far more voxels than the file could hold even compressed,
+    before a reader allocates them (a 200-byte file must not make the server allocate 2 GB)."""
+    if _extension(path) in (".nhdr", ".mhd"):
+        return  # detached headers: the voxels live in another file
+    size = path.stat().st_size
+    if min_data_bytes > MAX_COMPRESSION_RATIO * size:
+        raise ImageReadError(f"{path.name} is truncated or corrupt: its header describes {min_data_bytes} bytes of "
+                             f"voxels but the file has only {size} bytes.")
+
+
 def _read_itk(path: Path) -> Image:
     import SimpleITK as sitk
 
@@ -369,6 +385,7 @@ def _read_itk(path: Path) -> Image:
     elif dim > 3:
         raise ImageReadError(f"{path.name} is a {dim}D image of size {size}; only 2D images and 3D volumes can be segmented.")
     _check_size(path, size)
+    _check_plausible_length(path, int(np.prod([int(s) for s in size], dtype=np.int64)) * comps)
     if comps != 1 and not (comps in (3, 4) and (dim == 2 or size[2] == 1)):
         raise ImageReadError(f"{path.name} has {comps} values per voxel (a vector or tensor volume); only scalar volumes can be segmented.")
     if _extension(path) in (".nii", ".nii.gz") and comps == 1:
@@ -391,9 +408,11 @@ def _read_nifti(path: Path, reader, size: tuple[int, ...]) -> Image:
     """
     import nibabel
 
+    from nibabel.filebasedimages import ImageFileError
+
     try:
         data = np.asanyarray(nibabel.load(str(path)).dataobj)
-    except (OSError, EOFError, ValueError, zlib.error) as exc:
+    except (OSError, EOFError, ValueError, zlib.error, ImageFileError) as exc:
         raise ImageReadError(f"{path.name} is truncated or corrupt; its pixel data cannot be read.") from exc
     if data.size != int(np.prod(size)):
         raise ImageReadError(f"{path.name} holds {data.size} voxels but its header describes {int(np.prod(size))}.")
