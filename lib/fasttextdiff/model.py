@@ -144,6 +144,7 @@ class FastTextDiffModel(nn.Module):
             "text_dim": self.text_dim,
             "train": train_config.to_dict() if train_config else None,
             "metrics": metrics or {},
+            "weights_sha256": _sha256_file(model_dir / WEIGHTS_FILE),  # load refuses a corrupt file
         })
         return model_dir
 
@@ -163,11 +164,25 @@ class FastTextDiffModel(nn.Module):
             state = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{weights} is truncated or not a safetensors file ({exc})") from exc
+        expected = record.get("weights_sha256")
+        if expected is not None and _sha256_file(weights) != expected:
+            raise CheckpointError(f"{weights} does not match the checksum recorded in {MODEL_CONFIG_FILE} when it was "
+                                  "saved: the file is corrupt or was modified; restore it or train the model again")
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
             raise CheckpointError(f"{weights} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return model.to(device).eval(), record
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_model_record(model_dir: Path) -> dict:

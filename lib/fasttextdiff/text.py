@@ -502,6 +502,9 @@ class TextEncoder:
             states = st_load(data)["states"]
             if states.ndim != 2 or states.shape[1] != self.hidden_size or states.dtype != torch.float32:
                 raise ValueError(f"unexpected states shape {tuple(states.shape)}")
+            recorded = _safetensors_metadata(data).get("sha256")
+            if recorded != _states_sha256(states):  # bytes changed after writing (bit rot, partial copy)
+                raise ValueError("checksum mismatch" if recorded else "no checksum recorded")
         except Exception as exc:  # header parse failure, truncation, wrong content
             logger.warning("text cache file %s is corrupt (%s); deleting and recomputing", path.name, exc)
             with contextlib.suppress(OSError):
@@ -515,7 +518,9 @@ class TextEncoder:
         path = self._disk_path(key)
         if path is None:
             return
-        data = st_save({"states": states.contiguous()}, metadata={"identity": self.identity, "format": "1"})
+        states = states.contiguous()
+        data = st_save({"states": states}, metadata={"identity": self.identity, "format": "1",
+                                                     "sha256": _states_sha256(states)})
         atomic_write_bytes(path, data)
         with self._cache_lock:
             if self._disk_bytes is None:
@@ -581,6 +586,17 @@ class TextEncoder:
 
 # --------------------------------------------------------------------------------------------
 # plain functions used above
+
+
+def _states_sha256(states: torch.Tensor) -> str:
+    return hashlib.sha256(states.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors blob (its JSON header)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    return header.get("__metadata__") or {}
 
 
 def _special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
