@@ -6,16 +6,31 @@ checked first — safe ids and tags, a readable image, a label of the image's si
 is UTF-8 text within the size limit — and refused with HTTP 4xx otherwise, the datastore unchanged.
 Report text is kept in the image info under `text`, where MONAI Label returns it with
 `/datastore/image/info` and `/activelearning/*`.
+
+Writes are crash- and disk-full-safe, and serialised: the stock datastore copies a new label
+straight over the previous one and rewrites `datastore_v2.json` in place, so a full disk (or a
+kill) mid-write leaves a truncated label or an empty datastore file. Here every file goes to a
+temporary name beside its target and is renamed over it only when complete (os.replace), and a
+failed write answers HTTP 507 with the previous file untouched. One lock per datastore orders the
+writes of the server's threads (threaded /infer saves uncertainty maps and scores while the event
+loop saves labels); the file lock of MONAI Label orders them with other processes.
 """
 
 from __future__ import annotations
 
 import contextvars
+import errno
+import json
 import logging
 import os
+import shutil
+import tempfile
+import threading
+import time
 from typing import Any, Dict
 
-from monailabel.datastore.local import LocalDatastore
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, LocalDatastore
 
 from lib.validation import bad_request, check_image_id, check_label_tag, check_text
 
@@ -32,7 +47,91 @@ class FastTextDiffDatastore(LocalDatastore):
 
     def __init__(self, *args: Any, max_text_bytes: int = 65536, **kwargs: Any):
         self.max_text_bytes = max_text_bytes
+        self._mutex = threading.RLock()
         super().__init__(*args, **kwargs)
+
+    # -------------------------------------------------------------- atomic files
+    @staticmethod
+    def _atomic_copy(src: str, dest: str) -> None:
+        """Copy `src` to `dest` through a hidden temp file in dest's folder; `dest` changes only
+        when the copy is complete and flushed. A failed copy removes the temp file and raises."""
+        folder = os.path.dirname(dest) or "."
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dest)}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+                shutil.copyfileobj(inp, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    @staticmethod
+    def _storage_error(exc: OSError, what: str):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return bad_request(507, f"could not store the {what}: {os.strerror(exc.errno)}; "
+                                    "the previous version is unchanged (free disk space and retry)")
+        return bad_request(500, f"could not store the {what}: {exc.strerror or exc}")
+
+    def _update_datastore_file(self, lock=True):
+        """datastore_v2.json written to a temp file and renamed: never half-written."""
+
+        def write() -> None:
+            self._ignore_event_config = True
+            data = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            path = self._datastore_config_path
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".datastore.", suffix=".partial")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            self._config_ts = os.stat(path).st_mtime
+
+        with self._mutex:
+            if lock:
+                with FileLock(self._lock_file):
+                    write()
+            else:
+                write()
+
+    def _reload_locked(self) -> None:
+        """Re-read datastore_v2.json if another process changed it (caller holds the file lock)."""
+        from monailabel.datastore.local import LocalDatastoreModel
+
+        path = self._datastore_config_path
+        if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
+            with open(path, encoding="utf-8") as fp:
+                self._datastore = LocalDatastoreModel.model_validate_json(fp.read())
+            self._datastore.base_path = self._datastore_path
+            self._config_ts = os.stat(path).st_mtime
+
+    def _init_from_datastore_file(self, throw_exception=False):
+        with self._mutex:
+            return super()._init_from_datastore_file(throw_exception)
+
+    def _reconcile_datastore(self):
+        with self._mutex:
+            return super()._reconcile_datastore()
+
+    def datalist(self, full_path=True):
+        with self._mutex:
+            return super().datalist(full_path)
+
+    def json(self):
+        with self._mutex:
+            return super().json()
 
     # -------------------------------------------------------------- helpers
     def _image_geometry(self, path: str, what: str):
@@ -73,7 +172,26 @@ class FastTextDiffDatastore(LocalDatastore):
             raise bad_request(415, f"unsupported image file type {ext!r}; supported: {list(self._extensions)}")
         info = self._checked_info(image_info)
         self._image_geometry(image_filename, "uploaded image")
-        return super().add_image(image_id, image_filename, info)
+        name = self._filename(image_id, ext)
+        dest = os.path.realpath(os.path.join(self._datastore.image_path(), name))
+        with self._mutex, FileLock(self._lock_file):
+            previous = self._datastore.objects.get(image_id)
+            try:
+                self._atomic_copy(image_filename, dest)
+                info = dict(info, ts=int(time.time()), name=name)
+                if previous is not None:  # re-upload: keep the labels of this image
+                    previous.image = DataModel(info=info, ext=ext)
+                else:
+                    from monailabel.datastore.local import ImageLabelModel
+
+                    self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+                self._update_datastore_file(lock=False)
+            except OSError as exc:
+                if previous is None:
+                    self._datastore.objects.pop(image_id, None)
+                raise self._storage_error(exc, f"image {image_id!r}") from exc
+        logger.info("added image %s (%s)", image_id, name)
+        return image_id
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         check_image_id(image_id)
@@ -88,33 +206,71 @@ class FastTextDiffDatastore(LocalDatastore):
         image_shape = tuple(image.array.shape[: 3 if image.is_volume else 2])
         if label_shape != image_shape:
             raise bad_request(422, f"label shape {label_shape} does not match image {image_id!r} shape {image_shape}")
-        return super().save_label(image_id, label_filename, label_tag, label_info)
+        return self.store_label(image_id, label_filename, label_tag, label_info)
+
+    def store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any] | None) -> str:
+        """MONAI Label's save_label, written atomically (the previous label survives a failed write)."""
+        _, label_ext = self._to_id(os.path.basename(label_filename))
+        label_path = self._datastore.label_path(label_tag)
+        name = self._filename(image_id, label_ext)
+        dest = os.path.join(label_path, name)
+        with self._mutex, FileLock(self._lock_file):
+            obj = self._datastore.objects.get(image_id)
+            if obj is None:
+                raise bad_request(404, f"image {image_id!r} is not in the datastore")
+            previous = obj.labels.get(label_tag)
+            try:
+                os.makedirs(label_path, exist_ok=True)
+                self._atomic_copy(label_filename, dest)
+                info = dict(label_info or {}, ts=int(time.time()), name=name)
+                obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
+                self._update_datastore_file(lock=False)
+            except OSError as exc:
+                if previous is not None:
+                    obj.labels[label_tag] = previous
+                else:
+                    obj.labels.pop(label_tag, None)
+                raise self._storage_error(exc, f"label {label_tag!r} of {image_id!r}") from exc
+        logger.info("saved label %s of %s", label_tag, image_id)
+        return image_id
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         if not self.has_image(image_id):
             raise bad_request(404, f"image {str(image_id)[:80]!r} is not in the datastore")
         checked = self._checked_info(info) if not _internal.get() else dict(info)
-        super().update_image_info(image_id, checked)
+        with self._mutex:
+            try:
+                super().update_image_info(image_id, checked)
+            except OSError as exc:
+                raise self._storage_error(exc, f"info of image {image_id!r}") from exc
 
     def update_image_info_internal(self, image_id: str, info: Dict[str, Any]) -> None:
-        """For the app's own keys (scores); reloads the file first so other processes' writes survive."""
+        """For the app's own keys (scores): reload, update and write under one lock hold, so other
+        processes' and threads' writes in between survive."""
         token = _internal.set(True)
         try:
-            self._init_from_datastore_file()
-            self.update_image_info(image_id, info)
+            with self._mutex, FileLock(self._lock_file):
+                self._reload_locked()
+                obj = self._datastore.objects.get(image_id)
+                if obj is None:
+                    raise bad_request(404, f"image {str(image_id)[:80]!r} is not in the datastore")
+                obj.image.info.update(info)
+                self._update_datastore_file(lock=False)
         finally:
             _internal.reset(token)
 
     def remove_image(self, image_id: str) -> None:
         if not self.has_image(image_id):
             raise bad_request(404, f"image {str(image_id)[:80]!r} is not in the datastore")
-        super().remove_image(image_id)
+        with self._mutex:
+            super().remove_image(image_id)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         check_label_tag(label_tag)
         if not self.get_label_uri(label_id, label_tag):
             raise bad_request(404, f"no label {str(label_id)[:80]!r} with tag {label_tag!r}")
-        super().remove_label(label_id, label_tag)
+        with self._mutex:
+            super().remove_label(label_id, label_tag)
 
     # -------------------------------------------------------------- checked reads
     def get_image_info(self, image_id: str) -> Dict[str, Any]:

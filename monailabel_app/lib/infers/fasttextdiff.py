@@ -129,8 +129,9 @@ class FastTextDiffInfer(InferTask):
             unc_file = tempfile.NamedTemporaryFile(suffix=ext, dir=results, delete=False).name
             try:
                 write_image(unc_file, result.uncertainty.astype("float32"), like=image)
-                base_save = getattr(type(ds).__mro__[1], "save_label")  # unchecked: we made this file ourselves
-                base_save(ds, image_id, unc_file, UNCERTAINTY_TAG, {"model": identity, "kind": "uncertainty"})
+                # unchecked (we made this file ourselves), atomic and serialised with the other writes
+                store = getattr(ds, "store_label", None) or ds.save_label
+                store(image_id, unc_file, UNCERTAINTY_TAG, {"model": identity, "kind": "uncertainty"})
                 uncertainty_info["map"] = {"label": image_id, "tag": UNCERTAINTY_TAG,
                                            "url": f"/datastore/label?label={image_id}&tag={UNCERTAINTY_TAG}"}
             finally:
