@@ -45,10 +45,21 @@ class FastTextDiffTrainTask(TrainTask):
         return Path(self.paths.state) / f"train_stats_{self.name}.json"
 
     def stats(self) -> Dict[str, Any]:
+        """The last run's stats; a run recorded RUNNING whose process is gone (killed, server
+        restarted, `DELETE /train/`) is reported, and rewritten, as INTERRUPTED."""
         try:
-            return json.loads(self.stats_path().read_text())
+            stats = json.loads(self.stats_path().read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
+        if stats.get("status") == "RUNNING" and not _process_alive(stats.get("pid"), stats.get("pid_started")):
+            stats.update(status="INTERRUPTED", end_ts=int(time.time()),
+                         error=f"the training process (pid {stats.get('pid')}) ended without finishing: killed, "
+                               "stopped or the server restarted; the published model is unchanged")
+            try:
+                self._write_stats(stats)
+            except OSError:
+                pass
+        return stats
 
     def _write_stats(self, stats: Dict[str, Any]) -> None:
         from fasttextdiff.config import atomic_write_json
@@ -67,7 +78,7 @@ class FastTextDiffTrainTask(TrainTask):
         world = self._world_size(req)
         started = time.time()
         stats = {"name": self.name, "status": "RUNNING", "start_ts": int(started), "epochs": epochs,
-                 "device": device, "world_size": world, "history": []}
+                 "device": device, "world_size": world, "history": [], **_this_process()}
         self._write_stats(stats)
         try:
             if world > 1:
@@ -124,6 +135,27 @@ class FastTextDiffTrainTask(TrainTask):
         return n if n > 1 else 1
 
 
+def _this_process() -> Dict[str, Any]:
+    import psutil
+
+    return {"pid": os.getpid(), "pid_started": psutil.Process().create_time()}
+
+
+def _process_alive(pid: Any, started: Any) -> bool:
+    """Whether the process that wrote a RUNNING record still runs (same pid AND start time)."""
+    import psutil
+
+    if not isinstance(pid, int):
+        return False  # a record of an older version without a pid: cannot be checked, not running
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(proc.create_time() - float(started)) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
 def _ddp_worker(rank: int, world: int, task: FastTextDiffTrainTask, options: Dict[str, Any], _datalist) -> None:
     """One GPU's process: join the group, run the same workflow (the library shards and syncs)."""
     import torch
@@ -138,7 +170,7 @@ def _ddp_worker(rank: int, world: int, task: FastTextDiffTrainTask, options: Dic
 
         datastore = app_instance().datastore()
         options = dict(options, device=f"cuda:{rank}" if torch.cuda.is_available() else "cpu")
-        stats = {"name": task.name, "status": "RUNNING", "history": [], "world_size": world}
+        stats = {"name": task.name, "status": "RUNNING", "history": [], "world_size": world, **_this_process()}
         result = task.run(datastore, options, log=task._logger(stats) if rank == 0 else None)
         if rank == 0:
             task._write_stats({**stats, "result": result})
