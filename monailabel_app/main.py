@@ -32,6 +32,7 @@ from lib.datastore import FastTextDiffDatastore  # noqa: E402
 from lib.default_model import DefaultModelBuilder  # noqa: E402
 from lib.infers.batch import FastTextDiffBatchInfer  # noqa: E402
 from lib.model_manager import ModelManager, ModelPaths  # noqa: E402
+from lib.security import check_bind_host  # noqa: E402
 from lib.validation import bad_request, check_image_id  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class FastTextDiffApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
         redact.install()
         self.app_conf = AppConf.from_conf(conf)  # a bad option stops the start with a sentence
+        check_bind_host(sys.argv, self.app_conf.allow_remote, settings.MONAI_LABEL_AUTH_ENABLE)
         self.paths = ModelPaths.from_conf(self.app_conf, studies, app_dir)
         os.makedirs(self.paths.state, exist_ok=True)
         self.manager = ModelManager(self.app_conf, self.paths)
@@ -197,5 +199,6 @@ class FastTextDiffApp(MONAILabelApp):
             return
         from lib.routes import harden
 
-        harden(module.app, threaded_infer=self.app_conf.threaded_infer)
+        harden(module.app, threaded_infer=self.app_conf.threaded_infer,
+               max_body_bytes=self.app_conf.max_upload_mb * 1024 * 1024)
 

@@ -161,8 +161,29 @@ def non_utf8_form_field(content_type: bytes, body: bytes) -> str | None:
     return None
 
 
+# largest request body accepted on the form routes (uploads); set by `harden` from --conf max_upload_mb
+MAX_BODY_BYTES = [1024 * 1024 * 1024]
+
+
+async def _bounded_body(request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it exceeds `limit` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette's cache: the form parser reads it again from memory
+    return body
+
+
 class _Utf8FormRoute(APIRoute):
-    """An APIRoute whose handler reads the raw body first and refuses non-UTF-8 form fields."""
+    """An APIRoute whose handler reads the raw body first (bounded by --conf max_upload_mb) and
+    refuses non-UTF-8 form fields."""
 
     def get_route_handler(self) -> Callable:
         inner = super().get_route_handler()
@@ -170,7 +191,11 @@ class _Utf8FormRoute(APIRoute):
         async def handler(request):
             from starlette.responses import JSONResponse
 
-            body = await request.body()  # cached: the form parser reads it again from memory
+            limit = MAX_BODY_BYTES[0]
+            body = await _bounded_body(request, limit)
+            if body is None:
+                return JSONResponse({"detail": f"request body is larger than the upload limit of {limit // 2**20} MiB "
+                                               "(--conf max_upload_mb)"}, status_code=413)
             reason = non_utf8_form_field(request.headers.get("content-type", "").encode("latin-1"), body)
             if reason:
                 return JSONResponse({"detail": reason}, status_code=400)
@@ -227,8 +252,10 @@ def _walk(router: Any, threaded_infer: bool, seen: set[int]) -> int:
     return count
 
 
-def harden(app: Any, threaded_infer: bool = True) -> int:
+def harden(app: Any, threaded_infer: bool = True, max_body_bytes: int | None = None) -> int:
     """Re-register MONAI Label's routes on `app` (monailabel.app.app); returns how many. Idempotent."""
+    if max_body_bytes is not None:
+        MAX_BODY_BYTES[0] = int(max_body_bytes)
     count = _walk(app.router, threaded_infer, set())
     app.openapi_schema = None
     logger.info("FastTextDiff: %d MONAI Label routes answer bad input with 4xx%s", count,

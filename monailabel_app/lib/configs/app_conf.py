@@ -70,6 +70,11 @@ class AppConf:
     # at most this many volume slices (spread over the volume) go into backbone pretraining per volume
     pretrain_slices_per_volume: int = 8
     seed: int = 0
+    # largest request body (an image, label or volume upload) in MiB; larger gets HTTP 413
+    max_upload_mb: int = 1024
+    # serve on a non-loopback --host without MONAI Label authentication (MONAI_LABEL_AUTH_ENABLE);
+    # refused by default: the datastore holds patient images and reports
+    allow_remote: bool = False
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -96,7 +101,7 @@ class AppConf:
                 raise ValueError(f"--conf {name} must be positive, got {getattr(self, name)}")
 
         for name in ("image_size", "n_noise", "epochs", "backbone_epochs", "batch_size", "lr",
-                     "infer_batch_size", "max_text_bytes", "pretrain_slices_per_volume"):
+                     "infer_batch_size", "max_text_bytes", "pretrain_slices_per_volume", "max_upload_mb"):
             positive(name)
         if self.prepare_budget_s < 0:
             raise ValueError(f"--conf prepare_budget_s must be >= 0 (0 = no limit), got {self.prepare_budget_s}")
