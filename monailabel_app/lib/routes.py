@@ -80,6 +80,17 @@ def translate(exc: BaseException) -> HTTPException | None:
     return None
 
 
+def _check_json_object_fields(kwargs: dict) -> None:
+    """MONAI Label indexes the `params`/`info` form fields as dicts: a JSON list or number there
+    was a 500 (TypeError); refuse it as a bad request."""
+    for key in ("params", "info"):
+        value = kwargs.get(key)
+        if isinstance(value, str) and value.strip():
+            parsed = json.loads(value)  # malformed JSON: translated to 400 below
+            if not isinstance(parsed, dict):
+                raise HTTPException(400, detail=f"form field {key!r} must be a JSON object, got {type(parsed).__name__}")
+
+
 def _wrap(endpoint: Callable, in_thread: Callable | None = None) -> Callable:
     """Same signature as `endpoint` (FastAPI reads it via __wrapped__), errors translated."""
 
@@ -89,6 +100,7 @@ def _wrap(endpoint: Callable, in_thread: Callable | None = None) -> Callable:
         uploaded = bool(kwargs.get("file") or kwargs.get("session_id"))
         token = REQUEST_ORIGIN.set("http-upload" if uploaded else "http")
         try:
+            _check_json_object_fields(kwargs)
             if in_thread is not None:
                 kwargs.pop("user", None)
                 return await run_in_threadpool(in_thread, **kwargs)
