@@ -1,0 +1,312 @@
+"""The bad inputs the reliability tests send, in one place: crafted image files, report texts,
+request parameters, path-traversal ids and tags, and the answer each must get.
+
+The tests (`tests/test_reliability_*.py`) run every case against the real server, the CLI or the
+library and assert the expected answer; the table in docs/RELIABILITY.md is generated from these
+same lists (`python tests/reliability_cases.py --markdown`, or updated by the tests themselves
+with the responses they observed).
+
+Each crafted file is built small: a "20000 x 20000" image is a valid header with a few bytes of
+pixel data (a lying header), never 400 MB of pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import struct
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# crafted files
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bytes(width: int, height: int, rows: int | None = None, seed: int = 0) -> bytes:
+    """A grayscale 8-bit PNG whose header says width x height; only `rows` rows of pixels follow
+    (all of them when None). A short IDAT is a lying header."""
+    rows = height if rows is None else rows
+    rng = np.random.default_rng(seed)
+    raw = b"".join(b"\x00" + rng.integers(0, 255, width, dtype=np.uint8).tobytes() for _ in range(rows))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
+            + _png_chunk(b"IEND", b""))
+
+
+def nifti_header(dims: tuple[int, ...], datatype: int = 2, bitpix: int = 8) -> bytes:
+    """A 348-byte NIfTI-1 header (+4 bytes extension flag) for an image of `dims` (x, y, z, ...)."""
+    hdr = bytearray(348)
+    struct.pack_into("<i", hdr, 0, 348)
+    dim = [len(dims)] + list(dims) + [1] * (7 - len(dims))
+    struct.pack_into("<8h", hdr, 40, *dim)
+    struct.pack_into("<h", hdr, 70, datatype)
+    struct.pack_into("<h", hdr, 72, bitpix)
+    struct.pack_into("<8f", hdr, 76, 1.0, *([1.0] * 7))  # pixdim
+    struct.pack_into("<f", hdr, 108, 352.0)  # vox_offset
+    struct.pack_into("<f", hdr, 112, 1.0)  # scl_slope
+    struct.pack_into("<h", hdr, 254, 0)  # sform code
+    hdr[344:348] = b"n+1\x00"
+    return bytes(hdr) + b"\x00\x00\x00\x00"
+
+
+def nifti_bytes(array: np.ndarray, gz: bool = True) -> bytes:
+    import nibabel
+
+    img = nibabel.Nifti1Image(array, np.eye(4))
+    data = img.to_bytes()
+    return gzip.compress(data, mtime=0) if gz else data
+
+
+def _good_png() -> bytes:
+    return png_bytes(32, 32)
+
+
+def _dicom_huge() -> bytes:
+    """A DICOM file whose header says 20000 x 20000 pixels, with 64 bytes of pixel data."""
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\x00" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "OT", 20000, 20000
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = b"\x00" * 64
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, write_like_original=False)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class FileCase:
+    """A crafted image file; `expect` is the HTTP status of an upload (and of an infer on it);
+    `words` must appear in the reason (any of them)."""
+
+    name: str
+    filename: str
+    build: Callable[[], bytes]
+    expect: int
+    words: tuple[str, ...]
+    note: str = ""
+    upload_words: tuple[str, ...] = ()  # when the datastore upload answers differently (e.g. a type it does not store)
+
+
+def _half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _nan_volume() -> bytes:
+    a = np.zeros((16, 16, 4), np.float32)
+    a[3, 4, 1] = np.nan
+    return nifti_bytes(a)
+
+
+def _inf_volume() -> bytes:
+    a = np.zeros((16, 16, 4), np.float32)
+    a[0, 0, 0] = np.inf
+    return nifti_bytes(a)
+
+
+FILE_CASES: list[FileCase] = [
+    FileCase("zero-byte PNG", "empty.png", lambda: b"", 415, ("zero-byte", "empty")),
+    FileCase("zero-byte NIfTI", "empty.nii.gz", lambda: b"", 415, ("zero-byte", "empty")),
+    FileCase("truncated PNG (half the file)", "half.png", lambda: _good_png()[: len(_good_png()) // 2], 415,
+             ("corrupt", "truncated")),
+    FileCase("truncated NIfTI (gzip cut)", "half.nii.gz",
+             lambda: _half(nifti_bytes(np.random.default_rng(0).integers(0, 999, (16, 16, 4)).astype(np.int16))), 415, ("corrupt", "truncated")),
+    FileCase("PNG bytes named .nii.gz", "png_in_disguise.nii.gz", _good_png, 415, ("corrupt", "not a valid")),
+    FileCase("NIfTI bytes named .png", "nifti_in_disguise.png", lambda: nifti_bytes(np.ones((16, 16, 4), np.int16)),
+             415, ("corrupt", "cannot be decoded")),
+    FileCase("text file named .png", "notes.png", lambda: b"Patient report, not an image\n" * 4, 415,
+             ("corrupt", "cannot be decoded")),
+    FileCase("executable named .exe", "tool.exe", lambda: b"MZ\x90\x00" + b"\x00" * 60, 415, ("unsupported",)),
+    FileCase("4D NIfTI (8x8x8x2)", "four_d.nii.gz", lambda: nifti_bytes(np.zeros((8, 8, 8, 2), np.int16)), 415,
+             ("4D",)),
+    FileCase("NaN voxel", "nan.nii.gz", _nan_volume, 415, ("NaN",)),
+    FileCase("Inf voxel", "inf.nii.gz", _inf_volume, 415, ("NaN or infinite",)),
+    FileCase("1x1 PNG", "one_pixel.png", lambda: png_bytes(1, 1), 415, ("at least",)),
+    FileCase("20000x20000 PNG header, 2 rows of pixels", "huge.png", lambda: png_bytes(20000, 20000, rows=2), 415,
+             ("above the limit",), "refused from the header, before decoding"),
+    FileCase("16000x16000 PNG header (under the side limit), 1 row", "bomb.png",
+             lambda: png_bytes(16000, 16000, rows=1), 415, ("more pixels than", "truncated", "corrupt"),
+             "PIL's decompression-bomb limit"),
+    FileCase("20000x20000 NIfTI header, no voxels", "huge.nii.gz",
+             lambda: gzip.compress(nifti_header((20000, 20000)), mtime=0), 415, ("above the limit",)),
+    FileCase("16000x16000x8 NIfTI header, no voxels (2 GB described)", "liar.nii.gz",
+             lambda: gzip.compress(nifti_header((16000, 16000, 8)), mtime=0), 415,
+             ("truncated", "corrupt", "holds"), "memory stays bounded"),
+    FileCase("NIfTI header 32x32x32 float, 100 bytes of voxels", "short.nii",
+             lambda: nifti_header((32, 32, 32), datatype=16, bitpix=32) + b"\x00" * 100, 415,
+             ("truncated", "corrupt", "holds")),
+    FileCase("NRRD header 20000x20000, 16 bytes of data", "huge.nrrd",
+             lambda: b"NRRD0004\ntype: uint8\ndimension: 2\nsizes: 20000 20000\nencoding: raw\n\n" + b"\x00" * 16,
+             415, ("above the limit",)),
+    FileCase("NRRD header 64x64x64, 16 bytes of data", "short.nrrd",
+             lambda: b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 64 64 64\nencoding: raw\n\n" + b"\x00" * 16,
+             415, ("truncated", "corrupt")),
+    FileCase("NRRD gzip header 16000x16000x8, 20 bytes of data", "liar.nrrd",
+             lambda: b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 16000 16000 8\nencoding: gzip\n\n"
+             + gzip.compress(b"\x00" * 16, mtime=0), 415, ("truncated", "corrupt"), "memory stays bounded"),
+    FileCase("DICOM header 20000x20000, 64 bytes of pixels", "huge.dcm", _dicom_huge, 415, ("above the limit",),
+             upload_words=("unsupported",)),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# report texts (PUT /datastore/image/info, form field `info` = {"text": ...})
+
+@dataclass(frozen=True)
+class TextCase:
+    name: str
+    payload: bytes  # the raw form field value (JSON, possibly not UTF-8)
+    expect: int
+    words: tuple[str, ...] = ()
+
+
+def _info(text: str) -> bytes:
+    return json.dumps({"text": text}).encode("utf-8")
+
+
+MAX_TEXT_BYTES = 65536  # the app's default --conf max_text_bytes
+
+TEXT_CASES: list[TextCase] = [
+    TextCase("empty report", _info(""), 200),
+    TextCase("report in Chinese", _info("双肺感染，左上肺及右下肺两处病灶。"), 200),
+    TextCase("report in Arabic with RTL mark", _info("عدوى رئوية ثنائية\u200f، منطقتان مصابتان."), 200),
+    TextCase("report with emoji and combining marks", _info("lésion 🫁 ṡ̃ left lower lobe"), 200),
+    TextCase("report of exactly the limit", _info("x" * MAX_TEXT_BYTES), 200),
+    TextCase("report one byte over the limit", _info("x" * (MAX_TEXT_BYTES + 1)), 413, ("limit",)),
+    TextCase("report of 900 kB", _info("x" * 900_000), 413, ("limit",)),
+    TextCase("NUL character", _info("left\x00lung"), 400, ("control",)),
+    TextCase("escape sequence (ANSI)", _info("\x1b[31mred\x1b[0m"), 400, ("control",)),
+    TextCase("lone surrogate (JSON \\udc80)", b'{"text": "bad \\udc80 text"}', 400, ("Unicode", "UTF-8")),
+    TextCase("Latin-1 bytes", b'{"text": "caf\xe9"}', 400, ("UTF-8",)),
+    TextCase("invalid UTF-8 continuation", b'{"text": "\xc3\x28"}', 400, ("UTF-8",)),
+    TextCase("text is a number", b'{"text": 42}', 400, ("string",)),
+    TextCase("text is a list", b'{"text": ["a", "b"]}', 400, ("string",)),
+    TextCase("info is not JSON", b'{"text": ', 400, ("JSON",)),
+    TextCase("info is a JSON list", b'["text"]', 400, ("object", "JSON")),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# request parameters
+
+@dataclass(frozen=True)
+class ParamCase:
+    name: str
+    route: str  # "infer" or "train"
+    params: dict
+    expect: int
+    words: tuple[str, ...] = ()
+
+
+PARAM_CASES: list[ParamCase] = [
+    ParamCase("n_noise negative", "infer", {"n_noise": -1}, 400, ("n_noise",)),
+    ParamCase("n_noise huge", "infer", {"n_noise": 10**12}, 400, ("n_noise",)),
+    ParamCase("n_noise fractional", "infer", {"n_noise": 2.5}, 400, ("n_noise",)),
+    ParamCase("n_noise boolean", "infer", {"n_noise": True}, 400, ("n_noise",)),
+    ParamCase("n_noise a list", "infer", {"n_noise": [1, 2]}, 400, ("n_noise",)),
+    ParamCase("n_noise NaN-ish string", "infer", {"n_noise": "NaN"}, 400, ("n_noise",)),
+    ParamCase("result unknown", "infer", {"result": "everything"}, 400, ("result",)),
+    ParamCase("result_extension a path", "infer", {"result_extension": "/../../etc/x"}, 400, ("result_extension",)),
+    ParamCase("text a dict", "infer", {"text": {"a": 1}}, 400, ("string",)),
+    ParamCase("unknown keys are ignored", "infer", {"zzz_unknown": 1, "n_noise": 1}, 200),
+    ParamCase("max_epochs negative", "train", {"max_epochs": -3}, 400, ("max_epochs",)),
+    ParamCase("max_epochs huge", "train", {"max_epochs": 10**9}, 400, ("max_epochs",)),
+    ParamCase("max_epochs a string", "train", {"max_epochs": "ten"}, 400, ("max_epochs",)),
+    ParamCase("lr zero", "train", {"lr": 0}, 400, ("lr",)),
+    ParamCase("lr a string", "train", {"lr": "fast"}, 400, ("lr",)),
+    ParamCase("train_batch_size zero", "train", {"train_batch_size": 0}, 400, ("train_batch_size",)),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# path traversal in ids and tags
+
+TRAVERSAL_IDS = ["../escaped", "../../etc/passwd", "/tmp/escaped", "a/../../b", "..", ".hidden", "a\\..\\b",
+                 "%2e%2e%2fescaped", "x\x00y"]
+TRAVERSAL_TAGS = ["../../x", "../final", "/abs", "a/b", "..", ".hidden"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+def markdown(observed: dict[str, tuple[int, str]] | None = None) -> str:
+    """The docs table: every case, the expected status and (when given) the observed reason."""
+    observed = observed or {}
+
+    def row(group: str, name: str, expect: int | str, words) -> str:
+        status, reason = observed.get(f"{group}: {name}", (expect, "; ".join(f"… {w} …" for w in words) or "—"))
+        reason = str(reason).replace("|", "\\|").replace("\n", " ")
+        return f"| {group} | {name} | {status} | {reason[:160]} |"
+
+    lines = ["| where | input | status | response |", "|---|---|---|---|"]
+    for c in FILE_CASES:
+        lines.append(row("upload image", c.name, c.expect, c.upload_words or c.words))
+    for c in FILE_CASES:
+        lines.append(row("infer on an uploaded file", c.name, c.expect, c.words))
+    for c in FILE_CASES:
+        lines.append(row("CLI `fasttextdiff segment`", c.name, "exit 2", c.words))
+    for c in TEXT_CASES:
+        lines.append(row("report text (PUT /datastore/image/info)", c.name, c.expect, c.words))
+    for c in PARAM_CASES:
+        lines.append(row(f"{c.route} params", f"{c.name}: `{json.dumps(c.params)[:60]}`", c.expect, c.words))
+    for i in TRAVERSAL_IDS:
+        lines.append(row("image id (upload)", f"`{i!r}`", 400, ("invalid image id",)))
+    for t in TRAVERSAL_TAGS:
+        lines.append(row("label tag (save label)", f"`{t!r}`", 400, ("invalid label tag",)))
+    return "\n".join(lines) + "\n"
+
+
+BEGIN, END = "<!-- reliability-cases:begin -->", "<!-- reliability-cases:end -->"
+
+
+def update_doc(doc: Path, table: str) -> bool:
+    """Replace the generated table in `doc` (between the markers); True when it changed."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else f"{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{BEGIN}\n{table}{END}{tail}"
+    if new != text:
+        doc.write_text(new, encoding="utf-8")
+        return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", help="print the case table (expected answers)")
+    parser.add_argument("--write-files", type=Path, help="write every crafted file into this folder")
+    args = parser.parse_args(argv)
+    if args.write_files:
+        args.write_files.mkdir(parents=True, exist_ok=True)
+        for c in FILE_CASES:
+            (args.write_files / c.filename).write_bytes(c.build())
+        print(f"wrote {len(FILE_CASES)} files to {args.write_files}")
+    if args.markdown or not args.write_files:
+        sys.stdout.write(markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
