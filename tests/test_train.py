@@ -117,3 +117,13 @@ def _json_objects(text: str) -> list[str]:
             if depth == 0:
                 objects.append(text[start:i + 1])
     return objects
+
+
+def test_any_diffusers_unet_checkpoint_serves_as_backbone(tmp_path, tiny_dataset):
+    from diffusers import UNet2DModel
+
+    UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=8,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                layers_per_block=1).save_pretrained(tmp_path / "unet")
+    metrics = _train(tiny_dataset, tmp_path / "unet", tmp_path / "m", epochs=1)
+    assert metrics["epochs"] == 1 and (tmp_path / "m" / "backbone" / "backbone_config.json").is_file()

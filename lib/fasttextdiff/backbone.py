@@ -849,3 +849,11 @@ def pretrain_backbone(
         "stopped": stopped,
         "resumed_from": resumed_from,
     }
+
+
+def load_backbone(path: str | os.PathLike) -> DiffusionBackbone:
+    """A backbone from our own format, or from any diffusers UNet2DModel (or pipeline) folder."""
+    path = Path(path)
+    if (path / BACKBONE_CONFIG_NAME).is_file() or not path.is_dir():
+        return DiffusionBackbone.from_pretrained(path)
+    return DiffusionBackbone.from_diffusers(path)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from .backbone import DiffusionBackbone
+from .backbone import load_backbone
 from .checkpoint import load_optimizer_state, optimizer_state_tensors, replace_dir, staging_dir
 from .config import SegmenterConfig, TextConfig, TrainConfig, atomic_write_json
 from .data.dataset import SegmentationDataset, select_labeled
@@ -180,7 +180,7 @@ def train_segmenter(
         raise ValueError("no labeled images to train on (every training sample lacks a mask)")
     labeled = select_labeled(labeled, train_config.labeled, seed=train_config.seed)
 
-    backbone = DiffusionBackbone.from_pretrained(backbone_dir)
+    backbone = load_backbone(backbone_dir)  # ours, or any diffusers UNet2DModel checkpoint
     if world > 1 and rank != 0:
         dist.barrier()  # rank 0 first: it may build or fill shared caches (tiny encoder, text cache)
     encoder = TextEncoder(text_config, device=device, cache_dir=text_cache_dir) if segmenter_config.use_text else None
