@@ -175,6 +175,7 @@ class FastTextDiffDatastore(LocalDatastore):
         name = self._filename(image_id, ext)
         dest = os.path.realpath(os.path.join(self._datastore.image_path(), name))
         with self._mutex, FileLock(self._lock_file):
+            self._reload_locked()  # other processes' writes since our last read survive ours
             previous = self._datastore.objects.get(image_id)
             try:
                 self._atomic_copy(image_filename, dest)
@@ -215,6 +216,7 @@ class FastTextDiffDatastore(LocalDatastore):
         name = self._filename(image_id, label_ext)
         dest = os.path.join(label_path, name)
         with self._mutex, FileLock(self._lock_file):
+            self._reload_locked()
             obj = self._datastore.objects.get(image_id)
             if obj is None:
                 raise bad_request(404, f"image {image_id!r} is not in the datastore")
@@ -238,24 +240,26 @@ class FastTextDiffDatastore(LocalDatastore):
         if not self.has_image(image_id):
             raise bad_request(404, f"image {str(image_id)[:80]!r} is not in the datastore")
         checked = self._checked_info(info) if not _internal.get() else dict(info)
-        with self._mutex:
+        # reload, update and write under one lock hold: other processes' and threads' writes survive
+        with self._mutex, FileLock(self._lock_file):
+            self._reload_locked()
+            obj = self._datastore.objects.get(image_id)
+            if obj is None:
+                raise bad_request(404, f"image {str(image_id)[:80]!r} is not in the datastore")
+            previous = dict(obj.image.info)
+            obj.image.info.update(checked)
             try:
-                super().update_image_info(image_id, checked)
+                self._update_datastore_file(lock=False)
             except OSError as exc:
+                obj.image.info.clear()
+                obj.image.info.update(previous)
                 raise self._storage_error(exc, f"info of image {image_id!r}") from exc
 
     def update_image_info_internal(self, image_id: str, info: Dict[str, Any]) -> None:
-        """For the app's own keys (scores): reload, update and write under one lock hold, so other
-        processes' and threads' writes in between survive."""
+        """For the app's own keys (scores): no client-key checks."""
         token = _internal.set(True)
         try:
-            with self._mutex, FileLock(self._lock_file):
-                self._reload_locked()
-                obj = self._datastore.objects.get(image_id)
-                if obj is None:
-                    raise bad_request(404, f"image {str(image_id)[:80]!r} is not in the datastore")
-                obj.image.info.update(info)
-                self._update_datastore_file(lock=False)
+            self.update_image_info(image_id, info)
         finally:
             _internal.reset(token)
 
