@@ -1,0 +1,531 @@
+"""Faults: killed training, a server restarted mid-training, corrupt checkpoints and caches,
+pickle bombs, a full disk on label save, two processes writing the datastore at once.
+
+Everything is real: training runs in its own process and gets SIGKILL, the server is
+`monailabel start_server` on 127.0.0.1 (its process group is SIGKILLed and started again), a
+full disk is a small tmpfs mounted for the test (skipped where mounting is not permitted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server_fixtures import (
+    APP_DIR,
+    REPO,
+    TINY_CONF,
+    InProcessServer,
+    SubprocessServer,
+    make_tiny_studies,
+    tiny_model_root,  # noqa: F401 - pytest fixture
+    wait_for,
+)
+
+SECRET_REPORT = "Patient Jane Roe, MRN 0042-SECRET, right upper lobe nodule."
+SECRET_PASSWORD = "dicomweb-pw-7c1e"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): _sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _flip_byte(path: Path, offset_from_end: int = 16) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) - offset_from_end] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# =============================================================================== library level
+_TRAIN_SCRIPT = textwrap.dedent("""
+    import sys
+    from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
+    from fasttextdiff.pipeline import load_lvit
+    from fasttextdiff.train import train_segmenter
+    data, backbone, out = sys.argv[1:4]
+    train_segmenter(load_lvit(data)["train"], out, backbone_dir=backbone, text_config=TextConfig(encoder="tiny"),
+                    segmenter_config=SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2)),
+                    train_config=TrainConfig(epochs=100000, batch_size=4, lr=1e-3), progress=False)
+""")
+
+
+def _train_in_process(data: Path, backbone: Path, out: Path, epochs: int) -> dict:
+    from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
+    from fasttextdiff.pipeline import load_lvit
+    from fasttextdiff.train import train_segmenter
+
+    return train_segmenter(load_lvit(data)["train"], out, backbone_dir=backbone, text_config=TextConfig(encoder="tiny"),
+                           segmenter_config=SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2)),
+                           train_config=TrainConfig(epochs=epochs, batch_size=4, lr=1e-3), progress=False)
+
+
+def _start_and_kill_training(data: Path, backbone: Path, out: Path, min_epoch: int = 2) -> int:
+    """Start a long training in its own process, SIGKILL it once it has saved `min_epoch` epochs."""
+    state = out.with_name(out.name + ".resume") / "state.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "lib"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", _TRAIN_SCRIPT, str(data), str(backbone), str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def saved():
+            if proc.poll() is not None:
+                raise AssertionError(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
+            return state.is_file() and json.loads(state.read_text())["epoch"] >= min_epoch
+
+        wait_for(saved, 120, 0.1, "the training to save its resume state")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    return int(json.loads(state.read_text())["epoch"])
+
+
+def test_sigkilled_training_keeps_the_published_model_and_resumes_only_on_the_same_data(
+        tiny_dataset, tiny_backbone, tiny_model, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model, out)  # the model published by an earlier run
+    published = _tree_digest(out)
+
+    killed_at = _start_and_kill_training(data, tiny_backbone, out)
+    assert _tree_digest(out) == published, "a killed run changed the published model"
+
+    with caplog.at_level(logging.INFO, logger="fasttextdiff.train"):
+        metrics = _train_in_process(data, tiny_backbone, out, epochs=killed_at + 1)
+    assert f"resuming training from epoch {killed_at}" in caplog.text
+    assert metrics["epochs"] == killed_at + 1  # the killed run's history plus one epoch
+    assert _tree_digest(out) != published and not out.with_name("model.resume").exists()
+
+    # killed again, then a label changes: the old state belongs to other data and is dropped
+    published = _tree_digest(out)
+    killed_at = _start_and_kill_training(data, tiny_backbone, out)
+    assert _tree_digest(out) == published
+    mask = sorted((data / "Train_Folder" / "labelcol").iterdir())[0]
+    from PIL import Image as PILImage
+
+    arr = np.asarray(PILImage.open(mask)).copy()
+    PILImage.fromarray(np.where(arr > 0, 0, 255).astype(np.uint8)).save(mask)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fasttextdiff.train"):
+        metrics = _train_in_process(data, tiny_backbone, out, epochs=1)
+    assert "discarding the resume state" in caplog.text and "resuming" not in caplog.text
+    assert metrics["epochs"] == 1
+
+
+def test_corrupt_or_truncated_model_files_are_refused_with_a_clear_message(tiny_model, tmp_path):
+    from fasttextdiff.errors import CheckpointError, FastTextDiffError
+    from fasttextdiff.infer import Segmenter
+
+    cases = [
+        ("segmenter.safetensors", _flip_byte, "checksum"),
+        ("segmenter.safetensors", _truncate, "truncated"),
+        ("backbone/diffusion_pytorch_model.safetensors", _flip_byte, "checksum"),
+        ("backbone/diffusion_pytorch_model.safetensors", _truncate, "truncated"),
+        ("fasttextdiff.json", _truncate, "corrupt"),
+        ("backbone/config.json", lambda p: p.write_text("{not json"), "not valid JSON"),
+    ]
+    for i, (name, damage, words) in enumerate(cases):
+        model = tmp_path / f"m{i}"
+        shutil.copytree(tiny_model, model)
+        Segmenter.load(model, device="cpu")  # loads before the damage
+        damage(model / name)
+        with pytest.raises(FastTextDiffError, match=words) as info:
+            Segmenter.load(model, device="cpu")
+        assert isinstance(info.value, (CheckpointError, FastTextDiffError)) and name.split("/")[-1] in str(info.value)
+
+
+def test_corrupt_text_cache_files_are_detected_and_rebuilt(tmp_path, caplog):
+    from fasttextdiff.config import TextConfig
+    from fasttextdiff.text import TextEncoder
+
+    cache = tmp_path / "text_cache"
+    texts = ["Bilateral pulmonary infection, two infected areas.", "Unilateral, one area, lower right lung."]
+    reference = TextEncoder(TextConfig(encoder="tiny"), cache_dir=cache).encode(texts)
+    files = sorted(cache.rglob("*.safetensors"))
+    assert len(files) == 2
+    for damage in (_flip_byte, _truncate):
+        damage(files[0])
+        encoder = TextEncoder(TextConfig(encoder="tiny"), cache_dir=cache)  # empty memory cache: reads disk
+        with caplog.at_level(logging.WARNING, logger="fasttextdiff.text"):
+            again = encoder.encode(texts)
+        assert encoder.stats["disk_hits"] == 1 and encoder.stats["computed"] == 1, encoder.stats
+        assert "corrupt" in caplog.text
+        assert np.allclose(again.states.numpy(), reference.states.numpy(), atol=1e-5)
+        fresh = TextEncoder(TextConfig(encoder="tiny"), cache_dir=cache)
+        fresh.encode(texts)
+        assert fresh.stats["disk_hits"] == 2, "the rebuilt cache file is not readable"
+        caplog.clear()
+
+
+# ------------------------------------------------------------------------------ pickle bombs
+class _Bomb:
+    """Unpickling this runs `Path(marker).touch()`: code execution, as a hostile .pt would."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _bomb_file(path: Path, marker: Path) -> Path:
+    import torch
+
+    torch.save({"weight": _Bomb(marker)}, path)
+    return path
+
+
+def test_pickle_bomb_checkpoints_are_never_unpickled(tiny_model, tmp_path):
+    from fasttextdiff.backbone import DiffusionBackbone
+    from fasttextdiff.errors import FastTextDiffError
+    from fasttextdiff.infer import Segmenter
+
+    marker = tmp_path / "PWNED"
+    # the bomb is armed: a plain torch.load (weights_only=False), in a throwaway process, runs it
+    armed_marker = tmp_path / "armed"
+    bomb = _bomb_file(tmp_path / "bomb.pt", armed_marker)
+    subprocess.run([sys.executable, "-c", f"import torch, sys; sys.path.insert(0, {str(Path(__file__).parent)!r});"
+                    f"torch.load({str(bomb)!r}, weights_only=False)"], check=False, capture_output=True,
+                   env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent)))
+    assert armed_marker.exists(), "the test bomb does not execute code when unpickled; the test would be vacuous"
+
+    # 1. a diffusers backbone folder with only a pickled .bin
+    unet = tmp_path / "unet"
+    shutil.copytree(tiny_model / "backbone", unet)
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    _bomb_file(unet / "diffusion_pytorch_model.bin", marker)
+    with pytest.raises(FastTextDiffError, match="safetensors"):
+        DiffusionBackbone.from_diffusers(unet)
+    with pytest.raises(FastTextDiffError):
+        DiffusionBackbone.from_pretrained(unet)
+    # 2. a model directory whose weights file is a pickle
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    _bomb_file(model / "segmenter.safetensors", marker)
+    with pytest.raises(FastTextDiffError, match="safetensors|truncated|checksum"):
+        Segmenter.load(model, device="cpu")
+    # 3. a text encoder folder with pickled weights only
+    from fasttextdiff.config import TextConfig
+    from fasttextdiff.text import TextEncoder, default_tiny_dir
+
+    encoder_dir = tmp_path / "encoder"
+    shutil.copytree(default_tiny_dir(), encoder_dir)
+    for f in encoder_dir.glob("*.safetensors"):
+        f.unlink()
+    _bomb_file(encoder_dir / "pytorch_model.bin", marker)
+    with pytest.raises(Exception):  # noqa: B017 - transformers refuses; what matters is that nothing ran
+        TextEncoder(TextConfig(encoder=str(encoder_dir)))
+    # 4. a pickle in the text cache
+    cache = tmp_path / "cache"
+    enc = TextEncoder(TextConfig(encoder="tiny"), cache_dir=cache)
+    enc.encode(["a report"])
+    _bomb_file(next(cache.rglob("*.safetensors")), marker)
+    fresh = TextEncoder(TextConfig(encoder="tiny"), cache_dir=cache)
+    fresh.encode(["a report"])
+    assert fresh.stats["computed"] == 1
+    assert not marker.exists(), "a pickle was unpickled: code from a checkpoint ran"
+
+
+def test_no_unpickling_calls_in_the_code():
+    """Static guard: the library and the app never call pickle loaders or torch.load without weights_only."""
+    offenders = []
+    for root in (REPO / "lib", APP_DIR):
+        for path in root.rglob("*.py"):
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                code = line.split("#")[0]
+                if re.search(r"\bpickle\.loads?\(|\bdill\.|\bjoblib\.load\(|allow_pickle\s*=\s*True", code) or (
+                        "torch.load(" in code and "weights_only=True" not in code):
+                    offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not offenders, offenders
+
+
+# =============================================================================== server level
+def _info(url: str) -> dict:
+    import requests
+
+    return requests.get(f"{url}/info/", timeout=30).json()
+
+
+def _train_stats(url: str) -> dict:
+    return _info(url).get("train_stats", {}).get("fasttextdiff", {})
+
+
+def _train_child(server: SubprocessServer):
+    import psutil
+
+    def find():
+        for child in psutil.Process(server.proc.pid).children(recursive=True):
+            try:
+                cmd = child.cmdline()
+            except psutil.Error:
+                continue
+            if "monailabel.interfaces.utils.app" in cmd and "train" in cmd:
+                return child
+        return None
+
+    return wait_for(find, 60, 0.2, "MONAI Label's training subprocess")
+
+
+def _wait_epochs(server: SubprocessServer, n: int) -> dict:
+    def epochs():
+        stats = _train_stats(server.url)
+        return stats if stats.get("status") == "RUNNING" and len(stats.get("history", [])) >= n else None
+
+    return wait_for(epochs, 180, 0.3, f"{n} training epochs")
+
+
+def _datastore_objects(studies: Path) -> dict:
+    objects = json.loads((studies / "datastore_v2.json").read_text())["objects"]
+    return {k: {"labels": sorted(t for t in v["labels"] if t != "uncertainty"), "text": v["image"]["info"].get("text")}
+            for k, v in objects.items()}
+
+
+@pytest.fixture(scope="module")
+def fault_server(tmp_path_factory, tiny_model_root):
+    root = tmp_path_factory.mktemp("faults")
+    studies = make_tiny_studies(root / "studies", seed=5)
+    model_root = root / "model_root"
+    shutil.copytree(tiny_model_root, model_root, symlinks=True)
+    conf = dict(TINY_CONF, model_dir=str(model_root), prepare_default_model="false", state_dir=str(root / "state"),
+                epochs="4")
+    os.environ["MONAI_LABEL_DICOMWEB_PASSWORD"] = SECRET_PASSWORD  # must never reach the log
+    try:
+        server = SubprocessServer(studies, conf, root / "server.log").start()
+    finally:
+        os.environ.pop("MONAI_LABEL_DICOMWEB_PASSWORD", None)
+    server.root, server.model_root = root, model_root
+    import requests
+
+    labeled = sorted(k for k, v in _datastore_objects(studies).items() if "final" in v["labels"])[0]
+    r = requests.put(f"{server.url}/datastore/image/info?image={labeled}",
+                     files={"info": (None, json.dumps({"text": SECRET_REPORT}))}, timeout=30)
+    r.raise_for_status()
+    # MONAI Label logs whole infer requests at INFO: the report in them must be redacted
+    r = requests.post(f"{server.url}/infer/fasttextdiff?image={labeled}&output=json",
+                      files={"params": (None, json.dumps({"text": SECRET_REPORT, "n_noise": 1}))}, timeout=120)
+    r.raise_for_status()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_sigkill_of_a_server_training_run_keeps_model_and_datastore_then_resumes(fault_server):
+    import requests
+
+    url = fault_server.url
+    identity = _info(url)["fasttextdiff"]["model_identity"]
+    served = fault_server.model_root / "current"
+    model_files = _tree_digest(served.resolve())
+    datastore = _datastore_objects(fault_server.studies)
+
+    r = requests.post(f"{url}/train/fasttextdiff", json={"max_epochs": 5000}, timeout=30)
+    assert r.status_code == 200, r.text
+    _wait_epochs(fault_server, 2)
+    child = _train_child(fault_server)
+    child.send_signal(signal.SIGKILL)
+    wait_for(lambda: _train_stats(url).get("status") not in (None, "RUNNING"), 60, 0.3, "the stats to leave RUNNING")
+
+    stats = _train_stats(url)
+    assert stats["status"] == "INTERRUPTED" and "ended without finishing" in stats["error"]
+    killed_epochs = len(stats["history"])
+    # MONAI Label's own task record sees the non-zero exit too
+    wait_for(lambda: requests.get(f"{url}/train/", timeout=30).json()["status"] == "ERROR", 60, 0.3,
+             "MONAI Label's task record to show ERROR")
+    assert _info(url)["fasttextdiff"]["model_identity"] == identity
+    assert _tree_digest(served.resolve()) == model_files
+    assert _datastore_objects(fault_server.studies) == datastore
+    r = requests.post(f"{url}/infer/fasttextdiff?image=cxr_000&output=json", timeout=120)
+    assert r.status_code == 200, r.text
+
+    # the next run picks up where the killed one stopped, finishes and publishes
+    r = requests.post(f"{url}/train/fasttextdiff", json={"max_epochs": killed_epochs + 1}, timeout=30)
+    assert r.status_code == 200, r.text
+    wait_for(lambda: _train_stats(url).get("status") == "DONE", 180, 0.5, "the resumed training to finish")
+    assert f"resuming training from epoch {killed_epochs}" in fault_server.log_tail(200_000) or \
+        "resuming training from epoch" in fault_server.log_tail(200_000)
+    assert _info(url)["fasttextdiff"]["model_identity"] != identity
+
+
+def test_two_processes_writing_the_datastore_lose_no_update(fault_server):
+    """The server (HTTP) and another process (the app's datastore class, as MONAI Label's task
+    subprocesses use it) update image infos at the same time: every write survives."""
+    import requests
+
+    if fault_server.proc.poll() is not None:
+        pytest.skip("the module's server was stopped by an earlier test")
+    ids = sorted(_datastore_objects(fault_server.studies))
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(APP_DIR)!r})
+        from lib.datastore import FastTextDiffDatastore
+        ds = FastTextDiffDatastore({str(fault_server.studies)!r}, extensions=["*.png", "*.nii.gz"], auto_reload=False)
+        for i in range(10):
+            for image in {ids!r}:
+                ds.update_image_info_internal(image, {{"other_process": i}})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(REPO / "lib")))
+    sent = 0
+    while proc.poll() is None or sent < 10:
+        for image in ids:
+            r = requests.put(f"{fault_server.url}/datastore/image/info?image={image}",
+                             files={"info": (None, json.dumps({"from_http": sent}))}, timeout=30)
+            assert r.status_code == 200, r.text
+        sent += 1
+    assert proc.wait(60) == 0
+    objects = json.loads((fault_server.studies / "datastore_v2.json").read_text())["objects"]
+    for image in ids:
+        info = objects[image]["image"]["info"]
+        assert info.get("other_process") == 9, (image, info)
+        assert info.get("from_http") == sent - 1, (image, info)
+
+
+def test_server_killed_while_training_restarts_without_a_stuck_running_state(fault_server):
+    import requests
+
+    url = fault_server.url
+    r = requests.post(f"{url}/train/fasttextdiff", json={"max_epochs": 5000}, timeout=30)
+    assert r.status_code == 200, r.text
+    _wait_epochs(fault_server, 1)
+    assert _train_stats(url)["status"] == "RUNNING"
+    identity = _info(url)["fasttextdiff"]["model_identity"]
+    os.killpg(fault_server.proc.pid, signal.SIGKILL)  # the server and its training child, no cleanup
+    fault_server.proc.wait(30)
+    raw = json.loads((fault_server.root / "state" / "train_stats_fasttextdiff.json").read_text())
+    assert raw["status"] == "RUNNING"  # what the dead run left on disk
+
+    again = SubprocessServer(fault_server.studies, dict(fault_server.conf), fault_server.root / "server2.log")
+    os.environ["MONAI_LABEL_DICOMWEB_PASSWORD"] = SECRET_PASSWORD
+    try:
+        again.start()
+    finally:
+        os.environ.pop("MONAI_LABEL_DICOMWEB_PASSWORD", None)
+    try:
+        stats = _train_stats(again.url)
+        assert stats["status"] == "INTERRUPTED", stats
+        assert _info(again.url)["fasttextdiff"]["model_identity"] == identity
+        assert requests.post(f"{again.url}/infer/fasttextdiff?image=cxr_000&output=json", timeout=120).status_code == 200
+        # a new run is accepted (nothing thinks one is still running) and finishes
+        r = requests.post(f"{again.url}/train/fasttextdiff", json={"max_epochs": 1}, timeout=30)
+        assert r.status_code == 200, r.text
+        wait_for(lambda: _train_stats(again.url).get("status") == "DONE", 180, 0.5, "the new training to finish")
+        logs = fault_server.log_tail(10**7) + again.log_tail(10**7)
+        # not vacuous: the log has the training's INFO lines and the redacted infer request
+        assert "[INFO]" in logs and "training fusion + head" in logs and "<report: " in logs
+        assert SECRET_REPORT not in logs and "0042-SECRET" not in logs, "report text reached the server log"
+        assert SECRET_PASSWORD not in logs, "a secret reached the server log"
+    finally:
+        again.stop()
+
+
+# ------------------------------------------------------------------------------ disk full
+@pytest.fixture()
+def tmpfs(tmp_path):
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _label_nrrd(path: Path, side: int, seed: int | None) -> Path:
+    """A label as NRRD: gzip-compressed zeros (small) when seed is None, else raw random 0/1 (side^2 bytes)."""
+    import gzip
+
+    if seed is None:
+        data, encoding = gzip.compress(bytes(side * side), mtime=0), "gzip"
+    else:
+        data, encoding = (np.random.default_rng(seed).random((side, side)) > 0.5).astype(np.uint8).tobytes(), "raw"
+    path.write_bytes(f"NRRD0004\ntype: uint8\ndimension: 2\nsizes: {side} {side}\nencoding: {encoding}\n\n".encode()
+                     + data)
+    return path
+
+
+def _fill(mount: Path) -> Path:
+    """Write until the filesystem says ENOSPC (unbuffered, so the error comes from write(2))."""
+    filler = mount / "filler.bin"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for size in (1 << 16, 4096, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == 28, exc
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_disk_full_on_label_save_keeps_the_previous_label(tmpfs, tiny_model_root, tmp_path):
+    """The new label (9 kB) is larger than the page the old one (<1 kB) frees: MONAI Label's own
+    copy-over-the-old-file would leave a truncated label here; the app answers 507 and keeps it."""
+    import requests
+
+    from reliability_cases import png_bytes
+
+    studies = make_tiny_studies(tmpfs / "studies", n_2d=3, n_3d=0, n_labeled=1, seed=6)
+    conf = dict(TINY_CONF, model_dir=str(tiny_model_root), prepare_default_model="false",
+                state_dir=str(tmp_path / "state"))
+    server = InProcessServer(studies, conf).start()
+    try:
+        url, image, side = server.url, "big_000", 96
+        r = requests.put(f"{url}/datastore/image?image={image}", files={"file": ("b.png", png_bytes(side, side))},
+                         timeout=60)
+        assert r.status_code == 200, r.text
+        first = _label_nrrd(tmp_path / "first.nrrd", side, None)
+        r = requests.put(f"{url}/datastore/label?image={image}&tag=final",
+                         files={"label": ("l.nrrd", first.read_bytes())}, timeout=60)
+        assert r.status_code == 200, r.text
+        stored = studies / "labels" / "final" / f"{image}.nrrd"
+        assert stored.read_bytes() == first.read_bytes()
+        datastore_before = (studies / "datastore_v2.json").read_bytes()
+
+        filler = _fill(tmpfs)
+        second = _label_nrrd(tmp_path / "second.nrrd", side, 2)
+        assert second.stat().st_size > 2 * 4096 > first.stat().st_size
+        r = requests.put(f"{url}/datastore/label?image={image}&tag=final",
+                         files={"label": ("l.nrrd", second.read_bytes())}, timeout=60)
+        assert r.status_code == 507, r.text
+        assert "No space left" in r.json()["detail"] and "previous version is unchanged" in r.json()["detail"]
+        assert stored.read_bytes() == first.read_bytes(), "the previous label was damaged"
+        assert (studies / "datastore_v2.json").read_bytes() == datastore_before
+        r = requests.put(f"{url}/datastore/image?image=late_upload", files={"file": ("x.png", png_bytes(64, 64))},
+                         timeout=60)
+        assert r.status_code == 507, r.text
+        assert not list(studies.rglob("*.partial")) and not (studies / "late_upload.png").exists()
+        assert "late_upload" not in server.client().datastore()["objects"]
+
+        filler.unlink()  # space again: the same save now succeeds
+        r = requests.put(f"{url}/datastore/label?image={image}&tag=final",
+                         files={"label": ("l.nrrd", second.read_bytes())}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert stored.read_bytes() == second.read_bytes()
+    finally:
+        server.stop()
