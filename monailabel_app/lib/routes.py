@@ -21,6 +21,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 from typing import Any, Callable
 
 from fastapi import HTTPException
@@ -80,6 +81,38 @@ def translate(exc: BaseException) -> HTTPException | None:
     return None
 
 
+def _opened(result: Any) -> Any:
+    """A FileResponse opened now, sized from the open file.
+
+    Starlette's FileResponse stats the path for Content-Length and opens it later; a label saved
+    in between (atomically replaced by another request) then makes the body disagree with the
+    header and the client sees a broken download. Opening once and sizing from that descriptor
+    serves one consistent version of the file.
+    """
+    from starlette.responses import FileResponse, StreamingResponse
+
+    if not isinstance(result, FileResponse):
+        return result
+    try:
+        handle = open(result.path, "rb")  # noqa: SIM115 - closed by the generator
+    except FileNotFoundError:
+        raise HTTPException(404, detail="the file was removed while it was requested") from None
+    size = os.fstat(handle.fileno()).st_size
+
+    def chunks():
+        with handle:
+            while True:
+                block = handle.read(1 << 20)
+                if not block:
+                    return
+                yield block
+
+    headers = {k: v for k, v in result.headers.items() if k.lower() not in ("content-length", "content-type")}
+    headers["content-length"] = str(size)
+    return StreamingResponse(chunks(), status_code=result.status_code, headers=headers,
+                             media_type=result.media_type, background=result.background)
+
+
 def _check_json_object_fields(kwargs: dict) -> None:
     """MONAI Label indexes the `params`/`info` form fields as dicts: a JSON list or number there
     was a 500 (TypeError); refuse it as a bad request."""
@@ -103,8 +136,8 @@ def _wrap(endpoint: Callable, in_thread: Callable | None = None) -> Callable:
             _check_json_object_fields(kwargs)
             if in_thread is not None:
                 kwargs.pop("user", None)
-                return await run_in_threadpool(in_thread, **kwargs)
-            return await endpoint(**kwargs)
+                return _opened(await run_in_threadpool(in_thread, **kwargs))
+            return _opened(await endpoint(**kwargs))
         except Exception as exc:  # noqa: BLE001 - translated or re-raised
             http = translate(exc)
             if http is None:
