@@ -378,6 +378,11 @@ class TextEncoder:
     def _check_text(self, text: Any) -> None:
         if not isinstance(text, str):
             raise ReportError(f"report text must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates: bytes decoded with the wrong encoding
+            raise ReportError(f"report text is not valid Unicode ({exc.reason} at character {exc.start}); "
+                              "pass it as UTF-8") from None
         if len(text) > self.config.max_chars:
             raise ReportError(f"report has {len(text)} characters; the limit is {self.config.max_chars}")
 
