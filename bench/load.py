@@ -169,7 +169,7 @@ def _run(url, clients, rounds, n_noise, max_seconds, workdir) -> dict:
     images = runner.images[:8]
     fresh = f"Load test report {int(time.time())}: consolidation, right lower lobe."  # new to the text cache
     texts = TEXTS + [fresh]
-    plan = [[(images[(c + r) % len(images)], texts[(c * rounds + r) % len(texts)]) for r in range(rounds)]
+    plan = [[(images[(c + r) % len(images)], texts[(c // 2 + 3 * r) % len(texts)]) for r in range(rounds)]
             for c in range(clients)]
     labels = {(c, r): _label_for(runner, plan[c][r][0], c * 1000 + r) for c in range(clients) for r in range(rounds)
               if r % 2 == 1}

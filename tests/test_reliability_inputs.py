@@ -323,3 +323,39 @@ def test_zz_docs_table_is_generated_from_these_cases():
     doc = (REPO / "docs" / "RELIABILITY.md").read_text(encoding="utf-8")
     for case in cases.FILE_CASES:
         assert case.name in doc
+
+
+def test_generated_cli_reports(inprocess_server, tmp_path, capsys):
+    """`fasttextdiff segment --report TEXT` / `--report-file` on a good image: exit 0 with a mask, or
+    exit 2 with `error:` (a report that is not Unicode/UTF-8 text); never a traceback."""
+    from fasttextdiff.cli import main
+
+    model = str(inprocess_server.app.paths.served_model_dir())
+    image = tmp_path / "good.png"
+    image.write_bytes(cases.png_bytes(32, 32))
+
+    @HYPO
+    @given(text=st.one_of(st.text(max_size=80), st.sampled_from(["caf\udce9", "\x00\x1b[2J", "x" * 20000])),
+           raw=st.one_of(st.none(), st.binary(max_size=40)))
+    def run(text, raw):
+        out = tmp_path / "mask.png"
+        out.unlink(missing_ok=True)
+        args = ["segment", str(image), "--model", model, "--out", str(out), "--n-noise", "1"]
+        if raw is not None:
+            (tmp_path / "report.txt").write_bytes(raw)
+            args += ["--report-file", str(tmp_path / "report.txt")]
+        else:
+            args += ["--report", text]
+        rc = main(args)
+        err = capsys.readouterr().err
+        assert rc in (0, 2) and "Traceback" not in err, (rc, err[-500:])
+        assert (rc == 0) == out.exists()
+        if raw is not None:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                assert rc == 2 and "not UTF-8" in err
+        elif any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+            assert rc == 2 and "error:" in err
+
+    run()
