@@ -72,3 +72,35 @@ def test_make_serve_and_the_docs_bind_loopback():
         for line in text.splitlines():
             if "start_server" in line and "--host" in line:
                 assert "--host 127.0.0.1" in line or "MONAI_LABEL_AUTH_ENABLE" in text, (doc, line)
+
+
+def test_report_text_is_redacted_from_any_logger_that_reaches_the_server_log(tmp_path):
+    """The server's log handlers redact `text` values whatever logger the record comes from
+    (MONAI Label's known request loggers, their children, or any library's)."""
+    import logging
+
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        from lib import redact
+    finally:
+        sys.path.remove(str(APP_DIR))
+    log_file = tmp_path / "app.log"
+    handler = logging.FileHandler(log_file)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        redact.install()
+        secret = "Patient Max Mustermann, 1960-01-01, mass in the left kidney."
+        logging.getLogger("monailabel.endpoints.infer").info("Infer Request: %s", {"model": "m", "text": secret})
+        logging.getLogger("monailabel.endpoints.infer.sub").info("params: %s", {"text": secret})
+        logging.getLogger("some.library").info('payload {"text": "%s", "n": 1}', secret)
+        handler.flush()
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+    written = log_file.read_text()
+    assert written.count("<report: ") == 3, written
+    assert "Mustermann" not in written

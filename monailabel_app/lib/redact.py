@@ -68,8 +68,14 @@ _FILTER = ReportRedactionFilter()
 
 
 def install(extra: tuple[str, ...] = ()) -> None:
-    """Attach the filter to MONAI Label's request-logging loggers (idempotent)."""
+    """Attach the filter to MONAI Label's request-logging loggers and to the handlers that write
+    the server's log (console, app.log), so a record from any other logger is redacted too
+    (a logger's filter does not see its children's records; a handler's does). Idempotent."""
     for name in LOGGERS + tuple(extra):
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access", "monailabel"):
+        for handler in logging.getLogger(name).handlers:
+            if _FILTER not in handler.filters:
+                handler.addFilter(_FILTER)
