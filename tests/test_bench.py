@@ -1,0 +1,84 @@
+"""Smoke test of the benchmarks: each script's smallest configuration end to end (real data files,
+real MONAI U-Net, real diffusers/transformers models), checking the JSON schema and that every
+number is finite. Sizes are cut to the bone so the whole module stays well under two minutes on
+two CPU cores; the figures it produces mean nothing and are written to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+pytestmark = pytest.mark.timeout(110)  # each test; the module is ~1 minute on a loaded 2-core machine
+
+TINY_ACCURACY = ["--quick", "--budgets", "0.25", "--pretrain-steps", "2", "--epochs", "1", "--min-steps", "0",
+                 "--widths", "8", "16", "--fusion-dim", "8", "--no-plot"]
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_accuracy(path: Path, dataset: str) -> dict:
+    data = json.loads(path.read_text())
+    assert data["dataset"] == dataset and data["complete"] is True
+    methods = {r["method"] for r in data["results"]}
+    assert methods == {"fasttextdiff", "no_text", "bert_text", "unet"}
+    for row in data["results"]:
+        for key in ("labeled_fraction", "dice_mean", "dice_std", "iou_mean", "iou_std"):
+            assert _finite(row[key]), (key, row)
+        assert 0 <= row["dice_mean"] <= 1 and 0 <= row["iou_mean"] <= 1
+        assert row["seeds"] == [0]
+    assert (path.with_suffix(".md")).is_file()
+    return data
+
+
+def test_accuracy_text_necessary_smallest(tmp_path):
+    import accuracy
+
+    accuracy.main(TINY_ACCURACY + ["--dataset", "text-necessary", "--size", "32", "--n-train", "8", "--n-val", "2",
+                                   "--n-test", "2", "--out", str(tmp_path)])
+    data = _check_accuracy(tmp_path / "accuracy_text-necessary_quick.json", "text-necessary")
+    assert data["acceptance"]["checks"], "criterion-2 checks are computed for budgets <= 25 %"
+
+
+def test_accuracy_nuclei_smallest(tmp_path):
+    import accuracy
+
+    accuracy.main(TINY_ACCURACY + ["--dataset", "nuclei", "--out", str(tmp_path)])
+    data = _check_accuracy(tmp_path / "accuracy_nuclei_quick.json", "nuclei")
+    assert data["split_sizes"] == [32, 8, 24]  # 64 non-overlapping 64 px tiles of the 512x512 image
+    assert data["window"] == [127.5, 255.0]
+
+
+def test_nuclei_tiles_do_not_overlap(tmp_path):
+    import nuclei
+
+    root = nuclei.make_nuclei_dataset(tmp_path / "tiles", tile=128)
+    record = json.loads((root / "tiles.json").read_text())
+    cells = [(t["row"], t["col"]) for t in record["tiles"]]
+    assert len(cells) == len(set(cells)) == 16
+    assert {t["split"] for t in record["tiles"]} == {"train", "val", "test"}
+    assert all(t["report"].startswith("Fluorescence microscopy tile") for t in record["tiles"])
+
+
+def test_speed_smallest(tmp_path):
+    import speed
+
+    speed.main(["--tiny", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "speed.json").read_text())
+    for key in ("train_speedup_vs_textdiff_style", "infer_speedup_vs_iterative"):
+        assert _finite(data[key]) and data[key] > 0, key
+    assert _finite(data["matmul"]["gflops_best"])
+    flops = data["inference"]["flops"]
+    assert all(isinstance(v, int) and v > 0 for v in flops.values())
+    assert _finite(data["inference"]["volume"]["ours_n_noise_1"]["min_s"])
+    assert data["gpu"]["measured"] in (True, False)
+    assert (tmp_path / "speed.md").is_file() and (tmp_path / "speed.png").is_file()
