@@ -156,6 +156,36 @@ def test_corrupt_or_truncated_model_files_are_refused_with_a_clear_message(tiny_
         assert isinstance(info.value, (CheckpointError, FastTextDiffError)) and name.split("/")[-1] in str(info.value)
 
 
+def test_server_answers_503_with_the_reason_for_a_corrupt_served_model(tiny_model_root, tmp_path):
+    import requests
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny_model_root, root, symlinks=True)
+    _flip_byte((root / "current").resolve() / "segmenter.safetensors")
+    studies = make_tiny_studies(tmp_path / "studies", n_2d=2, n_3d=0, n_labeled=1, seed=7)
+    conf = dict(TINY_CONF, model_dir=str(root), prepare_default_model="false", state_dir=str(tmp_path / "state"))
+    server = InProcessServer(studies, conf).start()
+    try:
+        r = requests.post(f"{server.url}/infer/fasttextdiff?image=cxr_000&output=json", timeout=120)
+        assert r.status_code == 503, r.text
+        assert "model is not available" in r.json()["detail"] and "checksum" in r.json()["detail"]
+        assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200  # the server itself is fine
+    finally:
+        server.stop()
+
+
+def test_corrupt_resume_state_starts_over(tiny_dataset, tiny_backbone, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    out = tmp_path / "model"
+    _start_and_kill_training(data, tiny_backbone, out, min_epoch=1)
+    _truncate(out.with_name("model.resume") / "model.safetensors")
+    with caplog.at_level(logging.INFO, logger="fasttextdiff.train"):
+        metrics = _train_in_process(data, tiny_backbone, out, epochs=1)
+    assert "ignoring unreadable resume state" in caplog.text and "resuming" not in caplog.text
+    assert metrics["epochs"] == 1 and (out / "segmenter.safetensors").is_file()
+
+
 def test_corrupt_text_cache_files_are_detected_and_rebuilt(tmp_path, caplog):
     from fasttextdiff.config import TextConfig
     from fasttextdiff.text import TextEncoder

@@ -28,7 +28,7 @@ from server_fixtures import REPO, inprocess_server, tiny_studies  # noqa: F401 -
 pytestmark = pytest.mark.server
 
 OBSERVED: dict[str, tuple[int | str, str]] = {}
-HYPO = settings(max_examples=12, deadline=None, derandomize=True,
+HYPO = settings(max_examples=12, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 IMAGE = "cxr_000"  # an image of the tiny studies
 
