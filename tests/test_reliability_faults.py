@@ -559,3 +559,25 @@ def test_disk_full_on_label_save_keeps_the_previous_label(tmpfs, tiny_model_root
         assert stored.read_bytes() == second.read_bytes()
     finally:
         server.stop()
+
+
+def test_partial_files_of_a_killed_write_are_cleaned_up_on_start(tiny_model_root, tmp_path):
+    """A process killed mid-write leaves `.<name>.<random>.partial` (never the label itself); the
+    next start removes old ones and leaves a young one (another process may be writing it)."""
+    studies = make_tiny_studies(tmp_path / "studies", n_2d=2, n_3d=0, n_labeled=1, seed=8)
+    final = studies / "labels" / "final"
+    old = final / ".cxr_000.png.k1ll3d.partial"
+    young = final / ".cxr_001.png.inprog.partial"
+    for path in (old, young):
+        path.write_bytes(b"\x89PNG half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    labels_before = sorted(p.name for p in final.iterdir() if not p.name.startswith("."))
+    conf = dict(TINY_CONF, model_dir=str(tiny_model_root), prepare_default_model="false",
+                state_dir=str(tmp_path / "state"))
+    server = InProcessServer(studies, conf).start()
+    try:
+        assert not old.exists() and young.exists()
+        assert sorted(p.name for p in final.iterdir() if not p.name.startswith(".")) == labels_before
+        assert sorted(server.client().datastore()["objects"]) == ["cxr_000", "cxr_001"]
+    finally:
+        server.stop()

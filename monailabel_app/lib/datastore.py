@@ -49,6 +49,27 @@ class FastTextDiffDatastore(LocalDatastore):
         self.max_text_bytes = max_text_bytes
         self._mutex = threading.RLock()
         super().__init__(*args, **kwargs)
+        if not kwargs.get("read_only"):
+            self.remove_stale_partials()
+
+    def remove_stale_partials(self, older_than_s: float = 3600.0) -> int:
+        """Delete temp files (`.<name>.<random>.partial`) that a killed process left behind.
+        Only old ones: a younger one may belong to a write in progress in another process."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for folder, _, files in os.walk(self._datastore_path):
+            for name in files:
+                if name.startswith(".") and name.endswith(".partial"):
+                    path = os.path.join(folder, name)
+                    try:
+                        if os.stat(path).st_mtime < cutoff:
+                            os.unlink(path)
+                            removed += 1
+                    except OSError:
+                        pass
+        if removed:
+            logger.info("removed %d stale partial file(s) of interrupted writes from the datastore", removed)
+        return removed
 
     # -------------------------------------------------------------- atomic files
     @staticmethod
@@ -179,17 +200,17 @@ class FastTextDiffDatastore(LocalDatastore):
             previous = self._datastore.objects.get(image_id)
             try:
                 self._atomic_copy(image_filename, dest)
-                info = dict(info, ts=int(time.time()), name=name)
-                if previous is not None:  # re-upload: keep the labels of this image
-                    previous.image = DataModel(info=info, ext=ext)
-                else:
-                    from monailabel.datastore.local import ImageLabelModel
+                from monailabel.datastore.local import ImageLabelModel
 
-                    self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+                info = dict(info, ts=int(time.time()), name=name)
+                # as MONAI Label does: a re-upload replaces the record (label files stay on disk)
+                self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
                 self._update_datastore_file(lock=False)
             except OSError as exc:
                 if previous is None:
                     self._datastore.objects.pop(image_id, None)
+                else:
+                    self._datastore.objects[image_id] = previous
                 raise self._storage_error(exc, f"image {image_id!r}") from exc
         logger.info("added image %s (%s)", image_id, name)
         return image_id
