@@ -201,4 +201,7 @@ class FastTextDiffApp(MONAILabelApp):
 
         harden(module.app, threaded_infer=self.app_conf.threaded_infer,
                max_body_bytes=self.app_conf.max_upload_mb * 1024 * 1024)
+        from lib.security import fix_token_validation
+
+        fix_token_validation(module.app)
 

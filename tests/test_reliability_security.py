@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from server_fixtures import APP_DIR, REPO, make_tiny_studies
+from server_fixtures import APP_DIR, REPO, make_tiny_studies, tiny_model_root  # noqa: F401 - pytest fixture
 
 
 @pytest.fixture()
@@ -104,3 +104,129 @@ def test_report_text_is_redacted_from_any_logger_that_reaches_the_server_log(tmp
     written = log_file.read_text()
     assert written.count("<report: ") == 3, written
     assert "Mustermann" not in written
+
+
+# ------------------------------------------------------------------------------ authentication on
+@pytest.fixture(scope="module")
+def realm():
+    """A stand-in for a Keycloak realm on 127.0.0.1: it publishes an RSA public key, the test signs
+    tokens with the private key (what Keycloak does after a login)."""
+    import base64
+    import http.server
+    import json
+    import threading
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    body = json.dumps({"realm": "test", "public_key": base64.b64encode(der).decode()}).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    yield {"uri": f"http://127.0.0.1:{httpd.server_address[1]}/realms/test", "key": key, "public_pem": pem}
+    httpd.shutdown()
+
+
+def _token(realm, roles, username="someone", exp_in=600, key=None) -> str:
+    import time
+
+    import jwt
+
+    claims = {"preferred_username": username, "realm_access": {"roles": roles}, "exp": int(time.time()) + exp_in}
+    return jwt.encode(claims, key or realm["key"], algorithm="RS256")
+
+
+def _hs256_with_public_key(realm, roles) -> str:
+    """The algorithm-confusion attack: HMAC-sign with the (public) key the server verifies with."""
+    import base64
+    import hashlib
+    import hmac
+    import json
+    import time
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps({"preferred_username": "mallory", "realm_access": {"roles": roles},
+                           "exp": int(time.time()) + 600}).encode())
+    sig = hmac.new(realm["public_pem"], f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+@pytest.fixture(scope="module")
+def auth_server(realm, tmp_path_factory, tiny_model_root):
+    import os
+    import subprocess
+
+    from server_fixtures import TINY_CONF, SubprocessServer, _server_env, wait_for
+
+    root = tmp_path_factory.mktemp("auth")
+    studies = make_tiny_studies(root / "studies", n_2d=3, n_3d=0, n_labeled=1, seed=9)
+    conf = dict(TINY_CONF, model_dir=str(tiny_model_root), prepare_default_model="false", state_dir=str(root / "state"))
+    server = SubprocessServer(studies, conf, root / "server.log")
+    env = _server_env(studies, conf, server.port)
+    env.update(MONAI_LABEL_AUTH_ENABLE="true", MONAI_LABEL_AUTH_REALM_URI=realm["uri"])
+    server._log = open(server.log_path, "wb")
+    server.proc = subprocess.Popen(server.command(), stdout=server._log, stderr=subprocess.STDOUT, env=env,
+                                   cwd=str(REPO), start_new_session=True)
+    import requests
+
+    def up():
+        assert server.proc.poll() is None, server.log_tail()
+        return requests.get(f"{server.url}/auth/", timeout=5).json().get("enabled") is True
+
+    try:
+        wait_for(up, 180, 0.5, "the server with authentication on")
+        yield server
+    finally:
+        server.stop()
+        os.environ.pop("MONAI_LABEL_AUTH_ENABLE", None)
+
+
+def test_with_authentication_on_tokens_and_roles_are_enforced_on_the_apps_routes(auth_server, realm):
+    """MONAI Label's auth (RBAC) still guards the routes the app re-registered, and valid realm
+    tokens work (MONAI Label 0.8.5 alone rejects every token under PyJWT 2)."""
+    import requests
+
+    from reliability_cases import png_bytes
+
+    url = auth_server.url
+    user, annotator, admin = (_token(realm, [r]) for r in ("monailabel-user", "monailabel-annotator", "monailabel-admin"))
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    forged = _token(realm, ["monailabel-admin"], key=rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+    def call(method, path, token=None, **kw):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return requests.request(method, url + path, headers=headers, timeout=120, **kw).status_code
+
+    label = {"label": ("l.png", png_bytes(32, 32))}
+    assert call("GET", "/info/") == 401
+    assert call("POST", "/infer/fasttextdiff?image=cxr_000&output=json") == 401
+    assert call("GET", "/datastore/image/info?image=cxr_000") == 401
+    for bad in (forged, _token(realm, ["monailabel-admin"], exp_in=-60), _hs256_with_public_key(realm, ["monailabel-admin"]),
+                "not-a-jwt"):
+        assert call("GET", "/info/", bad) == 401
+        assert call("PUT", "/datastore/label?image=cxr_000&tag=final", bad, files=label) == 401
+    assert call("GET", "/info/", user) == 200
+    assert call("POST", "/infer/fasttextdiff?image=cxr_000&output=json", user) == 200
+    assert call("PUT", "/datastore/label?image=cxr_000&tag=final", user, files=label) == 403
+    assert call("POST", "/train/fasttextdiff?run_sync=true", annotator, json={"max_epochs": -1}) == 403
+    assert call("PUT", "/datastore/label?image=cxr_000&tag=final", annotator, files=label) == 200
+    assert call("POST", "/train/fasttextdiff?run_sync=true", admin, json={"max_epochs": -1}) == 400  # admin reaches the check

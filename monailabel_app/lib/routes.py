@@ -276,7 +276,9 @@ def _walk(router: Any, threaded_infer: bool, seen: set[int]) -> int:
         if threaded_infer and endpoint is infer_endpoints.api_run_inference:
             in_thread = infer_endpoints.run_inference
         form_route = any(route.path.endswith(p) for p in _FORM_ROUTES) and bool({"PUT", "POST"} & set(route.methods))
-        fresh = APIRouter(route_class=_Utf8FormRoute) if form_route else APIRouter()
+        # the app's dependency_overrides must reach the new route (the auth fix in lib/security.py)
+        provider = getattr(route, "dependency_overrides_provider", None)
+        fresh = APIRouter(route_class=_Utf8FormRoute if form_route else APIRoute, dependency_overrides_provider=provider)
         fresh.add_api_route(
             route.path,
             _wrap(endpoint, in_thread),
