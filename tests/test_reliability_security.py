@@ -169,23 +169,21 @@ def _hs256_with_public_key(realm, roles) -> str:
     return f"{head}.{body}.{b64(sig)}"
 
 
-@pytest.fixture(scope="module")
-def auth_server(realm, tmp_path_factory, tiny_model_root):
-    import os
+def _start_auth_server(realm_uri: str, root, model_root):
     import subprocess
+
+    import requests
 
     from server_fixtures import TINY_CONF, SubprocessServer, _server_env, wait_for
 
-    root = tmp_path_factory.mktemp("auth")
     studies = make_tiny_studies(root / "studies", n_2d=3, n_3d=0, n_labeled=1, seed=9)
-    conf = dict(TINY_CONF, model_dir=str(tiny_model_root), prepare_default_model="false", state_dir=str(root / "state"))
+    conf = dict(TINY_CONF, model_dir=str(model_root), prepare_default_model="false", state_dir=str(root / "state"))
     server = SubprocessServer(studies, conf, root / "server.log")
     env = _server_env(studies, conf, server.port)
-    env.update(MONAI_LABEL_AUTH_ENABLE="true", MONAI_LABEL_AUTH_REALM_URI=realm["uri"])
+    env.update(MONAI_LABEL_AUTH_ENABLE="true", MONAI_LABEL_AUTH_REALM_URI=realm_uri, MONAI_LABEL_AUTH_TIMEOUT="3")
     server._log = open(server.log_path, "wb")
     server.proc = subprocess.Popen(server.command(), stdout=server._log, stderr=subprocess.STDOUT, env=env,
                                    cwd=str(REPO), start_new_session=True)
-    import requests
 
     def up():
         assert server.proc.poll() is None, server.log_tail()
@@ -193,10 +191,34 @@ def auth_server(realm, tmp_path_factory, tiny_model_root):
 
     try:
         wait_for(up, 180, 0.5, "the server with authentication on")
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def auth_server(realm, tmp_path_factory, tiny_model_root):
+    server = _start_auth_server(realm["uri"], tmp_path_factory.mktemp("auth"), tiny_model_root)
+    try:
         yield server
     finally:
         server.stop()
-        os.environ.pop("MONAI_LABEL_AUTH_ENABLE", None)
+
+
+def test_with_authentication_on_an_unreachable_realm_fails_closed(realm, tmp_path, tiny_model_root):
+    import requests
+
+    from server_fixtures import free_port
+
+    server = _start_auth_server(f"http://127.0.0.1:{free_port()}/realms/gone", tmp_path, tiny_model_root)
+    try:
+        r = requests.get(f"{server.url}/info/", headers={"Authorization": f"Bearer {_token(realm, ['monailabel-admin'])}"},
+                         timeout=60)
+        assert r.status_code == 503 and "authentication server" in r.json()["detail"]
+        assert requests.get(f"{server.url}/info/", timeout=60).status_code == 401
+    finally:
+        server.stop()
 
 
 def test_with_authentication_on_tokens_and_roles_are_enforced_on_the_apps_routes(auth_server, realm):
