@@ -23,7 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reliability_cases as cases
-from server_fixtures import REPO, inprocess_server, tiny_studies  # noqa: F401 - pytest fixtures
+from server_fixtures import REPO, TINY_CONF, InProcessServer, tiny_studies, wait_model_ready  # noqa: F401
+
+UPLOAD_LIMIT_MB = 2  # small, so that the limit itself can be tested without sending a gigabyte
 
 pytestmark = pytest.mark.server
 
@@ -74,6 +76,18 @@ def _check(group: str, name: str, response, expect: int, words: tuple[str, ...])
     assert response.status_code == expect, f"{group} / {name}: {response.status_code} {reason}"
     if words:
         assert any(w.lower() in reason.lower() for w in words), f"{group} / {name}: {reason!r} lacks {words}"
+
+
+@pytest.fixture(scope="module")
+def inprocess_server(tiny_studies, tmp_path_factory):
+    """The real server on 127.0.0.1, building its tiny default model, with a 2 MiB upload limit."""
+    conf = dict(TINY_CONF, state_dir=str(tmp_path_factory.mktemp("state")), max_upload_mb=str(UPLOAD_LIMIT_MB))
+    server = InProcessServer(tiny_studies, conf).start()
+    try:
+        wait_model_ready(server.url, timeout=300)
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +305,34 @@ def test_path_traversal_ids_and_tags_are_refused(inprocess_server, tmp_path):
     assert not Path("/tmp/escaped").exists() and not Path("/tmp/escaped.png").exists()
 
 
+def test_upload_limit_holds_for_streamed_bodies_and_allows_bodies_below_it(inprocess_server):
+    """Chunked (no Content-Length) bodies are cut off at the limit; a valid image just below it is stored."""
+    requests = _requests()
+    limit = UPLOAD_LIMIT_MB * 2**20
+    boundary = "b0undary"
+
+    def body(total: int):
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\n").encode()
+        yield head
+        sent = len(head)
+        while sent < total:
+            block = b"\0" * min(1 << 16, total - sent)
+            sent += len(block)
+            yield block
+
+    r = requests.put(f"{inprocess_server.url}/datastore/image?image=streamed", data=body(limit + 2**20),
+                     headers={"content-type": f"multipart/form-data; boundary={boundary}"}, timeout=60)
+    OBSERVED["upload image: streamed (chunked) body over the upload limit"] = (r.status_code, _reason(r))
+    assert r.status_code == 413 and "upload limit" in _reason(r)
+    big = cases.png_bytes(1100, 1100, seed=5)  # ~1.2 MB of noise: under the limit, over Starlette's 1 MB spool
+    assert 2**20 < len(big) < limit
+    r = requests.put(f"{inprocess_server.url}/datastore/image?image=big_ok", files={"file": ("big.png", big)}, timeout=60)
+    assert r.status_code == 200, _reason(r)
+    stored = inprocess_server.studies / "big_ok.png"
+    assert stored.read_bytes() == big
+    requests.delete(f"{inprocess_server.url}/datastore/image?id=big_ok", timeout=60).raise_for_status()
+
+
 def test_oversized_upload_is_refused_before_it_is_read(inprocess_server):
     """A body over --conf max_upload_mb gets 413 from its Content-Length (nothing is buffered)."""
     import http.client
@@ -315,7 +357,7 @@ def test_zz_docs_table_is_generated_from_these_cases():
     if not expected <= {k.split(":")[0] for k in OBSERVED}:
         pytest.skip("run the whole module to regenerate the table")
     table = cases.markdown(OBSERVED)
-    extra = [k for k in OBSERVED if k.startswith("upload image: body")]
+    extra = [k for k in OBSERVED if k.startswith(("upload image: body", "upload image: streamed"))]
     for key in extra:
         status, reason = OBSERVED[key]
         table += f"| upload image | {key.split(': ', 1)[1]} | {status} | {reason} |\n"

@@ -156,95 +156,139 @@ _FORM_ROUTES = ("/infer/{model}", "/datastore/image", "/datastore/image/info", "
                 "/datastore/label/info", "/datastore/")
 
 
-def non_utf8_form_field(content_type: bytes, body: bytes) -> str | None:
-    """The reason a multipart body is refused (a form field that is not UTF-8), or None.
+class FormFieldChecker:
+    """Streams a multipart body and finds the first non-file form field that is not UTF-8.
 
     Starlette decodes an undecodable form field as Latin-1 and carries on, so a report sent in a
-    wrong encoding would be stored as mojibake; so the raw field bytes are checked first.
+    wrong encoding would be stored as mojibake; so the raw field bytes are checked first, with an
+    incremental decoder per field (constant memory, however large the body).
     """
-    from python_multipart.multipart import MultipartParser, parse_options_header
 
-    ctype, options = parse_options_header(content_type)
-    if ctype != b"multipart/form-data" or b"boundary" not in options:
-        return None
-    fields: list[list] = []
-    state: dict[str, Any] = {"header": b"", "is_file": False, "field": None}
+    def __init__(self, content_type: bytes):
+        import codecs
 
-    def on_part_begin():
-        state.update(is_file=False, field=[b"", []])
+        from python_multipart.multipart import MultipartParser, parse_options_header
 
-    def on_header_field(data, start, end):
-        state["header"] = data[start:end].lower()
+        ctype, options = parse_options_header(content_type)
+        self.reason: str | None = None
+        self.parser = None
+        if ctype != b"multipart/form-data" or b"boundary" not in options:
+            return
+        state: dict[str, Any] = {"header": b"", "name": b"", "decoder": None}
 
-    def on_header_value(data, start, end):
-        if state["header"] == b"content-disposition":
-            state["field"][0] = data[start:end]
-            state["is_file"] = b"filename=" in data[start:end]
+        def fail(exc: UnicodeDecodeError) -> None:
+            if self.reason is None:
+                name = state["name"].split(b"name=")[-1].split(b";")[0].strip(b'"').decode("latin-1")[:40]
+                self.reason = f"form field {name!r} is not valid UTF-8 ({exc.reason} at byte {state['offset'] + exc.start})"
+            state["decoder"] = None
 
-    def on_part_data(data, start, end):
-        if not state["is_file"]:
-            state["field"][1].append(data[start:end])
+        def on_part_begin():
+            state.update(name=b"", decoder=codecs.getincrementaldecoder("utf-8")(), offset=0)
 
-    def on_part_end():
-        if not state["is_file"]:
-            fields.append(state["field"])
+        def on_header_field(data, start, end):
+            state["header"] = data[start:end].lower()
 
-    parser = MultipartParser(options[b"boundary"], {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
-        "on_header_value": on_header_value, "on_part_data": on_part_data, "on_part_end": on_part_end})
-    try:
-        parser.write(body)
-        parser.finalize()
-    except Exception:  # noqa: BLE001 - malformed bodies are left to Starlette's own checks
-        return None
-    for disposition, parts in fields:
-        try:
-            b"".join(parts).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            name = disposition.split(b"name=")[-1].split(b";")[0].strip(b'"').decode("latin-1")[:40]
-            return f"form field {name!r} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
-    return None
+        def on_header_value(data, start, end):
+            if state["header"] == b"content-disposition":
+                state["name"] = data[start:end]
+                if b"filename=" in data[start:end]:
+                    state["decoder"] = None  # a file: any bytes
+
+        def on_part_data(data, start, end):
+            if state["decoder"] is not None:
+                try:
+                    state["decoder"].decode(data[start:end])
+                    state["offset"] += end - start
+                except UnicodeDecodeError as exc:
+                    fail(exc)
+
+        def on_part_end():
+            if state["decoder"] is not None:
+                try:
+                    state["decoder"].decode(b"", final=True)
+                except UnicodeDecodeError as exc:
+                    fail(exc)
+
+        self.parser = MultipartParser(options[b"boundary"], {
+            "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+            "on_header_value": on_header_value, "on_part_data": on_part_data, "on_part_end": on_part_end})
+
+    def write(self, chunk: bytes) -> None:
+        if self.parser is not None and self.reason is None:
+            try:
+                self.parser.write(chunk)
+            except Exception:  # noqa: BLE001 - malformed bodies are left to Starlette's own checks
+                self.parser = None
+
+    def finish(self) -> str | None:
+        if self.parser is not None and self.reason is None:
+            try:
+                self.parser.finalize()
+            except Exception:  # noqa: BLE001
+                return None
+        return self.reason
+
+
+def non_utf8_form_field(content_type: bytes, body: bytes) -> str | None:
+    """The reason a multipart body is refused (a form field that is not UTF-8), or None."""
+    checker = FormFieldChecker(content_type)
+    checker.write(body)
+    return checker.finish()
 
 
 # largest request body accepted on the form routes (uploads); set by `harden` from --conf max_upload_mb
 MAX_BODY_BYTES = [1024 * 1024 * 1024]
-
-
-async def _bounded_body(request, limit: int) -> bytes | None:
-    """The request body, or None as soon as it exceeds `limit` bytes (declared or streamed)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # Starlette's cache: the form parser reads it again from memory
-    return body
+SPOOL_IN_MEMORY = 4 * 1024 * 1024  # larger bodies are spooled to a temp file, not held in memory
 
 
 class _Utf8FormRoute(APIRoute):
-    """An APIRoute whose handler reads the raw body first (bounded by --conf max_upload_mb) and
-    refuses non-UTF-8 form fields."""
+    """An APIRoute whose handler reads the raw body first, bounded by --conf max_upload_mb and
+    spooled to disk beyond a few MiB, refuses non-UTF-8 form fields, then replays the body to
+    MONAI Label's endpoint."""
 
     def get_route_handler(self) -> Callable:
         inner = super().get_route_handler()
 
         async def handler(request):
+            import tempfile
+
+            from starlette.requests import Request
             from starlette.responses import JSONResponse
 
             limit = MAX_BODY_BYTES[0]
-            body = await _bounded_body(request, limit)
-            if body is None:
-                return JSONResponse({"detail": f"request body is larger than the upload limit of {limit // 2**20} MiB "
-                                               "(--conf max_upload_mb)"}, status_code=413)
-            reason = non_utf8_form_field(request.headers.get("content-type", "").encode("latin-1"), body)
-            if reason:
-                return JSONResponse({"detail": reason}, status_code=400)
-            return await inner(request)
+            too_big = JSONResponse({"detail": f"request body is larger than the upload limit of {limit // 2**20} MiB "
+                                              "(--conf max_upload_mb)"}, status_code=413)
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                return too_big
+            checker = FormFieldChecker(request.headers.get("content-type", "").encode("latin-1"))
+            spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+            try:
+                size = 0
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        return too_big
+                    spool.write(chunk)
+                    checker.write(chunk)
+                reason = checker.finish()
+                if reason:
+                    return JSONResponse({"detail": reason}, status_code=400)
+                spool.seek(0)
+                original_receive = request.receive
+
+                async def replay():
+                    if spool.tell() < size:
+                        data = spool.read(1 << 20)
+                        return {"type": "http.request", "body": data, "more_body": spool.tell() < size}
+                    if size == 0 and not getattr(replay, "sent_empty", False):
+                        replay.sent_empty = True
+                        return {"type": "http.request", "body": b"", "more_body": False}
+                    return await original_receive()  # after the body: wait for the disconnect
+
+                return await inner(Request(request.scope, replay))
+            finally:
+                spool.close()
 
         return handler
 
