@@ -431,6 +431,17 @@ def test_two_processes_writing_the_datastore_lose_no_update(fault_server):
         assert info.get("other_process") == 9, (image, info)
         assert info.get("from_http") == sent - 1, (image, info)
 
+    # and the server sees another process's writes without writing anything itself (auto-reload)
+    late = script.replace("for i in range(10):", "for i in [-1]:").replace('"other_process"', '"late_write"')
+    assert subprocess.run([sys.executable, "-c", late], env=dict(os.environ, PYTHONPATH=str(REPO / "lib")),
+                          timeout=120).returncode == 0
+
+    def server_sees_them():
+        return all(requests.get(f"{fault_server.url}/datastore/image/info?image={image}", timeout=30).json()
+                   .get("late_write") == -1 for image in ids)
+
+    wait_for(server_sees_them, 20, 0.5, "the server to reload the other process's writes")
+
 
 def test_server_killed_while_training_restarts_without_a_stuck_running_state(fault_server):
     import requests

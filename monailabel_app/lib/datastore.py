@@ -49,8 +49,20 @@ class FastTextDiffDatastore(LocalDatastore):
         self.max_text_bytes = max_text_bytes
         self._mutex = threading.RLock()
         super().__init__(*args, **kwargs)
+        handler = getattr(self, "_handler", None)
+        if handler is not None:  # auto-reload: files now arrive by rename, which the stock handler ignores
+            handler.on_moved = self._on_moved_event
         if not kwargs.get("read_only"):
             self.remove_stale_partials()
+
+    def _on_moved_event(self, event) -> None:
+        """A file renamed into place: datastore_v2.json written by another process (reload it), or an
+        image/label (rescan, as MONAI Label does for a created file)."""
+        dest = getattr(event, "dest_path", "")
+        if dest == self._datastore_config_path:
+            self._init_from_datastore_file()
+        elif dest and not os.path.basename(dest).startswith("."):
+            self._on_any_event(event)
 
     def remove_stale_partials(self, older_than_s: float = 3600.0) -> int:
         """Delete temp files (`.<name>.<random>.partial`) that a killed process left behind.
