@@ -32,6 +32,7 @@ Nothing is tuned on the test split.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shlex
 import shutil
@@ -229,6 +230,22 @@ def acceptance(dataset: str, results: list[dict]) -> dict:
     return {"checks": checks, "all_hold": all(c["holds"] for c in checks) if checks else None}
 
 
+def pivot_table(result: dict, metric: str = "dice") -> str:
+    """Budgets down, methods across: the curve as one compact table (the README quotes it)."""
+    table = {(r["method"], r["labeled_fraction"]): r for r in result["results"]}
+    methods = [m for m in METHODS if any(k[0] == m for k in table)]
+    fractions = sorted({k[1] for k in table})
+    rows = []
+    for f in fractions:
+        images = next(table[(m, f)]["labeled_images"] for m in methods if (m, f) in table)
+        cells = [f"{100 * f:g} % ({images})"]
+        for m in methods:
+            r = table.get((m, f))
+            cells.append(f"{r[metric + '_mean']:.3f} ± {r[metric + '_std']:.3f}" if r else "")
+        rows.append(cells)
+    return common.markdown_table(["labeled (images)"] + methods, rows, ["---"] + ["---:"] * len(methods))
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Label efficiency: {result['dataset']}", "",
              f"Command: `{result['command']}`  ",
@@ -238,6 +255,8 @@ def markdown(result: dict) -> str:
              f"(a shared machine: seconds are noisy, Dice is not).  ",
              f"Seeds: {list(result['plan']['seeds'])}; wall time {result['seconds'] / 60:.1f} min"
              + (" (`--quick`: fewer budgets/seeds than the full run)." if result["quick"] else "."), ""]
+    lines += ["Test Dice, mean ± std over seeds (rows: labeled share of the training split):", "", pivot_table(result), "",
+              "All runs:", ""]
     rows = []
     for r in result["results"]:
         rows.append([r["method"], f"{100 * r['labeled_fraction']:g} %", r["labeled_images"],
@@ -332,7 +351,14 @@ def main(argv: list[str] | None = None) -> dict:
                       ("fusion-dim", int), ("n-train", int), ("n-val", int), ("n-test", int)):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only rewrite the .md and .png next to an existing results JSON (no training)")
     args = p.parse_args(argv)
+    if args.render:
+        result = json.loads(args.render.read_text())
+        stem = args.render.stem.removeprefix("accuracy_")
+        write_outputs(result, args.render.parent, stem, plot=not args.no_plot)
+        return result
     common.set_threads(args.threads)
     plan = build_plan(args)
     command = "python bench/accuracy.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

@@ -201,6 +201,7 @@ def plot_label_efficiency(result: dict, path: str | os.PathLike) -> Path:
         ax.set_xscale("log")
         ax.set_xticks([100 * f for f in sorted({r["labeled_fraction"] for r in result["results"]})])
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("labeled training images (% of the training split)")
         ax.set_ylabel(f"test {metric.upper() if metric == 'iou' else 'Dice'} (mean ± std over seeds)")
         ax.grid(True, alpha=0.3)
