@@ -16,10 +16,8 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -225,10 +223,5 @@ class IterativeSampler:
         return (x[:, 0] > 0).to(torch.uint8)
 
 
-def mean_or_nan(values: Sequence[float]) -> float:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(values)) if values else float("nan")
-
-
 __all__ = ["build_unet", "train_unet", "evaluate_unet", "textdiff_style_train", "encode_uncached",
-           "IterativeSampler", "n_params", "Path"]
+           "IterativeSampler", "n_params"]

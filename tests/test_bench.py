@@ -58,6 +58,20 @@ def test_accuracy_nuclei_smallest(tmp_path):
     assert data["window"] == [127.5, 255.0]
 
 
+def test_accuracy_user_lvit_path(tmp_path):
+    """--dataset lvit reads any LViT-layout folder (here a small synthetic one written in that layout)."""
+    import accuracy
+    from fasttextdiff.data.synthetic import make_lvit_dataset
+
+    root = make_lvit_dataset(tmp_path / "lvit", variant="standard", n_train=6, n_val=2, n_test=2, size=32, seed=1)
+    accuracy.main(TINY_ACCURACY + ["--dataset", "lvit", "--path", str(root), "--size", "32", "--budgets", "0.5",
+                                   "--methods", "fasttextdiff", "unet", "--name", "mine", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "accuracy_mine.json").read_text())
+    assert data["dataset"] == "lvit" and data["split_sizes"] == [6, 2, 2]
+    assert {r["method"] for r in data["results"]} == {"fasttextdiff", "unet"}
+    assert all(_finite(r["dice_mean"]) for r in data["results"])
+
+
 def test_nuclei_tiles_do_not_overlap(tmp_path):
     import nuclei
 
