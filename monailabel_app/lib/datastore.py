@@ -29,6 +29,7 @@ import threading
 import time
 from typing import Any, Dict
 
+from fasttextdiff.config import atomic_write_bytes
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore
 
@@ -117,19 +118,7 @@ class FastTextDiffDatastore(LocalDatastore):
             self._ignore_event_config = True
             data = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
             path = self._datastore_config_path
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".datastore.", suffix=".partial")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+            atomic_write_bytes(path, data.encode("utf-8"), suffix=".partial")
             self._config_ts = os.stat(path).st_mtime
 
         with self._mutex:
