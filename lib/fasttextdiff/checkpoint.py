@@ -61,12 +61,6 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def has_model(path: str | os.PathLike) -> bool:
-    from .model import MODEL_CONFIG_FILE
-
-    return (resolve_model_dir(path) / MODEL_CONFIG_FILE).is_file()
-
-
 def _prune(versions: Path, keep: int, protect: Path) -> None:
     old = sorted((p for p in versions.iterdir() if p.is_dir() and p != protect), key=lambda p: p.name)
     for p in old[: max(0, len(old) - (keep - 1))]:
