@@ -198,7 +198,7 @@ class IterativeSampler:
     random: the cost of a step does not depend on them (this measures latency, not accuracy).
     """
 
-    def __init__(self, backbone, steps: int = 50, seed: int = 0):
+    def __init__(self, backbone, steps: int = 50, seed: int = 0, device=None):
         from diffusers import DDIMScheduler, UNet2DModel
 
         torch.manual_seed(seed)
@@ -206,6 +206,8 @@ class IterativeSampler:
         config.update(in_channels=backbone.config.in_channels + 1, out_channels=1)
         config = {k: v for k, v in config.items() if not k.startswith("_")}
         self.unet = UNet2DModel.from_config(config).eval().requires_grad_(False)
+        if device is not None:
+            self.unet.to(device)
         self.scheduler = DDIMScheduler(num_train_timesteps=backbone.config.num_train_timesteps,
                                        beta_schedule=backbone.config.beta_schedule)
         self.steps = steps
@@ -216,7 +218,7 @@ class IterativeSampler:
         """images (B, C, H, W) in [-1, 1] -> binary masks (B, H, W) after `steps` DDIM steps."""
         self.scheduler.set_timesteps(self.steps)
         gen = torch.Generator().manual_seed(self.seed)
-        x = torch.randn((images.shape[0], 1, *images.shape[2:]), generator=gen)
+        x = torch.randn((images.shape[0], 1, *images.shape[2:]), generator=gen).to(images.device)
         for t in self.scheduler.timesteps:
             eps = self.unet(torch.cat([x, images], dim=1), t, return_dict=False)[0]
             x = self.scheduler.step(eps, t, x).prev_sample

@@ -210,8 +210,8 @@ def inference_comparison(work: Path, quick: bool, device, size: int = 256, width
     repeats = 4 if quick else 10
     backbone = seg.model.backbone
     x = to_model_input(image2d, size, 1, None).to(seg.device)
-    sampler = baselines.IterativeSampler(backbone, steps=50)
-    t_step = torch.tensor([500])
+    sampler = baselines.IterativeSampler(backbone, steps=50, device=seg.device)
+    t_step = torch.tensor([500], device=seg.device)
 
     def one_step():
         with torch.inference_mode():
@@ -238,7 +238,7 @@ def inference_comparison(work: Path, quick: bool, device, size: int = 256, width
     with torch.inference_mode():
         backbone_flops = flops_of(lambda: backbone.features(x))
         model_flops = flops_of(lambda: seg.model(x, states.states, states.mask))
-        step_flops = flops_of(lambda: sampler.unet(torch.cat([x, x], 1), torch.tensor([500]), return_dict=False))
+        step_flops = flops_of(lambda: sampler.unet(torch.cat([x, x], 1), t_step, return_dict=False))
 
     # 3D volume: 48 x 512 x 512, slice-wise at 256 px, batches of 16 slices
     depth = volume_shape[0]
@@ -247,7 +247,7 @@ def inference_comparison(work: Path, quick: bool, device, size: int = 256, width
     vol = common.time_calls(lambda: seg.segment(volume, report(), n_noise=1), repeats=1 if quick else 3, warmup=0)
     xs = torch.zeros(16, 1, size, size, device=seg.device)
     one_step16 = common.time_calls(
-        lambda: sampler.unet(torch.cat([xs, xs], 1), torch.tensor([500]), return_dict=False), repeats=2 if quick else 3)
+        lambda: sampler.unet(torch.cat([xs, xs], 1), t_step, return_dict=False), repeats=2 if quick else 3)
     vol_iter_1000 = one_step16["min_s"] * (depth / 16) * 1000
     vol_iter_50 = one_step16["min_s"] * (depth / 16) * 50
 
