@@ -11,7 +11,6 @@ the q_sample maths), its on-disk form, and its self-supervised pretraining on un
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -33,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_optimizer_state, optimizer_state_tensors
+from .checkpoint import load_optimizer_state, optimizer_state_tensors, sha256_file
 from .config import BackboneConfig, atomic_write_json
 from .errors import CheckpointError, FastTextDiffError, ModelNotFoundError
 
@@ -197,14 +196,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verify_checksums(directory: Path) -> None:
     """Compare the weights with the sha256 recorded at save time (directories without a record pass)."""
     record_path = directory / CHECKSUMS_NAME
@@ -215,7 +206,7 @@ def _verify_checksums(directory: Path) -> None:
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{path} is listed in {record_path} but missing")
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise CheckpointError(
                 f"{path} does not match the checksum recorded when it was saved: the file is corrupt or was "
                 "modified; restore it or pretrain the backbone again"
@@ -422,7 +413,7 @@ class DiffusionBackbone(nn.Module):
         try:
             self.unet.save_pretrained(staging, safe_serialization=True)
             atomic_write_json(staging / BACKBONE_CONFIG_NAME, self.config.to_dict())
-            atomic_write_json(staging / CHECKSUMS_NAME, {UNET_WEIGHTS_NAME: _sha256(staging / UNET_WEIGHTS_NAME)})
+            atomic_write_json(staging / CHECKSUMS_NAME, {UNET_WEIGHTS_NAME: sha256_file(staging / UNET_WEIGHTS_NAME)})
             _publish_dir(staging, target, keep_foreign=True)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -67,6 +67,17 @@ def _prune(versions: Path, keep: int, protect: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """Checksum of a weights file, recorded at save and compared at load (bit rot, partial copies)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def optimizer_state_tensors(optimizer) -> tuple[dict, dict]:
     """An optimizer's state as (tensors for safetensors, JSON-able rest): resumable without pickle."""
     import torch

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import __version__
 from .backbone import DiffusionBackbone
+from .checkpoint import sha256_file
 from .config import BackboneConfig, SegmenterConfig, TextConfig, TrainConfig, atomic_write_json
 from .errors import CheckpointError, ModelNotFoundError
 from .fusion import CrossModalFusion
@@ -144,7 +145,7 @@ class FastTextDiffModel(nn.Module):
             "text_dim": self.text_dim,
             "train": train_config.to_dict() if train_config else None,
             "metrics": metrics or {},
-            "weights_sha256": _sha256_file(model_dir / WEIGHTS_FILE),  # load refuses a corrupt file
+            "weights_sha256": sha256_file(model_dir / WEIGHTS_FILE),  # load refuses a corrupt file
         })
         return model_dir
 
@@ -165,7 +166,7 @@ class FastTextDiffModel(nn.Module):
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{weights} is truncated or not a safetensors file ({exc})") from exc
         expected = record.get("weights_sha256")
-        if expected is not None and _sha256_file(weights) != expected:
+        if expected is not None and sha256_file(weights) != expected:
             raise CheckpointError(f"{weights} does not match the checksum recorded in {MODEL_CONFIG_FILE} when it was "
                                   "saved: the file is corrupt or was modified; restore it or train the model again")
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -173,16 +174,6 @@ class FastTextDiffModel(nn.Module):
         if missing or unexpected:
             raise CheckpointError(f"{weights} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return model.to(device).eval(), record
-
-
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_model_record(model_dir: Path) -> dict:
