@@ -17,6 +17,7 @@ Module-scoped pytest fixtures at the end: `tiny_studies`, `tiny_model_root`, `in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -298,16 +299,22 @@ def tiny_model_root(tmp_path_factory) -> Path:
     return build_tiny_model(studies, tmp_path_factory.mktemp("model") / "root")
 
 
-@pytest.fixture(scope="module")
-def inprocess_server(tiny_studies, tmp_path_factory) -> Iterator[InProcessServer]:
-    """A real server that builds its default model from `tiny_studies` on start (tiny conf)."""
-    conf = dict(TINY_CONF, state_dir=str(tmp_path_factory.mktemp("state")))
-    server = InProcessServer(tiny_studies, conf).start()
+@contextlib.contextmanager
+def ready_inprocess_server(studies: Path, state_dir: Path, **conf: str) -> Iterator[InProcessServer]:
+    """A real server on 127.0.0.1 (tiny conf + `conf`), once its default model is ready; stopped after."""
+    server = InProcessServer(studies, dict(TINY_CONF, state_dir=str(state_dir), **conf)).start()
     try:
         wait_model_ready(server.url, timeout=300)
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def inprocess_server(tiny_studies, tmp_path_factory) -> Iterator[InProcessServer]:
+    """A real server that builds its default model from `tiny_studies` on start (tiny conf)."""
+    with ready_inprocess_server(tiny_studies, tmp_path_factory.mktemp("state")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

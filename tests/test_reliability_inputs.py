@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reliability_cases as cases
-from server_fixtures import REPO, TINY_CONF, InProcessServer, tiny_studies, wait_model_ready  # noqa: F401
+from server_fixtures import REPO, ready_inprocess_server, tiny_studies  # noqa: F401
 
 UPLOAD_LIMIT_MB = 2  # small, so that the limit itself can be tested without sending a gigabyte
 
@@ -81,13 +81,9 @@ def _check(group: str, name: str, response, expect: int, words: tuple[str, ...])
 @pytest.fixture(scope="module")
 def inprocess_server(tiny_studies, tmp_path_factory):
     """The real server on 127.0.0.1, building its tiny default model, with a 2 MiB upload limit."""
-    conf = dict(TINY_CONF, state_dir=str(tmp_path_factory.mktemp("state")), max_upload_mb=str(UPLOAD_LIMIT_MB))
-    server = InProcessServer(tiny_studies, conf).start()
-    try:
-        wait_model_ready(server.url, timeout=300)
+    with ready_inprocess_server(tiny_studies, tmp_path_factory.mktemp("state"),
+                                max_upload_mb=str(UPLOAD_LIMIT_MB)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
