@@ -179,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo-data", cmd_demo_data, "write a synthetic chest-X-ray-like dataset in the LViT layout",
             "fasttextdiff demo-data --out data/synth --variant text-necessary")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--variant", choices=("standard", "text-necessary"), default="standard",
-                   help="text-necessary: only the lesions the report names are labeled")
+    p.add_argument("--variant", choices=("standard", "text-necessary", "clinical-reports"), default="standard",
+                   help="text-necessary: only the lesions the report names are labeled; clinical-reports: the same "
+                        "cases with radiology-style reports (held-out phrasings in Test)")
     p.add_argument("--n-train", type=int, default=80)
     p.add_argument("--n-val", type=int, default=16)
     p.add_argument("--n-test", type=int, default=40)

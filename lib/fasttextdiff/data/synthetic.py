@@ -17,6 +17,10 @@ Variants:
   from the same distributions, so only the report tells which ones to segment. About half of
   the lesions are labeled, so the best image-only guess (segment every lesion) averages a Dice of
   about 0.67 and guessing a subset about 0.5, while a model that reads the report can reach 1.
+- "clinical-reports": the very same images and masks as "text-necessary" (same seed), but each
+  report is written as a radiology report (FINDINGS/IMPRESSION, synonyms, negations, distractor
+  sentences from the real IU X-ray reports, 50-300 tokens); the test split uses held-out
+  phrasings (`clinical_reports.py`).
 """
 
 from __future__ import annotations
@@ -30,11 +34,15 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-VARIANTS = ("standard", "text-necessary")
+from .clinical_reports import clinical_report
+
+VARIANTS = ("standard", "text-necessary", "clinical-reports")
+RENDER_VARIANTS = ("standard", "text-necessary")  # what render_case draws; clinical-reports rewrites the report
 LEVELS = ("upper", "middle", "lower")
 SIDES = ("right", "left")  # patient sides; "right" is drawn on the image's left half
 REGIONS = tuple(f"{level} {side}" for side in SIDES for level in LEVELS)  # region id = index + 1
 _NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+CLINICAL_PHRASING = {"Train": "train", "Val": "train", "Test": "heldout"}  # validation stays in-distribution
 _REPORT_ORDER = tuple(f"{level} {side}" for side in ("left", "right") for level in LEVELS)
 
 
@@ -113,8 +121,8 @@ def _place_lesion(rng, size, region_map, region_id) -> tuple[np.ndarray, np.ndar
 
 def render_case_details(rng: np.random.Generator, size: int = 64, variant: str = "standard") -> SyntheticCase:
     """One synthetic case with its lesions, regions and labeled flags (see the module doc)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant not in RENDER_VARIANTS:
+        raise ValueError(f"variant must be one of {RENDER_VARIANTS}, got {variant!r}")
     if size < 32:
         raise ValueError(f"synthetic cases need size >= 32 to fit six lung regions, got {size}")
     lungs, region_map, ellipses = _lung_fields(size, rng)
@@ -213,6 +221,8 @@ def make_lvit_dataset(
 
     Every case is drawn from its own generator seeded by (seed, split, index), so a case does not
     change when the split sizes change. Returns `out`; `synthetic.json` records the parameters.
+    "clinical-reports" draws the "text-necessary" case and writes its report with a second
+    generator (seed, split, index, 1): held-out phrasings for Test, training phrasings otherwise.
     """
     from PIL import Image as PILImage
 
@@ -232,12 +242,20 @@ def make_lvit_dataset(
         rows = {}
         for index in range(int(count)):
             rng = np.random.default_rng([seed, split_id, index])
-            image, mask, report = render_case(rng, size, variant)
+            if variant == "clinical-reports":
+                case = render_case_details(rng, size, "text-necessary")
+                image, mask = case.image, case.mask
+                report = clinical_report(case.labeled_regions, np.random.default_rng([seed, split_id, index, 1]),
+                                         phrasing=CLINICAL_PHRASING[split]).text
+            else:
+                image, mask, report = render_case(rng, size, variant)
             name = f"{split.lower()}_{index:04d}.png"
             PILImage.fromarray(image).save(image_dir / name)
             PILImage.fromarray(mask * np.uint8(255)).save(mask_dir / f"mask_{name}")
             rows[name] = report
         write_text_table(out / f"{split}_text.xlsx", rows)
     params = {"variant": variant, "n_train": n_train, "n_val": n_val, "n_test": n_test, "size": size, "seed": seed}
+    if variant == "clinical-reports":
+        params["phrasing"] = {split.lower(): CLINICAL_PHRASING[split] for split in counts}
     (out / "synthetic.json").write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
     return out
