@@ -188,6 +188,20 @@ def test_modernbert_truncates_beyond_its_context(caplog):
     assert "truncated" in caplog.text and "pneumothorax" not in caplog.text
 
 
+def test_reference_truncation_keeps_ten_tokens_of_a_bert():
+    """TextConfig(max_length=10, truncate=True): what the reference code did, kept for comparisons."""
+    full = TextEncoder(TextConfig(encoder=str(minilm_dir())))
+    cut = TextEncoder(TextConfig(encoder=str(minilm_dir()), max_length=10, truncate=True))
+    assert cut.long_text == "truncate" and full.long_text == "chunk" and cut.identity != full.identity
+    head = "Findings: the heart is normal in size and"  # 9 WordPiece tokens
+    a, b = cut.encode([head + " the right upper lobe is clear.", head + " there is a left lower lobe opacity."]).states
+    assert a.shape == b.shape == (10, full.hidden_size)  # [CLS] + 8 tokens + [SEP]
+    torch.testing.assert_close(a, b)  # everything after the 8th token is cut
+    assert full.encode([REPORT]).states.shape[1] > 10
+    with pytest.raises(ValueError, match="max_length"):
+        TextConfig(encoder="tiny", truncate=True)
+
+
 def test_bert_chunks_long_reports_and_concatenates(tiny_bert_dir):
     enc = TextEncoder(TextConfig(encoder=str(tiny_bert_dir), chunk_overlap=8))
     assert enc.context_length == 64 and enc.long_text == "chunk"

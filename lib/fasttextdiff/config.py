@@ -138,12 +138,17 @@ class TextConfig(JsonConfig):
     max_length: int | None = None  # None = the encoder's own context (8192 for ModernBERT)
     chunk_overlap: int = 64  # for 512-token BERTs: windows overlap by this many tokens
     max_chars: int = 200_000  # reports longer than this are refused (about 30k words)
+    # Cut every report to max_length tokens, specials included, instead of chunking: the reference
+    # code's behaviour (max_length=10), kept for comparisons only.
+    truncate: bool = False
 
     def validate(self) -> None:
         if not self.encoder:
             raise ValueError("text encoder must be 'tiny', a local directory or a hub id")
         if self.max_length is not None:
             _positive("max_length", self.max_length)
+        if self.truncate and self.max_length is None:
+            raise ValueError("truncate needs max_length (the number of tokens to keep, e.g. 10 as the reference)")
         if self.chunk_overlap < 0:
             raise ValueError("chunk_overlap must be >= 0")
         _positive("max_chars", self.max_chars)
@@ -159,9 +164,17 @@ class FusionConfig(JsonConfig):
     mlp_ratio: float = 2.0
     dropout: float = 0.0
     positional_encoding: bool = True
+    # The text path may only add to what the image gives (issue 16): a zero-initialised tanh gate on
+    # the cross-attention residual, with the text weights drawn from their own random stream, so an
+    # untrained model is exactly the `no_text` network; and, in training, each sample's text
+    # residual is dropped with probability text_dropout so the image path stays a model of its own.
+    text_gate: bool = False
+    text_dropout: float = 0.0
 
     def validate(self) -> None:
         _positive("dim", self.dim)
+        if not 0 <= self.text_dropout < 1:
+            raise ValueError(f"text_dropout must be in [0, 1), got {self.text_dropout}")
         _positive("heads", self.heads)
         if self.dim % self.heads:
             raise ValueError(f"fusion dim {self.dim} must be divisible by heads {self.heads}")

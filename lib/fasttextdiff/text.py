@@ -319,7 +319,7 @@ class TextEncoder:
         self._capacity = self.context_length - len(self._prefix) - len(self._suffix)
         if self._capacity < 1:
             raise ValueError(f"max_length {self.context_length} leaves no room for text tokens")
-        self.long_text = "chunk" if model_max < CHUNK_BELOW_CONTEXT else "truncate"
+        self.long_text = "chunk" if model_max < CHUNK_BELOW_CONTEXT and not self.config.truncate else "truncate"
         if self.long_text == "chunk" and self.config.chunk_overlap * 2 >= self._capacity:
             raise ValueError(
                 f"chunk_overlap {self.config.chunk_overlap} must be under half the window ({self._capacity} tokens)"
@@ -396,8 +396,8 @@ class TextEncoder:
         if len(ids) <= self._capacity:
             return [self._with_specials(ids)]
         if self.long_text == "truncate":
-            logger.warning("report of %d tokens truncated to the encoder's context of %d tokens",
-                           len(ids), self._capacity)
+            logger.log(logging.DEBUG if self.config.truncate else logging.WARNING,
+                       "report of %d tokens truncated to the encoder's context of %d tokens", len(ids), self._capacity)
             self.stats["truncated"] += 1
             return [self._with_specials(ids[: self._capacity])]
         self.stats["chunked"] += 1
