@@ -3,10 +3,17 @@
 Improves on the reference in two ways it lacked: a 2D sine positional encoding on the image
 tokens, so "upper left" can be matched to a place, and the text padding mask, so padding tokens
 of shorter reports in a batch carry no weight.
+
+A text path that only helps (`FusionConfig.text_gate`, `text_dropout`): the cross-attention
+residual passes through a tanh gate that starts at zero, and the text weights come from their own
+random stream, so before training the model is exactly the `no_text` network (same image-path
+weights); in training each sample's text residual is dropped with probability `text_dropout`, so
+the image path keeps being trained as an image-only model and the text learns a correction.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -33,29 +40,51 @@ def sine_positions_2d(height: int, width: int, dim: int, device=None, dtype=None
     return grid.reshape(height * width, dim).to(dtype or torch.float32)
 
 
+@contextlib.contextmanager
+def separate_rng_stream(index: int):
+    """Draw weights from a stream of their own: the global RNG continues as if nothing was drawn,
+    so a model with a text branch initialises its image path exactly like one without."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((torch.initial_seed() * 1_000_003 + 7919 * (index + 1)) % 2**63)
+        yield
+
+
 class CrossAttentionBlock(nn.Module):
     """Pre-norm cross-attention then feed-forward, each residual (one transformer block)."""
 
-    def __init__(self, config: FusionConfig, use_text: bool = True):
+    def __init__(self, config: FusionConfig, use_text: bool = True, index: int = 0):
         super().__init__()
         self.use_text = use_text
+        self.gate = None
         hidden = int(config.dim * config.mlp_ratio)
-        if use_text:
-            self.norm_q = nn.LayerNorm(config.dim)
-            self.norm_kv = nn.LayerNorm(config.dim)
-            self.attn = nn.MultiheadAttention(config.dim, config.heads, dropout=config.dropout, batch_first=True)
+        if use_text and not config.text_gate:
+            self._build_text(config)
         self.norm_ff = nn.LayerNorm(config.dim)
         self.ff = nn.Sequential(
             nn.Linear(config.dim, hidden), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(hidden, config.dim)
         )
+        if use_text and config.text_gate:
+            with separate_rng_stream(index):
+                self._build_text(config)
+            self.gate = nn.Parameter(torch.zeros(1))  # tanh(0) = 0: the block starts as the no_text block
+
+    def _build_text(self, config: FusionConfig) -> None:
+        self.norm_q = nn.LayerNorm(config.dim)
+        self.norm_kv = nn.LayerNorm(config.dim)
+        self.attn = nn.MultiheadAttention(config.dim, config.heads, dropout=config.dropout, batch_first=True)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None, text: torch.Tensor | None,
-                text_mask: torch.Tensor | None) -> torch.Tensor:
+                text_mask: torch.Tensor | None, keep_text: torch.Tensor | None = None) -> torch.Tensor:
+        """`keep_text` (B,) in {0, 1}: per-sample switch of the text residual (text dropout)."""
         if self.use_text:
             query = self.norm_q(tokens if positions is None else tokens + positions)
             kv = self.norm_kv(text)
             padding = None if text_mask is None else ~text_mask.bool()
             attended, _ = self.attn(query, kv, kv, key_padding_mask=padding, need_weights=False)
+            if self.gate is not None:
+                attended = torch.tanh(self.gate) * attended
+            if keep_text is not None:
+                attended = attended * keep_text.to(attended.dtype)[:, None, None]
             tokens = tokens + attended
         return tokens + self.ff(self.norm_ff(tokens))
 
@@ -75,15 +104,21 @@ class CrossModalFusion(nn.Module):
             nn.Sequential(nn.Conv2d(c, config.dim, kernel_size=1), nn.GroupNorm(_groups(config.dim), config.dim))
             for c in in_channels
         )
-        self.text_project = nn.Linear(text_dim, config.dim) if use_text else None
+        self.text_project = None
+        if use_text and not config.text_gate:
+            self.text_project = nn.Linear(text_dim, config.dim)
         n_blocks = 1 if config.shared else len(in_channels)
-        self.blocks = nn.ModuleList(CrossAttentionBlock(config, use_text) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(CrossAttentionBlock(config, use_text, i) for i in range(n_blocks))
+        if use_text and config.text_gate:
+            with separate_rng_stream(n_blocks):
+                self.text_project = nn.Linear(text_dim, config.dim)
 
     def forward(self, features: list[torch.Tensor], text_states: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         if len(features) != len(self.project):
             raise ValueError(f"expected {len(self.project)} feature scales, got {len(features)}")
         text = None
+        keep_text = None
         if self.use_text:
             if text_states is None:
                 raise ValueError("this model was built with text; pass the report's token states")
@@ -92,6 +127,8 @@ class CrossModalFusion(nn.Module):
                     f"batch of {features[0].shape[0]} images but {text_states.shape[0]} report encodings"
                 )
             text = self.text_project(text_states.to(features[0].dtype))
+            if self.training and self.config.text_dropout > 0:  # one draw per sample, for every scale
+                keep_text = torch.rand(text.shape[0], device=text.device) >= self.config.text_dropout
         fused = []
         for i, (feat, project) in enumerate(zip(features, self.project)):
             x = project(feat)
@@ -101,7 +138,7 @@ class CrossModalFusion(nn.Module):
             if self.config.positional_encoding:
                 positions = sine_positions_2d(h, w, c, device=x.device, dtype=x.dtype)[None]
             block = self.blocks[0 if self.config.shared else i]
-            tokens = block(tokens, positions, text, text_mask)
+            tokens = block(tokens, positions, text, text_mask, keep_text)
             fused.append(tokens.transpose(1, 2).reshape(b, c, h, w))
         return fused
 

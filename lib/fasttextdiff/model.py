@@ -157,7 +157,7 @@ class FastTextDiffModel(nn.Module):
         backbone = DiffusionBackbone.from_pretrained(model_dir / BACKBONE_DIR)
         if backbone.config.to_dict() != BackboneConfig.from_dict(record["backbone"]).to_dict():
             raise CheckpointError(f"{model_dir}: backbone/ does not match the backbone recorded in {MODEL_CONFIG_FILE}")
-        model = cls(backbone, int(record["text_dim"]), SegmenterConfig.from_dict(record["segmenter"]))
+        model = cls(backbone, int(record["text_dim"]), segmenter_config_from_record(record))
         weights = model_dir / WEIGHTS_FILE
         if not weights.is_file():
             raise ModelNotFoundError(f"{model_dir} has no {WEIGHTS_FILE}; is it a FastTextDiff model directory?")
@@ -174,6 +174,17 @@ class FastTextDiffModel(nn.Module):
         if missing or unexpected:
             raise CheckpointError(f"{weights} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return model.to(device).eval(), record
+
+
+# Fusion options added after format 1 was first written, with the value that reproduces older models.
+_FUSION_DEFAULTS_BEFORE = {"text_gate": False, "text_dropout": 0.0}
+
+
+def segmenter_config_from_record(record: dict) -> SegmenterConfig:
+    """The recorded SegmenterConfig; models saved before an option existed get its old behaviour."""
+    segmenter = dict(record["segmenter"])
+    segmenter["fusion"] = {**_FUSION_DEFAULTS_BEFORE, **segmenter.get("fusion", {})}
+    return SegmenterConfig.from_dict(segmenter)
 
 
 def read_model_record(model_dir: Path) -> dict:
