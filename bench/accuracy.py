@@ -12,6 +12,8 @@ Methods (all on the same splits, the same nested labeled subsets and the same fr
 
 Datasets:
   text-necessary  synthetic chest X-rays where only the lesions the report names are labeled
+  clinical-reports the same cases with radiology-style reports (FINDINGS/IMPRESSION, synonyms,
+                  negations, real IU X-ray sentences as distractors; held-out phrasings in Test)
   synthetic       the standard synthetic LViT-style set (every lesion labeled and named)
   nuclei          the real fluorescence nuclei image + expert mask, tiled (bench/nuclei.py)
   lvit            any LViT-layout folder (--path): QaTa-COV19, MosMedData+, MoNuSeg
@@ -46,7 +48,7 @@ import common
 from common import mean_std
 
 METHODS = ("fasttextdiff", "no_text", "bert_text", "unet")
-DATASETS = ("text-necessary", "synthetic", "nuclei", "lvit")
+DATASETS = ("text-necessary", "clinical-reports", "synthetic", "nuclei", "lvit")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class Plan:
     val_checks: int = 10  # validations per run (val_every = epochs // val_checks)
     methods: tuple[str, ...] = METHODS
     unet_augment: tuple[bool, ...] = (False, True)  # candidates, chosen on validation Dice
+    # the text path (FusionConfig.text_gate / text_dropout) for the text methods; None = the library default
+    text_gate: bool | None = None
+    text_dropout: float | None = None
 
 
 # QUICK follows fasttextdiff.ablation.QUICK (64 px, widths 16/32/64, 150 pretraining steps, 40 epochs) on a
@@ -100,8 +105,8 @@ def prepare_data(args, plan: Plan, work: Path) -> tuple[Path, Plan, tuple | None
     """-> (LViT root, plan with the real split sizes, intensity window, dataset description)."""
     from fasttextdiff.data.synthetic import make_lvit_dataset
 
-    if args.dataset in ("text-necessary", "synthetic"):
-        variant = "text-necessary" if args.dataset == "text-necessary" else "standard"
+    if args.dataset in ("text-necessary", "clinical-reports", "synthetic"):
+        variant = "standard" if args.dataset == "synthetic" else args.dataset
         root = make_lvit_dataset(work / "data", variant=variant, n_train=plan.n_train, n_val=plan.n_val,
                                  n_test=plan.n_test, size=plan.size, seed=args.data_seed)
         return root, plan, None, f"synthetic {variant} ({plan.size} px, data seed {args.data_seed})"
@@ -134,23 +139,32 @@ def pretrain(root: Path, splits: dict, plan: Plan, window, work: Path, device) -
 # ------------------------------------------------------------------------------------------------
 
 
+def fusion_config(plan: Plan):
+    from fasttextdiff.config import FusionConfig
+
+    text_path = {k: v for k, v in (("text_gate", plan.text_gate), ("text_dropout", plan.text_dropout)) if v is not None}
+    return FusionConfig(dim=plan.fusion_dim, heads=4, **text_path)
+
+
 def run_fasttextdiff(method: str, splits, backbone_dir: Path, plan: Plan, fraction: float, seed: int, work: Path,
-                     device) -> dict:
-    from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
+                     device, text_config=None, encoder_label: str | None = None) -> dict:
+    """`text_config` overrides the method's encoder (bench/text_encoders.py compares several)."""
+    from fasttextdiff.config import SegmenterConfig, TextConfig, TrainConfig
     from fasttextdiff.data.dataset import select_labeled
     from fasttextdiff.evaluate import evaluate_model
     from fasttextdiff.train import train_segmenter
 
     encoder = str(common.minilm_path()) if method == "bert_text" else "tiny"
+    text_config = text_config or TextConfig(encoder=encoder)
     n_labeled = len(select_labeled(splits["train"], fraction if fraction < 1 else None, seed=seed))
     epochs = epochs_for(plan, n_labeled)
-    seg = SegmenterConfig(use_text=method != "no_text", fusion=FusionConfig(dim=plan.fusion_dim, heads=4))
+    seg = SegmenterConfig(use_text=method != "no_text", fusion=fusion_config(plan))
     train_cfg = TrainConfig(epochs=epochs, batch_size=plan.batch_size, lr=plan.lr, seed=seed,
                             labeled=fraction if fraction < 1 else None,
                             val_every=max(1, epochs // plan.val_checks))
     out = work / "models" / f"{method}_{fraction}_{seed}"
     t0 = time.perf_counter()
-    metrics = train_segmenter(splits["train"], out, backbone_dir=backbone_dir, text_config=TextConfig(encoder=encoder),
+    metrics = train_segmenter(splits["train"], out, backbone_dir=backbone_dir, text_config=text_config,
                               segmenter_config=seg, train_config=train_cfg, val_samples=splits["val"], device=device,
                               progress=False, text_cache_dir=work / "text_cache")
     train_s = time.perf_counter() - t0
@@ -160,7 +174,9 @@ def run_fasttextdiff(method: str, splits, backbone_dir: Path, plan: Plan, fracti
             "labeled_images": metrics["labeled_images"], "trainable_parameters": metrics["trainable_parameters"],
             "feature_cache": metrics["feature_cache"], "train_seconds": round(train_s, 2),
             "dice": scores["dice_mean"], "iou": scores["iou_mean"], "n_test": scores["n"],
-            "text_encoder": "minilm" if method == "bert_text" else ("none" if method == "no_text" else "tiny-modernbert")}
+            "text_encoder": "none" if method == "no_text" else encoder_label or (
+                "minilm" if method == "bert_text" else "tiny-modernbert"),
+            "fusion": {"text_gate": seg.fusion.text_gate, "text_dropout": seg.fusion.text_dropout} if seg.use_text else None}
 
 
 def run_unet(splits, plan: Plan, fraction: float, seed: int, window) -> dict:
@@ -217,7 +233,7 @@ def acceptance(dataset: str, results: list[dict]) -> dict:
         ours = table.get(("fasttextdiff", f))
         if ours is None:
             continue
-        if dataset == "text-necessary":
+        if dataset in ("text-necessary", "clinical-reports"):
             for other in ("no_text", "unet"):
                 if (other, f) in table:
                     gap = ours["dice_mean"] - table[(other, f)]["dice_mean"]
@@ -325,6 +341,10 @@ def build_plan(args) -> Plan:
         if bad:
             raise SystemExit(f"unknown methods {bad}; choose from {list(METHODS)}")
         changes["methods"] = tuple(m for m in METHODS if m in args.methods)
+    if args.text_gate is not None:
+        changes["text_gate"] = args.text_gate == "on"
+    if args.text_dropout is not None:
+        changes["text_dropout"] = args.text_dropout
     if args.dataset == "nuclei" and "size" not in changes:
         changes["size"] = 64  # tile size = model size: no resampling of the real pixels
     return replace(plan, **changes)
@@ -339,6 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--name", help="results file stem (default: the dataset name, + _quick with --quick)")
     p.add_argument("--work", type=Path, help="keep the work folder here (default: a temporary folder)")
+    p.add_argument("--backbone", type=Path, help="use this pretrained backbone (e.g. WORK/backbone of an earlier run "
+                   "on the same dataset and plan) instead of pretraining one")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine 2 threads were measured 1-10x slower)")
@@ -350,6 +372,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name, typ in (("size", int), ("pretrain-steps", int), ("epochs", int), ("min-steps", int), ("lr", float),
                       ("fusion-dim", int), ("n-train", int), ("n-val", int), ("n-test", int)):
         p.add_argument(f"--{name}", type=typ, default=None)
+    p.add_argument("--text-gate", choices=("on", "off"), help="text methods: tanh gate on the text residual "
+                   "(default: the library's FusionConfig default)")
+    p.add_argument("--text-dropout", type=float, help="text methods: per-sample text dropout in training "
+                   "(default: the library's)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--render", type=Path, metavar="JSON",
                    help="only rewrite the .md and .png next to an existing results JSON (no training)")
@@ -379,13 +405,17 @@ def _run(args, plan: Plan, work: Path, command: str, name: str) -> dict:
     splits = load_lvit(root)
     if "val" not in splits or "test" not in splits:
         raise SystemExit(f"{root} needs Train_Folder, Val_Folder and Test_Folder")
-    backbone_dir, pretrain_s = pretrain(root, splits, plan, window, work, args.device)
+    if args.backbone:
+        backbone_dir, pretrain_s = args.backbone, 0.0
+    else:
+        backbone_dir, pretrain_s = pretrain(root, splits, plan, window, work, args.device)
     print(f"[accuracy] {name}: backbone pretrained in {pretrain_s:.0f} s", flush=True)
     result = {"dataset": args.dataset, "name": name, "description": description, "command": command, "quick": bool(args.quick),
               "paper_scale": bool(args.paper_scale), "machine": machine,
               "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(plan).items()},
               "split_sizes": [len(splits["train"]), len(splits["val"]), len(splits["test"])],
               "window": list(window) if window else None, "pretrain_seconds": round(pretrain_s, 1),
+              "backbone": str(args.backbone) if args.backbone else "pretrained in this run",
               "runs": [], "results": [], "notes": NOTES, "complete": False}
     for seed in plan.seeds:
         for fraction in sorted(plan.budgets):

@@ -1,0 +1,288 @@
+"""Which text encoder reads radiology reports best? (issue 16) - the encoder comparison on the
+clinical-reports set.
+
+Same data, backbone, labeled subsets, schedule and fusion for every encoder; only the text changes:
+  no_text         the network without its text branch
+  tiny_random     the "tiny" ModernBERT (hidden 64, 2 layers, MiniLM WordPiece vocabulary), random weights:
+                  what `fasttextdiff` uses by default (no ModernBERT weights can be had offline)
+  tiny_adapted    the same weights after `pretrain-text` on the IU X-ray reports (masked-LM, --quick)
+  minilm          the real pretrained all-MiniLM-L6-v2 BERT, whole report
+  minilm_trunc10  the same BERT, reports cut to 10 tokens as the reference code does
+Extra encoders for point 4 (adaptation that could make the clinical encoder win), run on request:
+  tiny_adapted_long  the tiny weights after a 4x longer MLM run (--adapt-steps-long)
+  tiny_adapted_wwm   the tiny weights after MLM with whole-word masking (clinical words masked whole)
+  bpe_random / bpe_adapted  a tiny ModernBERT with a BPE vocabulary trained on the IU corpus (`tokenizers`),
+                     before and after MLM
+
+The set (`demo-data --variant clinical-reports`): the text-necessary cases with reports written as
+radiology reports (50-300 tokens, the lesion sentence never in the first 10 tokens; the test split
+uses phrasings and sentence orders never seen in training). Model choice on the validation split
+(training phrasings), test split scored once.
+
+    python bench/text_encoders.py --quick           # 10/25/50 %, seeds 0 1 2, the five encoders
+    python bench/text_encoders.py --quick --encoders tiny_random tiny_adapted_long tiny_adapted_wwm bpe_random bpe_adapted --name text_encoders_adaptation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import common
+from common import mean_std
+
+import accuracy
+
+ENCODERS = ("no_text", "tiny_random", "tiny_adapted", "minilm", "minilm_trunc10")
+EXTRA_ENCODERS = ("tiny_adapted_long", "tiny_adapted_wwm", "bpe_random", "bpe_adapted")
+WHOLE_REPORT = ("tiny_random", "tiny_adapted", "minilm", "tiny_adapted_long", "tiny_adapted_wwm", "bpe_random",
+                "bpe_adapted")
+QUICK = replace(accuracy.QUICK, seeds=(0, 1, 2), budgets=(0.1, 0.25, 0.5), methods=())
+FULL = replace(accuracy.FULL, seeds=(0, 1, 2), methods=())
+ADAPT_STEPS = 240  # the pretrain-text --quick preset
+ADAPT_STEPS_LONG = 960
+
+
+def adapt(init: str, out: Path, steps: int, **options) -> dict:
+    """`fasttextdiff pretrain-text --corpus iu-xray --quick --init INIT` with the given overrides."""
+    from fasttextdiff.text_pretrain import pretrain_text
+
+    metrics = pretrain_text("iu-xray", None, init, out, quick=True, resume=False, progress=False, steps=steps,
+                            lr=2e-3, **options)
+    return {k: metrics.get(k) for k in ("perplexity_before", "perplexity_after", "steps", "seconds", "tokens")}
+
+
+def prepare_encoders(names: list[str], work: Path, adapt_steps: int, adapt_steps_long: int) -> tuple[dict, dict]:
+    """-> ({name: TextConfig or None}, {name: how it was made + MLM metrics})."""
+    from fasttextdiff.config import TextConfig
+    from fasttextdiff.text import build_tiny_encoder, default_tiny_dir, minilm_dir
+
+    configs, info = {}, {}
+    tiny = str(default_tiny_dir())
+    for name in names:
+        t0 = time.perf_counter()
+        if name == "no_text":
+            configs[name], info[name] = None, {"encoder": "none"}
+        elif name == "tiny_random":
+            configs[name], info[name] = TextConfig(encoder="tiny"), {"encoder": "tiny (random init)"}
+        elif name in ("tiny_adapted", "tiny_adapted_long", "tiny_adapted_wwm"):
+            steps = adapt_steps_long if name == "tiny_adapted_long" else adapt_steps
+            options = {"masking": "whole_word"} if name == "tiny_adapted_wwm" else {}
+            out = work / "encoders" / name
+            mlm = adapt(tiny, out, steps, **options)
+            configs[name] = TextConfig(encoder=str(out))
+            info[name] = {"encoder": f"tiny after pretrain-text --corpus iu-xray --quick --init <tiny> --steps {steps}"
+                                     + (" --masking whole_word" if options else ""), "mlm": mlm}
+        elif name in ("bpe_random", "bpe_adapted"):
+            adapted = work / "encoders" / "bpe_adapted"
+            if not (adapted / "config.json").is_file():
+                mlm = adapt("tiny", adapted, adapt_steps, tokenizer="bpe", hidden=64, layers=2)
+                (work / "encoders" / "bpe_mlm.json").write_text(json.dumps(mlm))
+            mlm = json.loads((work / "encoders" / "bpe_mlm.json").read_text())
+            if name == "bpe_adapted":
+                configs[name] = TextConfig(encoder=str(adapted))
+                info[name] = {"encoder": "pretrain-text --init tiny --tokenizer bpe --hidden 64 --layers 2 --quick",
+                              "mlm": mlm}
+            else:  # the very weights that run started from: build_tiny_encoder with the same seed and tokenizer
+                before = work / "encoders" / "bpe_random"
+                build_tiny_encoder(before, seed=0, hidden=64, layers=2, heads=4, tokenizer=str(adapted), masked_lm=True)
+                configs[name] = TextConfig(encoder=str(before))
+                info[name] = {"encoder": "bpe_adapted's architecture, tokenizer and initial weights, no MLM steps"}
+        elif name == "minilm":
+            configs[name], info[name] = TextConfig(encoder=str(minilm_dir())), {"encoder": "all-MiniLM-L6-v2, whole report"}
+        elif name == "minilm_trunc10":
+            configs[name] = TextConfig(encoder=str(minilm_dir()), max_length=10, truncate=True)
+            info[name] = {"encoder": "all-MiniLM-L6-v2, [CLS] + 8 tokens + [SEP] (the reference's max_length=10)"}
+        else:
+            raise SystemExit(f"unknown encoder {name!r}; choose from {list(ENCODERS + EXTRA_ENCODERS)}")
+        info[name]["prepare_seconds"] = round(time.perf_counter() - t0, 1)
+    return configs, info
+
+
+def aggregate(runs: list[dict], order: list[str]) -> list[dict]:
+    out = []
+    for name in order:
+        for fraction in sorted({r["labeled_fraction"] for r in runs}):
+            group = [r for r in runs if r["method"] == name and r["labeled_fraction"] == fraction]
+            if not group:
+                continue
+            dm, ds = mean_std([r["dice"] for r in group])
+            im, is_ = mean_std([r["iou"] for r in group])
+            out.append({"method": name, "labeled_fraction": fraction, "labeled_images": group[0]["labeled_images"],
+                        "dice_mean": dm, "dice_std": ds, "iou_mean": im, "iou_std": is_,
+                        "val_dice_mean": mean_std([r["val_dice"] for r in group])[0],
+                        "seeds": [r["seed"] for r in group]})
+    return out
+
+
+def acceptance(results: list[dict]) -> dict:
+    """Whole-report encoders vs the 10-token truncation at 25 % labels (issue 16: >= 0.15 Dice)."""
+    table = {(r["method"], r["labeled_fraction"]): r for r in results}
+    checks = []
+    if ("minilm_trunc10", 0.25) in table:
+        base = table[("minilm_trunc10", 0.25)]["dice_mean"]
+        for name in WHOLE_REPORT:
+            if (name, 0.25) in table:
+                gap = table[(name, 0.25)]["dice_mean"] - base
+                checks.append({"encoder": name, "claim": f"{name} - minilm_trunc10 >= 0.15 Dice at 25 %",
+                               "dice_gap": gap, "holds": gap >= 0.15})
+    if ("tiny_adapted", 0.25) in table and ("tiny_random", 0.25) in table:
+        gaps = {f: table[("tiny_adapted", f)]["dice_mean"] - table[("tiny_random", f)]["dice_mean"]
+                for (m, f) in table if m == "tiny_adapted" and ("tiny_random", f) in table}
+        checks.append({"encoder": "tiny_adapted", "claim": "clinical adaptation: tiny_adapted - tiny_random",
+                       "dice_gap_by_budget": gaps, "holds": None})
+    return {"checks": checks, "all_hold": all(c["holds"] for c in checks if c["holds"] is not None) if checks else None}
+
+
+def pivot(result: dict, metric: str = "dice") -> str:
+    table = {(r["method"], r["labeled_fraction"]): r for r in result["results"]}
+    names = list(dict.fromkeys(r["method"] for r in result["results"]))
+    rows = []
+    for f in sorted({k[1] for k in table}):
+        images = next(table[(n, f)]["labeled_images"] for n in names if (n, f) in table)
+        rows.append([f"{100 * f:g} % ({images})"] + [
+            f"{table[(n, f)][metric + '_mean']:.3f} ± {table[(n, f)][metric + '_std']:.3f}" if (n, f) in table else ""
+            for n in names])
+    return common.markdown_table(["labeled (images)"] + names, rows, ["---"] + ["---:"] * len(names))
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Text encoders on radiology-style reports (clinical-reports set)", "",
+             f"Command: `{result['command']}`  ",
+             f"Data: {result['description']}; splits train/val/test = {result['split_sizes']}.  ",
+             f"Machine: {result['machine']['cpu']}, {result['machine']['torch_threads']} torch thread(s), load average "
+             f"{result['machine']['loadavg_start']} at start, {result['loadavg_end']} at end.  ",
+             f"Seeds {list(result['plan']['seeds'])}; fusion text_gate={result['fusion']['text_gate']}, "
+             f"text_dropout={result['fusion']['text_dropout']}; wall time {result['seconds'] / 60:.1f} min.", "",
+             "Test Dice (held-out phrasings), mean ± std over seeds:", "", pivot(result), "",
+             "Validation Dice (training phrasings), mean over seeds:", ""]
+    table = {(r["method"], r["labeled_fraction"]): r for r in result["results"]}
+    names = list(dict.fromkeys(r["method"] for r in result["results"]))
+    rows = [[f"{100 * f:g} %"] + [f"{table[(n, f)]['val_dice_mean']:.3f}" if (n, f) in table else "" for n in names]
+            for f in sorted({k[1] for k in table})]
+    lines += [common.markdown_table(["labeled"] + names, rows, ["---"] + ["---:"] * len(names)), "", "Encoders:", ""]
+    for name, info in result["encoders"].items():
+        mlm = info.get("mlm")
+        extra = (f"; held-out masked-token perplexity {mlm['perplexity_before']:.1f} -> {mlm['perplexity_after']:.1f} "
+                 f"({mlm['steps']} steps)") if mlm else ""
+        lines.append(f"- `{name}`: {info['encoder']}{extra}")
+    checks = result.get("acceptance", {}).get("checks", [])
+    if checks:
+        lines += ["", "## Acceptance (issue 16)", ""]
+        for c in checks:
+            if c["holds"] is None:
+                gaps = ", ".join(f"{100 * float(f):g} %: {g:+.3f}" for f, g in sorted(c["dice_gap_by_budget"].items()))
+                lines.append(f"- {c['claim']}: {gaps}")
+            else:
+                lines.append(f"- {c['claim']}: {c['dice_gap']:+.3f} -> {'holds' if c['holds'] else 'does NOT hold'}")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict, out_dir: Path, name: str, plot: bool = True) -> None:
+    common.write_json(out_dir / f"{name}.json", result)
+    common.write_text(out_dir / f"{name}.md", markdown(result))
+    if plot and result["results"]:
+        common.plot_label_efficiency(result, out_dir / f"{name}.png")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="Text-encoder comparison on the clinical-reports set (issue 16).")
+    p.add_argument("--quick", action="store_true", help="10/25/50 %% labels, 3 seeds (the acceptance run)")
+    p.add_argument("--encoders", nargs="+", default=list(ENCODERS))
+    p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--name", help="results file stem (default text_encoders[_quick])")
+    p.add_argument("--work", type=Path, help="keep the work folder (data, backbone, encoders) here")
+    p.add_argument("--backbone", type=Path, help="reuse a pretrained backbone for this dataset and plan")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--budgets", type=float, nargs="+")
+    p.add_argument("--adapt-steps", type=int, default=ADAPT_STEPS)
+    p.add_argument("--adapt-steps-long", type=int, default=ADAPT_STEPS_LONG)
+    p.add_argument("--text-gate", choices=("on", "off"))
+    p.add_argument("--text-dropout", type=float)
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--render", type=Path, metavar="JSON", help="only rewrite .md/.png next to a results JSON")
+    args = p.parse_args(argv)
+    if args.render:
+        result = json.loads(args.render.read_text())
+        write_outputs(result, args.render.parent, args.render.stem, plot=not args.no_plot)
+        return result
+    common.set_threads(args.threads)
+    plan = QUICK if args.quick else FULL
+    changes = {}
+    if args.seeds:
+        changes["seeds"] = tuple(args.seeds)
+    if args.budgets:
+        changes["budgets"] = tuple(args.budgets)
+    if args.text_gate:
+        changes["text_gate"] = args.text_gate == "on"
+    if args.text_dropout is not None:
+        changes["text_dropout"] = args.text_dropout
+    plan = replace(plan, **changes)
+    name = args.name or "text_encoders" + ("_quick" if args.quick else "")
+    command = "python bench/text_encoders.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
+        return _run(args, plan, args.work, command, name)
+    with tempfile.TemporaryDirectory(prefix="bench-text-encoders-") as tmp:
+        return _run(args, plan, Path(tmp), command, name)
+
+
+def _run(args, plan, work: Path, command: str, name: str) -> dict:
+    from fasttextdiff.data.synthetic import make_lvit_dataset
+    from fasttextdiff.pipeline import load_lvit
+
+    started = time.perf_counter()
+    machine = common.machine_info()
+    root = make_lvit_dataset(work / "data", variant="clinical-reports", n_train=plan.n_train, n_val=plan.n_val,
+                             n_test=plan.n_test, size=plan.size, seed=args.data_seed)
+    splits = load_lvit(root)
+    if args.backbone:
+        backbone_dir, pretrain_s = args.backbone, 0.0
+    else:
+        backbone_dir, pretrain_s = accuracy.pretrain(root, splits, plan, None, work, args.device)
+    configs, encoders = prepare_encoders(args.encoders, work, args.adapt_steps, args.adapt_steps_long)
+    fusion = accuracy.fusion_config(plan)
+    result = {"dataset": "clinical-reports", "name": name, "command": command, "quick": bool(args.quick),
+              "description": f"synthetic clinical-reports ({plan.size} px, data seed {args.data_seed}; test split in "
+                             "held-out phrasings)",
+              "machine": machine, "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(plan).items()},
+              "fusion": {"text_gate": fusion.text_gate, "text_dropout": fusion.text_dropout},
+              "split_sizes": [len(splits["train"]), len(splits["val"]), len(splits["test"])],
+              "backbone": str(args.backbone) if args.backbone else "pretrained in this run",
+              "pretrain_seconds": round(pretrain_s, 1), "encoders": encoders, "runs": [], "results": [],
+              "complete": False}
+    for seed in plan.seeds:
+        for fraction in sorted(plan.budgets):
+            for enc in args.encoders:
+                t0 = time.perf_counter()
+                method = "no_text" if enc == "no_text" else "fasttextdiff"
+                run = accuracy.run_fasttextdiff(method, splits, backbone_dir, plan, fraction, seed, work, args.device,
+                                                text_config=configs[enc], encoder_label=enc)
+                run.update(method=enc, labeled_fraction=fraction, seed=seed)
+                result["runs"].append(run)
+                print(f"[text_encoders] seed {seed} {100 * fraction:5.1f}% {enc:18s} test Dice {run['dice']:.3f} "
+                      f"(val {run['val_dice']:.3f}, {time.perf_counter() - t0:.0f} s)", flush=True)
+                result["results"] = aggregate(result["runs"], args.encoders)
+                result["acceptance"] = acceptance(result["results"])
+                result["seconds"] = round(time.perf_counter() - started, 1)
+                result["loadavg_end"] = common.loadavg()
+                write_outputs(result, args.out, name, plot=False)
+    result["complete"] = True
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["loadavg_end"] = common.loadavg()
+    write_outputs(result, args.out, name, plot=not args.no_plot)
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
