@@ -36,6 +36,7 @@ from .checkpoint import load_optimizer_state, optimizer_state_tensors
 from .config import atomic_write_json
 from .corpora import CORPORA, CorpusError, iter_corpus
 from .errors import CheckpointError, ModelNotFoundError
+from .span_masking import MASKINGS, WordSpanCollator
 from .text import _quiet_transformers, build_tiny_encoder, minilm_dir
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class PretrainSettings:
     init: str = "tiny"
     max_seq_len: int = 512  # packed block length (ModernBERT trains up to 8192; memory decides)
     mlm_probability: float = 0.30  # ModernBERT's own pretraining rate
+    masking: str = "token"  # token | whole_word | span (spans of words, mean 3): span_masking.py
     steps: int | None = None  # None = `epochs` passes over the training blocks
     epochs: float = 1.0
     batch_size: int = 16  # blocks per step per process
@@ -94,6 +96,8 @@ class PretrainSettings:
             raise ValueError("tokenizer must be bpe, wordpiece or minilm")
         if self.schedule not in ("linear", "cosine"):
             raise ValueError("schedule must be linear or cosine")
+        if self.masking not in MASKINGS:
+            raise ValueError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
 
 
 QUICK = dict(max_seq_len=128, batch_size=32, steps=240, hidden=128, layers=2, heads=4, vocab_size=4096,
@@ -406,6 +410,9 @@ def pretrain_text(
                 sched.step()
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=s.mlm_probability,
                                                seed=s.seed + 1000 * step + dist.rank)
+    if s.masking != "token":  # whole words or spans of words (held-out perplexity stays token-masked)
+        collator = WordSpanCollator(tokenizer, s.mlm_probability, 3.0 if s.masking == "span" else 1.0,
+                                    seed=s.seed + 1000 * step + dist.rank)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
 
@@ -596,6 +603,8 @@ def add_pretrain_text_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
                         help="start over even if --out holds a checkpoint")
     parser.add_argument("--max-seq-len", type=int, default=None)
     parser.add_argument("--mlm-probability", type=float, default=None)
+    parser.add_argument("--masking", choices=MASKINGS, default=None,
+                        help="token (default), whole_word, or span (spans of whole words, mean 3)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
@@ -614,7 +623,7 @@ def add_pretrain_text_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
     return parser
 
 
-_OPTION_NAMES = ("max_seq_len", "mlm_probability", "steps", "epochs", "batch_size", "lr", "warmup",
+_OPTION_NAMES = ("max_seq_len", "mlm_probability", "masking", "steps", "epochs", "batch_size", "lr", "warmup",
                  "schedule", "seed", "tokenizer", "vocab_size", "hidden", "layers", "categories", "max_notes")
 
 
