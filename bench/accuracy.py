@@ -77,6 +77,7 @@ class Plan:
     # the text path (FusionConfig.text_gate / text_dropout) for the text methods; None = the library default
     text_gate: bool | None = None
     text_dropout: float | None = None
+    text_fallback: bool | None = None  # TrainConfig.text_fallback for the text methods
 
 
 # QUICK follows fasttextdiff.ablation.QUICK (64 px, widths 16/32/64, 150 pretraining steps, 40 epochs) on a
@@ -159,9 +160,10 @@ def run_fasttextdiff(method: str, splits, backbone_dir: Path, plan: Plan, fracti
     n_labeled = len(select_labeled(splits["train"], fraction if fraction < 1 else None, seed=seed))
     epochs = epochs_for(plan, n_labeled)
     seg = SegmenterConfig(use_text=method != "no_text", fusion=fusion_config(plan))
+    fallback = {} if plan.text_fallback is None or method == "no_text" else {"text_fallback": plan.text_fallback}
     train_cfg = TrainConfig(epochs=epochs, batch_size=plan.batch_size, lr=plan.lr, seed=seed,
                             labeled=fraction if fraction < 1 else None,
-                            val_every=max(1, epochs // plan.val_checks))
+                            val_every=max(1, epochs // plan.val_checks), **fallback)
     out = work / "models" / f"{method}_{fraction}_{seed}"
     t0 = time.perf_counter()
     metrics = train_segmenter(splits["train"], out, backbone_dir=backbone_dir, text_config=text_config,
@@ -176,7 +178,9 @@ def run_fasttextdiff(method: str, splits, backbone_dir: Path, plan: Plan, fracti
             "dice": scores["dice_mean"], "iou": scores["iou_mean"], "n_test": scores["n"],
             "text_encoder": "none" if method == "no_text" else encoder_label or (
                 "minilm" if method == "bert_text" else "tiny-modernbert"),
-            "fusion": {"text_gate": seg.fusion.text_gate, "text_dropout": seg.fusion.text_dropout} if seg.use_text else None}
+            "fusion": {"text_gate": seg.fusion.text_gate, "text_dropout": seg.fusion.text_dropout,
+                       "text_fallback": train_cfg.text_fallback} if seg.use_text else None,
+            "text_fallback_chose": metrics.get("text_fallback")}
 
 
 def run_unet(splits, plan: Plan, fraction: float, seed: int, window) -> dict:
@@ -345,6 +349,8 @@ def build_plan(args) -> Plan:
         changes["text_gate"] = args.text_gate == "on"
     if args.text_dropout is not None:
         changes["text_dropout"] = args.text_dropout
+    if args.text_fallback is not None:
+        changes["text_fallback"] = args.text_fallback == "on"
     if args.dataset == "nuclei" and "size" not in changes:
         changes["size"] = 64  # tile size = model size: no resampling of the real pixels
     return replace(plan, **changes)
@@ -376,6 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "(default: the library's FusionConfig default)")
     p.add_argument("--text-dropout", type=float, help="text methods: per-sample text dropout in training "
                    "(default: the library's)")
+    p.add_argument("--text-fallback", choices=("on", "off"), help="text methods: image-only phase first, keep "
+                   "the better on validation (TrainConfig.text_fallback; default: the library's)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--render", type=Path, metavar="JSON",
                    help="only rewrite the .md and .png next to an existing results JSON (no training)")

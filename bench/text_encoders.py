@@ -159,8 +159,9 @@ def markdown(result: dict) -> str:
              f"Data: {result['description']}; splits train/val/test = {result['split_sizes']}.  ",
              f"Machine: {result['machine']['cpu']}, {result['machine']['torch_threads']} torch thread(s), load average "
              f"{result['machine']['loadavg_start']} at start, {result['loadavg_end']} at end.  ",
-             f"Seeds {list(result['plan']['seeds'])}; fusion text_gate={result['fusion']['text_gate']}, "
-             f"text_dropout={result['fusion']['text_dropout']}; wall time {result['seconds'] / 60:.1f} min.", "",
+             f"Seeds {list(result['plan']['seeds'])}; text path: text_gate={result['fusion']['text_gate']}, "
+             f"text_dropout={result['fusion']['text_dropout']}, text_fallback={result['fusion'].get('text_fallback')}; "
+             f"wall time {result['seconds'] / 60:.1f} min.", "",
              "Test Dice (held-out phrasings), mean ± std over seeds:", "", pivot(result), "",
              "Validation Dice (training phrasings), mean over seeds:", ""]
     table = {(r["method"], r["labeled_fraction"]): r for r in result["results"]}
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--adapt-steps-long", type=int, default=ADAPT_STEPS_LONG)
     p.add_argument("--text-gate", choices=("on", "off"))
     p.add_argument("--text-dropout", type=float)
+    p.add_argument("--text-fallback", choices=("on", "off"))
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--render", type=Path, metavar="JSON", help="only rewrite .md/.png next to a results JSON")
     args = p.parse_args(argv)
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
         changes["text_gate"] = args.text_gate == "on"
     if args.text_dropout is not None:
         changes["text_dropout"] = args.text_dropout
+    if args.text_fallback:
+        changes["text_fallback"] = args.text_fallback == "on"
     plan = replace(plan, **changes)
     name = args.name or "text_encoders" + ("_quick" if args.quick else "")
     command = "python bench/text_encoders.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -238,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run(args, plan, work: Path, command: str, name: str) -> dict:
+    from fasttextdiff.config import TrainConfig
     from fasttextdiff.data.synthetic import make_lvit_dataset
     from fasttextdiff.pipeline import load_lvit
 
@@ -256,7 +261,9 @@ def _run(args, plan, work: Path, command: str, name: str) -> dict:
               "description": f"synthetic clinical-reports ({plan.size} px, data seed {args.data_seed}; test split in "
                              "held-out phrasings)",
               "machine": machine, "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(plan).items()},
-              "fusion": {"text_gate": fusion.text_gate, "text_dropout": fusion.text_dropout},
+              "fusion": {"text_gate": fusion.text_gate, "text_dropout": fusion.text_dropout,
+                         "text_fallback": plan.text_fallback if plan.text_fallback is not None
+                         else TrainConfig().text_fallback},
               "split_sizes": [len(splits["train"]), len(splits["val"]), len(splits["test"])],
               "backbone": str(args.backbone) if args.backbone else "pretrained in this run",
               "pretrain_seconds": round(pretrain_s, 1), "encoders": encoders, "runs": [], "results": [],

@@ -130,3 +130,43 @@ def test_per_scale_blocks_draw_distinct_text_weights():
     fusion = CrossModalFusion([4, 4], text_dim=8, config=FusionConfig(dim=8, heads=2, shared=False, text_gate=True))
     a, b = fusion.blocks[0].attn.in_proj_weight, fusion.blocks[1].attn.in_proj_weight
     assert not torch.equal(a, b)
+
+
+def _train(tiny_dataset, tiny_backbone, out, use_text, fallback, epochs=2):
+    from fasttextdiff.config import TrainConfig
+    from fasttextdiff.pipeline import load_lvit
+    from fasttextdiff.train import train_segmenter
+
+    splits = load_lvit(tiny_dataset)
+    config = SegmenterConfig(use_text=use_text, head_channels=8, fusion=FusionConfig(dim=16, heads=2, text_gate=True))
+    return train_segmenter(splits["train"], out, backbone_dir=tiny_backbone, text_config=TextConfig(encoder="tiny"),
+                           segmenter_config=config, val_samples=splits["val"], test_samples=splits["test"],
+                           train_config=TrainConfig(epochs=epochs, batch_size=4, lr=1e-2, text_fallback=fallback),
+                           progress=False)
+
+
+def test_text_fallback_first_trains_exactly_the_no_text_network(tmp_path, tiny_dataset, tiny_backbone):
+    plain = _train(tiny_dataset, tiny_backbone, tmp_path / "plain", use_text=False, fallback=False)
+    both = _train(tiny_dataset, tiny_backbone, tmp_path / "both", use_text=True, fallback=True)
+    assert [h["epoch"] for h in both["history"]] == [1, 2, 3, 4]  # 2 image-only epochs, then 2 with the text
+    # the image-only phase is the no_text run, to the last bit: same losses, same validation scores
+    assert both["history"][:2] == plain["history"]
+    assert both["text_fallback"] in ("image", "text")
+    if both["text_fallback"] == "image":  # validation preferred the image-only model: it is the no_text model
+        assert both["best_epoch"] <= 2 and both["test"] == plain["test"]
+    else:
+        assert both["best_epoch"] > 2 and both["best_val_dice"] > plain["best_val_dice"]
+    loaded, _ = FastTextDiffModel.load(tmp_path / "both")
+    assert loaded.fusion.text_enabled  # the switch is a training phase, never saved
+
+
+def test_text_fallback_needs_the_gate(tmp_path, tiny_dataset, tiny_backbone):
+    from fasttextdiff.config import TrainConfig
+    from fasttextdiff.pipeline import load_lvit
+    from fasttextdiff.train import train_segmenter
+
+    splits = load_lvit(tiny_dataset)
+    with pytest.raises(ValueError, match="text_gate"):
+        train_segmenter(splits["train"], tmp_path / "m", backbone_dir=tiny_backbone, text_config=TextConfig(),
+                        segmenter_config=SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2)),
+                        train_config=TrainConfig(epochs=1, batch_size=4, text_fallback=True), progress=False)

@@ -240,6 +240,10 @@ class TrainConfig(JsonConfig):
     amp: bool = True  # used only on CUDA
     num_workers: int = 0
     val_every: int = 1
+    # A text path that only helps (issue 16): train `epochs` with the text residual off -- exactly the
+    # no_text network -- then `epochs` more with it on; validation keeps the better checkpoint, so a
+    # report that does not help leaves the image-only model. Needs FusionConfig.text_gate.
+    text_fallback: bool = False
 
     def validate(self) -> None:
         _positive("epochs", self.epochs)

@@ -109,6 +109,8 @@ class CrossModalFusion(nn.Module):
             self.text_project = nn.Linear(text_dim, config.dim)
         n_blocks = 1 if config.shared else len(in_channels)
         self.blocks = nn.ModuleList(CrossAttentionBlock(config, use_text, i) for i in range(n_blocks))
+        # False: every sample's text residual is off (the image-first phase of TrainConfig.text_fallback)
+        self.text_enabled = True
         if use_text and config.text_gate:
             with separate_rng_stream(n_blocks):
                 self.text_project = nn.Linear(text_dim, config.dim)
@@ -127,7 +129,9 @@ class CrossModalFusion(nn.Module):
                     f"batch of {features[0].shape[0]} images but {text_states.shape[0]} report encodings"
                 )
             text = self.text_project(text_states.to(features[0].dtype))
-            if self.training and self.config.text_dropout > 0:  # one draw per sample, for every scale
+            if not self.text_enabled:
+                keep_text = torch.zeros(text.shape[0], dtype=torch.bool, device=text.device)
+            elif self.training and self.config.text_dropout > 0:  # one draw per sample, for every scale
                 keep_text = torch.rand(text.shape[0], device=text.device) >= self.config.text_dropout
         fused = []
         for i, (feat, project) in enumerate(zip(features, self.project)):

@@ -223,17 +223,23 @@ def train_segmenter(
     start_epoch, best, history, best_state = _resume(resume_dir, model, optimizer, train_config, fingerprint)
 
     n_params = sum(p.numel() for p in trainable)
+    # issue 16, text_fallback: `epochs` image-only (text residual off), then `epochs` with the text
+    image_first = train_config.text_fallback and segmenter_config.use_text
+    if image_first and not segmenter_config.fusion.text_gate:
+        raise ValueError("text_fallback needs the gated text path (FusionConfig.text_gate=True)")
+    total_epochs = train_config.epochs * (2 if image_first else 1)
     if rank == 0:
         log_.info("training %d parameters on %d labeled images (%s), epochs %d..%d", n_params, len(labeled),
-                  device, start_epoch + 1, train_config.epochs)
-    bar = tqdm(range(start_epoch, train_config.epochs), desc="train", disable=not progress or rank != 0,
-               initial=start_epoch, total=train_config.epochs)
+                  device, start_epoch + 1, total_epochs)
+    bar = tqdm(range(start_epoch, total_epochs), desc="train", disable=not progress or rank != 0,
+               initial=start_epoch, total=total_epochs)
     model.train()
     for epoch in bar:
         if sampler is not None:
             sampler.set_epoch(epoch)
         if not cached:
             train_ds.set_epoch(epoch)  # fresh, reproducible augmentation each epoch
+        model.fusion.text_enabled = not image_first or epoch >= train_config.epochs
         losses = []
         for batch in loader:
             labels = batch["label"].to(device)
@@ -250,7 +256,7 @@ def train_segmenter(
             scaler.update()
             losses.append(float(loss.detach()))
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
-        last = epoch + 1 == train_config.epochs or (stop_event is not None and stop_event.is_set())
+        last = epoch + 1 in (total_epochs, train_config.epochs) or (stop_event is not None and stop_event.is_set())
         if val_loader is not None and ((epoch + 1) % train_config.val_every == 0 or last):
             scores = validate(model, val_loader, texts, device)
             record.update(val_dice=scores["dice"], val_iou=scores["iou"])
@@ -267,6 +273,7 @@ def train_segmenter(
             log_.info("training stopped on request after epoch %d", epoch + 1)
             break
 
+    model.fusion.text_enabled = True
     metrics: dict = {"epochs": len(history), "history": history, "labeled_images": len(labeled),
                      "feature_cache": cached,
                      "trainable_parameters": n_params, "seconds": round(time.time() - started, 2),
@@ -274,6 +281,8 @@ def train_segmenter(
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
         metrics.update(best_val_dice=best["dice"], best_epoch=best["epoch"])
+        if image_first:  # the image-only phase's best has a closed gate: it is the no_text network
+            metrics["text_fallback"] = "image" if best["epoch"] <= train_config.epochs else "text"
     if world > 1:
         metrics["ddp_weights_identical"] = _weights_identical_across_ranks(model)
     if rank == 0:
@@ -378,6 +387,6 @@ def _resume(resume_dir: Path, model, optimizer, train_config: TrainConfig,
         log_.warning("ignoring unreadable resume state in %s (%s); starting over", resume_dir, exc)
         shutil.rmtree(resume_dir, ignore_errors=True)
         return fresh
-    epoch = min(int(state["epoch"]), train_config.epochs)
+    epoch = min(int(state["epoch"]), train_config.epochs * (2 if train_config.text_fallback else 1))
     log_.info("resuming training from epoch %d (%s)", epoch, resume_dir)
     return epoch, state.get("best", fresh[1]), state.get("history", []), best_state
