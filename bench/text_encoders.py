@@ -211,6 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--text-gate", choices=("on", "off"))
     p.add_argument("--text-dropout", type=float)
     p.add_argument("--text-fallback", choices=("on", "off"))
+    p.add_argument("--widths", type=int, nargs="+")
+    for opt, typ in (("size", int), ("pretrain-steps", int), ("epochs", int), ("min-steps", int),
+                     ("fusion-dim", int), ("n-train", int), ("n-val", int), ("n-test", int)):
+        p.add_argument(f"--{opt}", type=typ, default=None)
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--render", type=Path, metavar="JSON", help="only rewrite .md/.png next to a results JSON")
     args = p.parse_args(argv)
@@ -220,7 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     common.set_threads(args.threads)
     plan = QUICK if args.quick else FULL
-    changes = {}
+    changes = {k: getattr(args, k) for k in ("size", "pretrain_steps", "epochs", "min_steps", "fusion_dim", "n_train",
+                                              "n_val", "n_test") if getattr(args, k) is not None}
+    if args.widths:
+        changes["widths"] = tuple(args.widths)
     if args.seeds:
         changes["seeds"] = tuple(args.seeds)
     if args.budgets:

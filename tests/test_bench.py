@@ -96,3 +96,26 @@ def test_speed_smallest(tmp_path):
     assert _finite(data["inference"]["volume"]["ours_n_noise_1"]["min_s"])
     assert data["gpu"]["measured"] in (True, False)
     assert (tmp_path / "speed.md").is_file() and (tmp_path / "speed.png").is_file()
+
+
+@pytest.mark.timeout(600)  # ~40 s of CPU: it also reads the IU corpus twice (reports, a 2-step MLM run)
+def test_text_encoders_smallest(tmp_path):
+    """The encoder comparison end to end: every encoder kind (a 2-step MLM adaptation included), the
+    reference truncation, the clinical-reports data, aggregation and the acceptance checks."""
+    import text_encoders
+
+    text_encoders.main(["--quick", "--seeds", "0", "--budgets", "0.25", "--size", "32", "--n-train", "8",
+                        "--n-val", "2", "--n-test", "2", "--pretrain-steps", "2", "--epochs", "1", "--min-steps", "0",
+                        "--widths", "8", "16", "--fusion-dim", "8", "--adapt-steps", "2", "--no-plot",
+                        "--encoders", "no_text", "tiny_random", "tiny_adapted", "minilm", "minilm_trunc10",
+                        "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "text_encoders_quick.json").read_text())
+    assert data["dataset"] == "clinical-reports" and data["complete"] is True
+    assert [r["method"] for r in data["results"]] == ["no_text", "tiny_random", "tiny_adapted", "minilm",
+                                                      "minilm_trunc10"]
+    assert all(_finite(r["dice_mean"]) and 0 <= r["dice_mean"] <= 1 for r in data["results"])
+    mlm = data["encoders"]["tiny_adapted"]["mlm"]
+    assert mlm["steps"] == 2 and _finite(mlm["perplexity_after"])
+    claims = {c["encoder"] for c in data["acceptance"]["checks"]}
+    assert {"tiny_random", "tiny_adapted", "minilm"} <= claims
+    assert (tmp_path / "text_encoders_quick.md").read_text().count("minilm_trunc10") >= 2

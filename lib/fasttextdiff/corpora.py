@@ -127,14 +127,28 @@ def iu_xray_path() -> Path:
 def iter_iu_xray(path: str | Path | None = None, sections: Iterable[str] = IU_SECTIONS) -> Iterator[str]:
     """Indiana University chest X-ray reports: FINDINGS and IMPRESSION of each XML, joined.
     `path` is the NLMCXR_reports.tgz or a folder of the extracted XML files."""
-    path = Path(path) if path else iu_xray_path()
     sections = tuple(sections)
+    for parts in _iu_parts(path):
+        text = clean_note(" ".join(parts[s] for s in sections if s in parts))
+        if text:
+            yield text
+
+
+def iter_iu_xray_sections(path: str | Path | None = None) -> Iterator[dict[str, str]]:
+    """Each IU report as {section label: cleaned text} (INDICATION, COMPARISON, FINDINGS, IMPRESSION...),
+    read in one pass: for callers that treat the sections apart (data/clinical_reports.py)."""
+    for parts in _iu_parts(path):
+        cleaned = {label: clean_note(text) for label, text in parts.items()}
+        if cleaned:
+            yield cleaned
+
+
+def _iu_parts(path: str | Path | None) -> Iterator[dict[str, str]]:
+    path = Path(path) if path else iu_xray_path()
     if path.is_dir():
         files = sorted(path.rglob("*.xml"), key=_natural_key)
         for file in files:
-            text = _iu_report(file.read_bytes(), sections)
-            if text:
-                yield text
+            yield _iu_sections(file.read_bytes())
         return
     if not path.is_file():
         raise CorpusError(f"IU X-ray reports {path} do not exist")
@@ -146,24 +160,22 @@ def iter_iu_xray(path: str | Path | None = None, sections: Iterable[str] = IU_SE
                 fh = tar.extractfile(member)
                 if fh is None:
                     continue
-                text = _iu_report(fh.read(), sections)
-                if text:
-                    yield text
+                yield _iu_sections(fh.read())
     except tarfile.TarError as exc:
         raise CorpusError(f"{path} is not a readable tar archive: {exc}") from exc
 
 
-def _iu_report(xml_bytes: bytes, sections: tuple[str, ...]) -> str:
+def _iu_sections(xml_bytes: bytes) -> dict[str, str]:
     try:
         root = ET.fromstring(xml_bytes)
     except ET.ParseError:
-        return ""
+        return {}
     parts = {}
     for node in root.iter("AbstractText"):
         label = (node.get("Label") or "").upper()
-        if label in sections and node.text and node.text.strip():
+        if label and node.text and node.text.strip():
             parts[label] = node.text.strip()
-    return clean_note(" ".join(parts[s] for s in sections if s in parts))
+    return parts
 
 
 def iter_corpus(corpus: str, path: str | Path | None = None, categories: Iterable[str] | None = None) -> Iterator[str]:

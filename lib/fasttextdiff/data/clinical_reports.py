@@ -177,20 +177,17 @@ class SentencePool:
 @functools.lru_cache(maxsize=4)
 def iu_sentence_pool(path: str | None = None) -> SentencePool:
     """Read the IU X-ray reports once (torchxrayvision's NLMCXR_reports.tgz unless `path` is given)."""
-    from ..corpora import iter_iu_xray
+    from ..corpora import iter_iu_xray_sections
 
     findings: dict = {(p, k): [] for p in PHRASINGS for k in ("cardio", "pleura", "bones", "other")}
     impression: dict = {p: [] for p in PHRASINGS}
     indication: dict = {p: [] for p in PHRASINGS}
-    source = Path(path) if path else None
-    for text in iter_iu_xray(source, sections=("FINDINGS",)):
-        for s in _sentences(text):
+    for parts in iter_iu_xray_sections(Path(path) if path else None):
+        for s in _sentences(parts.get("FINDINGS", "")):
             findings[("heldout" if _heldout(s) else "train", _category(s))].append(s)
-    for text in iter_iu_xray(source, sections=("IMPRESSION",)):
-        for s in _sentences(text):
+        for s in _sentences(parts.get("IMPRESSION", "")):
             impression["heldout" if _heldout(s) else "train"].append(s)
-    for text in iter_iu_xray(source, sections=("INDICATION",)):
-        s = re.sub(r"\s+", " ", text.strip())
+        s = re.sub(r"\s+", " ", parts.get("INDICATION", "").strip())
         if 2 <= len(s.split()) <= 16 and s.count("XXXX") <= 2 and not _EXCLUDE.search(s) and "<" not in s:
             indication["heldout" if _heldout(s) else "train"].append(s if s.endswith(".") else s + ".")
     for key, items in findings.items():
