@@ -74,8 +74,8 @@ class Plan:
     val_checks: int = 10  # validations per run (val_every = epochs // val_checks)
     methods: tuple[str, ...] = METHODS
     unet_augment: tuple[bool, ...] = (False, True)  # candidates, chosen on validation Dice
-    # the text path (FusionConfig.text_gate / text_dropout) for the text methods; None = the library default
-    text_gate: bool | None = None
+    # the text path (FusionConfig.text_residual / text_dropout) for the text methods; None = the library default
+    text_residual: str | None = None
     text_dropout: float | None = None
     text_fallback: bool | None = None  # TrainConfig.text_fallback for the text methods
 
@@ -143,7 +143,7 @@ def pretrain(root: Path, splits: dict, plan: Plan, window, work: Path, device) -
 def fusion_config(plan: Plan):
     from fasttextdiff.config import FusionConfig
 
-    text_path = {k: v for k, v in (("text_gate", plan.text_gate), ("text_dropout", plan.text_dropout)) if v is not None}
+    text_path = {k: v for k, v in (("text_residual", plan.text_residual), ("text_dropout", plan.text_dropout)) if v is not None}
     return FusionConfig(dim=plan.fusion_dim, heads=4, **text_path)
 
 
@@ -178,7 +178,7 @@ def run_fasttextdiff(method: str, splits, backbone_dir: Path, plan: Plan, fracti
             "dice": scores["dice_mean"], "iou": scores["iou_mean"], "n_test": scores["n"],
             "text_encoder": "none" if method == "no_text" else encoder_label or (
                 "minilm" if method == "bert_text" else "tiny-modernbert"),
-            "fusion": {"text_gate": seg.fusion.text_gate, "text_dropout": seg.fusion.text_dropout,
+            "fusion": {"text_residual": seg.fusion.text_residual, "text_dropout": seg.fusion.text_dropout,
                        "text_fallback": train_cfg.text_fallback} if seg.use_text else None,
             "text_fallback_chose": metrics.get("text_fallback")}
 
@@ -345,8 +345,8 @@ def build_plan(args) -> Plan:
         if bad:
             raise SystemExit(f"unknown methods {bad}; choose from {list(METHODS)}")
         changes["methods"] = tuple(m for m in METHODS if m in args.methods)
-    if args.text_gate is not None:
-        changes["text_gate"] = args.text_gate == "on"
+    if args.text_residual is not None:
+        changes["text_residual"] = args.text_residual
     if args.text_dropout is not None:
         changes["text_dropout"] = args.text_dropout
     if args.text_fallback is not None:
@@ -378,8 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, typ in (("size", int), ("pretrain-steps", int), ("epochs", int), ("min-steps", int), ("lr", float),
                       ("fusion-dim", int), ("n-train", int), ("n-val", int), ("n-test", int)):
         p.add_argument(f"--{name}", type=typ, default=None)
-    p.add_argument("--text-gate", choices=("on", "off"), help="text methods: tanh gate on the text residual "
-                   "(default: the library's FusionConfig default)")
+    p.add_argument("--text-residual", choices=("plain", "zero", "gate"), help="text methods: how the text "
+                   "residual starts (FusionConfig.text_residual; default: the library's)")
     p.add_argument("--text-dropout", type=float, help="text methods: per-sample text dropout in training "
                    "(default: the library's)")
     p.add_argument("--text-fallback", choices=("on", "off"), help="text methods: image-only phase first, keep "

@@ -159,7 +159,7 @@ def markdown(result: dict) -> str:
              f"Data: {result['description']}; splits train/val/test = {result['split_sizes']}.  ",
              f"Machine: {result['machine']['cpu']}, {result['machine']['torch_threads']} torch thread(s), load average "
              f"{result['machine']['loadavg_start']} at start, {result['loadavg_end']} at end.  ",
-             f"Seeds {list(result['plan']['seeds'])}; text path: text_gate={result['fusion']['text_gate']}, "
+             f"Seeds {list(result['plan']['seeds'])}; text path: text_residual={result['fusion']['text_residual']}, "
              f"text_dropout={result['fusion']['text_dropout']}, text_fallback={result['fusion'].get('text_fallback')}; "
              f"wall time {result['seconds'] / 60:.1f} min.", "",
              "Test Dice (held-out phrasings), mean ± std over seeds:", "", pivot(result), "",
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budgets", type=float, nargs="+")
     p.add_argument("--adapt-steps", type=int, default=ADAPT_STEPS)
     p.add_argument("--adapt-steps-long", type=int, default=ADAPT_STEPS_LONG)
-    p.add_argument("--text-gate", choices=("on", "off"))
+    p.add_argument("--text-residual", choices=("plain", "zero", "gate"))
     p.add_argument("--text-dropout", type=float)
     p.add_argument("--text-fallback", choices=("on", "off"))
     p.add_argument("--widths", type=int, nargs="+")
@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
         changes["seeds"] = tuple(args.seeds)
     if args.budgets:
         changes["budgets"] = tuple(args.budgets)
-    if args.text_gate:
-        changes["text_gate"] = args.text_gate == "on"
+    if args.text_residual:
+        changes["text_residual"] = args.text_residual
     if args.text_dropout is not None:
         changes["text_dropout"] = args.text_dropout
     if args.text_fallback:
@@ -268,7 +268,7 @@ def _run(args, plan, work: Path, command: str, name: str) -> dict:
               "description": f"synthetic clinical-reports ({plan.size} px, data seed {args.data_seed}; test split in "
                              "held-out phrasings)",
               "machine": machine, "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(plan).items()},
-              "fusion": {"text_gate": fusion.text_gate, "text_dropout": fusion.text_dropout,
+              "fusion": {"text_residual": fusion.text_residual, "text_dropout": fusion.text_dropout,
                          "text_fallback": plan.text_fallback if plan.text_fallback is not None
                          else TrainConfig().text_fallback},
               "split_sizes": [len(splits["train"]), len(splits["val"]), len(splits["test"])],

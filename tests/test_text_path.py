@@ -1,5 +1,6 @@
-"""A text path that only helps: the gated text residual starts as the no_text network, opens when
-the report carries information, and text dropout trains the image path on its own."""
+"""A text path that only helps: the text residual ("zero": output projection at zero; "gate": a tanh
+gate at zero) starts as the no_text network, opens when the report carries information, text
+dropout trains the image path on its own, and text_fallback's image-only phase is the no_text run."""
 
 from __future__ import annotations
 
@@ -19,35 +20,48 @@ def _backbone() -> DiffusionBackbone:
     return DiffusionBackbone(BackboneConfig(image_size=32, block_out_channels=(8, 16), timesteps=(50, 150)))
 
 
-def _model(use_text: bool, gate: bool = True, dropout: float = 0.0, seed: int = 1) -> FastTextDiffModel:
+def _model(use_text: bool, residual: str = "zero", dropout: float = 0.0, seed: int = 1) -> FastTextDiffModel:
     backbone = _backbone()
     torch.manual_seed(seed)
     config = SegmenterConfig(use_text=use_text, head_channels=8,
-                             fusion=FusionConfig(dim=8, heads=2, text_gate=gate, text_dropout=dropout))
+                             fusion=FusionConfig(dim=8, heads=2, text_residual=residual, text_dropout=dropout))
     return FastTextDiffModel(backbone, 12 if use_text else 0, config)
 
 
-def test_gated_model_starts_as_the_no_text_model():
-    gated, plain = _model(True), _model(False)
+def _open(model: FastTextDiffModel) -> None:
+    """Make the text residual matter (as after some training)."""
+    block = model.fusion.blocks[0]
+    with torch.no_grad():
+        if block.gate is not None:
+            block.gate.fill_(1.0)
+        else:
+            block.attn.out_proj.weight.normal_()
+
+
+TEXT_KEYS = {"fusion.text_project.weight", "fusion.text_project.bias", "fusion.blocks.0.norm_q.weight",
+             "fusion.blocks.0.norm_q.bias", "fusion.blocks.0.norm_kv.weight", "fusion.blocks.0.norm_kv.bias",
+             "fusion.blocks.0.attn.in_proj_weight", "fusion.blocks.0.attn.in_proj_bias",
+             "fusion.blocks.0.attn.out_proj.weight", "fusion.blocks.0.attn.out_proj.bias"}
+
+
+@pytest.mark.parametrize("residual", ["zero", "gate"])
+def test_closed_text_path_starts_as_the_no_text_model(residual):
+    model, plain = _model(True, residual), _model(False)
     shared = plain.trainable_state_dict()
-    own = gated.trainable_state_dict()
+    own = model.trainable_state_dict()
     assert all(torch.equal(own[k], v) for k, v in shared.items())  # same image-path weights
-    assert {k for k in own if k not in shared} == {
-        "fusion.text_project.weight", "fusion.text_project.bias", "fusion.blocks.0.gate",
-        "fusion.blocks.0.norm_q.weight", "fusion.blocks.0.norm_q.bias", "fusion.blocks.0.norm_kv.weight",
-        "fusion.blocks.0.norm_kv.bias", "fusion.blocks.0.attn.in_proj_weight", "fusion.blocks.0.attn.in_proj_bias",
-        "fusion.blocks.0.attn.out_proj.weight", "fusion.blocks.0.attn.out_proj.bias"}
+    assert {k for k in own if k not in shared} == TEXT_KEYS | ({"fusion.blocks.0.gate"} if residual == "gate" else set())
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     states, mask = torch.randn(2, 5, 12), torch.ones(2, 5, dtype=torch.bool)
-    torch.testing.assert_close(gated.eval()(x, states, mask), plain.eval()(x), rtol=0, atol=0)
-    # without the gate the text branch changes the output from the first step
-    ungated = _model(True, gate=False)
-    assert not torch.allclose(ungated.eval()(x, states, mask), plain(x))
+    torch.testing.assert_close(model.eval()(x, states, mask), plain.eval()(x), rtol=0, atol=0)
+    # the reference's plain residual changes the output from the first step
+    assert not torch.allclose(_model(True, "plain").eval()(x, states, mask), plain(x))
 
 
-def test_gate_opens_when_the_report_decides_the_mask():
+@pytest.mark.parametrize("residual", ["zero", "gate"])
+def test_text_path_opens_when_the_report_decides_the_mask(residual):
     """Two reports, two opposite masks on the same image: only the text can tell them apart."""
-    model = _model(True)
+    model = _model(True, residual)
     x = torch.rand(1, 1, 32, 32).repeat(2, 1, 1, 1) * 2 - 1
     states = torch.randn(2, 3, 12)
     mask = torch.ones(2, 3, dtype=torch.bool)
@@ -63,15 +77,16 @@ def test_gate_opens_when_the_report_decides_the_mask():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert abs(float(torch.tanh(model.fusion.blocks[0].gate.detach()))) > 0.05
+    block = model.fusion.blocks[0]
+    opened = block.gate.detach().abs() if residual == "gate" else block.attn.out_proj.weight.detach().abs().max()
+    assert float(opened) > 0.05
     pred = model.eval().forward_features(features, states, mask).argmax(1)
     assert (pred == target).float().mean() > 0.9
 
 
 def test_text_dropout_gives_the_no_text_network_per_sample():
     model = _model(True, dropout=0.5)
-    with torch.no_grad():
-        model.fusion.blocks[0].gate.fill_(1.0)  # an open gate: the text matters
+    _open(model)
     plain = _model(False)
     plain.load_state_dict(model.state_dict(), strict=False)  # the same image path
     features = [torch.randn(64, c, s, s) for c, s in zip(model.backbone.feature_channels, (8, 16))]
@@ -92,42 +107,44 @@ def test_text_dropout_gives_the_no_text_network_per_sample():
     torch.testing.assert_close(model.fusion.eval()(features, states, mask)[0], with_text[0])
 
 
-def test_text_dropout_must_be_a_probability():
+def test_text_path_options_are_checked():
+    with pytest.raises(ValueError, match="text_residual"):
+        FusionConfig(text_residual="open")
     with pytest.raises(ValueError, match="text_dropout"):
         FusionConfig(text_dropout=1.0)
     with pytest.raises(ValueError, match="text_dropout"):
         FusionConfig(text_dropout=-0.1)
 
 
-def test_models_saved_before_the_gate_load_as_they_were(tmp_path):
-    """A record without text_gate/text_dropout is a model from before the gate: it loads ungated."""
-    model = _model(True, gate=False).eval()
+def test_models_saved_before_the_text_path_options_load_as_they_were(tmp_path):
+    """A record without text_residual/text_dropout is a model from before them: it loads "plain"."""
+    model = _model(True, "plain").eval()
     model.save(tmp_path / "m", TextConfig(encoder="tiny"))
     path = tmp_path / "m" / MODEL_CONFIG_FILE
     record = json.loads(path.read_text())
-    for key in ("text_gate", "text_dropout"):
+    for key in ("text_residual", "text_dropout"):
         del record["segmenter"]["fusion"][key]
     path.write_text(json.dumps(record))
     loaded, _ = FastTextDiffModel.load(tmp_path / "m")
-    assert loaded.fusion.blocks[0].gate is None and not loaded.config.fusion.text_gate
+    assert loaded.config.fusion.text_residual == "plain"
     x, s, m = torch.rand(1, 1, 32, 32), torch.randn(1, 3, 12), torch.ones(1, 3, dtype=torch.bool)
     torch.testing.assert_close(loaded(x, s, m), model(x, s, m))
 
 
-def test_gated_model_round_trips(tmp_path):
-    model = _model(True, dropout=0.3).eval()
-    with torch.no_grad():
-        model.fusion.blocks[0].gate.fill_(0.7)
+@pytest.mark.parametrize("residual", ["zero", "gate"])
+def test_closed_text_path_round_trips(tmp_path, residual):
+    model = _model(True, residual, dropout=0.3).eval()
+    _open(model)
     model.save(tmp_path / "m", TextConfig(encoder="tiny"))
     loaded, record = FastTextDiffModel.load(tmp_path / "m")
-    assert record["segmenter"]["fusion"]["text_gate"] is True and loaded.config.fusion.text_dropout == 0.3
+    assert record["segmenter"]["fusion"]["text_residual"] == residual and loaded.config.fusion.text_dropout == 0.3
     x, s, m = torch.rand(1, 1, 32, 32), torch.randn(1, 3, 12), torch.ones(1, 3, dtype=torch.bool)
     torch.testing.assert_close(loaded(x, s, m), model(x, s, m))
 
 
 def test_per_scale_blocks_draw_distinct_text_weights():
     torch.manual_seed(0)
-    fusion = CrossModalFusion([4, 4], text_dim=8, config=FusionConfig(dim=8, heads=2, shared=False, text_gate=True))
+    fusion = CrossModalFusion([4, 4], text_dim=8, config=FusionConfig(dim=8, heads=2, shared=False, text_residual="zero"))
     a, b = fusion.blocks[0].attn.in_proj_weight, fusion.blocks[1].attn.in_proj_weight
     assert not torch.equal(a, b)
 
@@ -138,7 +155,8 @@ def _train(tiny_dataset, tiny_backbone, out, use_text, fallback, epochs=2):
     from fasttextdiff.train import train_segmenter
 
     splits = load_lvit(tiny_dataset)
-    config = SegmenterConfig(use_text=use_text, head_channels=8, fusion=FusionConfig(dim=16, heads=2, text_gate=True))
+    config = SegmenterConfig(use_text=use_text, head_channels=8,
+                             fusion=FusionConfig(dim=16, heads=2, text_residual="zero"))
     return train_segmenter(splits["train"], out, backbone_dir=tiny_backbone, text_config=TextConfig(encoder="tiny"),
                            segmenter_config=config, val_samples=splits["val"], test_samples=splits["test"],
                            train_config=TrainConfig(epochs=epochs, batch_size=4, lr=1e-2, text_fallback=fallback),
@@ -160,13 +178,14 @@ def test_text_fallback_first_trains_exactly_the_no_text_network(tmp_path, tiny_d
     assert loaded.fusion.text_enabled  # the switch is a training phase, never saved
 
 
-def test_text_fallback_needs_the_gate(tmp_path, tiny_dataset, tiny_backbone):
+def test_text_fallback_needs_a_closed_text_path(tmp_path, tiny_dataset, tiny_backbone):
     from fasttextdiff.config import TrainConfig
     from fasttextdiff.pipeline import load_lvit
     from fasttextdiff.train import train_segmenter
 
     splits = load_lvit(tiny_dataset)
-    with pytest.raises(ValueError, match="text_gate"):
+    with pytest.raises(ValueError, match="text_residual"):
         train_segmenter(splits["train"], tmp_path / "m", backbone_dir=tiny_backbone, text_config=TextConfig(),
-                        segmenter_config=SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2)),
+                        segmenter_config=SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2,
+                                                                                              text_residual="plain")),
                         train_config=TrainConfig(epochs=1, batch_size=4, text_fallback=True), progress=False)

@@ -154,6 +154,9 @@ class TextConfig(JsonConfig):
         _positive("max_chars", self.max_chars)
 
 
+TEXT_RESIDUALS = ("plain", "zero", "gate")
+
+
 @dataclass
 class FusionConfig(JsonConfig):
     """Cross-modal attention: image tokens query the report's tokens, per scale."""
@@ -164,15 +167,21 @@ class FusionConfig(JsonConfig):
     mlp_ratio: float = 2.0
     dropout: float = 0.0
     positional_encoding: bool = True
-    # The text path may only add to what the image gives (issue 16): a zero-initialised tanh gate on
-    # the cross-attention residual, with the text weights drawn from their own random stream, so an
-    # untrained model is exactly the `no_text` network; and, in training, each sample's text
-    # residual is dropped with probability text_dropout so the image path stays a model of its own.
-    text_gate: bool = False
+    # How the cross-attention output joins the image tokens (issue 16: a text path that only helps):
+    #   "plain" - added as it comes (the reference; random text weights change the output from step 0)
+    #   "zero"  - the attention's output projection starts at zero and the text weights come from their
+    #             own random stream: an untrained model is exactly the `no_text` network
+    #   "gate"  - like "zero" but through a zero-initialised tanh gate (one scalar per block, as in
+    #             Flamingo); it opens slowly (measured: too slowly for few-step training)
+    text_residual: str = "plain"
+    # In training, each sample's text residual is dropped with this probability (the image path then
+    # trains as an image-only model on those samples).
     text_dropout: float = 0.0
 
     def validate(self) -> None:
         _positive("dim", self.dim)
+        if self.text_residual not in TEXT_RESIDUALS:
+            raise ValueError(f"text_residual must be one of {TEXT_RESIDUALS}, got {self.text_residual!r}")
         if not 0 <= self.text_dropout < 1:
             raise ValueError(f"text_dropout must be in [0, 1), got {self.text_dropout}")
         _positive("heads", self.heads)
@@ -242,7 +251,7 @@ class TrainConfig(JsonConfig):
     val_every: int = 1
     # A text path that only helps (issue 16): train `epochs` with the text residual off -- exactly the
     # no_text network -- then `epochs` more with it on; validation keeps the better checkpoint, so a
-    # report that does not help leaves the image-only model. Needs FusionConfig.text_gate.
+    # report that does not help leaves the image-only model. Needs FusionConfig.text_residual "zero"/"gate".
     text_fallback: bool = False
 
     def validate(self) -> None:

@@ -4,11 +4,11 @@ Improves on the reference in two ways it lacked: a 2D sine positional encoding o
 tokens, so "upper left" can be matched to a place, and the text padding mask, so padding tokens
 of shorter reports in a batch carry no weight.
 
-A text path that only helps (`FusionConfig.text_gate`, `text_dropout`): the cross-attention
-residual passes through a tanh gate that starts at zero, and the text weights come from their own
-random stream, so before training the model is exactly the `no_text` network (same image-path
-weights); in training each sample's text residual is dropped with probability `text_dropout`, so
-the image path keeps being trained as an image-only model and the text learns a correction.
+A text path that only helps (`FusionConfig.text_residual`, `text_dropout`): with "zero" the
+attention's output projection starts at zero (with "gate", a tanh gate that starts at zero), and
+the text weights come from their own random stream, so before training the model is exactly the
+`no_text` network (same image-path weights); in training each sample's text residual can be
+dropped with probability `text_dropout`, so the image path keeps being trained on its own.
 """
 
 from __future__ import annotations
@@ -57,16 +57,21 @@ class CrossAttentionBlock(nn.Module):
         self.use_text = use_text
         self.gate = None
         hidden = int(config.dim * config.mlp_ratio)
-        if use_text and not config.text_gate:
+        closed = config.text_residual != "plain"
+        if use_text and not closed:
             self._build_text(config)
         self.norm_ff = nn.LayerNorm(config.dim)
         self.ff = nn.Sequential(
             nn.Linear(config.dim, hidden), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(hidden, config.dim)
         )
-        if use_text and config.text_gate:
+        if use_text and closed:  # the block starts as the no_text block
             with separate_rng_stream(index):
                 self._build_text(config)
-            self.gate = nn.Parameter(torch.zeros(1))  # tanh(0) = 0: the block starts as the no_text block
+            if config.text_residual == "gate":
+                self.gate = nn.Parameter(torch.zeros(1))  # tanh(0) = 0
+            else:
+                nn.init.zeros_(self.attn.out_proj.weight)
+                nn.init.zeros_(self.attn.out_proj.bias)
 
     def _build_text(self, config: FusionConfig) -> None:
         self.norm_q = nn.LayerNorm(config.dim)
@@ -105,13 +110,14 @@ class CrossModalFusion(nn.Module):
             for c in in_channels
         )
         self.text_project = None
-        if use_text and not config.text_gate:
+        closed = config.text_residual != "plain"
+        if use_text and not closed:
             self.text_project = nn.Linear(text_dim, config.dim)
         n_blocks = 1 if config.shared else len(in_channels)
         self.blocks = nn.ModuleList(CrossAttentionBlock(config, use_text, i) for i in range(n_blocks))
         # False: every sample's text residual is off (the image-first phase of TrainConfig.text_fallback)
         self.text_enabled = True
-        if use_text and config.text_gate:
+        if use_text and closed:
             with separate_rng_stream(n_blocks):
                 self.text_project = nn.Linear(text_dim, config.dim)
 

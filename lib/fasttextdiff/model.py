@@ -177,7 +177,7 @@ class FastTextDiffModel(nn.Module):
 
 
 # Fusion options added after format 1 was first written, with the value that reproduces older models.
-_FUSION_DEFAULTS_BEFORE = {"text_gate": False, "text_dropout": 0.0}
+_FUSION_DEFAULTS_BEFORE = {"text_residual": "plain", "text_dropout": 0.0}
 
 
 def segmenter_config_from_record(record: dict) -> SegmenterConfig:

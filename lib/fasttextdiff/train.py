@@ -225,8 +225,9 @@ def train_segmenter(
     n_params = sum(p.numel() for p in trainable)
     # issue 16, text_fallback: `epochs` image-only (text residual off), then `epochs` with the text
     image_first = train_config.text_fallback and segmenter_config.use_text
-    if image_first and not segmenter_config.fusion.text_gate:
-        raise ValueError("text_fallback needs the gated text path (FusionConfig.text_gate=True)")
+    if image_first and segmenter_config.fusion.text_residual == "plain":
+        raise ValueError("text_fallback needs a text path that starts closed (FusionConfig.text_residual "
+                         "'zero' or 'gate', not 'plain')")
     total_epochs = train_config.epochs * (2 if image_first else 1)
     if rank == 0:
         log_.info("training %d parameters on %d labeled images (%s), epochs %d..%d", n_params, len(labeled),
