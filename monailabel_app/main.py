@@ -19,8 +19,7 @@ if _APP_DIR not in sys.path:  # `lib.*` must be this app's lib, also in MONAI La
     sys.path.insert(0, _APP_DIR)
 if sys.path.count(_APP_DIR) < 2:  # MONAI Label removes one copy after loading main.py; spawned workers need it
     sys.path.append(_APP_DIR)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import fasttextdiff.environment  # noqa: E402,F401 - offline and passive-OpenMP defaults, before torch loads
 
 from monailabel.config import settings  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402

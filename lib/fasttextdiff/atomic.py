@@ -1,10 +1,9 @@
 """Writing files and directories so that a reader never sees half of one, and publishing models.
 
 Files go through a temporary name beside the target and one ``os.replace``. Directories are built
-in a staging directory beside the target and swapped in whole (``replace_dir``, for CLI outputs and
-checkpoints), or published into a model root by swapping a ``current`` symlink (``publish``, for
-the server, where the model is read while the next one trains: the swap is one ``os.replace``,
-so there is no moment without a model).
+beside the target and swapped in whole (``replace_dir``: CLI outputs, checkpoints), or published
+into a model root by swapping its ``current`` symlink (``publish``: the server reads the model
+while the next one trains, and the swap leaves no moment without a model).
 """
 
 from __future__ import annotations
@@ -62,10 +61,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-# --------------------------------------------------------------------------------------------
-# directories
-
-
 def staging_dir(target: str | os.PathLike) -> Path:
     """A fresh empty directory beside ``target`` (same filesystem, so the final rename is atomic)."""
     target = Path(target)
@@ -95,12 +90,9 @@ def check_replaceable(target: Path, allowed: set[str], what: str) -> None:
 
 
 def replace_dir(staging: str | os.PathLike, target: str | os.PathLike, keep_foreign: bool = False) -> Path:
-    """Swap a finished staging directory into place: set the old one aside, move, delete the old.
-
-    Readers see either the complete old directory or the complete new one, never a mixture. With
-    ``keep_foreign`` the old directory's entries the new one lacks (e.g. a training ``checkpoint/``
-    next to the backbone files) move into the new one first.
-    """
+    """Swap a finished staging directory into place (old one set aside, new one moved in, old deleted):
+    readers see the whole old or the whole new one. With ``keep_foreign`` the old one's entries the
+    new one lacks (e.g. a training ``checkpoint/`` next to backbone files) move into the new one."""
     staging, target = Path(staging), Path(target)
     for path in staging.rglob("*"):  # a rename must never publish data still in the page cache
         if path.is_file():
@@ -124,8 +116,7 @@ def replace_dir(staging: str | os.PathLike, target: str | os.PathLike, keep_fore
 
 @contextmanager
 def staged_dir(target: str | os.PathLike, keep_foreign: bool = False) -> Iterator[Path]:
-    """``with staged_dir(target) as staging:`` write into ``staging``; it replaces ``target`` when the
-    block succeeds and is removed when it fails."""
+    """``with staged_dir(target) as staging:`` what is written there replaces ``target`` if the block succeeds."""
     staging = staging_dir(target)
     try:
         yield staging
@@ -135,8 +126,7 @@ def staged_dir(target: str | os.PathLike, keep_foreign: bool = False) -> Iterato
 
 
 def publish(staging: str | os.PathLike, root: str | os.PathLike, keep: int = 3) -> Path:
-    """Make ``staging`` the current model of ``root`` (root/current -> versions/<stamp>); keep the
-    newest ``keep`` versions."""
+    """Make ``staging`` the current model of ``root`` (root/current -> versions/<stamp>), keeping ``keep`` versions."""
     root = Path(root)
     versions = root / VERSIONS
     versions.mkdir(parents=True, exist_ok=True)

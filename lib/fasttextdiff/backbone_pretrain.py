@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .atomic import atomic_write_json, check_replaceable
 from .backbone import BACKBONE_CONFIG_NAME, BACKBONE_ENTRIES, CHECKPOINT_DIR, METRICS_NAME, DiffusionBackbone, build_unet
-from .checkpoint import load_optimizer_state, optimizer_state_tensors
+from .checkpoint import load_optimizer_state, load_training_state, optimizer_state_tensors
 from .config import BackboneConfig, PretrainConfig
 from .engine import Engine
 from .errors import CheckpointError, TrainingError
@@ -33,35 +33,19 @@ from .errors import CheckpointError, TrainingError
 __all__ = ["pretrain_backbone"]
 
 
-def _as_image_source(images: Any) -> Any:
-    """Accept a Dataset, a list of tensors, or one (N, C, H, W) tensor; return something indexable."""
-    if isinstance(images, torch.Tensor):
-        if images.ndim != 4:
-            raise ValueError(f"an image tensor must be (N, C, H, W), got shape {tuple(images.shape)}")
-        return images
-    if hasattr(images, "__getitem__") and hasattr(images, "__len__"):
-        return images
-    raise ValueError(f"images must be a Dataset, a list of (C, H, W) tensors or an (N, C, H, W) tensor, got {type(images).__name__}")
-
-
-def _item_tensor(item: Any) -> torch.Tensor:
-    if isinstance(item, dict):
-        if "image" not in item:
-            raise ValueError(f"dataset items that are dicts need an 'image' key, got keys {sorted(item)}")
-        item = item["image"]
-    if not isinstance(item, torch.Tensor):
-        raise ValueError(f"dataset items must be (C, H, W) tensors, got {type(item).__name__}")
-    return item
-
-
 class _ImageOnly(torch.utils.data.Dataset):
-    """Every accepted input form as checked (C, H, W) float tensors in [-1, 1] for the DataLoader.
+    """A Dataset, a list of tensors or one (N, C, H, W) tensor as checked (C, H, W) float tensors in [-1, 1].
 
     Checking each item costs nothing next to a U-Net step and turns a wrongly scaled or sized image
     (0..255 pixels, a forgotten resize) into a sentence instead of a silently useless backbone.
     """
 
     def __init__(self, source: Any, config: BackboneConfig) -> None:
+        if isinstance(source, torch.Tensor) and source.ndim != 4:
+            raise ValueError(f"an image tensor must be (N, C, H, W), got shape {tuple(source.shape)}")
+        if not (hasattr(source, "__getitem__") and hasattr(source, "__len__")):
+            raise ValueError("images must be a Dataset, a list of (C, H, W) tensors or an (N, C, H, W) tensor, "
+                             f"got {type(source).__name__}")
         self.source = source
         self.shape = (config.in_channels, config.image_size, config.image_size)
 
@@ -69,7 +53,14 @@ class _ImageOnly(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        image = _item_tensor(self.source[index]).float()
+        image = self.source[index]
+        if isinstance(image, dict):
+            if "image" not in image:
+                raise ValueError(f"dataset items that are dicts need an 'image' key, got keys {sorted(image)}")
+            image = image["image"]
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"dataset items must be (C, H, W) tensors, got {type(image).__name__}")
+        image = image.float()
         if tuple(image.shape) != self.shape:
             raise ValueError(
                 f"pretraining images must have shape (C, H, W) = {self.shape}, image {index} has {tuple(image.shape)}"
@@ -159,7 +150,7 @@ def pretrain_backbone(
     ckpt_dir = out_dir / CHECKPOINT_DIR
     check_replaceable(out_dir, BACKBONE_ENTRIES, "backbone")  # fail now, not after hours of training
 
-    data = _ImageOnly(_as_image_source(images), config)
+    data = _ImageOnly(images, config)
     n_images = len(data)
     if n_images == 0:
         raise ValueError("pretraining needs at least one image")
@@ -176,7 +167,7 @@ def pretrain_backbone(
     order = DistributedSampler(range(n_images), num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=False)
     loader = DataLoader(data, batch_size=batch_size, sampler=order, num_workers=num_workers,
                         pin_memory=engine.device.type == "cuda")
-    model, opt, loader = engine.prepare(unet, opt, loader)
+    model, opt, loader = acc.prepare(unet, opt, loader)
 
     steps_per_epoch = len(loader)
     total_steps = epochs * steps_per_epoch
@@ -186,7 +177,7 @@ def pretrain_backbone(
                 "images": n_images}
 
     step, resumed_from, recent = 0, None, []
-    loaded = engine.load_state(ckpt_dir) if resume else None
+    loaded = load_training_state(ckpt_dir) if resume else None
     if loaded is not None:
         tensors, meta = loaded
         if meta.get("run") != run_meta:

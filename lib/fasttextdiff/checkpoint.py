@@ -40,7 +40,7 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        raise CheckpointError(f"{path} is corrupt: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
     return data

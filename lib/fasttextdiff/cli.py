@@ -29,7 +29,7 @@ EXAMPLES = """examples:
   fasttextdiff segment image.png --report "Unilateral pulmonary infection, one infected area, upper left lung." \\
       --model runs/model --out mask.png --uncertainty unc.png
   fasttextdiff bench ablation --quick --json bench/results/ablation.json
-  accelerate launch --multi_gpu --num_processes 2 -m fasttextdiff.cli train --data data/synth \
+  accelerate launch --multi_gpu --num_processes 2 -m fasttextdiff.cli train --data data/synth \\
       --backbone runs/backbone --out runs/model   # any command that trains, on 2 GPUs (or CPU processes)
 """
 
@@ -283,24 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--device")
 
-    _add_optional(sub, "pretrain-text", "fasttextdiff.text_pretrain", "add_pretrain_text_arguments", "run_pretrain_text",
-                  "adapt a ModernBERT to clinical text by masked-language modelling",
-                  "fasttextdiff pretrain-text --corpus iu-xray --init tiny --out runs/clinical-mbert --quick")
-    _add_optional(sub, "demo-studies", "fasttextdiff.studies", "add_demo_studies_arguments", "run_demo_studies",
-                  "write a MONAI Label studies folder of synthetic images with reports",
-                  "fasttextdiff demo-studies --out studies/demo")
+    from .studies import add_demo_studies_arguments, run_demo_studies  # their implementation lives there
+    from .text_pretrain import add_pretrain_text_arguments, run_pretrain_text
+
+    add_pretrain_text_arguments(add(
+        "pretrain-text", run_pretrain_text, "adapt a ModernBERT to clinical text by masked-language modelling",
+        "fasttextdiff pretrain-text --corpus iu-xray --init tiny --out runs/clinical-mbert --quick"))
+    add_demo_studies_arguments(add("demo-studies", run_demo_studies,
+                                   "write a MONAI Label studies folder of synthetic images with reports",
+                                   "fasttextdiff demo-studies --out studies/demo"))
     return parser
-
-
-def _add_optional(sub, name: str, module: str, add_fn: str, run_fn: str, help_: str, example: str) -> None:
-    """Subcommands whose implementation lives in its own module (text pretraining, demo studies)."""
-    import importlib
-
-    mod = importlib.import_module(module)
-    p = sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    getattr(mod, add_fn)(p)
-    p.set_defaults(func=getattr(mod, run_fn))
 
 
 def _quiet_third_party() -> None:

@@ -22,7 +22,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .checkpoint import load_training_state, save_training_state
+from .checkpoint import save_training_state
 from .devices import resolve_device
 
 __all__ = ["Engine", "default_mixed_precision", "set_seed"]
@@ -63,29 +63,10 @@ class Engine:
         if not cpu and wanted.index is not None and not _launched():
             torch.cuda.set_device(wanted)  # a lone process on an explicitly chosen GPU
         precision = default_mixed_precision(wanted) if mixed_precision == "auto" or cpu else mixed_precision
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=precision,
-                                       gradient_accumulation_steps=gradient_accumulation_steps)
-
-    # ------------------------------------------------------------------ where this process runs
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def num_processes(self) -> int:
-        return self.accelerator.num_processes
-
-    @property
-    def process_index(self) -> int:
-        return self.accelerator.process_index
-
-    def prepare(self, *objects: Any) -> Any:
-        """``accelerator.prepare``: device placement, DDP and loader sharding on several processes."""
-        return self.accelerator.prepare(*objects)
+        acc = self.accelerator = Accelerator(cpu=cpu, mixed_precision=precision,
+                                             gradient_accumulation_steps=gradient_accumulation_steps)
+        self.device: torch.device = acc.device
+        self.is_main, self.num_processes, self.process_index = acc.is_main_process, acc.num_processes, acc.process_index
 
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -120,10 +101,6 @@ class Engine:
                 tensors.update({f"rng.{name}.{rank}": s for rank, s in enumerate(per_process)})
             save_training_state(Path(directory), tensors, dict(meta, num_processes=self.num_processes))
         self.wait()
-
-    @staticmethod
-    def load_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        return load_training_state(Path(directory))
 
     def restore_rng(self, tensors: dict[str, torch.Tensor], generators: dict[str, torch.Generator] | None = None) -> None:
         """This process's RNG states from a saved state (KeyError when the state holds none for it)."""

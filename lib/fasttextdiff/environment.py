@@ -1,15 +1,9 @@
-"""Process environment defaults, applied on import (before torch loads): offline, quiet, passive OpenMP.
+"""Process environment defaults, applied on import: the CLI, the app, the benchmarks and the tests
+import this before torch loads; a value the user exported wins.
 
-The CLI, the MONAI Label app, the benchmarks and the tests import this first; a value the user
-exported always wins (``setdefault``).
-
-* ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``: nothing is fetched from a hub unless the user opts
-  in by exporting 0 (see README).
-* ``TOKENIZERS_PARALLELISM``: the Rust tokenizer's threads warn and deadlock-guard after a fork
-  (DataLoader workers, ``accelerate launch``).
-* ``OMP_WAIT_POLICY``: OpenMP threads that spin while waiting make torch ~10x slower whenever
-  another process shares the cores (measured: a training step 2.6 s -> 0.25 s on a loaded 2-core
-  machine); it must be set before torch loads its OpenMP runtime.
+Hubs offline unless the user opts in (README); no tokenizer threads across forks (DataLoader
+workers, ``accelerate launch``); passive OpenMP: spinning threads make torch ~10x slower whenever
+another process shares the cores (a training step 2.6 s -> 0.25 s on a loaded 2-core machine).
 """
 
 import os

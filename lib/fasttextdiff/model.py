@@ -6,7 +6,6 @@ makes the method label-efficient: the backbone learnt the images' structure with
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import nn
 from . import __version__
 from .atomic import atomic_path, atomic_write_json
 from .backbone import DiffusionBackbone
-from .checkpoint import load_tensors, sha256_file, verify_sha256
+from .checkpoint import load_tensors, read_json, sha256_file, verify_sha256
 from .config import MODEL_CONFIG_FILE, BackboneConfig, SegmenterConfig, TextConfig, TrainConfig
 from .errors import CheckpointError, ModelNotFoundError
 from .fusion import CrossModalFusion
@@ -175,10 +174,7 @@ def read_model_record(model_dir: Path) -> dict:
     path = model_dir / MODEL_CONFIG_FILE
     if not path.is_file():
         raise ModelNotFoundError(f"{model_dir} is not a FastTextDiff model directory (no {MODEL_CONFIG_FILE})")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is corrupt ({exc})") from exc
+    record = read_json(path)
     if record.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format {record.get('format')}; this version reads format {FORMAT_VERSION}")
     return record

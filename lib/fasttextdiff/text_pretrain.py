@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -32,11 +33,11 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from .atomic import atomic_write_json, staging_dir
-from .checkpoint import load_optimizer_state, optimizer_state_tensors
+from .checkpoint import load_optimizer_state, load_training_state, optimizer_state_tensors
 from .corpora import CORPORA, iter_corpus
 from .engine import Engine
 from .errors import CheckpointError, CorpusError, ModelNotFoundError
-from .text import _quiet_transformers, build_tiny_encoder, minilm_dir
+from .text import _quiet_transformers, build_tiny_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -302,10 +303,9 @@ def pretrain_text(
         if _comparable_dict(previous.get("settings", {})) == _comparable(s):
             logger.info("%s already holds a finished run with these settings", out)
             return previous
-    tensors, state = (engine.load_state(ckpt) if resume else None) or ({}, {})
+    tensors, state = (load_training_state(ckpt) if resume else None) or ({}, {})
     if state and state.get("settings") != _comparable(s):
         raise CheckpointError(f"{ckpt} was written with other settings; pass a new --out or --no-resume")
-    engine.wait()
     if engine.is_main and not state and ckpt.exists():
         shutil.rmtree(ckpt)
 
@@ -315,7 +315,8 @@ def pretrain_text(
         model.tie_weights()
     model.to(device)
 
-    eval_blocks = list(_take(pack_blocks(_notes(s, heldout=True), tokenizer, s.max_seq_len), s.max_eval_blocks))
+    eval_blocks = list(itertools.islice(pack_blocks(_notes(s, heldout=True), tokenizer, s.max_seq_len),
+                                        s.max_eval_blocks))
     eval_seed = s.seed + 12345
     if state:
         ppl_before, eval_masked = state["perplexity_before"], state["eval_masked_tokens"]
@@ -345,7 +346,7 @@ def pretrain_text(
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
     sched = get_scheduler(s.schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
-    train_model, opt = engine.prepare(model, opt)
+    train_model, opt = acc.prepare(model, opt)
     step = int(state.get("step", 0))
     epoch = int(state.get("epoch", 0))
     consumed = int(state.get("blocks_consumed", 0))  # in the current epoch, across ranks
@@ -482,13 +483,6 @@ def _comparable_dict(d: dict) -> dict:
     d = {k: v for k, v in d.items() if k != "checkpoint_every"}
     d["categories"] = list(d.get("categories") or [])
     return json.loads(json.dumps(d))
-
-
-def _take(it: Iterable, n: int) -> Iterator:
-    for i, x in enumerate(it):
-        if i >= n:
-            return
-        yield x
 
 
 def _save_final(out: Path, model, tokenizer, metrics: dict) -> None:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .atomic import staged_dir
 from .backbone import load_backbone
-from .checkpoint import load_optimizer_state, optimizer_state_tensors, sha256_file
+from .checkpoint import load_optimizer_state, load_training_state, optimizer_state_tensors, sha256_file
 from .config import SegmenterConfig, TextConfig, TrainConfig
 from .data.dataset import SegmentationDataset, select_labeled
 from .data.lvit import Sample
@@ -108,16 +108,15 @@ class TextTable:
 def validate(model: FastTextDiffModel, loader: DataLoader, texts: TextTable, engine: Engine) -> dict:
     """Per-image Dice/IoU at model resolution (single noise draw), gathered from every process, averaged."""
     model.eval()
-    dices, ious = [], []
+    rows = []
     for batch in loader:
         states, mask = texts.batch(batch["text"], engine.device)
         pred = model.predict(batch["image"], states, mask, n_noise=1).mask.cpu()
-        d, i = dice_iou(pred, batch["label"][:, 0].cpu(), model.config.num_classes)
-        dices.append(engine.gather(torch.tensor(d, dtype=torch.float64)))
-        ious.append(engine.gather(torch.tensor(i, dtype=torch.float64)))
+        scores = dice_iou(pred, batch["label"][:, 0].cpu(), model.config.num_classes)
+        rows.append(engine.gather(torch.tensor(scores, dtype=torch.float64).T))  # (images, [dice, iou])
     model.train()
-    dices, ious = torch.cat(dices).tolist() if dices else [], torch.cat(ious).tolist() if ious else []
-    return {"dice": float(np.mean(dices)) if dices else float("nan"), "iou": float(np.mean(ious)) if ious else float("nan")}
+    columns = torch.cat(rows).T.tolist() if rows else [[], []]
+    return {name: float(np.mean(v)) if v else float("nan") for name, v in zip(("dice", "iou"), columns)}
 
 
 def train_segmenter(
@@ -156,10 +155,8 @@ def train_segmenter(
     backbone = load_backbone(backbone_dir)  # ours, or any diffusers UNet2DModel checkpoint
     with acc.main_process_first():  # the main process builds or fills shared caches (tiny encoder, text cache)
         encoder = TextEncoder(text_config, device=device, cache_dir=text_cache_dir) if segmenter_config.use_text else None
-    all_texts = [s.text for s in labeled] + [s.text for s in (val_samples or [])]
-    texts = TextTable(encoder, all_texts)
-    text_dim = encoder.hidden_size if encoder else 0
-    model = FastTextDiffModel(backbone, text_dim, segmenter_config).to(device)
+    texts = TextTable(encoder, [s.text for s in labeled] + [s.text for s in (val_samples or [])])
+    model = FastTextDiffModel(backbone, encoder.hidden_size if encoder else 0, segmenter_config).to(device)
 
     size, channels = backbone.config.image_size, backbone.config.in_channels
 
@@ -176,14 +173,12 @@ def train_segmenter(
     loader = DataLoader(train_ds, batch_size=train_config.batch_size, shuffle=True, generator=generator,
                         num_workers=train_config.num_workers, drop_last=False)
     val_ds = dataset(val_samples or [])
-    val_loader = DataLoader(val_ds, batch_size=train_config.batch_size * 2) if len(val_ds) else None
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=train_config.lr, weight_decay=train_config.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=train_config.dice_weight, lambda_ce=1.0)
-    net, optimizer, loader = engine.prepare(model, optimizer, loader)
-    if val_loader is not None:
-        val_loader = engine.prepare(val_loader)
+    net, optimizer, loader = acc.prepare(model, optimizer, loader)
+    val_loader = acc.prepare(DataLoader(val_ds, batch_size=train_config.batch_size * 2)) if len(val_ds) else None
 
     resume_dir = out_dir.with_name(out_dir.name + RESUME_DIR_SUFFIX)
     fingerprint = run_fingerprint(labeled, val_samples, backbone_dir, text_config, segmenter_config, train_config)
@@ -244,7 +239,7 @@ def train_segmenter(
         metrics["ddp_weights_identical"] = all(torch.equal(gathered[0], g) for g in gathered[1:])
     test_ds = dataset(test_samples or [])
     if len(test_ds):
-        scores = validate(model, engine.prepare(DataLoader(test_ds, batch_size=train_config.batch_size * 2)), texts, engine)
+        scores = validate(model, acc.prepare(DataLoader(test_ds, batch_size=train_config.batch_size * 2)), texts, engine)
         metrics["test"] = {"dice": scores["dice"], "iou": scores["iou"], "n": len(test_ds)}
     if engine.is_main:
         with staged_dir(out_dir) as staging:
@@ -291,13 +286,13 @@ def _resume(engine: Engine, resume_dir: Path, model: FastTextDiffModel, optimize
     """(start epoch, best record, history, best weights) from an interrupted run, or a fresh start."""
     fresh = (0, {"dice": -1.0, "epoch": 0}, [], None)
     try:
-        loaded = engine.load_state(resume_dir)
+        loaded = load_training_state(resume_dir)
         if loaded is None:
             return fresh
         tensors, state = loaded
-        if state.get("fingerprint") != fingerprint:
-            log_.warning("discarding the resume state in %s: the training images, labels, reports, backbone or "
-                         "settings changed since that run; starting over", resume_dir)
+        if (state.get("fingerprint"), state.get("num_processes")) != (fingerprint, engine.num_processes):
+            log_.warning("discarding the resume state in %s: the training images, labels, reports, backbone, "
+                         "settings or number of processes changed since that run; starting over", resume_dir)
             engine.wait()
             if engine.is_main:
                 shutil.rmtree(resume_dir, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write_json
 from .backbone_pretrain import pretrain_backbone
-from .config import BackboneConfig, PretrainConfig, SegmenterConfig, TextConfig, TrainConfig
+from .config import BackboneConfig, SegmenterConfig, TextConfig, TrainConfig
 from .data.io import read_image, supported_extensions
 from .data.lvit import Sample, load_split
 from .data.preprocess import to_model_input
@@ -91,16 +92,12 @@ def lvit_image_paths(root: str | Path) -> list[Path]:
 
 
 def pretrain_backbone_on_files(paths: Sequence[Path], config: BackboneConfig, out_dir: str | Path, *,
-                               epochs: int = PretrainConfig.epochs, batch_size: int = PretrainConfig.batch_size,
-                               lr: float = PretrainConfig.lr, ema_decay: float = PretrainConfig.ema_decay,
-                               seed: int = PretrainConfig.seed, max_steps: int | None = None, device=None,
-                               progress: bool = True, log_fn: Callable[[dict], None] | None = None, stop_event=None,
-                               resume: bool = True, max_slices_per_volume: int | None = 64) -> dict:
+                               progress: bool = True, log_fn: Callable[[dict], None] | None = None,
+                               max_slices_per_volume: int | None = 64, **options: Any) -> dict:
+    """`pretrain_backbone` on image files; ``options`` are its own (epochs, batch_size, lr, seed, device, ...)."""
     images = unlabeled_tensor(paths, config, progress=progress, max_slices_per_volume=max_slices_per_volume)
     log.info("pretraining the diffusion backbone on %d unlabeled images/slices", images.shape[0])
-    return pretrain_backbone(images, config, out_dir, epochs=epochs, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
-                             seed=seed, max_steps=max_steps, device=device, progress=progress, log=log_fn,
-                             stop_event=stop_event, resume=resume)
+    return pretrain_backbone(images, config, out_dir, progress=progress, log=log_fn, **options)
 
 
 def load_lvit(root: str | Path) -> dict[str, list[Sample]]:
@@ -121,14 +118,10 @@ def load_lvit(root: str | Path) -> dict[str, list[Sample]]:
 
 def run_job(spec: dict[str, Any], log_fn: Callable[[dict], None] | None = None,
             stop_event: threading.Event | None = None) -> dict:
-    """Run one training job (``spec["job"]`` is ``pretrain-backbone`` or ``train-segmenter``); returns its metrics.
-
-    ``pretrain-backbone``: ``images`` (files), ``backbone`` (a BackboneConfig dict), ``out_dir``, ``options``
-    (keyword arguments of `pretrain_backbone_on_files`) and ``restart_if_unusable`` (a checkpoint of other
-    images or settings is ignored instead of refused). ``train-segmenter``: ``samples`` (image, mask,
-    text, name), ``out_dir``, ``backbone_dir``, ``text``/``segmenter``/``train`` config dicts and
-    ``text_cache_dir``. Both take ``device``.
-    """
+    """Run one job: ``pretrain-backbone`` (``images``, ``backbone`` config, ``out_dir``, ``options`` of
+    `pretrain_backbone_on_files`, ``restart_if_unusable``: ignore a checkpoint of other images or settings)
+    or ``train-segmenter`` (``samples``, ``out_dir``, ``backbone_dir``, ``text``/``segmenter``/``train``
+    configs, ``text_cache_dir``); both take ``device``. Returns the metrics."""
     common = {"device": spec.get("device"), "progress": False, "stop_event": stop_event}
     if spec["job"] == "pretrain-backbone":
         def pretrain(resume: bool) -> dict:
@@ -164,11 +157,13 @@ def launch_job(spec: dict[str, Any], num_processes: int, work_dir: str | Path,
     stem = work / f"job-{time.time_ns()}"
     files = {k: stem.with_name(f"{stem.name}.{k}") for k in ("json", "log", "result", "stderr")}
     atomic_write_json(files["json"], dict(spec, log_file=str(files["log"]), result_file=str(files["result"])))
+    with socket.socket() as sock:  # a free port for the processes' rendezvous (29500 may be taken)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--dynamo_backend", "no",
-           "--mixed_precision", default_mixed_precision(resolve_device(spec.get("device")))]
-    if gpu_ids and gpu_ids != "all":
-        cmd += ["--gpu_ids", gpu_ids]
+           "--num_machines", "1", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+           "--dynamo_backend", "no", "--mixed_precision", default_mixed_precision(resolve_device(spec.get("device")))]
+    cmd += ["--gpu_ids", gpu_ids] if gpu_ids else []
     cmd += ["-m", "fasttextdiff.cli", "run-job", str(files["json"])]
     log.info("launching %s on %d processes: %s", spec["job"], num_processes, " ".join(cmd))
     seen = 0
