@@ -210,7 +210,7 @@ def test_ddp_under_accelerate_launch_with_gloo(tmp_path, accelerate_launch):
     cmd = [*accelerate_launch(2), "fasttextdiff.text_pretrain", "--corpus", "iu-xray", "--init", "tiny", "--out", str(out),
            "--steps", "4", "--max-seq-len", "32", "--batch-size", "4", "--hidden", "32", "--layers", "2",
            "--tokenizer", "minilm", "--max-notes", "150", "--device", "cpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 4
