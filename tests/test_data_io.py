@@ -330,6 +330,14 @@ def _bad_file(kind: str, tmp_path: Path) -> Path:
         return tmp_path / "huge.nrrd"
     if kind == "truncated-dicom":
         return _package_file("pydicom", "data", "test_files", "MR_truncated.dcm")
+    if kind == "lying-dicom-header":  # says 16000 x 16000 pixels, holds 128 bytes of them
+        import pydicom
+
+        _write_dicom(tmp_path / "liar.dcm", np.zeros((8, 8), np.uint16))
+        ds = pydicom.dcmread(tmp_path / "liar.dcm")
+        ds.Rows = ds.Columns = 16000
+        ds.save_as(tmp_path / "liar.dcm")
+        return tmp_path / "liar.dcm"
     if kind == "dicom-without-pixels":
         return _package_file("pydicom", "data", "test_files", "rtplan.dcm")
     if kind == "empty-folder":
@@ -358,6 +366,7 @@ def _bad_file(kind: str, tmp_path: Path) -> Path:
         ("huge-png-header", "above the limit"),
         ("huge-nrrd-header", "above the limit"),
         ("truncated-dicom", "cannot be decoded"),
+        ("lying-dicom-header", "truncated or corrupt"),
         ("dicom-without-pixels", "without pixel data"),
         ("empty-folder", "no DICOM series"),
     ],

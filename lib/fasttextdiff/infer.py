@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,10 @@ from .text import TextEncoder
 from .train import pick_device
 
 log = logging.getLogger(__name__)
+# MONAI 1.5.1's sliding window indexes tensors with lists, which torch warns about on every call
+# (fixed upstream in Project-MONAI/MONAI#8732); the warning says nothing to our users
+warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing",
+                        module=r"monai\.inferers\.utils")
 
 
 @dataclass

@@ -109,6 +109,22 @@ def _check_size(path: Path, shape_xyz: tuple[int, ...]) -> None:
         raise ImageReadError(f"{path.name} has more than {MAX_VOXELS} voxels, which is more than we can hold in memory.")
 
 
+# deflate cannot compress better than about 1032:1, so a file can hold at most this many voxel
+# bytes per byte of its own size; readers (NIfTI, NRRD, MHA, DICOM) allocate the whole array first
+MAX_COMPRESSION_RATIO = 1100
+
+
+def _check_plausible_length(path: Path, min_data_bytes: int) -> None:
+    """Refuse a header that describes far more voxels than the file could hold even compressed,
+    before a reader allocates them (a 200-byte file must not make the server allocate 2 GB)."""
+    if _extension(path) in (".nhdr", ".mhd"):
+        return  # detached headers: the voxels live in another file
+    size = path.stat().st_size
+    if min_data_bytes > MAX_COMPRESSION_RATIO * size:
+        raise ImageReadError(f"{path.name} is truncated or corrupt: its header describes {min_data_bytes} bytes of "
+                             f"voxels but the file has only {size} bytes.")
+
+
 def _check_finite(path: Path, array: np.ndarray) -> None:
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise ImageReadError(f"{path.name} contains NaN or infinite values; clean the image before segmenting it.")
@@ -270,7 +286,9 @@ def _read_dicom_file(path: Path) -> Image:
     if "PixelData" not in ds:
         raise ImageReadError(f"{path.name} is a DICOM file without pixel data (e.g. a report or structure set).")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    _check_size(path, (int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), frames))
+    shape = (int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), frames)
+    _check_size(path, shape)
+    _check_plausible_length(path, int(np.prod(shape, dtype=np.int64)))  # at least a byte per pixel
     colour = int(ds.get("SamplesPerPixel", 1)) > 1
     if frames > 1 and colour:
         raise ImageReadError(f"{path.name} is a multi-frame colour DICOM (e.g. a cine loop), which cannot be segmented.")
@@ -313,22 +331,6 @@ def _read_dicom_series(folder: Path) -> Image:
 
 
 # ---------------------------------------------------------------- NIfTI / NRRD / MHA (header: SimpleITK; pixels: MONAI readers)
-
-
-# deflate cannot compress better than about 1032:1, so a file can hold at most this many voxel
-# bytes per byte of its own size; NIfTI/NRRD/MHA readers allocate the whole array before reading
-MAX_COMPRESSION_RATIO = 1100
-
-
-def _check_plausible_length(path: Path, min_data_bytes: int) -> None:
-    """Refuse a header that describes far more voxels than the file could hold even compressed,
-    before a reader allocates them (a 200-byte file must not make the server allocate 2 GB)."""
-    if _extension(path) in (".nhdr", ".mhd"):
-        return  # detached headers: the voxels live in another file
-    size = path.stat().st_size
-    if min_data_bytes > MAX_COMPRESSION_RATIO * size:
-        raise ImageReadError(f"{path.name} is truncated or corrupt: its header describes {min_data_bytes} bytes of "
-                             f"voxels but the file has only {size} bytes.")
 
 
 def _read_itk(path: Path) -> Image:

@@ -45,12 +45,12 @@ def _orientable(image: Image) -> bool:
     return sorted(nearest.tolist()) == [0, 1, 2] and (image.is_volume or nearest[2] == 2)
 
 
-def _ras_affine(image: Image) -> torch.Tensor:
-    """4x4 affine in MONAI's RAS world from the SimpleITK-order (LPS) geometry."""
-    affine = np.eye(4)
-    affine[:3, :3] = np.reshape(image.direction, (3, 3)) * np.asarray(image.spacing, dtype=np.float64)
-    affine[:3, 3] = image.origin
-    return torch.as_tensor(np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine)
+def _axes_affine(image: Image) -> torch.Tensor:
+    """The direction matrix as a 4x4 affine in MONAI's RAS world (x and y negated from LPS);
+    orientation needs only the axes, so spacing and origin stay out."""
+    affine = torch.eye(4, dtype=torch.float64)
+    affine[:3, :3] = torch.tensor(image.direction, dtype=torch.float64).reshape(3, 3) * torch.tensor([[-1.0], [-1.0], [1.0]])
+    return affine
 
 
 def _oriented(image: Image, dtype=None, stand_in: bool = False) -> MetaTensor:
@@ -60,8 +60,8 @@ def _oriented(image: Image, dtype=None, stand_in: bool = False) -> MetaTensor:
     channels), only the shape, geometry and the recorded transform that `Invert` needs.
     """
     array = image.array
-    if array.dtype.byteorder not in ("=", "|"):
-        array = array.astype(array.dtype.newbyteorder("="))  # torch reads native byte order only
+    if array.dtype.byteorder not in "=|" or any(step < 0 for step in array.strides):  # what torch cannot share
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
     channels = array[None] if image.is_volume or array.ndim == 2 else np.moveaxis(array, -1, 0)  # (C, [Z,] Y, X)
     if stand_in:
         data = torch.empty((0,) + channels.shape[1:])
@@ -70,7 +70,7 @@ def _oriented(image: Image, dtype=None, stand_in: bool = False) -> MetaTensor:
     data = data.permute(0, *range(data.ndim - 1, 0, -1))  # (C, X, Y[, Z])
     if len(image.spacing) != 3:
         return MetaTensor(data)
-    tensor = MetaTensor(data if image.is_volume else data[..., None], affine=_ras_affine(image))
+    tensor = MetaTensor(data if image.is_volume else data[..., None], affine=_axes_affine(image))
     return TO_CANONICAL(tensor) if _orientable(image) else tensor
 
 
