@@ -186,13 +186,13 @@ def test_mni_template_round_trip(tmp_path):
     _assert_same_geometry(out, sitk.ReadImage(str(source)))
 
 
-def _write_dicom_series(folder: Path, slices: int = 10) -> sitk.Image:
-    folder.mkdir()
+def _write_dicom_series(folder: Path, slices: int = 10, series: int = 2) -> sitk.Image:
+    folder.mkdir(exist_ok=True)
     volume = _oblique_volume(shape_zyx=(slices, 24, 20))
     volume.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    tags = [("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.2"),
+    tags = [("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"), ("0020|000e", f"1.2.826.0.1.3680043.2.1125.{series}"),
             ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", "0.8\\0.7")]
     for z in range(slices):
         plane = volume[:, :, z]
@@ -201,8 +201,8 @@ def _write_dicom_series(folder: Path, slices: int = 10) -> sitk.Image:
         position = volume.TransformIndexToPhysicalPoint((0, 0, z))
         plane.SetMetaData("0020|0032", "\\".join(f"{p:.4f}" for p in position))
         plane.SetMetaData("0020|0013", str(z + 1))
-        plane.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{z + 1}")
-        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        plane.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{series}.{z + 1}")
+        writer.SetFileName(str(folder / f"s{series}_slice{z:03d}.dcm"))
         writer.Execute(plane)
     return volume
 
@@ -217,6 +217,14 @@ def test_dicom_series_folder(tmp_path):
     reference.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / "series")))
     out = write_image(tmp_path / "mask.nrrd", np.zeros(image.array.shape, np.uint8), like=image)
     _assert_same_geometry(out, reference.Execute())
+
+
+def test_dicom_folder_with_two_series_reads_the_largest(tmp_path):
+    _write_dicom_series(tmp_path / "study", slices=3, series=7)
+    volume = _write_dicom_series(tmp_path / "study", slices=9, series=8)
+    image = read_image(tmp_path / "study")
+    assert image.is_volume and image.array.shape == (9, 24, 20)
+    np.testing.assert_array_equal(image.array, sitk.GetArrayFromImage(volume))
 
 
 # ------------------------------------------------------------------ single DICOM files (real data)
