@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import locale
 import struct
 import zlib
 from pathlib import Path
@@ -194,16 +195,20 @@ def _write_dicom_series(folder: Path, slices: int = 10, series: int = 2) -> sitk
     writer.KeepOriginalImageUIDOn()
     tags = [("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"), ("0020|000e", f"1.2.826.0.1.3680043.2.1125.{series}"),
             ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", "0.8\\0.7")]
-    for z in range(slices):
-        plane = volume[:, :, z]
-        for tag, value in tags:
-            plane.SetMetaData(tag, value)
-        position = volume.TransformIndexToPhysicalPoint((0, 0, z))
-        plane.SetMetaData("0020|0032", "\\".join(f"{p:.4f}" for p in position))
-        plane.SetMetaData("0020|0013", str(z + 1))
-        plane.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{series}.{z + 1}")
-        writer.SetFileName(str(folder / f"s{series}_slice{z:03d}.dcm"))
-        writer.Execute(plane)
+    ctype = locale.setlocale(locale.LC_CTYPE)  # GDCM's writer leaves LC_CTYPE at "C" (ASCII for every later open())
+    try:
+        for z in range(slices):
+            plane = volume[:, :, z]
+            for tag, value in tags:
+                plane.SetMetaData(tag, value)
+            position = volume.TransformIndexToPhysicalPoint((0, 0, z))
+            plane.SetMetaData("0020|0032", "\\".join(f"{p:.4f}" for p in position))
+            plane.SetMetaData("0020|0013", str(z + 1))
+            plane.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{series}.{z + 1}")
+            writer.SetFileName(str(folder / f"s{series}_slice{z:03d}.dcm"))
+            writer.Execute(plane)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, ctype)
     return volume
 
 
