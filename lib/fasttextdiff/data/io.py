@@ -172,8 +172,6 @@ def _decode(reader, source, failure: str) -> tuple[np.ndarray, object]:
     try:
         native = reader.read(str(source))
         array, _ = reader.get_data(native)
-    except ImageReadError:
-        raise
     except Exception as exc:  # readers raise many types for damaged files
         raise ImageReadError(failure) from exc
     if type(array) is not np.ndarray:  # ITKReader's view of ITK's buffer: views of it do not keep that alive
