@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write_json, resolve_model_dir, staged_dir  # noqa: F401 - infer.py imports resolve_model_dir here
+from .atomic import atomic_write_json, staged_dir
 from .errors import CheckpointError
 
 STATE_TENSORS = "state.safetensors"

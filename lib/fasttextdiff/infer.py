@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from monai.inferers import SliceInferer
 
-from .checkpoint import resolve_model_dir
+from .atomic import resolve_model_dir
 from .data.io import Image, read_image, write_image
 from .data.preprocess import to_model_input, to_original_grid
+from .devices import resolve_device
 from .errors import ReportError
 from .model import FastTextDiffModel
 from .text import TextEncoder
-from .train import pick_device
 
 log = logging.getLogger(__name__)
 # MONAI 1.5.1's sliding window indexes tensors with lists, which torch warns about on every call
@@ -71,7 +71,7 @@ class Segmenter:
     def load(cls, model_dir: str | Path, device: str | torch.device | None = None, n_noise: int = 4,
              batch_size: int = 16, text_cache_dir: str | Path | None = None) -> "Segmenter":
         model_dir = resolve_model_dir(model_dir)
-        device = pick_device(device)
+        device = resolve_device(device)
         model, record = FastTextDiffModel.load(model_dir, device)
         encoder = None
         if model.config.use_text:

@@ -29,7 +29,6 @@ from .checkpoint import load_optimizer_state, load_training_state, optimizer_sta
 from .config import SegmenterConfig, TextConfig, TrainConfig
 from .data.dataset import SegmentationDataset, select_labeled
 from .data.lvit import Sample
-from .devices import resolve_device as pick_device  # noqa: F401 - infer.py imports it from here until the merge
 from .engine import Engine, set_seed
 from .errors import CheckpointError
 from .metrics import dice_iou

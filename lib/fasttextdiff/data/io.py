@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fasttextdiff.atomic import atomic_path
 from fasttextdiff.errors import ImageReadError
 
 logger = logging.getLogger(__name__)
@@ -418,22 +418,15 @@ def write_image(path: str | os.PathLike, array, like: Image) -> Path:
         raise ValueError(f"cannot write {path.name}: supported output formats are {', '.join(WRITE_EXTENSIONS)}.")
     raw = np.asarray(array.detach().cpu().numpy() if hasattr(array, "detach") else array)
     _check_write_shape(raw, like)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=ext)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=ext) as tmp:
         if ext in ITK_EXTENSIONS:
-            _write_itk(tmp, _as_writable(raw), like)
+            _write_itk(str(tmp), _as_writable(raw), like)
         elif ext == ".png":
-            _write_png(tmp, raw, like)
+            _write_png(str(tmp), raw, like)
         else:
             import tifffile
 
             tifffile.imwrite(tmp, _as_writable(raw))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
