@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(sub, "demo-studies", "fasttextdiff.studies", "add_demo_studies_arguments", "run_demo_studies",
                   "write a MONAI Label studies folder of synthetic images with reports",
                   "fasttextdiff demo-studies --out studies/demo")
+    _add_optional(sub, "convert-backbone", "fasttextdiff.adm", "add_convert_backbone_arguments", "run_convert_backbone",
+                  "convert an OpenAI guided-diffusion (ADM) checkpoint into a backbone directory",
+                  "fasttextdiff convert-backbone 256x256_diffusion_uncond.pt --arch adm-256-uncond --out runs/adm256")
     return parser
 
 
