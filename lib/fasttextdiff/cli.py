@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .studies import add_demo_studies_arguments, run_demo_studies  # their implementation lives there
     from .text_pretrain import add_pretrain_text_arguments, run_pretrain_text
+    from .adm import add_convert_backbone_arguments, run_convert_backbone
 
     add_pretrain_text_arguments(add(
         "pretrain-text", run_pretrain_text, "adapt a ModernBERT to clinical text by masked-language modelling",
@@ -292,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_studies_arguments(add("demo-studies", run_demo_studies,
                                    "write a MONAI Label studies folder of synthetic images with reports",
                                    "fasttextdiff demo-studies --out studies/demo"))
+    add_convert_backbone_arguments(add(
+        "convert-backbone", run_convert_backbone,
+        "convert an OpenAI guided-diffusion (ADM) checkpoint into a backbone directory",
+        "fasttextdiff convert-backbone 256x256_diffusion_uncond.pt --arch adm-256-uncond --out runs/adm256"))
     return parser
 
 
