@@ -8,6 +8,7 @@ Endpoints used (MONAI Label 0.8.5):
 
 =====================================  =============================================
 ``GET  /info/``                        models, labels, strategies, train stats
+``GET  /datastore/?output=all``        every image with its info (report) and label tags
 ``HEAD /datastore/image``              does an image id exist
 ``PUT  /datastore/image``              upload an image (``params`` carries ``text``)
 ``GET/PUT /datastore/image/info``      read / update the image info (the report)
@@ -84,6 +85,21 @@ class Sample:
     report: str
     image_path: Optional[str]
     info: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatastoreImage:
+    """One image of the server's datastore: its report and the tags of its labels."""
+
+    image_id: str
+    report: str
+    label_tags: List[str]
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def labeled(self) -> bool:
+        """True when a reviewed (``final``) label is stored."""
+        return "final" in self.label_tags
 
 
 @dataclass
@@ -240,6 +256,26 @@ class FastTextDiffClient:
         return dict(state) if isinstance(state, dict) else {}
 
     # ------------------------------------------------------------------ datastore
+    def list_images(self) -> List[DatastoreImage]:
+        """Every image of the datastore with its report and label tags, sorted by id."""
+        _, _, data = self._request(
+            "GET", "/datastore/", "list the datastore", query={"output": "all"}, timeout=QUICK_TIMEOUT
+        )
+        payload = self._json(data, "list the datastore")
+        objects = payload.get("objects") if isinstance(payload, dict) else None
+        if not isinstance(objects, dict):
+            raise ReportSegmentError("The server's datastore listing has no 'objects'.")
+        images = []
+        for image_id, entry in objects.items():
+            entry = entry if isinstance(entry, dict) else {}
+            info = (entry.get("image") or {}).get("info") or {}
+            report = info.get(DATASTORE_TEXT_KEY) if isinstance(info, dict) else None
+            tags = sorted(str(tag) for tag in (entry.get("labels") or {}))
+            images.append(
+                DatastoreImage(str(image_id), report if isinstance(report, str) else "", tags, dict(info or {}))
+            )
+        return sorted(images, key=lambda image: image.image_id)
+
     def image_exists(self, image_id: str) -> bool:
         _require_id(image_id)
         try:
