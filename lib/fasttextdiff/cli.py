@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(sub, "demo-studies", "fasttextdiff.studies", "add_demo_studies_arguments", "run_demo_studies",
                   "write a MONAI Label studies folder of synthetic images with reports",
                   "fasttextdiff demo-studies --out studies/demo")
+    _add_optional(sub, "viewer", "fasttextdiff.viewer.cli", "add_viewer_arguments", "run_viewer",
+                  "the web annotation viewer (trame-slicer) for a server, on 127.0.0.1",
+                  "fasttextdiff viewer --server http://127.0.0.1:8000 --port 8080")
     return parser
 
 

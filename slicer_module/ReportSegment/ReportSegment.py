@@ -177,7 +177,14 @@ class ReportSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         def connect():
             url = self.ui.serverUrlLineEdit.text
             timeout = float(qt.QSettings().value(keys.TIMEOUT_KEY, keys.DEFAULT_TIMEOUT_SECONDS))
-            info = self.logic.connect(url, timeout)
+            username = password = None
+            if self.logic.serverNeedsLogin(url, timeout):  # MONAI Label authentication is on
+                title = "Report Segment: log in"
+                username = qt.QInputDialog.getText(self.parent, title, "User name on {}:".format(url))
+                if not username:
+                    return
+                password = qt.QInputDialog.getText(self.parent, title, "Password:", qt.QLineEdit.Password)
+            info = self.logic.connect(url, timeout, username, password)
             qt.QSettings().setValue(keys.SERVER_URL_KEY, self.logic.client.url)
             self.ui.serverUrlLineEdit.text = self.logic.client.url
             self.ui.serverInfoLabel.text = describe_server(info)

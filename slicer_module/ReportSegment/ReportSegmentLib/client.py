@@ -8,6 +8,7 @@ Endpoints used (MONAI Label 0.8.5):
 
 =====================================  =============================================
 ``GET  /info/``                        models, labels, strategies, train stats
+``GET  /auth/``, ``POST /auth/token``  is a login needed; log in (bearer token)
 ``GET  /datastore/?output=all``        every image with its info (report) and label tags
 ``HEAD /datastore/image``              does an image id exist
 ``PUT  /datastore/image``              upload an image (``params`` carries ``text``)
@@ -129,8 +130,11 @@ class FastTextDiffClient:
         timeout: float = 300.0,
         tmpdir: Optional[str] = None,
         client_id: str = "slicer-reportsegment",
+        token: Optional[str] = None,
     ):
         self.url = normalize_server_url(url)
+        #: bearer token for a server with MONAI Label authentication on (see login())
+        self.token = token
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ReportSegmentError(f"The timeout must be a positive number of seconds, not {timeout!r}.")
         self.timeout = float(timeout)
@@ -163,6 +167,8 @@ class FastTextDiffClient:
         if query:
             url += "?" + urlencode({k: v for k, v in query.items() if v is not None})
         headers = {"Accept": "application/json, multipart/form-data, */*"}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
         if content_type:
             headers["Content-Type"] = content_type
         request = urllib.request.Request(url, data=body, method=method, headers=headers)
@@ -247,6 +253,28 @@ class FastTextDiffClient:
         if isinstance(limit, int) and limit > 0:
             self.max_report_bytes = limit
         return payload
+
+    def auth_enabled(self) -> bool:
+        """True when the server has MONAI Label's authentication (Keycloak) switched on."""
+        _, _, data = self._request("GET", "/auth/", "check whether the server needs a login", timeout=QUICK_TIMEOUT)
+        payload = self._json(data, "check whether the server needs a login")
+        return bool(isinstance(payload, dict) and payload.get("enabled"))
+
+    def login(self, username: str, password: str) -> str:
+        """Get a bearer token from the server's ``/auth/token`` (MONAI Label forwards the user name
+        and password to its Keycloak realm); later requests send it. Returns the token."""
+        if not username or not password:
+            raise ReportSegmentError("A user name and a password are needed to log in.")
+        body = urlencode({"username": username, "password": password, "grant_type": "password"}).encode("utf-8")
+        _, _, data = self._request(
+            "POST", "/auth/token", "log in", body=body, content_type="application/x-www-form-urlencoded", timeout=60.0
+        )
+        payload = self._json(data, "log in")
+        token = payload.get("access_token") if isinstance(payload, dict) else None
+        if not token:
+            raise ReportSegmentError(f"The server at {self.url} has no login: its authentication is switched off.")
+        self.token = str(token)
+        return self.token
 
     def model_state(self, info: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
         """The FastTextDiff model's state from /info/ (``{"state": "ready" | "preparing" | ...}``);

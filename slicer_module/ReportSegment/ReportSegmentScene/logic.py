@@ -62,12 +62,24 @@ class ReportSegmentSceneLogic:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     # ---------------------------------------------------------------- server
-    def connect(self, url, timeout=keys.DEFAULT_TIMEOUT_SECONDS):
-        """Check the server answers ``/info/``; keep the client. Returns the info."""
-        client = FastTextDiffClient(url, timeout=timeout, tmpdir=self.tmpdir)
+    def connect(self, url, timeout=keys.DEFAULT_TIMEOUT_SECONDS, username=None, password=None, token=None):
+        """Check the server answers ``/info/``; keep the client. Returns the info. A server with
+        MONAI Label's authentication on needs ``username``/``password`` (or a bearer ``token``)."""
+        client = FastTextDiffClient(url, timeout=timeout, tmpdir=self.tmpdir, token=token)
+        if username:
+            client.login(username, password)
         info = client.info()
         self.client = client
         return info
+
+    def serverNeedsLogin(self, url, timeout=keys.DEFAULT_TIMEOUT_SECONDS):
+        """True when the server at ``url`` has MONAI Label's authentication on."""
+        try:
+            return FastTextDiffClient(url, timeout=timeout, tmpdir=self.tmpdir).auth_enabled()
+        except ReportSegmentError as exc:
+            if exc.status == 404:  # no /auth/ endpoint: no login
+                return False
+            raise
 
     def requireClient(self):
         if self.client is None:

@@ -20,12 +20,13 @@ LOAD_SINGLE_FILE = 4  # read only this file, never a numbered series of its neig
 
 #: Name of the colour table used for uncertainty maps (made once per scene).
 HEAT_COLOR_NAME = "FastTextDiff uncertainty heat"
-# An inferno-like ramp: transparent black at zero uncertainty, then purple, red, orange, yellow.
+# An inferno-like ramp; the lowest tenth is transparent so the heat shows only where the model is
+# unsure and the image stays readable elsewhere.
 _HEAT_STOPS = (
     (0.00, (0.00, 0.00, 0.02), 0.0),
-    (0.08, (0.12, 0.03, 0.30), 0.55),
-    (0.30, (0.47, 0.11, 0.43), 0.80),
-    (0.55, (0.82, 0.24, 0.25), 0.90),
+    (0.10, (0.12, 0.03, 0.30), 0.0),
+    (0.30, (0.47, 0.11, 0.43), 0.6),
+    (0.55, (0.82, 0.24, 0.25), 0.85),
     (0.78, (0.98, 0.55, 0.04), 0.95),
     (1.00, (0.99, 1.00, 0.64), 1.00),
 )
