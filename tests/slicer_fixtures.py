@@ -6,7 +6,7 @@
 * `oblique_volume_file` — a real NIfTI volume with non-identity geometry (anisotropic spacing,
   rotated axes, offset origin) and a bright blob, written by SimpleITK.
 * `shared_tiny_model_root` (session) — one tiny ready model for every server these tests start.
-* `slicer_server` (module) — `monailabel start_server` on 127.0.0.1 serving that model.
+* `slicer_server` (session) — `monailabel start_server` on 127.0.0.1 serving that model.
 """
 
 from __future__ import annotations
@@ -139,10 +139,11 @@ def shared_tiny_model_root(tmp_path_factory) -> Path:
     return build_tiny_model(studies, tmp_path_factory.mktemp("shared-model") / "root")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slicer_server(tmp_path_factory, shared_tiny_model_root) -> Iterator[SubprocessServer]:
     """`monailabel start_server` on fresh tiny studies (2D images and a volume), serving the shared
-    tiny model; 127.0.0.1 on a free port."""
+    tiny model; 127.0.0.1 on a free port. One for the session: the logic and the browser tests
+    add images to it and compare with what it holds at the time, never with a fixed list."""
     saved_path = os.environ.get("PATH", "")
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), saved_path])
     studies = make_tiny_studies(tmp_path_factory.mktemp("slicer-studies") / "demo", seed=2)

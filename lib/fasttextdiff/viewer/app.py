@@ -84,6 +84,7 @@ class AnnotationViewer(TrameApp):
         s.ftd_volume_name = ""
         s.ftd_is_volume = False
         s.ftd_has_image = False
+        s.ftd_views_fitted = False
         s.ftd_report = ""
         s.ftd_busy = False
         s.ftd_status = "Connecting…"
@@ -154,8 +155,10 @@ class AnnotationViewer(TrameApp):
 
     async def _refresh_images(self):
         images = await asyncio.to_thread(self.session.list_images)
+        line = await asyncio.to_thread(self.session.describe_server)
         with self.state:
             self.state.ftd_images = image_rows(images)
+            self.state.ftd_server_line = line
 
     async def refresh_images(self):
         await self._guard("Refresh", self._refresh_images)
@@ -192,6 +195,7 @@ class AnnotationViewer(TrameApp):
         folder = Path(tempfile.mkdtemp(dir=self.session.workdir.name))
         path = folder / Path(upload.name).name
         path.write_bytes(upload.content)
+        self.state.ftd_local_file = None  # the same file can be opened again
         asyncio.ensure_future(self._guard("Open", lambda: self._open_local(str(path), upload.name)))
 
     async def _open_local(self, path: str, name: str):
@@ -202,11 +206,9 @@ class AnnotationViewer(TrameApp):
         current = self.session.current()
         self.layout_manager.set_layout("volume" if current.is_volume else "image")
         self.session.app.display_manager.reset_views()
-        # a layout change resizes the views in the browser a moment later: fit again once it has
-        loop = asyncio.get_event_loop()
-        for delay in (0.5, 1.5):
-            loop.call_later(delay, self.session.app.display_manager.reset_views)
+        asyncio.ensure_future(self._fit_after_resize())
         with self.state:
+            self.state.ftd_views_fitted = False
             self.state.ftd_has_image = True
             self.state.ftd_volume_name = current.name
             self.state.ftd_image_id = current.image_id
@@ -217,13 +219,22 @@ class AnnotationViewer(TrameApp):
             self._show_segments()
             self._status(message)
 
+    async def _fit_after_resize(self):
+        """A layout change resizes the views in the browser a moment later: fit them again once it
+        has (the page shows data-fitted on the views when done)."""
+        for delay in (0.5, 1.0):
+            await asyncio.sleep(delay)
+            self.session.app.display_manager.reset_views()
+        with self.state:
+            self.state.ftd_views_fitted = True
+
     # ------------------------------------------------------------ report, segment
     async def save_report(self):
         async def action():
-            self.session.set_report(self.state.ftd_report)
-            if self.session.current().image_id:
-                await asyncio.to_thread(self.session.logic.client.set_report, self.session.current().image_id,
-                                        self.session.report)
+            self.session.set_report(self.state.ftd_report)  # on the node: UI thread
+            image_id = self.session.current().image_id
+            if image_id:
+                await asyncio.to_thread(self.session.store_report, image_id, self.session.report)
                 await self._refresh_images()
                 message = "Report saved to the server's datastore."
             else:
@@ -387,7 +398,8 @@ class AnnotationViewer(TrameApp):
                     with html.Div(classes="px-3 py-1 text-body-2", id="ftd-status",
                                   style=("ftd_status_error ? 'color: #ff6b6b' : 'color: #c8e6c9'",)):
                         html.Span("{{ ftd_status }}")
-                    with html.Div(classes="flex-grow-1 d-flex", style="position: relative; min-height: 0;", id="ftd-views"):
+                    with html.Div(classes="flex-grow-1 d-flex", style="position: relative; min-height: 0;", id="ftd-views",
+                                  raw_attrs=[':data-fitted="ftd_views_fitted"']):
                         self.layout_manager.initialize_layout_grid(self.ui)
 
     def _server_section(self) -> None:
@@ -476,7 +488,8 @@ class AnnotationViewer(TrameApp):
                                   hide_details=True, style="max-width: 90px;", id="ftd-train-epochs")
                     v3.VBtn("Train", click=self.train, id="ftd-train", variant="flat", color="primary",
                             disabled=("ftd_busy || ftd_training || !ftd_connected",), prepend_icon="mdi-school")
-                    v3.VBtn("Stop", click=self.stop_training, variant="tonal", disabled=("!ftd_training",))
+                    v3.VBtn("Stop", click=self.stop_training, variant="tonal", disabled=("!ftd_training",),
+                            id="ftd-train-stop")
                 v3.VProgressLinear(model_value=("ftd_train_percent",), height=8, color="green", classes="mt-2",
                                    id="ftd-train-progress")
                 html.Div("{{ ftd_train_message }}", id="ftd-train-message", classes="text-caption")

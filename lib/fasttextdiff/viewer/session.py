@@ -99,6 +99,11 @@ class AnnotationSession:
     def list_images(self) -> list[DatastoreImage]:
         return self.logic.requireClient().list_images()
 
+    def describe_server(self) -> str:
+        """HTTP only: the one-line description of the server, fresh (label counts change)."""
+        self.server_info = self.logic.requireClient().info()
+        return describe_server(self.server_info)
+
     # ------------------------------------------------------------ opening images
     def _clear(self) -> None:
         """One image at a time: the scene is emptied (views and editor nodes are singletons)."""
@@ -156,9 +161,9 @@ class AnnotationSession:
     def set_report(self, text: str) -> str:
         return self.logic.setReport(self._require_volume(), text)
 
-    def save_report(self, text: str) -> str:
-        """Keep the report on the volume and, when the image is in the datastore, save it there."""
-        return self.logic.saveReport(self._require_volume(), text)
+    def store_report(self, image_id: str, text: str) -> str:
+        """HTTP only: save the report in the server's datastore."""
+        return self.logic.requireClient().set_report(image_id, text)
 
     # ------------------------------------------------------------ segment
     def upload(self) -> str:

@@ -255,8 +255,14 @@ class FastTextDiffClient:
         return payload
 
     def auth_enabled(self) -> bool:
-        """True when the server has MONAI Label's authentication (Keycloak) switched on."""
-        _, _, data = self._request("GET", "/auth/", "check whether the server needs a login", timeout=QUICK_TIMEOUT)
+        """True when the server has MONAI Label's authentication (Keycloak) switched on (a server
+        without the ``/auth/`` endpoints has none)."""
+        try:
+            _, _, data = self._request("GET", "/auth/", "check whether the server needs a login", timeout=QUICK_TIMEOUT)
+        except ReportSegmentError as exc:
+            if exc.status == 404:
+                return False
+            raise
         payload = self._json(data, "check whether the server needs a login")
         return bool(isinstance(payload, dict) and payload.get("enabled"))
 
@@ -266,13 +272,19 @@ class FastTextDiffClient:
         if not username or not password:
             raise ReportSegmentError("A user name and a password are needed to log in.")
         body = urlencode({"username": username, "password": password, "grant_type": "password"}).encode("utf-8")
-        _, _, data = self._request(
-            "POST", "/auth/token", "log in", body=body, content_type="application/x-www-form-urlencoded", timeout=60.0
-        )
+        no_login = ReportSegmentError(f"The server at {self.url} has no login: its authentication is switched off.")
+        try:
+            _, _, data = self._request(
+                "POST", "/auth/token", "log in", body=body, content_type="application/x-www-form-urlencoded", timeout=60.0
+            )
+        except ReportSegmentError as exc:
+            if exc.status == 404:
+                raise no_login from None
+            raise
         payload = self._json(data, "log in")
         token = payload.get("access_token") if isinstance(payload, dict) else None
         if not token:
-            raise ReportSegmentError(f"The server at {self.url} has no login: its authentication is switched off.")
+            raise no_login
         self.token = str(token)
         return self.token
 

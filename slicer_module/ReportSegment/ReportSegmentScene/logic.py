@@ -74,12 +74,7 @@ class ReportSegmentSceneLogic:
 
     def serverNeedsLogin(self, url, timeout=keys.DEFAULT_TIMEOUT_SECONDS):
         """True when the server at ``url`` has MONAI Label's authentication on."""
-        try:
-            return FastTextDiffClient(url, timeout=timeout, tmpdir=self.tmpdir).auth_enabled()
-        except ReportSegmentError as exc:
-            if exc.status == 404:  # no /auth/ endpoint: no login
-                return False
-            raise
+        return FastTextDiffClient(url, timeout=timeout, tmpdir=self.tmpdir).auth_enabled()
 
     def requireClient(self):
         if self.client is None:

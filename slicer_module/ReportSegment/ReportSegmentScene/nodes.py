@@ -17,6 +17,7 @@ from ReportSegmentLib import ReportSegmentError
 #: vtkSlicerVolumesLogic::AddArchetypeVolume loading options (bit flags).
 LOAD_LABELMAP = 1
 LOAD_SINGLE_FILE = 4  # read only this file, never a numbered series of its neighbours
+LOAD_AUTO_WINDOW_LEVEL = 8  # as Slicer's "Add data" does for images (not for labelmaps)
 
 #: Name of the colour table used for uncertainty maps (made once per scene).
 HEAT_COLOR_NAME = "FastTextDiff uncertainty heat"
@@ -39,7 +40,7 @@ def loadVolume(volumesLogic, path, name, labelmap=False):
     RAS geometry. Returns the new volume node."""
     if not os.path.isfile(path):
         raise ReportSegmentError("The file {} does not exist.".format(path))
-    options = LOAD_SINGLE_FILE | (LOAD_LABELMAP if labelmap else 0)
+    options = LOAD_SINGLE_FILE | (LOAD_LABELMAP if labelmap else LOAD_AUTO_WINDOW_LEVEL)
     node = volumesLogic.AddArchetypeVolume(path, name, options)
     if node is None or node.GetImageData() is None:
         raise ReportSegmentError("Slicer could not read {}.".format(os.path.basename(path)))
