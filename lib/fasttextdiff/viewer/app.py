@@ -33,6 +33,7 @@ from ReportSegmentLib import ReportSegmentError, summarize_report  # noqa: E402 
 logger = logging.getLogger(__name__)
 
 TRAIN_POLL_SECONDS = 2.0
+MODEL_POLL_SECONDS = 5.0
 #: Slice views: one for a 2D image, axial + coronal + sagittal for a volume (no 3D view: software
 #: rendering of a volume would cost more than it shows here).
 LAYOUTS = {
@@ -67,6 +68,7 @@ class AnnotationViewer(TrameApp):
         self._open_path = open_path
         self._segment_refresh = None
         self._train_task = None
+        self._model_task = None
         self._init_state(server_url)
         self._build_ui()
         self.ctrl.on_server_ready.add(lambda **_: asyncio.ensure_future(self._on_ready()))
@@ -150,8 +152,22 @@ class AnnotationViewer(TrameApp):
             progress = await asyncio.to_thread(self.session.train_progress)
             if progress.running:
                 self._follow_training()
+            if self._model_task is None or self._model_task.done():
+                self._model_task = asyncio.ensure_future(self._watch_model_state())
 
         await self._guard("Connect", action)
+
+    async def _watch_model_state(self):
+        """While the server prepares its first model, refresh the server line every few seconds so
+        the page shows when Segment becomes possible."""
+        while (self.session.server_info.get("fasttextdiff") or {}).get("model", {}).get("state") == "preparing":
+            await asyncio.sleep(MODEL_POLL_SECONDS)
+            try:
+                line = await asyncio.to_thread(self.session.describe_server)
+            except ReportSegmentError:
+                return
+            with self.state:
+                self.state.ftd_server_line = line
 
     async def _refresh_images(self):
         images = await asyncio.to_thread(self.session.list_images)
