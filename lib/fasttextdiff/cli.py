@@ -286,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .studies import add_demo_studies_arguments, run_demo_studies  # their implementation lives there
     from .text_pretrain import add_pretrain_text_arguments, run_pretrain_text
     from .adm import add_convert_backbone_arguments, run_convert_backbone
+    from .viewer.cli import add_viewer_arguments, run_viewer
 
     add_pretrain_text_arguments(add(
         "pretrain-text", run_pretrain_text, "adapt a ModernBERT to clinical text by masked-language modelling",
@@ -297,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
         "convert-backbone", run_convert_backbone,
         "convert an OpenAI guided-diffusion (ADM) checkpoint into a backbone directory",
         "fasttextdiff convert-backbone 256x256_diffusion_uncond.pt --arch adm-256-uncond --out runs/adm256"))
+    add_viewer_arguments(add("viewer", run_viewer, "the web annotation viewer (trame-slicer) for a server, on 127.0.0.1",
+                             "fasttextdiff viewer --server http://127.0.0.1:8000 --port 8080"))
     return parser
 
 
