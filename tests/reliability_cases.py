@@ -170,6 +170,90 @@ FILE_CASES: list[FileCase] = [
 
 
 # ---------------------------------------------------------------------------------------------
+# files that name another file (detached data): refused before any reader opens the named path
+
+SECRET_SIDE = 16  # the sentinel "secret" is a 16x16 uint8 raw file: a valid data file for these headers
+
+
+def _nrrd(field: str) -> bytes:
+    return (f"NRRD0004\ntype: uint8\ndimension: 2\nsizes: {SECRET_SIDE} {SECRET_SIDE}\nencoding: raw\n"
+            f"{field}\n\n").encode()
+
+
+def _metaimage(target: str) -> bytes:
+    return (f"ObjectType = Image\nNDims = 2\nDimSize = {SECRET_SIDE} {SECRET_SIDE}\nElementType = MET_UCHAR\n"
+            f"ElementDataFile = {target}\n").encode()
+
+
+def _analyze_header(magic: bytes) -> bytes:
+    hdr = bytearray(nifti_header((SECRET_SIDE, SECRET_SIDE)))[:348]
+    hdr[344:348] = magic
+    return bytes(hdr)
+
+
+def _dicomdir() -> bytes:
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\x00" * 128)
+    ds.FileSetID = "FUZZ"
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, write_like_original=False)
+    return buf.getvalue()
+
+
+def _ome_tiff(target: str) -> bytes:
+    import io
+
+    import tifffile
+
+    xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'
+           '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" SizeX="16" SizeY="16" '
+           'SizeC="1" SizeZ="2" SizeT="1"><Channel ID="Channel:0:0" SamplesPerPixel="1"/>'
+           '<TiffData IFD="0" PlaneCount="1"/>'
+           f'<TiffData FirstZ="1" PlaneCount="1"><UUID FileName="{target}">urn:uuid:0000</UUID></TiffData>'
+           '</Pixels></Image></OME>')
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((16, 16), np.uint8), description=xml, metadata=None)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class ReferenceCase:
+    """A file whose header names `target` (the sentinel's absolute path, or a relative one)."""
+
+    name: str
+    filename: str
+    build: Callable[[str], bytes]
+
+
+REFERENCE_CASES: list[ReferenceCase] = [
+    ReferenceCase("NRRD `data file:` absolute path", "abs.nrrd", lambda t: _nrrd(f"data file: {t}")),
+    ReferenceCase("NRRD `datafile:` relative path", "rel.nrrd", lambda t: _nrrd("datafile: ../../secret.raw")),
+    ReferenceCase("NRRD `data file: LIST`", "list.nrrd", lambda t: _nrrd("data file: LIST") + t.encode() + b"\n"),
+    ReferenceCase("NRRD printf-style `data file`", "printf.nrrd", lambda t: _nrrd(f"data file: {t[:-4]}%d.raw 0 0 1")),
+    ReferenceCase("NRRD header longer than 64 KiB, then `data file`", "long.nrrd",
+                  lambda t: _nrrd("# " + "x" * 70000 + f"\ndata file: {t}")),
+    ReferenceCase("NHDR detached header", "detached.nhdr", lambda t: _nrrd(f"data file: {t}")),
+    ReferenceCase("MHD `ElementDataFile` absolute path", "abs.mhd", _metaimage),
+    ReferenceCase("MHA `ElementDataFile` absolute path", "abs.mha", _metaimage),
+    ReferenceCase("MetaImage header named .nii.gz", "meta.nii.gz", _metaimage),
+    ReferenceCase("Analyze 7.5 header (.hdr)", "analyze.hdr", lambda t: _analyze_header(b"\0\0\0\0")),
+    ReferenceCase("two-file NIfTI header named .nii", "pair.nii", lambda t: _analyze_header(b"ni1\0")),
+    ReferenceCase("DICOMDIR", "DICOMDIR", lambda t: _dicomdir()),
+    ReferenceCase("DICOMDIR named .dcm", "index.dcm", lambda t: _dicomdir()),
+    ReferenceCase("multi-file OME-TIFF", "multi.ome.tif", _ome_tiff),
+]
+
+
+# ---------------------------------------------------------------------------------------------
 # report texts (PUT /datastore/image/info, form field `info` = {"text": ...})
 
 @dataclass(frozen=True)

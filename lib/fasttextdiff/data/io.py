@@ -113,9 +113,15 @@ def _check_finite(path: Path, array: np.ndarray) -> None:
         raise ImageReadError(f"{path.name} holds complex-valued pixels, which cannot be segmented.")
 
 
-def read_image(path: str | os.PathLike) -> Image:
-    """Read a 2D image, a DICOM file or series, or a NIfTI/NRRD/MHA volume (see the module doc)."""
+def read_image(path: str | os.PathLike, allow_external_data: bool = False) -> Image:
+    """Read a 2D image, a DICOM file or series, or a NIfTI/NRRD/MHA volume (see the module doc).
+    Files that name other files (detached NRRD/MHD headers, DICOMDIR, ...) are refused unless
+    `allow_external_data` (see data/references.py)."""
     path = Path(path)
+    if not allow_external_data:
+        from fasttextdiff.data.references import check_self_contained
+
+        check_self_contained(path)
     if not path.exists():
         raise ImageReadError(f"image {path} does not exist.")
     if path.is_dir():
