@@ -10,8 +10,6 @@ answer is the same whether the named file exists or not.
 from __future__ import annotations
 
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ import reliability_cases as cases
 from fasttextdiff.data.io import read_image
 from fasttextdiff.data.references import check_self_contained
 from fasttextdiff.errors import ImageReadError
+from server_fixtures import OpenWatch
 
 
 @pytest.fixture()
@@ -29,35 +28,6 @@ def secret(tmp_path):
     path = folder / "secret.raw"
     path.write_bytes(np.arange(cases.SECRET_SIDE ** 2, dtype=np.uint8).tobytes())
     return path
-
-
-class OpenWatch:
-    """Records every open of a file under `folder` (Linux inotify through watchdog)."""
-
-    def __init__(self, folder):
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers.inotify import InotifyObserver
-
-        self.opened: list[str] = []
-        lock = threading.Lock()
-        outer = self
-
-        class Handler(FileSystemEventHandler):
-            def on_opened(self, event):
-                with lock:
-                    outer.opened.append(event.src_path)
-
-        self.observer = InotifyObserver()
-        self.observer.schedule(Handler(), str(folder), recursive=True)
-
-    def __enter__(self):
-        self.observer.start()
-        return self
-
-    def __exit__(self, *exc):
-        time.sleep(0.2)  # let the last events arrive
-        self.observer.stop()
-        self.observer.join(5)
 
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")

@@ -1,0 +1,738 @@
+"""Hostile input against the real server: every finding of the outside fuzz (issue 17) as its own
+test, then a bounded, seeded fuzz over every route the app registers, then the invariants.
+
+One real server (in-process uvicorn on 127.0.0.1, MONAI Label's routes as the app re-registers
+them, a tiny default model) serves the whole module. Around it:
+
+* `outside/` is a sentinel tree beside the studies and the app's state folder: a "secret" raw
+  image (named by crafted NRRD/MHD headers), files, a folder. Its snapshot (size, mtime and ctime
+  of every entry) must not change, and inotify must see no open of any file in it;
+* the server's temporary folder (`tempfile.tempdir` and `TMPDIR`) is a fresh folder that must hold
+  nothing new afterwards: every upload, refused or not, is cleaned up;
+* the datastore must stay consistent (every listed image and label exists; a final label has its
+  image's shape), a normal infer answers identically before and after, and no answer is a 5xx,
+  echoes the secret, or names a server temp path.
+
+The fuzz's figures are written into docs/RELIABILITY.md (between the fuzz-figures markers).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import reliability_cases as cases
+from server_fixtures import REPO, OpenWatch, make_tiny_studies, ready_inprocess_server
+
+pytestmark = [pytest.mark.server, pytest.mark.skipif(not os.sys.platform.startswith("linux"),
+                                                     reason="inotify is Linux-only")]
+
+SECRET = (b"FTDSECRET7q-" * 22)[:cases.SECRET_SIDE ** 2]  # a valid 16x16 uint8 raw image, recognisable anywhere
+MARKER = b"FTDSECRET7q"
+REFERENCE_IMAGE = "cxr_000"  # never changed by any test here: the before/after infer compares on it
+READ_ONLY_IDS = ["cxr_000", "cxr_001", "ct_000"]
+OWNED_IDS = ["fz_a", "fz_b", "fz_c"]  # the fuzz may create, replace and delete these
+HEAVY_ROUTES = {("POST", "/train/"), ("POST", "/train/{model}"), ("POST", "/batch/infer/{model}"),
+                ("POST", "/scoring/"), ("POST", "/scoring/{method}")}
+DOC = REPO / "docs" / "RELIABILITY.md"
+FIG_BEGIN, FIG_END = "<!-- fuzz-figures:begin -->", "<!-- fuzz-figures:end -->"
+
+
+# ============================================================================== the world
+@dataclass
+class World:
+    root: Path
+    studies: Path
+    state: Path
+    tmp: Path
+    outside: Path
+    server: object
+    watch: OpenWatch
+    session: object
+    before: dict = field(default_factory=dict)
+    statuses: collections.Counter = field(default_factory=collections.Counter)
+    fuzz: dict = field(default_factory=dict)
+    problems: list = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def send(self, method: str, path: str, **kw):
+        """One request; every answer is checked: no 5xx, no secret, no server temp path."""
+        kw.setdefault("timeout", 120)
+        r = self.session.request(method, self.url + path, **kw)
+        self.statuses[r.status_code] += 1
+        body = r.content
+        where = f"{method} {path[:160]}"
+        if r.status_code >= 500:
+            self.problems.append(f"{where}: {r.status_code} {body[:300]!r}")
+        if MARKER in body:
+            self.problems.append(f"{where}: the answer contains the secret")
+        if str(self.tmp).encode() in body or b"fasttextdiff-upload-" in body:
+            self.problems.append(f"{where}: the answer names a server temp path: {body[:300]!r}")
+        return r
+
+    def client(self):
+        from monailabel.client import MONAILabelClient
+
+        folder = self.root / "client" / str(time.monotonic_ns())
+        folder.mkdir(parents=True)
+        return MONAILabelClient(self.url, tmpdir=str(folder))
+
+
+def _tree(folder: Path, skip: tuple[str, ...] = ()) -> dict:
+    """Every entry under `folder` with what a write, a rename or a chmod would change (ctime included:
+    a file unpacked with a 1970 mtime still gets a new ctime)."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if rel.parts and rel.parts[0] in skip:
+            continue
+        st_ = path.lstat()
+        out[str(rel)] = (path.is_dir(), st_.st_size, st_.st_mtime_ns, st_.st_ctime_ns)
+    return out
+
+
+def _entries(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")} if folder.exists() else set()
+
+
+def _app_tree() -> dict:
+    return {k: v for k, v in _tree(REPO / "monailabel_app").items() if "__pycache__" not in k}
+
+
+def _home_sessions() -> set[str]:
+    return _entries(Path.home() / ".cache" / "monailabel")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import requests
+
+    root = tmp_path_factory.mktemp("security")
+    tmp, outside = root / "tmp", root / "outside"
+    tmp.mkdir()
+    (outside / "folder").mkdir(parents=True)
+    (outside / "secret.raw").write_bytes(SECRET)
+    (outside / "notes.txt").write_text("patient list: not for the server\n")
+    (outside / "folder" / "deeper.png").write_bytes(cases.png_bytes(16, 16))
+    studies = make_tiny_studies(root / "studies", n_2d=5, n_3d=1, n_labeled=2)
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = str(tmp), str(tmp)  # the server's and its subprocesses' temp folder
+    try:
+        with ready_inprocess_server(studies, root / "state") as server:
+            server.app.wait_for_background(120)
+            w = World(root, studies, root / "state", tmp, outside, server, OpenWatch(outside), requests.Session())
+            w.before = {"outside": _tree(root, skip=("studies", "state", "tmp", "client")), "tmp": _entries(tmp),
+                        "app": _app_tree(), "home": _home_sessions(), "infer": _reference_infer(w)}
+            with w.watch:
+                yield w
+            w.session.close()
+    finally:
+        tempfile.tempdir = saved[0]
+        if saved[1] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[1]
+
+
+def _reference_infer(w: World) -> np.ndarray:
+    from fasttextdiff.data.io import read_image
+
+    r = w.send("POST", f"/infer/fasttextdiff?image={REFERENCE_IMAGE}&output=image",
+               files={"params": (None, json.dumps({"n_noise": 2, "save_uncertainty": False}))})
+    assert r.status_code == 200, r.text
+    path = w.root / "client" / f"reference-{time.monotonic_ns()}.nrrd"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(r.content)
+    return read_image(path).array
+
+
+def _detail(r) -> str:
+    try:
+        return str(r.json().get("detail"))
+    except (ValueError, AttributeError):
+        return r.text
+
+
+def _datastore(w: World) -> dict:
+    r = w.send("GET", "/datastore/?output=all")
+    assert r.status_code == 200
+    return r.json()["objects"]
+
+
+def _assert_consistent(w: World) -> int:
+    """Every listed image and label exists; every final label has its image's shape. Returns the count."""
+    from fasttextdiff.data.io import read_image
+
+    objects = _datastore(w)
+    for image_id, obj in objects.items():
+        image_path = w.studies / f"{image_id}{obj['image']['ext']}"
+        assert image_path.is_file(), f"{image_id} is listed but {image_path.name} is missing"
+        image = read_image(image_path)
+        for tag, label in obj["labels"].items():
+            label_path = w.studies / "labels" / tag / f"{image_id}{label['ext']}"
+            assert label_path.is_file(), f"label {tag} of {image_id} is listed but missing"
+            if tag == "final":
+                expected = image.array.shape[: 3 if image.is_volume else 2]
+                assert read_image(label_path).array.shape == expected, f"final label of {image_id} does not fit"
+    return len(objects)
+
+
+def _nothing_new(w: World) -> None:
+    assert _tree(w.root, skip=("studies", "state", "tmp", "client")) == w.before["outside"], \
+        "a file outside the studies and state folders was created or changed"
+    assert _entries(w.tmp) == w.before["tmp"], f"temp files left: {sorted(_entries(w.tmp) - w.before['tmp'])[:10]}"
+
+
+# ============================================================================== multipart by hand
+def multipart(fields=(), files=(), boundary: str = "fz-b0undary") -> tuple[bytes, str]:
+    """A multipart body written byte by byte (names and field bytes exactly as given: NUL, '..')."""
+    out = b""
+    for name, value in fields:
+        value = value if isinstance(value, bytes) else str(value).encode("utf-8")
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n"
+    for name, filename, data in files:
+        quoted = filename.replace('"', "%22")
+        out += (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{quoted}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n").encode("utf-8", "surrogateescape") + data + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return out, f"multipart/form-data; boundary={boundary}"
+
+
+def upload(w: World, method: str, path: str, fields=(), files=(), boundary: str = "fz-b0undary"):
+    body, ctype = multipart(fields, files, boundary)
+    return w.send(method, path, data=body, headers={"content-type": ctype})
+
+
+def _png(side: int, seed: int = 0) -> bytes:
+    return cases.png_bytes(side, side, seed=seed)
+
+
+def _label_png(side: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    mask = np.zeros((side, side), np.uint8)
+    mask[2:6, 2:6] = 1
+    Image.fromarray(mask).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ============================================================================== finding 1: archives
+def test_session_archives_that_escape_their_folder_are_refused(world):
+    for case, name, data in cases.escaping_archives(str(world.outside)):
+        r = upload(world, "PUT", "/session/?uncompress=true", files=[("files", name, data)])
+        assert r.status_code == 400, f"{case}: {r.status_code} {r.text}"
+        assert "nothing was unpacked" in _detail(r) or "cannot unpack" in _detail(r), (case, _detail(r))
+        if name.endswith(".zip") or ".tar" in name:
+            r = upload(world, "PUT", "/datastore/image?image=fz_series", files=[("file", name, data)])
+            assert r.status_code == 400, f"{case} as a DICOM series upload: {r.status_code} {r.text}"
+    _nothing_new(world)
+    assert not (world.studies / "fz_series.nii.gz").exists()
+
+
+def test_a_safe_archive_becomes_a_session_in_the_state_folder(world):
+    data = cases.zip_bytes([("case/a.png", _png(32, 1), "file"), ("case/b.png", _png(32, 2), "file")])
+    r = upload(world, "PUT", "/session/?uncompress=true", files=[("files", "case.zip", data)])
+    assert r.status_code == 200, r.text
+    session = r.json()["session_id"]
+    stored = Path(r.json()["session_info"]["image"])
+    assert world.state in stored.parents and sorted(p.name for p in stored.rglob("*.png")) == ["a.png", "b.png"]
+    r = world.send("GET", f"/session/{session}?image=true")
+    assert r.status_code == 400 and "folder of 2 files" in _detail(r)
+    assert world.send("GET", f"/session/{session}").status_code == 200
+    assert world.send("DELETE", f"/session/{session}").status_code == 200
+    assert world.send("GET", f"/session/{session}").status_code == 404
+    assert not stored.exists()
+
+
+def test_session_file_names_and_non_archives_get_400(world):
+    for name in (".", "..", "a\x00b.png", "dir/..", "dir/"):
+        r = upload(world, "PUT", "/session/", files=[("files", name, b"x")])
+        assert r.status_code == 400, f"{name!r}: {r.status_code} {r.text}"
+    r = upload(world, "PUT", "/session/?uncompress=true", files=[("files", "x.png", _png(32))])
+    assert r.status_code == 400 and "not a .zip or .tar archive" in _detail(r)
+    r = upload(world, "PUT", "/session/", files=[("files", "same.png", b"1"), ("files", "same.png", b"2")])
+    assert r.status_code == 400 and "two uploaded files" in _detail(r)
+    r = upload(world, "PUT", "/session/", files=[("files", "/home/me/scan.png", _png(32, 3))])
+    assert r.status_code == 200, r.text  # MONAI Label's client sends its whole local path: the name is kept
+    session = r.json()["session_id"]
+    assert Path(r.json()["session_info"]["image"]).name == "scan.png"
+    r = world.send("POST", f"/infer/fasttextdiff?session_id={session}&output=json",
+                   files={"params": (None, json.dumps({"n_noise": 1}))})
+    assert r.status_code == 200 and r.json()["shape"] == [32, 32], r.text
+    for bad in ("%2E%2E", "not-a-session", "0" * 36, quote("../../etc", safe="")):  # requests would resolve ".."
+        assert world.send("GET", f"/session/{bad}").status_code in (404, 405), bad
+        assert world.send("DELETE", f"/session/{bad}").status_code in (404, 405), bad
+    world.send("DELETE", f"/session/{session}")
+
+
+# ============================================================================== finding 2: file read
+def test_images_that_name_another_file_are_refused_without_reading_it(world):
+    missing = str(world.outside / "absent.raw")
+    for case in cases.REFERENCE_CASES:
+        data, data_missing = case.build(str(world.outside / "secret.raw")), case.build(missing)
+        answers = []
+        for payload in (data, data_missing):
+            r1 = upload(world, "PUT", "/datastore/image?image=fz_ref", files=[("file", case.filename, payload)])
+            r2 = upload(world, "POST", "/infer/fasttextdiff?output=json", files=[("file", case.filename, payload)])
+            r3 = upload(world, "PUT", f"/datastore/label?image={REFERENCE_IMAGE}&tag=fzref",
+                        files=[("label", case.filename, payload)])
+            answers.append([(r.status_code, _detail(r)) for r in (r1, r2, r3)])
+        for status, detail in answers[0]:
+            assert status in (400, 415), f"{case.name}: {status} {detail}"
+            assert "self-contained" in detail or "unsupported image file type" in detail, (case.name, detail)
+            assert case.filename in detail, f"{case.name}: the reason should name the user's file: {detail}"
+        assert answers[0] == answers[1], f"{case.name}: the answer depends on whether the named file exists"
+    assert world.watch.opened == [], f"a file outside was opened: {world.watch.opened}"
+    assert "fz_ref" not in _datastore(world)
+
+
+# ============================================================================== finding 3: ids and tags
+def test_ids_and_tags_with_a_trailing_newline_are_refused(world):
+    png = _png(32)
+    for query in ("image=cxr_000%0A", "image=fz_a%0A", "image=fz_a%0D%0A", "image=fz%00a"):
+        r = upload(world, "PUT", f"/datastore/image?{query}", files=[("file", "x.png", png)])
+        assert r.status_code == 400 and "invalid image id" in _detail(r), (query, r.text)
+    for tag in ("final%0A", "final%0D", "final%09", "%0Afinal"):
+        r = upload(world, "PUT", f"/datastore/label?image={REFERENCE_IMAGE}&tag={tag}",
+                   files=[("label", "l.png", _label_png(32))])
+        assert r.status_code == 400 and "invalid label tag" in _detail(r), (tag, r.text)
+    names = [p.name for p in world.studies.rglob("*")]
+    assert not [n for n in names if any(c in n for c in "\n\r\t\0")], names
+
+
+# ============================================================================== finding 4: re-upload
+def test_reupload_is_refused_unless_replace_and_replacement_leaves_a_consistent_datastore(world):
+    report = "Left lower lobe opacity."
+    r = upload(world, "PUT", "/datastore/image?image=fz_re", fields=[("params", json.dumps({"text": report}))],
+               files=[("file", "first.png", _png(64, 4))])
+    assert r.status_code == 200, r.text
+    for tag in ("final", "second"):
+        r = upload(world, "PUT", f"/datastore/label?image=fz_re&tag={tag}", files=[("label", "l.png", _label_png(64))])
+        assert r.status_code == 200, r.text
+    r = upload(world, "PUT", "/datastore/image?image=fz_re", files=[("file", "again.png", _png(64, 5))])
+    assert r.status_code == 409 and '"replace": true' in _detail(r), r.text
+    r = upload(world, "PUT", "/datastore/image", files=[("file", "fz_re.png", _png(64, 5))])  # id from the name
+    assert r.status_code == 409, r.text
+
+    # replace with another size and another extension: the old image file goes, the report stays,
+    # the labels that no longer fit leave the studies folder before the watcher can re-attach them
+    volume = cases.nifti_bytes(np.zeros((32, 32, 4), np.int16))
+    r = upload(world, "PUT", "/datastore/image?image=fz_re", fields=[("params", json.dumps({"replace": True}))],
+               files=[("file", "new.nii.gz", volume)])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["replaced"] is True and body["labels_kept"] == []
+    assert sorted(m["tag"] for m in body["labels_moved_aside"]) == ["final", "second"]
+    for moved in body["labels_moved_aside"]:
+        assert world.state in Path(moved["to"]).parents and Path(moved["to"]).is_file()
+    time.sleep(1.0)  # longer than MONAI Label's auto-reload watcher needs (~40 ms)
+    obj = _datastore(world)["fz_re"]
+    assert obj["image"]["ext"] == ".nii.gz" and obj["image"]["info"]["text"] == report and obj["labels"] == {}
+    assert not (world.studies / "fz_re.png").exists()
+    assert not list((world.studies / "labels").rglob("fz_re.*"))
+
+    # replace with the same shape: a fitting label stays attached; a new report replaces the old one
+    r = upload(world, "PUT", "/datastore/label?image=fz_re&tag=final", files=[("label", "l.nii.gz", volume)])
+    assert r.status_code == 200, r.text
+    r = upload(world, "PUT", "/datastore/image?image=fz_re",
+               fields=[("params", json.dumps({"replace": True, "text": "Clear lungs."}))],
+               files=[("file", "same.nii.gz", volume)])
+    assert r.status_code == 200 and r.json()["labels_kept"] == ["final"], r.text
+    time.sleep(0.5)
+    obj = _datastore(world)["fz_re"]
+    assert obj["image"]["info"]["text"] == "Clear lungs." and list(obj["labels"]) == ["final"]
+    r = upload(world, "PUT", "/datastore/image?image=fz_re", fields=[("params", json.dumps({"replace": "yes"}))],
+               files=[("file", "same.nii.gz", volume)])
+    assert r.status_code == 400 and "replace" in _detail(r)
+    assert world.send("DELETE", "/datastore/image?id=fz_re").status_code == 200
+    assert "fz_re" not in _datastore(world)  # removed from the record at once, not when the watcher notices
+    assert not list(world.studies.rglob("fz_re*"))
+    _assert_consistent(world)
+
+
+# ============================================================================== finding 5: temp files, messages
+def test_refused_uploads_leave_no_temp_file_and_name_the_users_file(world):
+    before = _entries(world.tmp)
+    cases_ = [
+        ("PUT", "/datastore/image?image=fz_bad", "file", "my scan.png", b"not an image"),
+        ("PUT", "/datastore/image?image=fz_bad", "file", "tool.exe", b"MZ"),
+        ("POST", "/infer/fasttextdiff", "file", "my scan.png", b"not an image"),
+        ("PUT", f"/datastore/label?image={REFERENCE_IMAGE}", "label", "my label.png", _label_png(16)),
+        ("PUT", "/model/fasttextdiff", "file", "weights.pt", b"\x80\x04pickle"),
+        ("POST", "/infer/wsi_v2/fasttextdiff", "file", "slide.svs", b"x"),
+    ]
+    for method, path, name, filename, data in cases_:
+        r = upload(world, method, path, files=[(name, filename, data)])
+        assert 400 <= r.status_code < 500, (path, r.status_code, r.text)
+        if name in ("file", "label") and "model" not in path and "wsi" not in path:
+            assert filename in _detail(r), f"{path}: the reason should name {filename!r}: {_detail(r)}"
+        assert _entries(world.tmp) == before, f"{method} {path} left {sorted(_entries(world.tmp) - before)}"
+
+
+# ============================================================================== finding 6: parsing
+JSON_ROUTES = ["/activelearning/random", "/train/fasttextdiff?run_sync=true", "/train/", "/scoring/",
+               "/scoring/fasttextdiff_uncertainty?run_sync=true", "/batch/infer/fasttextdiff?run_sync=true"]
+
+
+def test_request_parsing_errors_are_4xx_with_a_reason(world):
+    deep = "[" * 100_000 + "]" * 100_000
+    for field_value in (deep, '{"a": ' * 40 + "1" + "}" * 40, '{"n_noise": Infinity}', '{"n_noise": 1e999}',
+                        '{"n_noise": NaN}', "1e400", '"text"'):
+        r = upload(world, "PUT", f"/datastore/image/info?image={REFERENCE_IMAGE}", fields=[("info", field_value)])
+        assert r.status_code == 400, (field_value[:30], r.status_code, r.text)
+        r = upload(world, "POST", f"/infer/fasttextdiff?image={REFERENCE_IMAGE}", fields=[("params", field_value)])
+        assert r.status_code == 400, (field_value[:30], r.status_code, r.text)
+    for route in JSON_ROUTES:
+        for body in ("NaN", "Infinity", "-Infinity", "1e400", deep, "[]", '"x"', '{"a": NaN}', '{"a": 1e999}'):
+            r = world.send("POST", route, data=body, headers={"content-type": "application/json"})
+            assert r.status_code in (400, 404, 422), (route, body[:20], r.status_code, r.text)
+            assert isinstance(r.json()["detail"], (str, list))
+    for body in ({"strategy": []}, {"strategy": "first"}, {"strategy": {"x": 1}}):
+        r = world.send("POST", "/activelearning/random", json=body)
+        assert r.status_code == 400 and "path" in _detail(r), (body, r.text)
+    for route, key in (("/train/fasttextdiff?run_sync=true", "model"), ("/scoring/fasttextdiff_uncertainty", "method"),
+                       ("/batch/infer/fasttextdiff", "model")):
+        r = world.send("POST", route, json={key: []})
+        assert r.status_code == 400, (route, r.text)
+    r = upload(world, "PUT", "/datastore/image?image=fz_nul", files=[("file", "a\x00b.png", _png(32))])
+    assert r.status_code == 400 and "control characters" in _detail(r)
+    r = upload(world, "PUT", "/datastore/image?image=fz_b", files=[("file", "a.png", _png(32))], boundary="b" * 300)
+    assert r.status_code == 400 and "boundary" in _detail(r).lower(), r.text
+    r = world.send("GET", "/logs/gpu")
+    assert r.status_code in (200, 404), r.text
+    if r.status_code == 404:
+        assert "nvidia-smi is not installed" in _detail(r)
+    r = upload(world, "PUT", "/model/fasttextdiff", files=[("file", "m.pt", b"\x80\x04")])
+    assert r.status_code == 405 and "train" in _detail(r)
+    assert world.send("POST", "/reload").status_code == 403
+    assert world.send("GET", "/logs/?lines=100000000000000000000").status_code == 400
+    assert world.send("HEAD", f"/datastore/image?image={REFERENCE_IMAGE}&check_sum=FOO:abc").status_code == 400
+    assert world.send("GET", "/ohif/%2e%2e").status_code in (200, 404)
+    assert world.send("GET", "/proxy/dicom/qido/studies").status_code == 404
+    assert not world.problems, world.problems
+
+
+def test_params_cannot_point_infer_at_a_server_file(world):
+    r = upload(world, "POST", "/infer/fasttextdiff?output=json", fields=[("params", json.dumps({"image": "/etc/hosts"}))],
+               files=[("file", "x.png", _png(32))])
+    assert r.status_code == 400 and "may not set" in _detail(r)
+    r = upload(world, "POST", f"/infer/fasttextdiff?image={REFERENCE_IMAGE}",
+               fields=[("params", json.dumps({"save_label": True, "label_tag": "final"}))])
+    assert r.status_code == 400  # an infer (user role) never writes labels (annotator role)
+    # an id that also names a file in the server's working folder reads the datastore's image
+    assert (Path.cwd() / "Makefile").exists()
+    r = upload(world, "PUT", "/datastore/image?image=Makefile", files=[("file", "m.png", _png(40, 6))])
+    assert r.status_code == 200, r.text
+    r = world.send("POST", "/infer/fasttextdiff?image=Makefile&output=json",
+                   files={"params": (None, json.dumps({"n_noise": 1}))})
+    assert r.status_code == 200 and r.json()["shape"] == [40, 40], r.text
+    assert world.send("DELETE", "/datastore/image?id=Makefile").status_code == 200
+
+
+def test_a_busy_task_is_answered_with_a_sentence(world):
+    r = world.send("POST", "/scoring/fasttextdiff_uncertainty", json={})
+    assert r.status_code == 200, r.text
+    try:
+        again = world.send("POST", "/scoring/fasttextdiff_uncertainty", json={})
+        assert again.status_code == 409, again.text
+        assert "already running" in _detail(again) and "DELETE /scoring/" in _detail(again)
+        assert "++++" not in again.text
+    finally:
+        world.send("DELETE", "/scoring/")
+        end = time.time() + 60
+        while time.time() < end and world.send("GET", "/scoring/?check_if_running=true").status_code == 200:
+            time.sleep(0.5)
+
+
+# ============================================================================== finding 7: stalls
+def test_run_sync_work_leaves_info_answering_within_a_second(world):
+    from fasttextdiff.data.io import read_image  # noqa: F401 - warm import outside the timing
+
+    unlabeled = [k for k, v in _datastore(world).items() if "final" not in v["labels"] and k.startswith("cxr")]
+    jobs = [("POST", "/scoring/fasttextdiff_uncertainty?run_sync=true", {"n_noise": 32}),
+            ("POST", "/batch/infer/fasttextdiff?images=unlabeled&run_sync=true",
+             {"device": "cpu", "label_tag": "original", "max_workers": 1})]
+    for method, route, body in jobs:
+        for n, image_id in enumerate(unlabeled):  # a new report makes every score stale: real work to do
+            world.send("PUT", f"/datastore/image/info?image={image_id}",
+                       files={"info": (None, json.dumps({"text": f"Opacity {route[:8]} {n} {time.time()}."}))})
+        result: dict = {}
+
+        def job():
+            t0 = time.time()
+            result["response"] = world.send(method, route, json=body, timeout=300)
+            result["seconds"] = time.time() - t0
+
+        thread = threading.Thread(target=job)
+        thread.start()
+        latencies = []
+        while thread.is_alive():
+            t0 = time.time()
+            r = world.send("GET", "/info/", timeout=30)
+            latencies.append(time.time() - t0)
+            assert r.status_code == 200
+            time.sleep(0.05)
+        thread.join()
+        assert result["response"].status_code == 200, result["response"].text
+        assert result["seconds"] > 1.0, f"{route} took {result['seconds']:.2f}s: too short to show a stall"
+        assert len(latencies) >= 3 and max(latencies) < 1.0, (route, result["seconds"], latencies)
+        world.fuzz.setdefault("info_during_run_sync", []).append(
+            (route.split("?")[0], round(result["seconds"], 1), round(max(latencies), 3), len(latencies)))
+
+
+def test_scoring_says_what_it_did(world):
+    r = world.send("POST", "/scoring/fasttextdiff_uncertainty?run_sync=true", json={})
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert res["scores"] == {} and "already had a current score" in res["detail"], res
+
+
+# ============================================================================== the fuzz
+HOSTILE = ["", " ", ".", "..", "../x", "../../etc/passwd", "/etc/passwd", "a/b", "a\\b", "x\n", "final\n", "x\r\n",
+           "x\x00y", "%2e%2e%2f", "x" * 300, "\U0001fae1", "CON", "-", "a..b", ".hidden", "null", "[]", "{}", "NaN",
+           "1e999", "-1", "0", "99999999999999999999999", "true", "\u202e", "fz_a\n"]
+NUMBERS = ["-1", "0", "1", "2", "99999999999999999999999", "1e999", "nan", "inf", "-inf", "true", "x", ""]
+JSON_TEXTS = ["{}", "{", "[]", "1e999", "NaN", "Infinity", '{"n_noise": Infinity}', '{"n_noise": 1e999}',
+              "[" * 3000 + "]" * 3000, '{"a":' * 40 + "1" + "}" * 40, '{"text": "\\u0000"}', '{"text": 5}',
+              '{"replace": true}', '{"replace": "yes"}', '{"image": "/etc/passwd"}', '{"session": {}}',
+              '{"save_label": true, "label_tag": "final"}', '{"result": "uncertainty", "n_noise": 1}',
+              '{"n_noise": 1, "save_uncertainty": false}', '{"name": "x.png"}', '{"ts": 1}',
+              '{"text": "' + "y" * 70000 + '"}', '{"fasttextdiff_uncertainty": 1}', '{"client_id": []}',
+              '{"level": -1, "size": [99999999, 1]}']
+INVALID_BODIES = ["NaN", "1e400", "[]", '"x"', "[" * 3000 + "]" * 3000, '{"a": NaN}', '{"x": [1e999]}',
+                  '{"model": []}', '{"method": 7}', '{"a":' * 40 + "1" + "}" * 40, "{"]
+
+
+def _file_pool(world: World) -> list[tuple[str, bytes]]:
+    secret = str(world.outside / "secret.raw")
+    pool = [("ok.png", _png(32, 7)), ("small.png", _png(16, 8)), ("label.png", _label_png(32)),
+            ("vol.nii.gz", cases.nifti_bytes(np.zeros((16, 16, 4), np.int16))), ("empty.png", b""),
+            ("corrupt.png", b"\x89PNG\r\n\x1a\nxx"), ("notes.txt", b"report"), ("w.pt", b"\x80\x04K\x01."),
+            ("good.zip", cases.zip_bytes([("a.png", _png(32, 9), "file")]))]
+    pool += [(c.filename, c.build(secret)) for c in cases.REFERENCE_CASES]
+    pool += [(name, data) for _, name, data in cases.escaping_archives(str(world.outside))]
+    pool += [(c.filename, c.build()) for c in cases.FILE_CASES[:8]]
+    return pool
+
+
+FILE_NAMES = [".", "..", "a\x00b.png", "../x.png", "/abs/dir/x.png", "C:\\x\\y.png", "x" * 300 + ".png", "ok.png",
+              "scan.nii.gz", "series.zip", "", "fz_a.png", "fz_b.nii.gz", "%2e%2e.png", "\U0001fae1.png", "a\nb.png"]
+
+
+def _route_names(world: World) -> dict:
+    info = world.send("GET", "/info/").json()
+    return {"model": list(info["models"]) + list(info["trainers"]), "strategy": list(info["strategies"]),
+            "method": list(info["scoring"])}
+
+
+def _all_routes(world: World) -> tuple[list[tuple[str, str]], set]:
+    import monailabel.app
+
+    schema = world.send("GET", "/openapi.json").json()
+    documented = {(m.upper(), p) for p, ops in schema["paths"].items() for m in ops}
+    registered = {(method, path) for method, path, _ in registered_routes(monailabel.app.app.router)}
+    assert documented <= registered, documented - registered
+    return sorted(registered), documented
+
+
+def registered_routes(router):
+    """(method, path, route) of every route, also inside included routers (FastAPI keeps them nested)."""
+    from starlette.routing import Mount
+
+    for route in router.routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from registered_routes(included)
+        elif isinstance(route, Mount):
+            yield "GET", route.path + "/{path}", route
+        else:
+            for method in sorted(getattr(route, "methods", None) or ()):
+                yield method, route.path, route
+
+
+def _fuzz_one_route(world: World, method: str, path: str, names: dict, pool, sessions: list, budget: int) -> None:
+    heavy = (method, path) in HEAVY_ROUTES
+    ids = st.sampled_from(HOSTILE + OWNED_IDS + (READ_ONLY_IDS if method in ("GET", "HEAD") else []))
+    params_ = st.sampled_from(HOSTILE + NUMBERS)
+    file_names = st.one_of(st.sampled_from(FILE_NAMES), st.text(max_size=12).map(lambda t: t + ".png"))
+
+    @settings(max_examples=budget, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def run(data):
+        url = path
+        for param in ("model", "strategy", "method", "session_id", "path:path", "path"):
+            token = "{" + param + "}"
+            if token not in url:
+                continue
+            key = param.split(":")[0]
+            if key in names and not heavy and data.draw(st.booleans()):
+                value = data.draw(st.sampled_from(names[key]))
+            elif key == "session_id" and sessions and data.draw(st.booleans()):
+                value = data.draw(st.sampled_from(sessions))
+            else:
+                value = data.draw(st.one_of(st.sampled_from(HOSTILE), st.text(max_size=16)))
+            url = url.replace(token, quote(value, safe="") or "x")
+        query = {}
+        for key in data.draw(st.lists(st.sampled_from(["image", "id", "label", "tag", "output", "images", "run_sync",
+                                                        "enqueue", "uncompress", "expiry", "update_ts", "check_sum",
+                                                        "limit_cases", "lines", "refresh", "html", "text", "all",
+                                                        "check_if_running", "session_id", "zz"]), max_size=4,
+                                      unique=True)):
+            query[key] = data.draw(ids if key in ("image", "id", "label") else params_)
+        if heavy:
+            query["run_sync"] = "true"
+        if query:
+            url += ("&" if "?" in url else "?") + "&".join(f"{quote(k)}={quote(str(v), safe='')}"
+                                                           for k, v in query.items())
+        shape = data.draw(st.sampled_from(["none", "json", "multipart", "odd"]))
+        if heavy and shape != "json":
+            shape = "json"
+        if shape == "none" or method in ("GET", "HEAD", "DELETE") and shape != "odd":
+            r = world.send(method, url)
+        elif shape == "json":
+            body = data.draw(st.sampled_from(INVALID_BODIES)) if heavy else data.draw(st.one_of(
+                st.sampled_from(JSON_TEXTS + INVALID_BODIES),
+                st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
+                             lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                             max_leaves=8).map(lambda v: json.dumps({"params": v} if isinstance(v, list) else v))))
+            r = world.send(method, url, data=body.encode("utf-8", "surrogatepass"),
+                           headers={"content-type": "application/json"})
+        elif shape == "multipart":
+            fields = [(k, data.draw(st.sampled_from(JSON_TEXTS)))
+                      for k in data.draw(st.lists(st.sampled_from(["params", "info", "wsi", "zz"]), max_size=2,
+                                                  unique=True))]
+            if data.draw(st.booleans()):
+                fields.append(("params", b'{"text": "caf\xe9"}'))
+            files = []
+            for name in data.draw(st.lists(st.sampled_from(["file", "label", "files"]), max_size=2)):
+                fname, content = data.draw(st.sampled_from(pool))
+                if data.draw(st.booleans()):
+                    fname = data.draw(file_names)
+                files.append((name, fname, content))
+            r = upload(world, method, url, fields, files)
+        else:  # multipart oddities
+            kind = data.draw(st.sampled_from(["long boundary", "no boundary", "truncated", "json as multipart",
+                                              "garbage", "no final boundary"]))
+            body, ctype = multipart([("params", "{}")], [("file", "ok.png", _png(32))])
+            if kind == "long boundary":
+                body, ctype = multipart([("params", "{}")], [("file", "ok.png", b"x")], boundary="q" * 300)
+            elif kind == "no boundary":
+                ctype = "multipart/form-data"
+            elif kind == "truncated":
+                body = body[: len(body) // 2]
+            elif kind == "json as multipart":
+                body = b'{"a": 1}'
+            elif kind == "garbage":
+                body = bytes(range(256)) * 4
+            else:
+                body = body.rsplit(b"--fz-b0undary--", 1)[0]
+            r = world.send(method, url, data=body, headers={"content-type": ctype})
+        if heavy:
+            assert r.status_code >= 400, f"{method} {url}: a heavy route accepted a fuzz request ({r.status_code})"
+        if method == "PUT" and path == "/session/" and r.status_code == 200:
+            sessions.append(r.json()["session_id"])
+
+    run()
+
+
+def test_fuzz_every_route(world):
+    started = time.time()
+    names = _route_names(world)
+    routes, documented = _all_routes(world)
+    pool = _file_pool(world)
+    sessions: list[str] = []
+    before = sum(world.statuses.values())
+    per_route = {}
+    for method, path in routes:
+        n0 = sum(world.statuses.values())
+        upload_route = method in ("PUT", "POST")
+        budget = 12 if (method, path) in HEAVY_ROUTES else 30 if upload_route else 15
+        if (method, path) == ("POST", "/infer/{model}"):
+            budget = 40
+        _fuzz_one_route(world, method, path, names, pool, sessions, budget)
+        per_route[f"{method} {path}"] = sum(world.statuses.values()) - n0
+    world.server.app.wait_for_background(300)
+    world.fuzz.update(requests=sum(world.statuses.values()) - before, routes=len(routes), documented=len(documented),
+                      seconds=round(time.time() - started, 1), per_route=per_route)
+    assert not world.problems, "\n".join(world.problems[:30])
+
+
+def test_route_table_lists_every_registered_route(world):
+    """docs/RELIABILITY.md's route table names every route the server registers (and its role)."""
+    import monailabel.app
+
+    doc = DOC.read_text(encoding="utf-8")
+    table = doc.split("## Routes: what each does and who may call it", 1)[1].split("\n## ", 1)[0]
+    missing = []
+    for method, path, _ in registered_routes(monailabel.app.app.router):
+        norm = path.replace("{path:path}", "{path}")
+        for op in ("wado", "qido", "stow"):
+            norm = norm.replace(f"/dicom/{op}/", "/dicom/{wado,qido,stow}/")
+        wanted = f"`{method} /`" if path == "/" else norm
+        if method != "HEAD" or path.startswith("/datastore"):
+            if wanted not in table:
+                missing.append(f"{method} {path}")
+    assert not missing, f"routes missing from the docs' route table: {missing}"
+
+
+# ============================================================================== invariants
+def test_zz_nothing_outside_no_temp_files_datastore_consistent_infer_unchanged(world):
+    world.server.app.wait_for_background(300)
+    time.sleep(0.5)
+    assert world.watch.opened == [], f"files outside the studies were opened: {world.watch.opened[:10]}"
+    outside = _tree(world.root, skip=("studies", "state", "tmp", "client"))
+    changed = sorted(set(outside.items()) ^ set(world.before["outside"].items()))
+    assert not changed, f"created or changed outside the studies and state folders: {changed[:10]}"
+    left = sorted(_entries(world.tmp) - world.before["tmp"])
+    assert not left, f"temp files left: {left[:10]}"
+    assert _app_tree() == world.before["app"], "the app's code folder changed"
+    assert _home_sessions() == world.before["home"], "~/.cache/monailabel changed"
+    images = _assert_consistent(world)
+    after = _reference_infer(world)
+    assert np.array_equal(after, world.before["infer"]), "the same infer answers differently after the fuzz"
+    assert not world.problems, "\n".join(world.problems[:30])
+    if world.fuzz.get("requests"):
+        _write_figures(world, images, len(changed), len(left))
+
+
+def _write_figures(world: World, images: int, outside_changes: int, temp_left: int) -> None:
+    hist = ", ".join(f"{code} × {n}" for code, n in sorted(world.statuses.items()))
+    stalls = "; ".join(f"`{route}` ran {secs} s, `/info` answered in ≤ {lat} s ({n} probes)"
+                       for route, secs, lat, n in world.fuzz.get("info_during_run_sync", []))
+    text = (f"{FIG_BEGIN}\n"
+            f"Last run of `tests/test_security.py` (hypothesis, derandomized: the same requests every run): "
+            f"**{world.fuzz['requests']} fuzz requests** over **{world.fuzz['routes']} routes** "
+            f"({world.fuzz['documented']} in `/openapi.json`, the rest registered outside it) in "
+            f"{world.fuzz['seconds']} s; {sum(world.statuses.values())} requests in the whole module.\n\n"
+            f"- status histogram (whole module): {hist}\n"
+            f"- **{sum(n for c, n in world.statuses.items() if c >= 500)} × 5xx**; "
+            f"**{outside_changes} files created, changed or read outside** the studies and state folders "
+            f"({len(world.watch.opened)} opens of the sentinel files); **{temp_left} temp files left**\n"
+            f"- datastore consistent afterwards ({images} images, every final label of its image's shape); "
+            "the reference infer answered identically before and after\n"
+            f"- while run_sync work ran: {stalls}\n"
+            f"{FIG_END}")
+    doc = DOC.read_text(encoding="utf-8")
+    if FIG_BEGIN in doc and FIG_END in doc:
+        head, rest = doc.split(FIG_BEGIN, 1)
+        doc = head + text + rest.split(FIG_END, 1)[1]
+        DOC.write_text(doc, encoding="utf-8")
