@@ -63,6 +63,8 @@ class World:
     session: object
     before: dict = field(default_factory=dict)
     statuses: collections.Counter = field(default_factory=collections.Counter)
+    current: str = ""  # the route being fuzzed
+    by_route: collections.Counter = field(default_factory=collections.Counter)
     fuzz: dict = field(default_factory=dict)
     problems: list = field(default_factory=list)
 
@@ -75,6 +77,7 @@ class World:
         kw.setdefault("timeout", 120)
         r = self.session.request(method, self.url + path, **kw)
         self.statuses[r.status_code] += 1
+        self.by_route[(self.current, r.status_code)] += 1
         body = r.content
         where = f"{method} {path[:160]}"
         if r.status_code >= 500:
@@ -516,21 +519,27 @@ JSON_TEXTS = ["{}", "{", "[]", "1e999", "NaN", "Infinity", '{"n_noise": Infinity
               '{"save_label": true, "label_tag": "final"}', '{"result": "uncertainty", "n_noise": 1}',
               '{"n_noise": 1, "save_uncertainty": false}', '{"name": "x.png"}', '{"ts": 1}',
               '{"text": "' + "y" * 70000 + '"}', '{"fasttextdiff_uncertainty": 1}', '{"client_id": []}',
-              '{"level": -1, "size": [99999999, 1]}']
+              '{"level": -1, "size": [99999999, 1]}', '{"model": []}', '{"method": 7}', '{"strategy": []}',
+              '{"images": "all"}']
+PLAUSIBLE_FIELDS = ["{}", '{"text": "Left lower lobe opacity."}', '{"replace": true}', '{"n_noise": 1}',
+                    '{"replace": true, "text": "Clear."}', '{"source": "fuzz"}']
+# bodies every route refuses (the heavy routes get only these: a valid one would start real work)
 INVALID_BODIES = ["NaN", "1e400", "[]", '"x"', "[" * 3000 + "]" * 3000, '{"a": NaN}', '{"x": [1e999]}',
-                  '{"model": []}', '{"method": 7}', '{"a":' * 40 + "1" + "}" * 40, "{"]
+                  '{"a":' * 40 + "1" + "}" * 40, "{", "-Infinity"]
 
 
-def _file_pool(world: World) -> list[tuple[str, bytes]]:
+def _file_pool(world: World) -> tuple[list, list]:
+    """(good files, hostile files) to upload."""
     secret = str(world.outside / "secret.raw")
-    pool = [("ok.png", _png(32, 7)), ("small.png", _png(16, 8)), ("label.png", _label_png(32)),
-            ("vol.nii.gz", cases.nifti_bytes(np.zeros((16, 16, 4), np.int16))), ("empty.png", b""),
-            ("corrupt.png", b"\x89PNG\r\n\x1a\nxx"), ("notes.txt", b"report"), ("w.pt", b"\x80\x04K\x01."),
+    good = [("ok.png", _png(32, 7)), ("small.png", _png(16, 8)), ("label.png", _label_png(32)),
+            ("label16.png", _label_png(16)), ("vol.nii.gz", cases.nifti_bytes(np.zeros((16, 16, 4), np.int16))),
             ("good.zip", cases.zip_bytes([("a.png", _png(32, 9), "file")]))]
+    pool = [("empty.png", b""), ("corrupt.png", b"\x89PNG\r\n\x1a\nxx"), ("notes.txt", b"report"),
+            ("w.pt", b"\x80\x04K\x01.")]
     pool += [(c.filename, c.build(secret)) for c in cases.REFERENCE_CASES]
     pool += [(name, data) for _, name, data in cases.escaping_archives(str(world.outside))]
     pool += [(c.filename, c.build()) for c in cases.FILE_CASES[:8]]
-    return pool
+    return good, pool
 
 
 FILE_NAMES = [".", "..", "a\x00b.png", "../x.png", "/abs/dir/x.png", "C:\\x\\y.png", "x" * 300 + ".png", "ok.png",
@@ -539,7 +548,7 @@ FILE_NAMES = [".", "..", "a\x00b.png", "../x.png", "/abs/dir/x.png", "C:\\x\\y.p
 
 def _route_names(world: World) -> dict:
     info = world.send("GET", "/info/").json()
-    return {"model": list(info["models"]) + list(info["trainers"]), "strategy": list(info["strategies"]),
+    return {"model": list(info["models"]), "trainer": list(info["trainers"]), "strategy": list(info["strategies"]),
             "method": list(info["scoring"])}
 
 
@@ -568,23 +577,61 @@ def registered_routes(router):
                 yield method, route.path, route
 
 
-def _fuzz_one_route(world: World, method: str, path: str, names: dict, pool, sessions: list, budget: int) -> None:
+def _kind(annotation) -> list[str]:
+    """Plausible values for a query parameter of this type (hostile ones are mixed in separately)."""
+    import enum
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    kind = args[0]
+    if kind is bool:
+        return ["true", "false", "1", "0"]
+    if kind is int:
+        return ["0", "1", "3", "10", "600"]
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return [m.value for m in kind]
+    return []
+
+
+def _spec(route) -> dict:
+    """What the route takes, read from its FastAPI signature (the same for routes outside openapi)."""
+    from fastapi import params as fp
+
+    dep = getattr(route, "dependant", None)
+    if dep is None:
+        return {"query": [], "required": set(), "files": [], "forms": [], "json": False}
+    files = [f.name for f in dep.body_params if isinstance(f.field_info, fp.File)]
+    forms = [f.name for f in dep.body_params if isinstance(f.field_info, fp.Form) and f.name not in files]
+    return {"query": [f.name for f in dep.query_params],
+            "kinds": {f.name: _kind(f.field_info.annotation) for f in dep.query_params},
+            "required": {f.name for f in dep.query_params if f.field_info.is_required()},
+            "files": files, "forms": forms, "json": bool(dep.body_params) and not files and not forms}
+
+
+def _fuzz_one_route(world: World, method: str, path: str, spec: dict, names: dict, pool, sessions: list,
+                    budget: int) -> None:
     heavy = (method, path) in HEAVY_ROUTES
     ids = st.sampled_from(HOSTILE + OWNED_IDS + (READ_ONLY_IDS if method in ("GET", "HEAD") else []))
-    params_ = st.sampled_from(HOSTILE + NUMBERS)
+    values = st.sampled_from(HOSTILE + NUMBERS)
     file_names = st.one_of(st.sampled_from(FILE_NAMES), st.text(max_size=12).map(lambda t: t + ".png"))
+    likely = st.integers(0, 9).map(lambda n: n < 8)  # mostly send what the route needs, to get past validation
 
     @settings(max_examples=budget, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def run(data):
+        # a third of the requests are plausible (known names, good files and fields) so that the
+        # fuzz also reaches the code that changes the datastore; the rest are hostile throughout
+        plausible_mode = data.draw(st.integers(0, 2)) == 0
         url = path
         for param in ("model", "strategy", "method", "session_id", "path:path", "path"):
             token = "{" + param + "}"
             if token not in url:
                 continue
             key = param.split(":")[0]
-            if key in names and not heavy and data.draw(st.booleans()):
+            if key == "model" and path.startswith("/train"):
+                key = "trainer"
+            if key in names and not heavy and data.draw(likely):
                 value = data.draw(st.sampled_from(names[key]))
             elif key == "session_id" and sessions and data.draw(st.booleans()):
                 value = data.draw(st.sampled_from(sessions))
@@ -592,21 +639,26 @@ def _fuzz_one_route(world: World, method: str, path: str, names: dict, pool, ses
                 value = data.draw(st.one_of(st.sampled_from(HOSTILE), st.text(max_size=16)))
             url = url.replace(token, quote(value, safe="") or "x")
         query = {}
-        for key in data.draw(st.lists(st.sampled_from(["image", "id", "label", "tag", "output", "images", "run_sync",
-                                                        "enqueue", "uncompress", "expiry", "update_ts", "check_sum",
-                                                        "limit_cases", "lines", "refresh", "html", "text", "all",
-                                                        "check_if_running", "session_id", "zz"]), max_size=4,
-                                      unique=True)):
-            query[key] = data.draw(ids if key in ("image", "id", "label") else params_)
+        for key in spec["query"]:
+            if not data.draw(likely if key in spec["required"] else st.booleans()):
+                continue
+            plausible = spec["kinds"].get(key) or (
+                OWNED_IDS + (READ_ONLY_IDS if method in ("GET", "HEAD", "POST") else []) if key in ("image", "id", "label")
+                else sessions or ["x"] if key == "session_id" else ["final", "original", "fzt"] if key == "tag"
+                else ["SHA256:00", "MD5:00"] if key == "check_sum" else ["x"])
+            hostile = ids if key in ("image", "id", "label") else values
+            query[key] = data.draw(st.sampled_from(plausible) if plausible_mode or data.draw(st.booleans()) else hostile)
+        if data.draw(st.integers(0, 9).map(lambda n: n == 9)):
+            query["zz"] = data.draw(values)
         if heavy:
             query["run_sync"] = "true"
         if query:
             url += ("&" if "?" in url else "?") + "&".join(f"{quote(k)}={quote(str(v), safe='')}"
                                                            for k, v in query.items())
-        shape = data.draw(st.sampled_from(["none", "json", "multipart", "odd"]))
-        if heavy and shape != "json":
-            shape = "json"
-        if shape == "none" or method in ("GET", "HEAD", "DELETE") and shape != "odd":
+        shapes = ["multipart"] * 6 if spec["files"] or spec["forms"] else ["json"] * 6 if spec["json"] else ["none"] * 6
+        shape = "json" if heavy else shapes[0] if plausible_mode else \
+            data.draw(st.sampled_from(shapes + ["none", "json", "multipart", "odd"]))
+        if shape == "none":
             r = world.send(method, url)
         elif shape == "json":
             body = data.draw(st.sampled_from(INVALID_BODIES)) if heavy else data.draw(st.one_of(
@@ -617,17 +669,20 @@ def _fuzz_one_route(world: World, method: str, path: str, names: dict, pool, ses
             r = world.send(method, url, data=body.encode("utf-8", "surrogatepass"),
                            headers={"content-type": "application/json"})
         elif shape == "multipart":
-            fields = [(k, data.draw(st.sampled_from(JSON_TEXTS)))
-                      for k in data.draw(st.lists(st.sampled_from(["params", "info", "wsi", "zz"]), max_size=2,
-                                                  unique=True))]
-            if data.draw(st.booleans()):
+            fields = [(k, data.draw(st.sampled_from(PLAUSIBLE_FIELDS if plausible_mode or data.draw(st.booleans())
+                                                    else JSON_TEXTS)))
+                      for k in spec["forms"] + ([] if plausible_mode else ["zz"]) if data.draw(st.booleans())]
+            if data.draw(st.integers(0, 9).map(lambda n: n == 9)):
                 fields.append(("params", b'{"text": "caf\xe9"}'))
             files = []
-            for name in data.draw(st.lists(st.sampled_from(["file", "label", "files"]), max_size=2)):
-                fname, content = data.draw(st.sampled_from(pool))
-                if data.draw(st.booleans()):
-                    fname = data.draw(file_names)
-                files.append((name, fname, content))
+            for name in spec["files"] or ["file"]:
+                count = data.draw(st.sampled_from([1, 1, 1, 1, 0, 2])) if name == "files" else int(data.draw(likely))
+                for _ in range(max(count, int(plausible_mode))):
+                    fname, content = data.draw(st.sampled_from(pool[0] if plausible_mode or data.draw(st.booleans())
+                                                               else pool[1]))
+                    if not plausible_mode and data.draw(st.integers(0, 3).map(lambda n: n == 3)):
+                        fname = data.draw(file_names)
+                    files.append((name, fname, content))
             r = upload(world, method, url, fields, files)
         else:  # multipart oddities
             kind = data.draw(st.sampled_from(["long boundary", "no boundary", "truncated", "json as multipart",
@@ -656,23 +711,39 @@ def _fuzz_one_route(world: World, method: str, path: str, names: dict, pool, ses
 
 def test_fuzz_every_route(world):
     started = time.time()
+    import monailabel.app
+
     names = _route_names(world)
     routes, documented = _all_routes(world)
+    specs = {(m, p): _spec(route) for m, p, route in registered_routes(monailabel.app.app.router)}
     pool = _file_pool(world)
     sessions: list[str] = []
     before = sum(world.statuses.values())
+    statuses_before = collections.Counter(world.statuses)
     per_route = {}
     for method, path in routes:
-        n0 = sum(world.statuses.values())
-        upload_route = method in ("PUT", "POST")
-        budget = 12 if (method, path) in HEAVY_ROUTES else 30 if upload_route else 15
-        if (method, path) == ("POST", "/infer/{model}"):
-            budget = 40
-        _fuzz_one_route(world, method, path, names, pool, sessions, budget)
-        per_route[f"{method} {path}"] = sum(world.statuses.values()) - n0
+        n0, t0 = sum(world.statuses.values()), time.time()
+        world.current = f"{method} {path}"
+        budget = 12 if (method, path) in HEAVY_ROUTES else 30 if method in ("PUT", "POST") else 15
+        if path.startswith(("/proxy/", "/infer/wsi", "/reload", "/static", "/docs", "/openapi", "/favicon")) \
+                or (method, path) == ("PUT", "/model/{model}"):
+            budget = 8  # refused or static by design: a few requests each
+        if (method, path) in (("POST", "/infer/{model}"), ("PUT", "/datastore/image"), ("PUT", "/datastore/label"),
+                              ("PUT", "/session/"), ("PUT", "/datastore/image/info")):
+            budget = 50
+        _fuzz_one_route(world, method, path, specs[(method, path)], names, pool, sessions, budget)
+        per_route[f"{method} {path}"] = (sum(world.statuses.values()) - n0, round(time.time() - t0, 1))
     world.server.app.wait_for_background(300)
     world.fuzz.update(requests=sum(world.statuses.values()) - before, routes=len(routes), documented=len(documented),
-                      seconds=round(time.time() - started, 1), per_route=per_route)
+                      seconds=round(time.time() - started, 1), per_route=per_route,
+                      statuses=world.statuses - statuses_before)
+    print(f"\nfuzz: {world.fuzz['requests']} requests over {len(routes)} routes in {world.fuzz['seconds']} s; "
+          f"statuses {dict(sorted(world.statuses.items()))}")
+    for route, (n, secs) in sorted(per_route.items(), key=lambda kv: -kv[1][1])[:10]:
+        print(f"  {n:4d} requests {secs:6.1f} s  {route}")
+    if os.environ.get("FUZZ_VERBOSE"):
+        for (route, code), n in sorted(world.by_route.items()):
+            print(f"  {route:45s} {code} x {n}")
     assert not world.problems, "\n".join(world.problems[:30])
 
 
@@ -715,7 +786,8 @@ def test_zz_nothing_outside_no_temp_files_datastore_consistent_infer_unchanged(w
 
 
 def _write_figures(world: World, images: int, outside_changes: int, temp_left: int) -> None:
-    hist = ", ".join(f"{code} × {n}" for code, n in sorted(world.statuses.items()))
+    hist = ", ".join(f"{code} × {n}" for code, n in sorted(world.fuzz["statuses"].items()))
+    fives = sum(n for c, n in world.statuses.items() if c >= 500)
     stalls = "; ".join(f"`{route}` ran {secs} s, `/info` answered in ≤ {lat} s ({n} probes)"
                        for route, secs, lat, n in world.fuzz.get("info_during_run_sync", []))
     text = (f"{FIG_BEGIN}\n"
@@ -723,8 +795,8 @@ def _write_figures(world: World, images: int, outside_changes: int, temp_left: i
             f"**{world.fuzz['requests']} fuzz requests** over **{world.fuzz['routes']} routes** "
             f"({world.fuzz['documented']} in `/openapi.json`, the rest registered outside it) in "
             f"{world.fuzz['seconds']} s; {sum(world.statuses.values())} requests in the whole module.\n\n"
-            f"- status histogram (whole module): {hist}\n"
-            f"- **{sum(n for c, n in world.statuses.items() if c >= 500)} × 5xx**; "
+            f"- status histogram of the fuzz requests: {hist}\n"
+            f"- **{fives} × 5xx** (whole module); "
             f"**{outside_changes} files created, changed or read outside** the studies and state folders "
             f"({len(world.watch.opened)} opens of the sentinel files); **{temp_left} temp files left**\n"
             f"- datastore consistent afterwards ({images} images, every final label of its image's shape); "

@@ -50,7 +50,7 @@ _internal: contextvars.ContextVar[bool] = contextvars.ContextVar("fasttextdiff_i
 
 TEXT_KEY = "text"
 # image info keys that clients may not set (the app owns them)
-_RESERVED = {"name", "ts", "path", "fasttextdiff_uncertainty"}
+_RESERVED = {"name", "ts", "path", "fasttextdiff_uncertainty", "strategy"}
 _RESERVED_LABEL = {"name", "ts"}
 UNCERTAINTY_TAG = "uncertainty"  # model output for the image: dropped, not kept aside, when the image is replaced
 # what uploads and the studies folder may hold: every single-file format the library reads

@@ -35,7 +35,6 @@ from typing import Any, List, Optional
 from fastapi import Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from monailabel.config import settings
-from monailabel.endpoints import activelearning as ml_activelearning
 from monailabel.endpoints import batch_infer as ml_batch_infer
 from monailabel.endpoints import datastore as ml_datastore
 from monailabel.endpoints import logs as ml_logs
@@ -51,7 +50,8 @@ from monailabel.utils.others.generic import get_mime_type
 
 from lib.origin import REQUEST_ORIGIN, REQUEST_UPLOAD
 from lib.uploads import ARCHIVE_SUFFIXES, extract_archive, is_archive_name, save_upload, upload_folder
-from lib.validation import bad_request, check_int, check_json_value, check_session_id, parse_json_object
+from lib.validation import (bad_request, check_int, check_json_value, check_label_tag, check_session_id,
+                            parse_json_object)
 
 logger = logging.getLogger(__name__)
 
@@ -227,8 +227,9 @@ def run_inference(model: str, image: str = "", session_id: str = "", params: str
         upload = None
         if file:
             upload = request["image"] = str(save_upload(file, folder, "file"))
-        if label:
-            request["label"] = str(save_upload(label, folder, "label"))
+        if label:  # a label may have the image's own file name
+            (folder / "label").mkdir()
+            request["label"] = str(save_upload(label, folder / "label", "label"))
         request.update(instance.info().get("config", {}).get("infer", {}))
         request.update(p)
         if session_id:
@@ -331,13 +332,35 @@ def scoring_run_method(method: str, params: Optional[dict] = None, run_sync: Opt
 
 
 def next_sample(strategy: str, params: Optional[dict] = None, user: User = USER):
-    _known("strategy", strategy, app_instance().info().get("strategies", {}))
+    """MONAI Label's /activelearning/{strategy} with a checked body; the hand-out time is recorded
+    by the app itself (`strategy` is an image info key clients cannot set)."""
+    import time
+
+    instance = app_instance()
+    _known("strategy", strategy, instance.info().get("strategies", {}))
     body = _body(params, "active learning")
     _no_override(body, strategy=strategy)
     client_id = body.get("client_id")
     if client_id is not None and not (isinstance(client_id, str) and len(client_id) <= 200):
         raise bad_request(400, "client_id must be a string of at most 200 characters")
-    return ml_activelearning.sample(strategy, body, user.username if user else None)
+    if body.get("label_tag") is not None:
+        check_label_tag(body["label_tag"])
+    labels = body.get("labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise bad_request(400, "labels must be a list of label names")
+    request = {"strategy": strategy, **instance.info().get("config", {}).get("activelearning", {}), **body}
+    result = instance.next_sample(request)
+    if not result:
+        return {}
+    datastore = instance.datastore()
+    image_id = result["id"]
+    info = datastore.get_image_info(image_id)
+    handed_out = dict(info.get("strategy") or {})
+    handed_out[strategy] = {"ts": int(time.time()), "client_id": client_id or (user.username if user else None)}
+    update = getattr(datastore, "update_image_info_internal", None) or datastore.update_image_info
+    update(image_id, {"strategy": handed_out})
+    result.update(info)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- sessions
@@ -443,6 +466,8 @@ def get_ohif(path: str, user: User = USER):
     index = os.path.join(root, "index.html")
     if not os.path.isfile(index):
         raise bad_request(404, "the OHIF viewer is not installed with this server")
+    if any(ord(c) < 32 for c in path):
+        raise bad_request(404, "no such file in the OHIF viewer")
     target = os.path.realpath(os.path.join(root, path)) if path else index
     if not target.startswith(root + os.sep) or not os.path.isfile(target):
         target = index

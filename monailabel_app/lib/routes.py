@@ -60,6 +60,8 @@ def translate(exc: BaseException) -> HTTPException | None:
         return None
     if isinstance(exc, json.JSONDecodeError):
         return HTTPException(400, detail=f"request parameters are not valid JSON: {exc.msg} at position {exc.pos}")
+    if isinstance(exc, ValueError) and "null byte" in str(exc):  # a NUL in a value that reached a file name
+        return HTTPException(400, detail="the request contains a NUL character where a name is expected")
     if isinstance(exc, RecursionError):
         return HTTPException(400, detail="request parameters are nested too deeply")
     if isinstance(exc, UnicodeDecodeError):
