@@ -286,6 +286,37 @@ def test_session_file_names_and_non_archives_get_400(world):
     world.send("DELETE", f"/session/{session}")
 
 
+def test_a_dicom_series_zip_is_stored_as_one_volume(world, tmp_path):
+    import SimpleITK as sitk
+
+    from fasttextdiff.data.io import read_image
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    volume = sitk.GetImageFromArray((np.arange(4 * 32 * 32) % 97).astype(np.int16).reshape(4, 32, 32))
+    volume.SetSpacing((0.7, 0.8, 2.5))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for z in range(4):
+        plane = volume[:, :, z]
+        for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+                           ("0020|000e", "1.2.826.0.1.3680043.2.1125.2"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0028|0030", "0.8\\0.7"), ("0020|0013", str(z + 1)),
+                           ("0020|0032", f"0\\0\\{2.5 * z:.1f}"), ("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{z + 1}")):
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        writer.Execute(plane)
+    data = cases.zip_bytes([(f"series/{p.name}", p.read_bytes(), "file") for p in sorted(folder.iterdir())])
+    r = upload(world, "PUT", "/datastore/image", files=[("file", "fz_series_ok.zip", data)])
+    assert r.status_code == 200 and r.json()["image"] == "fz_series_ok", r.text
+    stored = read_image(world.studies / "fz_series_ok.nii.gz")
+    assert stored.array.shape == (4, 32, 32) and abs(stored.spacing[2] - 2.5) < 1e-3
+    r = upload(world, "PUT", "/datastore/image?image=fz_series_bad", files=[("file", "notes.zip",
+                                                                              cases.zip_bytes([("a.txt", b"x", "file")]))])
+    assert r.status_code == 415 and "notes.zip" in _detail(r) and "fasttextdiff-upload" not in r.text, r.text
+    assert world.send("DELETE", "/datastore/image?id=fz_series_ok").status_code == 200
+
+
 # ============================================================================== finding 2: file read
 def test_images_that_name_another_file_are_refused_without_reading_it(world):
     missing = str(world.outside / "absent.raw")

@@ -49,6 +49,7 @@ from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import get_mime_type
 
 from lib.origin import REQUEST_ORIGIN, REQUEST_UPLOAD
+from lib import uploads
 from lib.uploads import ARCHIVE_SUFFIXES, extract_archive, is_archive_name, save_upload, upload_folder
 from lib.validation import (bad_request, check_int, check_json_value, check_label_tag, check_session_id,
                             parse_json_object)
@@ -59,8 +60,7 @@ USER = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
 ANNOTATOR = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))
 ADMIN = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
 
-MAX_BODY_BYTES = [1024 * 1024 * 1024]  # set by lib/routes.harden from --conf max_upload_mb
-ARCHIVE_EXPANSION = 4  # an unpacked session archive may be this many times the upload limit
+ARCHIVE_EXPANSION = 4  # an unpacked archive may be this many times the upload limit
 
 # infer params that would redirect MONAI Label's handling of the request
 _INFER_RESERVED = ("image", "model", "session", "session_id", "label", "label_tag", "save_label", "description")
@@ -76,8 +76,10 @@ def _stream(handle, filename: str, media_type: str) -> StreamingResponse:
             while block := handle.read(1 << 20):
                 yield block
 
+    from urllib.parse import quote
+
     return StreamingResponse(chunks(), media_type=media_type, headers={
-        "content-length": str(size), "content-disposition": f'attachment; filename="{filename}"'})
+        "content-length": str(size), "content-disposition": f"attachment; filename*=utf-8''{quote(filename)}"})
 
 
 def _open_and_unlink(path: str):
@@ -105,7 +107,7 @@ def _no_override(params: dict, **given: Any) -> None:
                                    "the body")
 
 
-def _busy(kind: str, route: str, detail: Any) -> HTTPException:
+def _busy(kind: str, route: str) -> HTTPException:
     return bad_request(409, f"a {kind} task is already running; see its progress with GET {route} or stop it with "
                             f"DELETE {route}, then try again")
 
@@ -119,7 +121,7 @@ def _run_task(call, kind: str, route: str):
         return call()
     except HTTPException as exc:
         if exc.status_code == 429:
-            raise _busy(kind, route, exc.detail) from None
+            raise _busy(kind, route) from None
         raise
     finally:
         REQUEST_ORIGIN.reset(token)
@@ -153,7 +155,7 @@ def _series_from_archive(archive: Path, folder: Path) -> Path:
 
     unpacked = folder / "unpacked"
     unpacked.mkdir()
-    extract_archive(archive, unpacked, ARCHIVE_EXPANSION * MAX_BODY_BYTES[0])
+    extract_archive(archive, unpacked, ARCHIVE_EXPANSION * uploads.MAX_BODY_BYTES[0])
     series = unpacked
     while True:  # a zip of a folder: descend while there is one folder and no file
         entries = list(series.iterdir())
@@ -239,6 +241,7 @@ def run_inference(model: str, image: str = "", session_id: str = "", params: str
                 raise bad_request(404, f"no session {session_id!r} (it may have expired)")
             upload = request["image"] = session.image
             request["session"] = session.to_json()
+        logger.info("Infer Request: %s", request)  # as MONAI Label logs it; report text is redacted (lib/redact.py)
         token = REQUEST_UPLOAD.set(upload)
         try:
             result = instance.infer(request)
@@ -387,7 +390,7 @@ def create_session(uncompress: bool = False, expiry: int = 0, files: List[Upload
                 raise bad_request(400, f"uncompress=true takes one archive, got {len(saved)} files")
             source = folder / "unpacked"
             source.mkdir()
-            if extract_archive(saved[0], source, ARCHIVE_EXPANSION * MAX_BODY_BYTES[0]) == 0:
+            if extract_archive(saved[0], source, ARCHIVE_EXPANSION * uploads.MAX_BODY_BYTES[0]) == 0:
                 raise bad_request(400, f"archive {saved[0].name!r} holds no files")
         else:
             source = saved[0] if len(saved) == 1 else received

@@ -35,8 +35,6 @@ logger = logging.getLogger(__name__)
 _MARK = "_fasttextdiff_hardened"
 _TOKEN = object()  # this import of the module; MONAI Label re-imports `lib` for each app instance
 
-# largest request bodies accepted; the upload limit is set by `harden` from --conf max_upload_mb
-MAX_BODY_BYTES = [1024 * 1024 * 1024]
 MAX_JSON_BYTES = 1024 * 1024  # JSON and other non-multipart bodies (no route takes more)
 SPOOL_IN_MEMORY = 4 * 1024 * 1024  # larger bodies are spooled to a temp file, not held in memory
 _JSON_FORM_FIELDS = ("params", "info", "wsi")
@@ -278,6 +276,8 @@ class GuardedRoute(APIRoute):
 
             content_type = request.headers.get("content-type", "")
             multipart = content_type.lower().startswith("multipart/")
+            from lib.uploads import MAX_BODY_BYTES
+
             limit = MAX_BODY_BYTES[0] if multipart else MAX_JSON_BYTES
             what = f"the upload limit of {limit // 2**20} MiB (--conf max_upload_mb)" if multipart else \
                 f"the limit of {limit // 2**20} MiB for a request that is not a file upload"
@@ -378,11 +378,10 @@ def _walk(router: Any, threaded_infer: bool, seen: set[int]) -> int:
 
 def harden(app: Any, threaded_infer: bool = True, max_body_bytes: int | None = None) -> int:
     """Re-register MONAI Label's routes on `app` (monailabel.app.app); returns how many. Idempotent."""
-    from lib import endpoints
+    from lib import uploads
 
     if max_body_bytes is not None:
-        MAX_BODY_BYTES[0] = int(max_body_bytes)
-        endpoints.MAX_BODY_BYTES[0] = int(max_body_bytes)
+        uploads.MAX_BODY_BYTES[0] = int(max_body_bytes)
     count = _walk(app.router, threaded_infer, set())
     app.openapi_schema = None
     logger.info("FastTextDiff: %d MONAI Label routes re-registered (checked input, slow work in threads)", count)
