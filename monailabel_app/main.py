@@ -167,7 +167,8 @@ class FastTextDiffApp(MONAILabelApp):
 
     def bundle_path(self, model):
         """Called by MONAI Label before it launches a background train/batch task: refuse unknown names early."""
-        if model is not None and (not isinstance(model, str) or model not in self._trainers and model not in self._infers):
+        known = isinstance(model, str) and (model in self._trainers or model in self._infers)
+        if model is not None and not known:
             raise bad_request(404, f"unknown model {str(model)[:40]!r}; infer: {sorted(self._infers)}, "
                                    f"train: {sorted(self._trainers)}")
         return None

@@ -39,6 +39,7 @@ MAX_JSON_BYTES = 1024 * 1024  # JSON and other non-multipart bodies (no route ta
 SPOOL_IN_MEMORY = 4 * 1024 * 1024  # larger bodies are spooled to a temp file, not held in memory
 _JSON_FORM_FIELDS = ("params", "info", "wsi")
 
+
 def translate(exc: BaseException) -> HTTPException | None:
     """The 4xx an exception stands for, or None when it is a genuine server error."""
     from monailabel.interfaces.exception import (
