@@ -337,9 +337,8 @@ def _bad_file(kind: str, tmp_path: Path) -> Path:
     if kind == "huge-nrrd-header":
         (tmp_path / "huge.nrrd").write_text(
             "NRRD0004\ntype: float\ndimension: 3\nsizes: 20000 20000 20000\nencoding: raw\n"
-            "endian: little\ndata file: huge.raw\n"
+            "endian: little\n\n"
         )
-        (tmp_path / "huge.raw").write_bytes(b"")
         return tmp_path / "huge.nrrd"
     if kind == "truncated-dicom":
         return _package_file("pydicom", "data", "test_files", "MR_truncated.dcm")

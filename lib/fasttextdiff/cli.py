@@ -143,7 +143,8 @@ def cmd_segment(args) -> int:
     segmenter = Segmenter.load(args.model, device=args.device, n_noise=args.n_noise)
     if not text.strip():
         print("warning: empty report: segmenting with the encoder's empty-text embedding", file=sys.stderr)
-    result = segmenter.segment_file(args.image, text, args.out, args.uncertainty)
+    # the user's own file on their own machine: a detached header (.nhdr, .mhd + .raw) may name its data file
+    result = segmenter.segment_file(args.image, text, args.out, args.uncertainty, allow_external_data=True)
     print(json.dumps({"mask": str(args.out), "uncertainty": str(args.uncertainty) if args.uncertainty else None,
                       **result.summary}, indent=2))
     return 0

@@ -117,8 +117,9 @@ class Segmenter:
         return SegmentationResult(mask_grid, unc_grid, prob_grid, image, self._summary(mask_grid, unc_grid, n_noise))
 
     def segment_file(self, path: str | Path, text: str | None, out: str | Path,
-                     uncertainty_out: str | Path | None = None, n_noise: int | None = None) -> SegmentationResult:
-        result = self.segment(read_image(path), text, n_noise)
+                     uncertainty_out: str | Path | None = None, n_noise: int | None = None,
+                     allow_external_data: bool = False) -> SegmentationResult:
+        result = self.segment(read_image(path, allow_external_data=allow_external_data), text, n_noise)
         result.save(out, uncertainty_out)
         return result
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fasttextdiff.atomic import atomic_path
+from fasttextdiff.data.references import check_self_contained
 from fasttextdiff.errors import ImageReadError
 
 logger = logging.getLogger(__name__)
@@ -134,13 +135,13 @@ def _check_finite(path: Path, array: np.ndarray) -> None:
 
 def read_image(path: str | os.PathLike, allow_external_data: bool = False) -> Image:
     """Read a 2D image, a DICOM file or series, or a NIfTI/NRRD/MHA volume (see the module doc).
-
-    `allow_external_data` is for the self-containment check (formats that point at other files).
-    """
+    Files that name other files (detached NRRD/MHD headers, DICOMDIR, ...) are refused unless
+    `allow_external_data` (see data/references.py)."""
     path = Path(path)
+    if not allow_external_data:
+        check_self_contained(path)
     if not path.exists():
         raise ImageReadError(f"image {path} does not exist.")
-    # the self-containment check (NRRD `data file`, MHD ElementDataFile, DICOMDIR) belongs here, first
     if path.is_dir():
         image = _read_dicom_series(path)
     elif path.stat().st_size == 0:

@@ -358,6 +358,8 @@ class FastTextDiffClient:
                     self.set_report(image_id, report)
                 return image_id
         params: Dict[str, Any] = {"client_id": self.client_id}
+        if replace:
+            params["replace"] = True  # the server refuses an existing id (409) unless asked to replace it
         if report is not None:
             params[DATASTORE_TEXT_KEY] = report
         body, content_type = encode_multipart({"params": json.dumps(params)}, {"file": path})
