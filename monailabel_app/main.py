@@ -17,7 +17,7 @@ from typing import Any, Dict
 _APP_DIR = os.path.dirname(os.path.realpath(__file__))
 if _APP_DIR not in sys.path:  # `lib.*` must be this app's lib, also in MONAI Label's task subprocesses
     sys.path.insert(0, _APP_DIR)
-if sys.path.count(_APP_DIR) < 2:  # MONAI Label removes one copy after loading main.py; spawned workers need it
+if sys.path.count(_APP_DIR) < 2:  # MONAI Label removes one copy after loading main.py; keep one for later imports of `lib.*`
     sys.path.append(_APP_DIR)
 import fasttextdiff.environment  # noqa: E402,F401 - offline and passive-OpenMP defaults, before torch loads
 

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-# atomic_write_bytes stays importable from here for monailabel_app/lib/datastore.py until it imports fasttextdiff.atomic
-from .atomic import atomic_write_bytes, atomic_write_json  # noqa: F401
+from .atomic import atomic_write_json
 
 T = TypeVar("T", bound="JsonConfig")
 MODEL_CONFIG_FILE = "fasttextdiff.json"  # a model directory's record (configs, metrics, checksum): how readers know one

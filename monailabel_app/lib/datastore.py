@@ -31,14 +31,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 import zipfile
 from pathlib import Path
 from typing import Any, Dict
 
-from fasttextdiff.config import atomic_write_bytes
+from fasttextdiff.atomic import atomic_copy, atomic_write_bytes
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore
 
@@ -101,26 +100,6 @@ class FastTextDiffDatastore(LocalDatastore):
         if removed:
             logger.info("removed %d stale partial file(s) of interrupted writes from the datastore", removed)
         return removed
-
-    # -------------------------------------------------------------- atomic files
-    @staticmethod
-    def _atomic_copy(src: str, dest: str) -> None:
-        """Copy `src` to `dest` through a hidden temp file in dest's folder; `dest` changes only
-        when the copy is complete and flushed. A failed copy removes the temp file and raises."""
-        folder = os.path.dirname(dest) or "."
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dest)}.", suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-                shutil.copyfileobj(inp, out, 1 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
 
     @staticmethod
     def _storage_error(exc: OSError, what: str):
@@ -244,7 +223,7 @@ class FastTextDiffDatastore(LocalDatastore):
 
             try:
                 kept, moved = self._settle_labels(image_id, new_shape) if previous is not None else ({}, [])
-                self._atomic_copy(image_filename, dest)
+                atomic_copy(image_filename, dest)
                 for stale in self._files_of(self._datastore.image_path(), image_id):
                     if os.path.realpath(stale) != dest:
                         os.unlink(stale)  # the replaced image under another extension
@@ -347,7 +326,7 @@ class FastTextDiffDatastore(LocalDatastore):
             previous = obj.labels.get(label_tag)
             try:
                 os.makedirs(label_path, exist_ok=True)
-                self._atomic_copy(label_filename, dest)
+                atomic_copy(label_filename, dest)
                 info = dict(label_info or {}, ts=int(time.time()), name=name)
                 obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
                 self._update_datastore_file(lock=False)
