@@ -17,19 +17,24 @@ export OMP_WAIT_POLICY := PASSIVE
 # UTF-8 I/O whatever the machine's locale (progress bars and reports are not ASCII).
 export PYTHONUTF8 := 1
 
-.PHONY: setup test test-fast serve demo demo-studies bench clean
+.PHONY: setup system-deps test test-fast serve viewer demo demo-studies bench clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-data.txt pyproject.toml
+$(STAMP): requirements.txt requirements-viewer.txt requirements-data.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-viewer.txt
 	$(PY) -m pip install -q --no-deps -r requirements-data.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-test: $(STAMP)
+# The web viewer's tests need off-screen OpenGL (EGL/Mesa) and a Chromium: installed with apt-get
+# when running as root and missing, otherwise a message says what to install.
+system-deps: $(STAMP)
+	$(PY) -m fasttextdiff.viewer.system --install
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q -p no:cacheprovider --timeout 600 tests
 
 test-fast: $(STAMP)
@@ -46,6 +51,12 @@ serve: $(STAMP) demo-studies
 	PATH="$(abspath $(VENV))/bin:$$PATH" MONAILABEL_PYEXE="$(abspath $(PY))" \
 		$(VENV)/bin/monailabel start_server --app monailabel_app --studies $(STUDIES) \
 		--host $(HOST) --port $(PORT) $(CONF)
+
+# The web annotation viewer for a running server (`make serve` in another terminal); 127.0.0.1 only.
+SERVER ?= http://127.0.0.1:8000
+VIEWER_PORT ?= 8080
+viewer: $(STAMP)
+	$(VENV)/bin/fasttextdiff viewer --server $(SERVER) --host $(HOST) --port $(VIEWER_PORT)
 
 bench: $(STAMP)
 	$(PY) bench/accuracy.py --dataset text-necessary --quick

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import common
 from common import mean_std
+from fasttextdiff.config import TrainConfig
 
 METHODS = ("fasttextdiff", "no_text", "bert_text", "unet")
 DATASETS = ("text-necessary", "clinical-reports", "synthetic", "nuclei", "lvit")
@@ -66,8 +67,8 @@ class Plan:
     # text-necessary set at 10 % labels (13 images): 80 steps gave val Dice 0.56 (text) / 0.56 (no_text),
     # 240 steps 0.62 / 0.54, 400 steps 0.62 (best checkpoint at step 240); the test split played no part.
     min_steps: int = 240
-    batch_size: int = 8
-    lr: float = 1e-3
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
     fusion_dim: int = 32
     budgets: tuple[float, ...] = (0.1, 0.25, 1.0)
     seeds: tuple[int, ...] = (0,)
@@ -124,7 +125,7 @@ def prepare_data(args, plan: Plan, work: Path) -> tuple[Path, Plan, tuple | None
 
 def pretrain(root: Path, splits: dict, plan: Plan, window, work: Path, device) -> tuple[Path, float]:
     from fasttextdiff.config import BackboneConfig
-    from fasttextdiff.pipeline import pretrain_backbone_on_files
+    from fasttextdiff.workflows import pretrain_backbone_on_files
 
     cfg = BackboneConfig(image_size=plan.size, block_out_channels=plan.widths, timesteps=plan.timesteps,
                          window=window, noise_seed=0)
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run(args, plan: Plan, work: Path, command: str, name: str) -> dict:
-    from fasttextdiff.pipeline import load_lvit
+    from fasttextdiff.workflows import load_lvit
 
     started = time.perf_counter()
     machine = common.machine_info()

@@ -18,9 +18,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -29,9 +26,10 @@ if str(ROOT / "lib") not in sys.path:
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
+import fasttextdiff.environment  # noqa: E402,F401 - offline, passive OpenMP: before torch loads
 import torch  # noqa: E402
 
-from fasttextdiff.config import atomic_write_bytes, atomic_write_json  # noqa: E402
+from fasttextdiff.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 DEFAULT_THREADS = 2
 

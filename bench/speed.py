@@ -97,8 +97,9 @@ def train_comparison(name: str, spec, work: Path, device, rounds: int = 1) -> di
     from fasttextdiff.backbone import DiffusionBackbone
     from fasttextdiff.config import BackboneConfig, FusionConfig, SegmenterConfig, TextConfig, TrainConfig
     from fasttextdiff.data.synthetic import make_lvit_dataset
+    from fasttextdiff.devices import resolve_device
     from fasttextdiff.model import FastTextDiffModel
-    from fasttextdiff.pipeline import load_lvit
+    from fasttextdiff.workflows import load_lvit
     from fasttextdiff.text import TextEncoder
     from fasttextdiff.train import train_segmenter
 
@@ -112,7 +113,7 @@ def train_comparison(name: str, spec, work: Path, device, rounds: int = 1) -> di
     text_cfg = TextConfig(encoder=str(common.minilm_path()))
     seg_cfg = SegmenterConfig(fusion=FusionConfig(dim=fusion_dim, heads=4))
 
-    encoder = TextEncoder(text_cfg, device=device or "cpu")
+    encoder = TextEncoder(text_cfg, device=resolve_device(device))
     backbone = DiffusionBackbone.from_pretrained(backbone_dir)
     init = FastTextDiffModel(backbone, encoder.hidden_size, seg_cfg).state_dict()
 
@@ -177,7 +178,7 @@ def build_inference_model(work: Path, device, size: int = 256, widths=INFER_WIDT
     from fasttextdiff.backbone import DiffusionBackbone
     from fasttextdiff.config import BackboneConfig, FusionConfig, SegmenterConfig, TextConfig, TrainConfig
     from fasttextdiff.data.synthetic import make_lvit_dataset
-    from fasttextdiff.pipeline import load_lvit
+    from fasttextdiff.workflows import load_lvit
     from fasttextdiff.train import train_segmenter
 
     root = make_lvit_dataset(work / "data_infer", variant="standard", n_train=2, n_val=0, n_test=0, size=max(32, size), seed=0)

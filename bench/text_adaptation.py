@@ -14,26 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import fasttextdiff.environment  # noqa: F401 - offline, passive OpenMP: before torch loads
+import torch
 
-import torch  # noqa: E402
-
-from fasttextdiff.ablation import QUICK  # noqa: E402
-from fasttextdiff.config import (BackboneConfig, FusionConfig, SegmenterConfig, TextConfig,  # noqa: E402
-                                 TrainConfig, atomic_write_bytes, atomic_write_json)
-from fasttextdiff.data.synthetic import make_lvit_dataset  # noqa: E402
-from fasttextdiff.evaluate import evaluate_model  # noqa: E402
-from fasttextdiff.pipeline import load_lvit, lvit_image_paths, pretrain_backbone_on_files  # noqa: E402
-from fasttextdiff.text_pretrain import pretrain_text  # noqa: E402
-from fasttextdiff.train import train_segmenter  # noqa: E402
+from fasttextdiff.ablation import QUICK
+from fasttextdiff.atomic import atomic_write_bytes, atomic_write_json
+from fasttextdiff.config import BackboneConfig, FusionConfig, SegmenterConfig, TextConfig, TrainConfig
+from fasttextdiff.data.synthetic import make_lvit_dataset
+from fasttextdiff.evaluate import evaluate_model
+from fasttextdiff.workflows import load_lvit, lvit_image_paths, pretrain_backbone_on_files
+from fasttextdiff.text_pretrain import pretrain_text
+from fasttextdiff.train import train_segmenter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

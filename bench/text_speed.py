@@ -29,9 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
+import fasttextdiff.environment  # noqa: E402,F401 - offline, passive OpenMP: before torch loads
 import torch  # noqa: E402
 
 from fasttextdiff.config import TextConfig  # noqa: E402

@@ -17,10 +17,9 @@ from typing import Any, Dict
 _APP_DIR = os.path.dirname(os.path.realpath(__file__))
 if _APP_DIR not in sys.path:  # `lib.*` must be this app's lib, also in MONAI Label's task subprocesses
     sys.path.insert(0, _APP_DIR)
-if sys.path.count(_APP_DIR) < 2:  # MONAI Label removes one copy after loading main.py; spawned workers need it
+if sys.path.count(_APP_DIR) < 2:  # MONAI Label removes one copy after loading main.py; keep one for later imports of `lib.*`
     sys.path.append(_APP_DIR)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import fasttextdiff.environment  # noqa: E402,F401 - offline and passive-OpenMP defaults, before torch loads
 
 from monailabel.config import settings  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
@@ -28,7 +27,7 @@ from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from lib import redact  # noqa: E402
 from lib.configs.app_conf import AppConf  # noqa: E402
 from lib.configs.fasttextdiff import SCORING, FastTextDiffConfig  # noqa: E402
-from lib.datastore import FastTextDiffDatastore  # noqa: E402
+from lib.datastore import IMAGE_EXTENSIONS, FastTextDiffDatastore  # noqa: E402
 from lib.default_model import DefaultModelBuilder  # noqa: E402
 from lib.infers.batch import FastTextDiffBatchInfer  # noqa: E402
 from lib.model_manager import ModelManager, ModelPaths  # noqa: E402
@@ -69,11 +68,22 @@ class FastTextDiffApp(MONAILabelApp):
             return super().init_datastore()
         return FastTextDiffDatastore(
             self.studies,
-            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            extensions=list(IMAGE_EXTENSIONS),
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
             max_text_bytes=self.app_conf.max_text_bytes,
+            detached_dir=os.path.join(self.paths.state, "labels-moved-aside"),
         )
+
+    def _load_sessions(self, load=False):
+        """MONAI Label keeps session uploads in ~/.cache/monailabel/sessions; here they live in the
+        app's state folder (unless MONAI_LABEL_SESSION_PATH says otherwise), beside its other files."""
+        if not load:
+            return None
+        from monailabel.utils.sessions import Sessions
+
+        store = settings.MONAI_LABEL_SESSION_PATH or os.path.join(self.paths.state, "sessions")
+        return Sessions(store, settings.MONAI_LABEL_SESSION_EXPIRY)
 
     def init_infers(self):
         return self.task_config.infers()
@@ -112,43 +122,52 @@ class FastTextDiffApp(MONAILabelApp):
 
     # ------------------------------------------------------------------ requests
     def infer(self, request, datastore=None):
-        from lib.routes import REQUEST_ORIGIN
+        from lib.origin import REQUEST_ORIGIN, REQUEST_UPLOAD
 
         model = request.get("model")
-        if model not in self._infers:
+        if not isinstance(model, str) or model not in self._infers:
             raise bad_request(404, f"unknown model {str(model)[:40]!r}; available: {sorted(self._infers)}")
         image = request.get("image")
-        origin = REQUEST_ORIGIN.get()
-        # over HTTP, `image` is a datastore id (a server path only for this request's own upload)
-        if isinstance(image, str) and (origin == "http" or not os.path.exists(image)):
+        ds = datastore if datastore else self.datastore()
+        if REQUEST_ORIGIN.get() == "http":
+            # over HTTP, `image` is a datastore id, resolved here to its file (MONAI Label would read
+            # an id that happens to name a file in the server's working folder); a server path is
+            # accepted only when it is this request's own upload or its session's image (lib/origin.py)
+            if image is None or image != REQUEST_UPLOAD.get():
+                check_image_id(image)
+                uri = ds.get_image_uri(image)
+                if not uri:
+                    raise bad_request(404, f"image {image!r} is not in the datastore")
+                request = dict(request, image=uri, image_id=image)
+        elif isinstance(image, str) and not os.path.exists(image):  # scripts and tasks: an id or a path
             check_image_id(image)
-            ds = datastore if datastore else self.datastore()
             if not ds.get_image_uri(image):
                 raise bad_request(404, f"image {image!r} is not in the datastore")
             request = dict(request, image_id=image)
         return super().infer(request, datastore)
 
     def train(self, request):
-        if request.get("model") not in self._trainers:
+        if not isinstance(request.get("model"), str) or request.get("model") not in self._trainers:
             raise bad_request(404, f"unknown train task {str(request.get('model'))[:40]!r}; "
                                    f"available: {sorted(self._trainers)}")
         return super().train(request)
 
     def next_sample(self, request):
         strategy = request.get("strategy") or "random"
-        if strategy not in self._strategies:
+        if not isinstance(strategy, str) or strategy not in self._strategies:
             raise bad_request(404, f"unknown strategy {str(strategy)[:40]!r}; available: {sorted(self._strategies)}")
         return super().next_sample(request)
 
     def scoring(self, request, datastore=None):
-        if request.get("method") not in self._scoring_methods:
+        if not isinstance(request.get("method"), str) or request.get("method") not in self._scoring_methods:
             raise bad_request(404, f"unknown scoring method {str(request.get('method'))[:40]!r}; "
                                    f"available: {sorted(self._scoring_methods)}")
         return super().scoring(request, datastore)
 
     def bundle_path(self, model):
         """Called by MONAI Label before it launches a background train/batch task: refuse unknown names early."""
-        if model is not None and model not in self._trainers and model not in self._infers:
+        known = isinstance(model, str) and (model in self._trainers or model in self._infers)
+        if model is not None and not known:
             raise bad_request(404, f"unknown model {str(model)[:40]!r}; infer: {sorted(self._infers)}, "
                                    f"train: {sorted(self._trainers)}")
         return None

@@ -9,17 +9,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import fasttextdiff.environment  # noqa: F401 - offline, passive OpenMP: before torch loads
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
+import torch
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine threads fight.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def accelerate_launch():
+    """The command prefix that runs a module on N processes with `accelerate launch` (gloo on CPUs), on a
+    free loopback port so parallel test runs do not collide."""
+    import socket
+    import sys
+
+    def command(num_processes: int) -> list[str]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "-m"]
+
+    return command
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,7 +54,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory, tiny_dataset) -> Path:
     from fasttextdiff.config import BackboneConfig
-    from fasttextdiff.pipeline import lvit_image_paths, pretrain_backbone_on_files
+    from fasttextdiff.workflows import lvit_image_paths, pretrain_backbone_on_files
 
     out = tmp_path_factory.mktemp("backbone") / "backbone"
     cfg = BackboneConfig(image_size=32, block_out_channels=(8, 16), timesteps=(50, 150))
@@ -53,7 +66,7 @@ def tiny_backbone(tmp_path_factory, tiny_dataset) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_dataset, tiny_backbone) -> Path:
     from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
-    from fasttextdiff.pipeline import load_lvit
+    from fasttextdiff.workflows import load_lvit
     from fasttextdiff.train import train_segmenter
 
     splits = load_lvit(tiny_dataset)

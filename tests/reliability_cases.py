@@ -164,9 +164,152 @@ FILE_CASES: list[FileCase] = [
     FileCase("NRRD gzip header 16000x16000x8, 20 bytes of data", "liar.nrrd",
              lambda: b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 16000 16000 8\nencoding: gzip\n\n"
              + gzip.compress(b"\x00" * 16, mtime=0), 415, ("truncated", "corrupt"), "memory stays bounded"),
-    FileCase("DICOM header 20000x20000, 64 bytes of pixels", "huge.dcm", _dicom_huge, 415, ("above the limit",),
-             upload_words=("unsupported",)),
+    FileCase("DICOM header 20000x20000, 64 bytes of pixels", "huge.dcm", _dicom_huge, 415, ("above the limit",)),
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# files that name another file (detached data): refused before any reader opens the named path
+
+SECRET_SIDE = 16  # the sentinel "secret" is a 16x16 uint8 raw file: a valid data file for these headers
+
+
+def _nrrd(field: str) -> bytes:
+    return (f"NRRD0004\ntype: uint8\ndimension: 2\nsizes: {SECRET_SIDE} {SECRET_SIDE}\nencoding: raw\n"
+            f"{field}\n\n").encode()
+
+
+def _metaimage(target: str) -> bytes:
+    return (f"ObjectType = Image\nNDims = 2\nDimSize = {SECRET_SIDE} {SECRET_SIDE}\nElementType = MET_UCHAR\n"
+            f"ElementDataFile = {target}\n").encode()
+
+
+def _analyze_header(magic: bytes) -> bytes:
+    hdr = bytearray(nifti_header((SECRET_SIDE, SECRET_SIDE)))[:348]
+    hdr[344:348] = magic
+    return bytes(hdr)
+
+
+def _dicomdir() -> bytes:
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\x00" * 128)
+    ds.FileSetID = "FUZZ"
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, write_like_original=False)
+    return buf.getvalue()
+
+
+def _ome_tiff(target: str) -> bytes:
+    import io
+
+    import tifffile
+
+    xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'
+           '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" SizeX="16" SizeY="16" '
+           'SizeC="1" SizeZ="2" SizeT="1"><Channel ID="Channel:0:0" SamplesPerPixel="1"/>'
+           '<TiffData IFD="0" PlaneCount="1"/>'
+           f'<TiffData FirstZ="1" PlaneCount="1"><UUID FileName="{target}">urn:uuid:0000</UUID></TiffData>'
+           '</Pixels></Image></OME>')
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((16, 16), np.uint8), description=xml, metadata=None)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class ReferenceCase:
+    """A file whose header names `target` (the sentinel's absolute path, or a relative one)."""
+
+    name: str
+    filename: str
+    build: Callable[[str], bytes]
+
+
+REFERENCE_CASES: list[ReferenceCase] = [
+    ReferenceCase("NRRD `data file:` absolute path", "abs.nrrd", lambda t: _nrrd(f"data file: {t}")),
+    ReferenceCase("NRRD `datafile:` relative path", "rel.nrrd", lambda t: _nrrd("datafile: ../../secret.raw")),
+    ReferenceCase("NRRD `data file: LIST`", "list.nrrd", lambda t: _nrrd("data file: LIST") + t.encode() + b"\n"),
+    ReferenceCase("NRRD printf-style `data file`", "printf.nrrd", lambda t: _nrrd(f"data file: {t[:-4]}%d.raw 0 0 1")),
+    ReferenceCase("NRRD header longer than 64 KiB, then `data file`", "long.nrrd",
+                  lambda t: _nrrd("# " + "x" * 70000 + f"\ndata file: {t}")),
+    ReferenceCase("NHDR detached header", "detached.nhdr", lambda t: _nrrd(f"data file: {t}")),
+    ReferenceCase("MHD `ElementDataFile` absolute path", "abs.mhd", _metaimage),
+    ReferenceCase("MHA `ElementDataFile` absolute path", "abs.mha", _metaimage),
+    ReferenceCase("MetaImage header named .nii.gz", "meta.nii.gz", _metaimage),
+    ReferenceCase("Analyze 7.5 header (.hdr)", "analyze.hdr", lambda t: _analyze_header(b"\0\0\0\0")),
+    ReferenceCase("two-file NIfTI header named .nii", "pair.nii", lambda t: _analyze_header(b"ni1\0")),
+    ReferenceCase("DICOMDIR", "DICOMDIR", lambda t: _dicomdir()),
+    ReferenceCase("DICOMDIR named .dcm", "index.dcm", lambda t: _dicomdir()),
+    ReferenceCase("multi-file OME-TIFF", "multi.ome.tif", _ome_tiff),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# archives (session uploads with uncompress=true, DICOM series zips): members that leave the target
+
+
+def tar_bytes(members: list[tuple], mode: str = "w") -> bytes:
+    """A tar of (name, data | None, kind) members; kind "file", "dir", "symlink" or "hardlink"
+    (data is then the link target), "fifo"."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
+        for name, data, kind in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
+                         "fifo": tarfile.FIFOTYPE}[kind]
+            if kind in ("symlink", "hardlink"):
+                info.linkname = data
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def zip_bytes(members: list[tuple]) -> bytes:
+    """A zip of (name, data, kind) members; kind "file" or "symlink" (a Unix symlink entry)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data, kind in members:
+            info = zipfile.ZipInfo(name)
+            if kind == "symlink":
+                info.external_attr = (0o120777 << 16)
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+def escaping_archives(outside: str) -> list[tuple[str, str, bytes]]:
+    """(case, file name, bytes) of archives whose members would land in `outside` (an absolute
+    folder) or above the extraction folder, or are links to it."""
+    x = b"x"
+    return [
+        ("tar member ../", "up.tar", tar_bytes([("../escaped.txt", x, "file")])),
+        ("tar member ../../", "up2.tar", tar_bytes([("a/../../../escaped.txt", x, "file")])),
+        ("tar member absolute", "abs.tar", tar_bytes([(f"{outside}/abs_escaped.txt", x, "file")])),
+        ("tar.gz member ../", "up.tar.gz", tar_bytes([("../escaped.txt", x, "file")], mode="w:gz")),
+        ("tar symlink to outside", "link.tar", tar_bytes([("link", outside, "symlink"), ("link/through.txt", x, "file")])),
+        ("tar hardlink to a server file", "hard.tar", tar_bytes([("hard", f"{outside}/secret.raw", "hardlink")])),
+        ("tar FIFO", "fifo.tar", tar_bytes([("pipe", None, "fifo")])),
+        ("zip member ../", "up.zip", zip_bytes([("../escaped.txt", x, "file")])),
+        ("zip member absolute", "abs.zip", zip_bytes([(f"{outside}/abs_escaped.txt", x, "file")])),
+        ("zip member with backslashes", "win.zip", zip_bytes([("..\\..\\escaped.txt", x, "file")])),
+        ("zip symlink member", "link.zip", zip_bytes([("link", outside.encode(), "symlink")])),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

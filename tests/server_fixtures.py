@@ -330,6 +330,36 @@ def subprocess_server(tmp_path_factory, tiny_model_root) -> Iterator[SubprocessS
         server.stop()
 
 
+class OpenWatch:
+    """Records every open of a file under `folder` (Linux inotify through watchdog): proof that a
+    file was, or was never, read while the watch ran."""
+
+    def __init__(self, folder: Path):
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers.inotify import InotifyObserver
+
+        self.opened: list[str] = []
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(FileSystemEventHandler):
+            def on_opened(self, event):
+                with lock:
+                    outer.opened.append(event.src_path)
+
+        self.observer = InotifyObserver()
+        self.observer.schedule(Handler(), str(folder), recursive=True)
+
+    def __enter__(self) -> "OpenWatch":
+        self.observer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.2)  # let the last events arrive
+        self.observer.stop()
+        self.observer.join(5)
+
+
 def copy_studies(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
     return dst

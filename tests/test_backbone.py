@@ -10,12 +10,8 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from fasttextdiff.backbone import (
-    BACKBONE_CONFIG_NAME,
-    UNET_WEIGHTS_NAME,
-    DiffusionBackbone,
-    pretrain_backbone,
-)
+from fasttextdiff.backbone import BACKBONE_CONFIG_NAME, UNET_WEIGHTS_NAME, DiffusionBackbone
+from fasttextdiff.backbone_pretrain import pretrain_backbone
 from fasttextdiff.config import BackboneConfig
 from fasttextdiff.errors import CheckpointError, FastTextDiffError, ModelNotFoundError
 
@@ -479,7 +475,8 @@ def test_stop_event_stops_after_the_current_step_and_saves(tmp_path):
 
 
 def test_pretraining_under_torch_distributed(tmp_path):
-    """One-process gloo group: exercises the DDP wrapper, DistributedSampler and rank-0 writing."""
+    """A one-process gloo group the caller initialised: the engine keeps it and trains (several
+    processes: tests/test_engine.py)."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fasttextdiff.checkpoint import (load_optimizer_state, optimizer_state_tensors, publish, replace_dir,
-                                     resolve_model_dir, staging_dir)
+from fasttextdiff.atomic import publish, replace_dir, resolve_model_dir, staging_dir
+from fasttextdiff.checkpoint import (load_optimizer_state, load_training_state, optimizer_state_tensors,
+                                     save_training_state)
+from fasttextdiff.errors import CheckpointError
 
 
 def _version(tmp_path, root, text):
@@ -49,3 +51,19 @@ def test_optimizer_state_round_trips_without_pickle():
     load_optimizer_state(fresh, tensors, meta)
     assert fresh.param_groups[0]["lr"] == pytest.approx(0.1)
     torch.testing.assert_close(fresh.state[param]["exp_avg"], opt.state[param]["exp_avg"])
+
+
+def test_training_state_is_whole_and_checksummed(tmp_path):
+    tensors = {"model.w": torch.arange(6.0), "rng.torch.0": torch.get_rng_state()}
+    for step in (1, 2):
+        save_training_state(tmp_path / "ckpt", tensors, {"step": step})
+    loaded, meta = load_training_state(tmp_path / "ckpt")
+    assert meta["step"] == 2 and torch.equal(loaded["model.w"], tensors["model.w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging or old copies left
+    path = tmp_path / "ckpt" / "state.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # inside the tensor data: the header still reads
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_training_state(tmp_path / "ckpt")
+    assert load_training_state(tmp_path / "none") is None

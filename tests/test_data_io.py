@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import locale
 import struct
 import zlib
 from pathlib import Path
@@ -186,24 +187,28 @@ def test_mni_template_round_trip(tmp_path):
     _assert_same_geometry(out, sitk.ReadImage(str(source)))
 
 
-def _write_dicom_series(folder: Path, slices: int = 10) -> sitk.Image:
-    folder.mkdir()
+def _write_dicom_series(folder: Path, slices: int = 10, series: int = 2) -> sitk.Image:
+    folder.mkdir(exist_ok=True)
     volume = _oblique_volume(shape_zyx=(slices, 24, 20))
     volume.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    tags = [("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.2"),
+    tags = [("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"), ("0020|000e", f"1.2.826.0.1.3680043.2.1125.{series}"),
             ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", "0.8\\0.7")]
-    for z in range(slices):
-        plane = volume[:, :, z]
-        for tag, value in tags:
-            plane.SetMetaData(tag, value)
-        position = volume.TransformIndexToPhysicalPoint((0, 0, z))
-        plane.SetMetaData("0020|0032", "\\".join(f"{p:.4f}" for p in position))
-        plane.SetMetaData("0020|0013", str(z + 1))
-        plane.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{z + 1}")
-        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
-        writer.Execute(plane)
+    ctype = locale.setlocale(locale.LC_CTYPE)  # GDCM's writer leaves LC_CTYPE at "C" (ASCII for every later open())
+    try:
+        for z in range(slices):
+            plane = volume[:, :, z]
+            for tag, value in tags:
+                plane.SetMetaData(tag, value)
+            position = volume.TransformIndexToPhysicalPoint((0, 0, z))
+            plane.SetMetaData("0020|0032", "\\".join(f"{p:.4f}" for p in position))
+            plane.SetMetaData("0020|0013", str(z + 1))
+            plane.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{series}.{z + 1}")
+            writer.SetFileName(str(folder / f"s{series}_slice{z:03d}.dcm"))
+            writer.Execute(plane)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, ctype)
     return volume
 
 
@@ -217,6 +222,14 @@ def test_dicom_series_folder(tmp_path):
     reference.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / "series")))
     out = write_image(tmp_path / "mask.nrrd", np.zeros(image.array.shape, np.uint8), like=image)
     _assert_same_geometry(out, reference.Execute())
+
+
+def test_dicom_folder_with_two_series_reads_the_largest(tmp_path):
+    _write_dicom_series(tmp_path / "study", slices=3, series=7)
+    volume = _write_dicom_series(tmp_path / "study", slices=9, series=8)
+    image = read_image(tmp_path / "study")
+    assert image.is_volume and image.array.shape == (9, 24, 20)
+    np.testing.assert_array_equal(image.array, sitk.GetArrayFromImage(volume))
 
 
 # ------------------------------------------------------------------ single DICOM files (real data)
@@ -249,10 +262,12 @@ def test_monochrome1_radiograph_is_inverted():
     import pydicom
 
     path = _package_file("data_store", "data", "RG1_UNCR.dcm")
-    raw = pydicom.dcmread(path).pixel_array
+    ds = pydicom.dcmread(path)
+    raw = ds.pixel_array
     image = read_image(path)
-    assert image.array.shape == (1955, 1841)
-    np.testing.assert_array_equal(image.array, raw.max() + raw.min() - raw.astype(image.array.dtype))
+    assert image.array.shape == (1955, 1841) and image.array.dtype == raw.dtype
+    # GDCM inverts within the stored bit depth (bright = dense), as DICOM viewers display it
+    np.testing.assert_array_equal(image.array, (2 ** int(ds.BitsStored) - 1) - raw)
     assert image.spacing[:2] == (1.0, 1.0)  # PixelSpacing 0 in the file means unknown
 
 
@@ -322,12 +337,19 @@ def _bad_file(kind: str, tmp_path: Path) -> Path:
     if kind == "huge-nrrd-header":
         (tmp_path / "huge.nrrd").write_text(
             "NRRD0004\ntype: float\ndimension: 3\nsizes: 20000 20000 20000\nencoding: raw\n"
-            "endian: little\ndata file: huge.raw\n"
+            "endian: little\n\n"
         )
-        (tmp_path / "huge.raw").write_bytes(b"")
         return tmp_path / "huge.nrrd"
     if kind == "truncated-dicom":
         return _package_file("pydicom", "data", "test_files", "MR_truncated.dcm")
+    if kind == "lying-dicom-header":  # says 16000 x 16000 pixels, holds 128 bytes of them
+        import pydicom
+
+        _write_dicom(tmp_path / "liar.dcm", np.zeros((8, 8), np.uint16))
+        ds = pydicom.dcmread(tmp_path / "liar.dcm")
+        ds.Rows = ds.Columns = 16000
+        ds.save_as(tmp_path / "liar.dcm")
+        return tmp_path / "liar.dcm"
     if kind == "dicom-without-pixels":
         return _package_file("pydicom", "data", "test_files", "rtplan.dcm")
     if kind == "empty-folder":
@@ -356,6 +378,7 @@ def _bad_file(kind: str, tmp_path: Path) -> Path:
         ("huge-png-header", "above the limit"),
         ("huge-nrrd-header", "above the limit"),
         ("truncated-dicom", "cannot be decoded"),
+        ("lying-dicom-header", "truncated or corrupt"),
         ("dicom-without-pixels", "without pixel data"),
         ("empty-folder", "no DICOM series"),
     ],
@@ -529,7 +552,7 @@ def test_monochrome1_with_full_16bit_range_does_not_wrap(tmp_path):
     _write_dicom(tmp_path / "mono1.dcm", pixels, "MONOCHROME1")
     image = read_image(tmp_path / "mono1.dcm")
     assert image.array.dtype == np.uint16
-    assert image.array[0, 0] == 65535 and image.array[0, -1] == 100  # reversed, same range
+    assert image.array[0, 0] == 65535 - 100 and image.array[0, -1] == 0  # reversed within 16 bits, no wrap
     np.testing.assert_allclose(image.spacing[:2], (0.3, 0.2))  # (x, y) from PixelSpacing (row, col)
 
 
@@ -602,3 +625,80 @@ def test_colour_dicom_encodings_decode_to_the_same_rgb(package_path):
     image = read_image(_package_file(*package_path)).array.astype(int)
     assert image.shape == reference.shape == (100, 100, 3)
     assert np.abs(image - reference).mean() < 2  # YBR converted to RGB once, not twice or never
+
+
+# ------------------------------------------------------------------ fixed reference values (real and generated files)
+# Recorded with the hand-written pipeline that preceded MONAI's readers/Orientation/Invert; the
+# model inputs must stay within 1e-4 of them and the masks written back must be voxel-identical.
+
+
+def _wave_png(folder: Path) -> Path:
+    yy, xx = np.mgrid[0:300, 0:260]
+    wave = 127 + 100 * np.sin(xx / 17.0) * np.cos(yy / 23.0)
+    PILImage.fromarray((wave * 200).astype(np.uint16)).save(folder / "wave16.png")
+    return folder / "wave16.png"
+
+
+def _sagittal_nrrd(folder: Path) -> Path:
+    zz, yy, xx = np.mgrid[0:20, 0:40, 0:36]
+    itk = sitk.GetImageFromArray((1000 * np.sin(xx / 5.0) + 30 * yy - 50 * zz).astype(np.int16))
+    itk.SetSpacing((0.7, 0.9, 2.5))
+    itk.SetOrigin((-10.5, 20.25, 3.0))
+    itk.SetDirection((0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0))  # a sagittal acquisition
+    sitk.WriteImage(itk, str(folder / "sagittal.nrrd"))
+    return folder / "sagittal.nrrd"
+
+
+REFERENCE_CASES = {
+    # name: (model size, input shape, mean, std, {(slice, row, col): value}, mask foreground, sum of its flat indices)
+    "wave16.png": (64, (1, 1, 64, 64), 0.004078, 0.517052,
+                   {(0, 0, 0): 0.113110, (0, 32, 16): -0.666271, (0, 63, 21): -0.878139, (0, 12, 62): -0.589905},
+                   39432, 1547087052),
+    "RG1_UNCR.dcm": (64, (1, 1, 64, 64), 0.488486, 0.406588,
+                     {(0, 0, 0): -0.647706, (0, 32, 16): 0.171890, (0, 63, 21): 0.902813, (0, 12, 62): 0.618694},
+                     3090868, 6005014768252),
+    "mni152.nii.gz": (32, (189, 1, 32, 32), -0.662962, 0.634087,
+                      {(0, 0, 0): -1.0, (94, 16, 8): 0.564829, (188, 31, 10): -1.0, (63, 6, 30): -1.0},
+                      1730504, 6570143465792),
+    "sagittal.nrrd": (32, (40, 1, 32, 32), 0.024001, 0.452508,
+                      {(0, 0, 0): 0.611395, (20, 16, 8): -0.133824, (39, 31, 10): 0.122412, (13, 6, 30): 0.400295},
+                      15363, 194716570),
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_CASES))
+def test_model_input_and_written_mask_match_reference_values(tmp_path, name):
+    size, shape, mean, std, probes, foreground, index_sum = REFERENCE_CASES[name]
+    path = {
+        "wave16.png": lambda: _wave_png(tmp_path),
+        "RG1_UNCR.dcm": lambda: _package_file("data_store", "data", "RG1_UNCR.dcm"),
+        "mni152.nii.gz": lambda: sorted(_package_file("nilearn", "datasets", "data").glob("mni_icbm152_t1_*.nii.gz"))[0],
+        "sagittal.nrrd": lambda: _sagittal_nrrd(tmp_path),
+    }[name]()
+    image = read_image(path)
+    x = to_model_input(image, size, 1)
+    assert tuple(x.shape) == shape
+    assert float(x.double().mean()) == pytest.approx(mean, abs=1e-4)
+    assert float(x.double().std()) == pytest.approx(std, abs=1e-4)
+    for (n, row, col), value in probes.items():
+        assert float(x[n, 0, row, col]) == pytest.approx(value, abs=1e-4), (n, row, col)
+    # a mask made from the model input goes back to the stored grid, orientation undone, geometry kept
+    mask = to_original_grid((x[:, 0] > 0).to(torch.uint8), image)
+    suffix = {"png": ".png", "nrrd": ".nrrd"}.get(name.rsplit(".", 1)[-1], ".nii.gz")
+    written = write_image(tmp_path / f"mask{suffix}", mask, like=image)
+    flat = np.flatnonzero(sitk.GetArrayFromImage(sitk.ReadImage(str(written))).reshape(-1))
+    assert (flat.size, int(flat.sum())) == (foreground, index_sum)
+    if suffix != ".png":
+        _assert_same_geometry(written, sitk.ReadImage(str(path)))
+
+
+def test_itk_decoded_pixels_outlive_the_reader(tmp_path):
+    """ITK hands out a view of its own buffer; the image must own its pixels once read."""
+    import gc
+
+    source = _sagittal_nrrd(tmp_path)
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(source)))
+    view = np.asarray(read_image(source).array)[:, ::2]  # the Image itself is dropped at once
+    gc.collect()
+    _ = [np.full((256, 256), 7, np.int16) for _ in range(64)]  # reuse freed memory, if any was freed
+    np.testing.assert_array_equal(view, expected[:, ::2])

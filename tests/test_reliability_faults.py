@@ -62,7 +62,7 @@ def _truncate(path: Path) -> None:
 _TRAIN_SCRIPT = textwrap.dedent("""
     import sys
     from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
-    from fasttextdiff.pipeline import load_lvit
+    from fasttextdiff.workflows import load_lvit
     from fasttextdiff.train import train_segmenter
     data, backbone, out = sys.argv[1:4]
     train_segmenter(load_lvit(data)["train"], out, backbone_dir=backbone, text_config=TextConfig(encoder="tiny"),
@@ -73,7 +73,7 @@ _TRAIN_SCRIPT = textwrap.dedent("""
 
 def _train_in_process(data: Path, backbone: Path, out: Path, epochs: int) -> dict:
     from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
-    from fasttextdiff.pipeline import load_lvit
+    from fasttextdiff.workflows import load_lvit
     from fasttextdiff.train import train_segmenter
 
     return train_segmenter(load_lvit(data)["train"], out, backbone_dir=backbone, text_config=TextConfig(encoder="tiny"),
@@ -179,7 +179,7 @@ def test_corrupt_resume_state_starts_over(tiny_dataset, tiny_backbone, tmp_path,
     shutil.copytree(tiny_dataset, data)
     out = tmp_path / "model"
     _start_and_kill_training(data, tiny_backbone, out, min_epoch=1)
-    _truncate(out.with_name("model.resume") / "model.safetensors")
+    _truncate(out.with_name("model.resume") / "state.safetensors")
     with caplog.at_level(logging.INFO, logger="fasttextdiff.train"):
         metrics = _train_in_process(data, tiny_backbone, out, epochs=1)
     assert "ignoring unreadable resume state" in caplog.text and "resuming" not in caplog.text

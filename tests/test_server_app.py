@@ -221,8 +221,9 @@ def test_info_answers_quickly_during_a_volume_infer(inprocess_server, tmp_path):
     assert max(waits) < max(0.5 * done["seconds"], 0.5)
 
 
-def test_train_tasks_pickle_for_multi_gpu_spawn(inprocess_server):
-    """torch.multiprocessing.spawn pickles the task: it must carry only plain values."""
+def test_train_tasks_hold_only_plain_values(inprocess_server):
+    """A task carries only plain values (typed conf, folder paths): it pickles, and its multi-GPU runs get
+    everything they need as a JSON job (`accelerate launch ... run-job`)."""
     import pickle
 
     for name in (MODEL, "backbone"):

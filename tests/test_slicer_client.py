@@ -24,12 +24,19 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from ReportSegmentLib import FastTextDiffClient, ReportSegmentError, describe_server  # noqa: E402
-from tests.server_fixtures import subprocess_server, tiny_model_root  # noqa: E402,F401
+from tests.server_fixtures import subprocess_server  # noqa: E402,F401
+from tests.slicer_fixtures import shared_tiny_model_root  # noqa: E402,F401
 
 pytestmark = pytest.mark.server
 
 REPORT = "Single round opacity in the right upper zone.\r\nNo effusion.  "
 REPORT_NORMALIZED = "Single round opacity in the right upper zone.\nNo effusion."
+
+
+@pytest.fixture(scope="module")
+def tiny_model_root(shared_tiny_model_root):  # noqa: F811
+    """The one tiny model the Slicer and viewer tests share (built once per run)."""
+    return shared_tiny_model_root
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -210,3 +217,19 @@ def test_not_a_monai_label_server(subprocess_server):  # noqa: F811
     with pytest.raises(ReportSegmentError) as err:
         client.info()
     assert err.value.status == 404 or "MONAI Label" in str(err.value)
+
+
+def test_login_on_a_server_without_authentication(client):
+    assert client.auth_enabled() is False
+    with pytest.raises(ReportSegmentError, match="authentication is switched off"):
+        client.login("annotator", "secret")
+    assert client.token is None
+    with pytest.raises(ReportSegmentError, match="user name and a password"):
+        client.login("", "")
+
+
+def test_bearer_token_is_sent_and_harmless_without_authentication(subprocess_server):  # noqa: F811
+    with_token = FastTextDiffClient(subprocess_server.url, timeout=60, token="not-checked-when-auth-is-off")
+    assert "fasttextdiff" in with_token.info()["models"]
+    images = with_token.list_images()
+    assert images and {image.image_id for image in images} == set(subprocess_server.client().datastore()["objects"])

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXTENSION = ROOT / "slicer_module"
 MODULE = EXTENSION / "ReportSegment"
 LIB = MODULE / "ReportSegmentLib"
+SCENE = MODULE / "ReportSegmentScene"
 sys.path.insert(0, str(MODULE))
 
 from ReportSegmentLib import (  # noqa: E402
@@ -84,19 +85,41 @@ def test_module_files_parse_as_python_3_9():
 
 def test_slicer_files_import_only_slicer_stdlib_and_our_lib():
     slicer_files = [p for p in _py_files(EXTENSION) if LIB not in p.parents]
-    assert sorted(p.name for p in slicer_files) == ["ReportSegment.py", "run_slicer_tests.py"]
-    assert {"slicer", "qt", "vtk", "ReportSegmentLib"} <= _imports(MODULE / "ReportSegment.py")
+    assert sorted(str(p.relative_to(EXTENSION)) for p in slicer_files) == [
+        "ReportSegment/ReportSegment.py",
+        "ReportSegment/ReportSegmentScene/__init__.py",
+        "ReportSegment/ReportSegmentScene/logic.py",
+        "ReportSegment/ReportSegmentScene/nodes.py",
+        "run_slicer_tests.py",
+    ]
+    assert {"slicer", "qt", "vtk", "ReportSegmentLib", "ReportSegmentScene"} <= _imports(MODULE / "ReportSegment.py")
     for path in slicer_files:
         imported = _imports(path)
-        assert "slicer" in imported, path
+        assert "slicer" in imported or path.name == "__init__.py", path
         for name in imported:
             allowed = (
                 name in sys.stdlib_module_names
                 or name in SLICER_MODULES
                 or name.startswith("SegmentEditor")
-                or name in ("ReportSegmentLib", "ReportSegment")
+                or name in ("ReportSegmentLib", "ReportSegment", "ReportSegmentScene")
             )
             assert allowed, f"{path.name} imports {name}, which Slicer does not ship"
+
+
+def test_scene_logic_uses_mrml_and_logic_classes_only():
+    """Everything that touches the scene runs without Qt (slicer-core, the web viewer): no qt/ctk
+    imports and no use of the Qt application's ``slicer.app``, ``slicer.util``, ``slicer.mrmlScene``
+    or ``slicer.modules``."""
+    files = _py_files(SCENE)
+    assert len(files) == 3
+    for path in files:
+        assert not _imports(path) & {"qt", "ctk", "SampleData"}, path
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and getattr(node.value, "id", None) == "slicer":
+                assert node.attr.startswith("vtk"), f"{path.name} uses slicer.{node.attr}"
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("slicer."):
+                raise AssertionError(f"{path.name} imports from {node.module}")
 
 
 def test_lib_imports_only_the_standard_library():

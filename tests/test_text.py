@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from fasttextdiff.config import TextConfig  # noqa: E402
-from fasttextdiff.errors import CheckpointError, ModelNotFoundError, ReportError  # noqa: E402
-from fasttextdiff.text import (  # noqa: E402
+from fasttextdiff.config import TextConfig
+from fasttextdiff.errors import CheckpointError, ModelNotFoundError, ReportError
+from fasttextdiff.text import (
     TextBatch,
     TextEncoder,
     build_tiny_encoder,

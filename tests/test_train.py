@@ -1,14 +1,11 @@
 """Segmenter training: cached and augmented paths, determinism, resume after an interruption,
-two-process DDP under torchrun, and evaluation figures."""
+two-process DDP under accelerate launch, and evaluation figures."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +14,7 @@ from safetensors.torch import load_file
 from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
 from fasttextdiff.evaluate import evaluate_model
 from fasttextdiff.model import MODEL_CONFIG_FILE, WEIGHTS_FILE
-from fasttextdiff.pipeline import load_lvit
+from fasttextdiff.workflows import load_lvit
 from fasttextdiff.train import RESUME_DIR_SUFFIX, train_segmenter
 
 SEG = SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2))
@@ -64,9 +61,10 @@ def test_interrupted_training_resumes_and_keeps_old_model(tmp_path, tiny_dataset
             raise Interrupt
 
     splits = load_lvit(tiny_dataset)
+    resumed_cfg = TrainConfig(epochs=4, batch_size=4, lr=1e-4)  # another lr than the published model's run
     with pytest.raises(Interrupt):
         train_segmenter(splits["train"], out, backbone_dir=tiny_backbone, text_config=TextConfig(encoder="tiny"),
-                        segmenter_config=SEG, train_config=TrainConfig(epochs=4, batch_size=4), progress=False,
+                        segmenter_config=SEG, train_config=resumed_cfg, progress=False,
                         log=stop_after_second_epoch, val_samples=splits["val"])
     assert (out / WEIGHTS_FILE).read_bytes() == before  # the published model is untouched
     state = json.loads((tmp_path / f"m{RESUME_DIR_SUFFIX}" / "state.json").read_text())
@@ -74,10 +72,17 @@ def test_interrupted_training_resumes_and_keeps_old_model(tmp_path, tiny_dataset
 
     seen = []
     metrics = train_segmenter(splits["train"], out, backbone_dir=tiny_backbone, text_config=TextConfig(encoder="tiny"),
-                              segmenter_config=SEG, train_config=TrainConfig(epochs=4, batch_size=4),
+                              segmenter_config=SEG, train_config=resumed_cfg,
                               progress=False, log=lambda r: seen.append(r["epoch"]), val_samples=splits["val"])
     assert seen == [2, 3, 4] and [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
     assert (out / WEIGHTS_FILE).read_bytes() != before
+
+    # the resume state holds the RNG states too: the resumed run is the uninterrupted run, bit for bit
+    straight = train_segmenter(splits["train"], tmp_path / "straight", backbone_dir=tiny_backbone,
+                               text_config=TextConfig(encoder="tiny"), segmenter_config=SEG, train_config=resumed_cfg,
+                               progress=False, val_samples=splits["val"])
+    assert straight["history"] == metrics["history"]
+    assert (tmp_path / "straight" / WEIGHTS_FILE).read_bytes() == (out / WEIGHTS_FILE).read_bytes()
 
 
 def test_evaluate_reports_per_image_figures(tiny_model, tiny_dataset):
@@ -87,14 +92,10 @@ def test_evaluate_reports_per_image_figures(tiny_model, tiny_dataset):
     assert all(0 <= r["dice"] <= 1 and 0 <= r["iou"] <= r["dice"] + 1e-9 for r in result["per_image"])
 
 
-def test_two_cpu_processes_train_together_with_identical_weights(tmp_path, tiny_dataset, tiny_backbone):
+def test_two_cpu_processes_train_together_with_identical_weights(tmp_path, tiny_dataset, tiny_backbone,
+                                                                  accelerate_launch):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    with socket.socket() as sock:  # a free loopback port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port),
-           "-m", "fasttextdiff.cli", "train", "--data", str(tiny_dataset), "--backbone", str(tiny_backbone),
+    cmd = [*accelerate_launch(2), "fasttextdiff.cli", "train", "--data", str(tiny_dataset), "--backbone", str(tiny_backbone),
            "--out", str(tmp_path / "ddp"), "--epochs", "2", "--batch-size", "2", "--fusion-dim", "16",
            "--heads", "2", "--head-channels", "8"]
     proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=300, env=env,

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import BackboneConfig, FusionConfig, SegmenterConfig, TextConfig, TrainConfig, atomic_write_json
+from .atomic import atomic_write_json
+from .config import BackboneConfig, FusionConfig, SegmenterConfig, TextConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,8 @@ class AblationPlan:
     pretrain_steps: int = 150
     pretrain_batch: int = 8
     epochs: int = 40
-    batch_size: int = 8
-    lr: float = 1e-3
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
     fusion_dim: int = 32
 
 
@@ -50,7 +51,7 @@ def run_ablation(quick: bool = True, work_dir: str | Path | None = None, seed: i
 def _run(plan: AblationPlan, work: Path, seed: int, json_path, device, progress: bool) -> dict:
     from .data.synthetic import make_lvit_dataset
     from .evaluate import evaluate_model
-    from .pipeline import load_lvit, lvit_image_paths, pretrain_backbone_on_files
+    from .workflows import load_lvit, lvit_image_paths, pretrain_backbone_on_files
     from .train import train_segmenter
 
     started = time.time()
@@ -93,7 +94,7 @@ def run_demo(out: Path, device=None) -> dict:
     from .data.synthetic import make_lvit_dataset
     from .evaluate import evaluate_model
     from .infer import Segmenter
-    from .pipeline import load_lvit, lvit_image_paths, pretrain_backbone_on_files
+    from .workflows import load_lvit, lvit_image_paths, pretrain_backbone_on_files
     from .train import train_segmenter
 
     plan = QUICK

@@ -4,48 +4,37 @@ TextDiff/FastTextDiff never sample from the diffusion model. They noise the imag
 timestep (one fixed noise draw), run ONE U-Net forward per timestep and read the decoder blocks'
 outputs; those maps are the image features the fusion module attends from. This module owns that
 network (a diffusers ``UNet2DModel``), its noise schedule (a diffusers ``DDPMScheduler``, which owns
-the q_sample maths), its on-disk form, and its self-supervised pretraining on unlabeled images
-(``pretrain_backbone``) - the label-efficient part of the method.
+the q_sample maths) and its on-disk form (ours, or any diffusers U-Net). Its self-supervised
+pretraining on unlabeled images lives in ``backbone_pretrain``.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import os
-import re
-import shutil
-import threading
-import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 from torch import nn
-from tqdm.auto import tqdm
 
-from .checkpoint import load_optimizer_state, optimizer_state_tensors, sha256_file
-from .config import BackboneConfig, atomic_write_json
-from .errors import CheckpointError, FastTextDiffError, ModelNotFoundError
+from .atomic import atomic_write_json, check_replaceable, staged_dir
+from .checkpoint import check_safetensors, load_tensors, read_json, sha256_file, verify_sha256
+from .config import BackboneConfig
+from .errors import CheckpointError, ModelNotFoundError
 
-__all__ = ["DiffusionBackbone", "pretrain_backbone", "BACKBONE_CONFIG_NAME", "UNET_WEIGHTS_NAME"]
+__all__ = ["DiffusionBackbone", "load_backbone", "BACKBONE_CONFIG_NAME", "UNET_WEIGHTS_NAME"]
 
 BACKBONE_CONFIG_NAME = "backbone_config.json"
 UNET_CONFIG_NAME = "config.json"  # diffusers' name
 UNET_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' name
 CHECKSUMS_NAME = "checksums.json"  # sha256 of the weights: catches corruption the header cannot show
-CHECKPOINT_DIR = "checkpoint"
-_STATE_WEIGHTS = "state.safetensors"
-_STATE_JSON = "state.json"
-_BACKBONE_ENTRIES = {BACKBONE_CONFIG_NAME, UNET_CONFIG_NAME, UNET_WEIGHTS_NAME, CHECKSUMS_NAME, CHECKPOINT_DIR}
+CHECKPOINT_DIR = "checkpoint"  # pretraining's resumable state
+METRICS_NAME = "metrics.json"  # pretraining's figures
+BACKBONE_ENTRIES = {BACKBONE_CONFIG_NAME, UNET_CONFIG_NAME, UNET_WEIGHTS_NAME, CHECKSUMS_NAME, CHECKPOINT_DIR, METRICS_NAME}
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,130 +89,25 @@ def _sample_size(unet: UNet2DModel) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic directory publishing
-# --------------------------------------------------------------------------------------------
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file so a rename never publishes data still sitting in the page cache."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def _staging_dir(target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f"{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    return tmp
-
-
-def _is_leftover(name: str) -> bool:
-    """A staging or set-aside directory of an interrupted save (ours, safe to drop)."""
-    return re.fullmatch(r".+\.(tmp|old)-[0-9a-f]{12}", name) is not None
-
-
-def _check_replaceable(target: Path, allowed: set[str]) -> None:
-    """Refuse to swap out a directory that holds more than ours: a typo must not move a user's files."""
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise ValueError(f"{target} exists and is not a directory")
-    foreign = sorted(e.name for e in target.iterdir() if e.name not in allowed and not _is_leftover(e.name))
-    if foreign:
-        raise ValueError(
-            f"{target} already holds files that are not part of a backbone ({foreign[:5]}); "
-            "save into a new or empty directory, or an existing backbone directory"
-        )
-
-
-def _publish_dir(staging: Path, target: Path, keep_foreign: bool = False) -> None:
-    """Swap a finished staging directory into place: rename the old one aside, move, delete the old.
-
-    Readers see either the complete old directory or the complete new one, never a mixture.
-    With ``keep_foreign`` the old directory's entries the new one lacks (e.g. a training
-    ``checkpoint/`` next to the backbone files) are moved into the new one before the swap.
-    """
-    _fsync_tree(staging)
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    if keep_foreign and target.is_dir():
-        for entry in target.iterdir():
-            if not (staging / entry.name).exists() and not _is_leftover(entry.name):
-                os.replace(entry, staging / entry.name)
-    old = target.parent / f"{target.name}.old-{uuid.uuid4().hex[:12]}"
-    os.replace(target, old)
-    os.replace(staging, target)
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------------
 # Safe loading
 # --------------------------------------------------------------------------------------------
 
 
-def _check_safetensors(path: Path) -> None:
-    """Open the header and compare declared sizes with the file, so truncation fails loudly here."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            keys = list(fh.keys())
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt): {exc}") from exc
-    if not keys:
-        raise CheckpointError(f"{path} holds no tensors; the weights file is empty or corrupt")
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    _check_safetensors(path)
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} could not be read as safetensors (truncated or corrupt): {exc}") from exc
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
-
-
-def _verify_checksums(directory: Path) -> None:
-    """Compare the weights with the sha256 recorded at save time (directories without a record pass)."""
-    record_path = directory / CHECKSUMS_NAME
-    if not record_path.is_file():
-        return
-    record = _read_json(record_path)
-    for name, expected in record.items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{path} is listed in {record_path} but missing")
-        if sha256_file(path) != expected:
-            raise CheckpointError(
-                f"{path} does not match the checksum recorded when it was saved: the file is corrupt or was "
-                "modified; restore it or pretrain the backbone again"
-            )
-
-
 def _load_unet_dir(directory: Path) -> UNet2DModel:
-    """Build the U-Net from its config.json and load its safetensors weights strictly."""
+    """Build the U-Net from its config.json and load its safetensors weights strictly, checksums verified."""
     weights = directory / UNET_WEIGHTS_NAME
-    _check_safetensors(weights)
-    _verify_checksums(directory)
-    config = _read_json(directory / UNET_CONFIG_NAME)
+    check_safetensors(weights)
+    record = directory / CHECKSUMS_NAME
+    for name, expected in (read_json(record) if record.is_file() else {}).items():
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory / name} is listed in {record} but missing")
+        verify_sha256(directory / name, expected, "restore it or pretrain the backbone again")
+    config = read_json(directory / UNET_CONFIG_NAME)
     try:
         unet = UNet2DModel.from_config(config)
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{directory / UNET_CONFIG_NAME} does not describe a UNet2DModel: {exc}") from exc
-    state = _load_tensors(weights)
+    state = load_tensors(weights)
     broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise CheckpointError(f"{weights} holds NaN or infinite weights ({broken[:3]}); the training that wrote it diverged")
@@ -408,16 +292,11 @@ class DiffusionBackbone(nn.Module):
         in it; a directory holding anything else is refused with ValueError.
         """
         target = Path(directory)
-        _check_replaceable(target, _BACKBONE_ENTRIES)
-        staging = _staging_dir(target)
-        try:
+        check_replaceable(target, BACKBONE_ENTRIES, "backbone")
+        with staged_dir(target, keep_foreign=True) as staging:
             self.unet.save_pretrained(staging, safe_serialization=True)
             atomic_write_json(staging / BACKBONE_CONFIG_NAME, self.config.to_dict())
             atomic_write_json(staging / CHECKSUMS_NAME, {UNET_WEIGHTS_NAME: sha256_file(staging / UNET_WEIGHTS_NAME)})
-            _publish_dir(staging, target, keep_foreign=True)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return target
 
     @classmethod
@@ -435,7 +314,7 @@ class DiffusionBackbone(nn.Module):
             if missing == [BACKBONE_CONFIG_NAME]:
                 hint = "; for a plain diffusers UNet2DModel checkpoint use DiffusionBackbone.from_diffusers"
             raise ModelNotFoundError(f"backbone directory {directory} is incomplete: missing {missing}{hint}")
-        raw = _read_json(directory / BACKBONE_CONFIG_NAME)
+        raw = read_json(directory / BACKBONE_CONFIG_NAME)
         try:
             config = BackboneConfig.from_dict(raw)
         except (TypeError, ValueError) as exc:
@@ -456,14 +335,14 @@ class DiffusionBackbone(nn.Module):
         if (path / "unet" / UNET_CONFIG_NAME).is_file():  # a saved DDPMPipeline
             unet_dir = path / "unet"
             if (path / "scheduler" / "scheduler_config.json").is_file():
-                sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json")
+                sched_cfg = read_json(path / "scheduler" / "scheduler_config.json")
         if not (unet_dir / UNET_CONFIG_NAME).is_file():
             raise ModelNotFoundError(f"{path} is not a diffusers UNet2DModel directory (no {UNET_CONFIG_NAME})")
         if not (unet_dir / UNET_WEIGHTS_NAME).is_file():
             raise ModelNotFoundError(
                 f"{unet_dir} has no {UNET_WEIGHTS_NAME}; only safetensors weights are loaded (never pickles)"
             )
-        _check_safetensors(unet_dir / UNET_WEIGHTS_NAME)
+        check_safetensors(unet_dir / UNET_WEIGHTS_NAME)
         try:
             unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True)
         except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
@@ -488,358 +367,6 @@ class DiffusionBackbone(nn.Module):
         if "image_size" in overrides and unet.config.sample_size != fields["image_size"]:
             unet.register_to_config(sample_size=fields["image_size"])  # fully convolutional: any size /2^L works
         return cls(BackboneConfig.from_dict(fields), unet=unet)
-
-
-# --------------------------------------------------------------------------------------------
-# Pretraining on unlabeled images
-# --------------------------------------------------------------------------------------------
-
-
-def _as_image_source(images: Any) -> Any:
-    """Accept a Dataset, a list of tensors, or one (N, C, H, W) tensor; return something indexable."""
-    if isinstance(images, torch.Tensor):
-        if images.ndim != 4:
-            raise ValueError(f"an image tensor must be (N, C, H, W), got shape {tuple(images.shape)}")
-        return images
-    if hasattr(images, "__getitem__") and hasattr(images, "__len__"):
-        return images
-    raise ValueError(f"images must be a Dataset, a list of (C, H, W) tensors or an (N, C, H, W) tensor, got {type(images).__name__}")
-
-
-def _item_tensor(item: Any) -> torch.Tensor:
-    if isinstance(item, dict):
-        if "image" not in item:
-            raise ValueError(f"dataset items that are dicts need an 'image' key, got keys {sorted(item)}")
-        item = item["image"]
-    if not isinstance(item, torch.Tensor):
-        raise ValueError(f"dataset items must be (C, H, W) tensors, got {type(item).__name__}")
-    return item
-
-
-class _ImageOnly(torch.utils.data.Dataset):
-    """Every accepted input form as checked (C, H, W) float tensors in [-1, 1] for the DataLoader.
-
-    Checking each item costs nothing next to a U-Net step and turns a wrongly scaled or sized image
-    (0..255 pixels, a forgotten resize) into a sentence instead of a silently useless backbone.
-    """
-
-    def __init__(self, source: Any, config: BackboneConfig) -> None:
-        self.source = source
-        self.shape = (config.in_channels, config.image_size, config.image_size)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        image = _item_tensor(self.source[index]).float()
-        if tuple(image.shape) != self.shape:
-            raise ValueError(
-                f"pretraining images must have shape (C, H, W) = {self.shape}, image {index} has {tuple(image.shape)}"
-            )
-        if not torch.isfinite(image).all():
-            raise ValueError(f"pretraining image {index} contains NaN or infinite values")
-        low, high = float(image.min()), float(image.max())
-        if low < -1.001 or high > 1.001:
-            raise ValueError(
-                f"pretraining images must be scaled to [-1, 1]; image {index} spans [{low:.3g}, {high:.3g}]"
-            )
-        return image
-
-
-def _random_flips(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Per-image horizontal and vertical flips (p = 0.5 each); the draws come from the run's generator."""
-    flips = torch.rand((x.shape[0], 2), generator=gen) < 0.5
-    h = flips[:, 0].to(x.device).view(-1, 1, 1, 1)
-    v = flips[:, 1].to(x.device).view(-1, 1, 1, 1)
-    x = torch.where(h, x.flip(-1), x)
-    return torch.where(v, x.flip(-2), x)
-
-
-def _dist_info() -> tuple[bool, int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return True, torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return False, 0, 1
-
-
-def _epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's batches for one epoch, via DistributedSampler (seed + epoch decide the shuffle)."""
-    sampler = torch.utils.data.DistributedSampler(
-        range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False
-    )
-    sampler.set_epoch(epoch)
-    order = list(sampler)
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _save_checkpoint(
-    ckpt_dir: Path,
-    unet: UNet2DModel,
-    ema: EMAModel,
-    opt: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    rng_states: list[torch.Tensor],
-    meta: dict[str, Any],
-) -> None:
-    """Everything needed to continue bit-for-bit: weights, EMA, Adam moments, step, RNG - safetensors + JSON."""
-    names = [n for n, _ in unet.named_parameters()]
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-    ema_state = ema.state_dict()
-    for name, shadow in zip(names, ema_state.pop("shadow_params")):
-        tensors[f"ema.{name}"] = shadow.detach().cpu().contiguous()
-    opt_tensors, opt_meta = optimizer_state_tensors(opt)
-    tensors.update(opt_tensors)
-    for r, s in enumerate(rng_states):
-        tensors[f"rng.{r}"] = s.cpu().contiguous()
-    meta = dict(meta, ema=ema_state, optimizer=opt_meta, scaler=scaler.state_dict() if scaler else None)
-    staging = _staging_dir(ckpt_dir)
-    try:
-        save_file(tensors, str(staging / _STATE_WEIGHTS))
-        atomic_write_json(staging / _STATE_JSON, meta)
-        _publish_dir(staging, ckpt_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _load_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    if not ckpt_dir.is_dir():
-        return None
-    weights, meta = ckpt_dir / _STATE_WEIGHTS, ckpt_dir / _STATE_JSON
-    if not (weights.is_file() and meta.is_file()):
-        raise CheckpointError(
-            f"training checkpoint {ckpt_dir} is incomplete (needs {_STATE_WEIGHTS} and {_STATE_JSON}); "
-            "delete it or pass resume=False"
-        )
-    return _load_tensors(weights), _read_json(meta)
-
-
-def _initial_unet(
-    init: str | os.PathLike | DiffusionBackbone | None, config: BackboneConfig, seed: int
-) -> tuple[BackboneConfig, UNet2DModel]:
-    """Seeded fresh weights, or a copy of ``init``'s U-Net (and ``config`` updated to its architecture)."""
-    if init is None:
-        with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
-            torch.manual_seed(seed)
-            return config, build_unet(config)
-    if isinstance(init, DiffusionBackbone):
-        source = init
-    elif (Path(init) / BACKBONE_CONFIG_NAME).is_file():
-        source = DiffusionBackbone.from_pretrained(init)
-    else:
-        source = DiffusionBackbone.from_diffusers(init)
-    unet = copy.deepcopy(source.unet).requires_grad_(True)  # ``init`` may be a frozen backbone
-    if unet.config.out_channels != unet.config.in_channels:
-        raise ValueError(
-            f"the initial U-Net predicts {unet.config.out_channels} channels for {unet.config.in_channels} input "
-            "channels; epsilon-prediction pretraining needs them equal"
-        )
-    arch = {k: getattr(source.config, k) for k in ("block_out_channels", "layers_per_block", "attention")}
-    return config.replace(**arch), unet
-
-
-def pretrain_backbone(
-    images: Any,
-    config: BackboneConfig,
-    out_dir: str | os.PathLike,
-    epochs: int = 50,
-    batch_size: int = 16,
-    lr: float = 2e-4,
-    ema_decay: float = 0.999,
-    seed: int = 0,
-    resume: bool = True,
-    progress: bool = True,
-    log: Callable[[dict[str, Any]], None] | None = None,
-    max_steps: int | None = None,
-    device: str | torch.device | None = None,
-    stop_event: threading.Event | None = None,
-    checkpoint_every: int = 200,
-    num_workers: int = 0,
-    init: str | os.PathLike | DiffusionBackbone | None = None,
-) -> dict[str, Any]:
-    """Train the U-Net as an epsilon-predicting denoiser on unlabeled images; save the EMA weights.
-
-    This is how the backbone learns the user's own domain from the many unlabeled images in the
-    datastore. Resumable from ``out_dir/checkpoint/`` (bit-identical on CPU); DDP-aware when
-    torch.distributed is initialised (only rank 0 writes). ``max_steps`` caps the total step count
-    (including steps done before a resume). Returns ``{"steps", "final_loss", "seconds", "images",
-    "stopped", "resumed_from"}``; ``final_loss`` is the mean of this run's last (up to) 20 steps.
-
-    ``init`` starts from existing weights instead of random ones - a backbone directory, any
-    diffusers UNet2DModel directory, or a DiffusionBackbone - to adapt a public checkpoint to the
-    user's domain; its architecture is kept and replaces ``config``'s architecture fields.
-    """
-    start_time = time.perf_counter()
-    if batch_size < 1 or epochs < 1:
-        raise ValueError("epochs and batch_size must be >= 1")
-    if not 0.0 <= ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-    distributed, rank, world = _dist_info()
-    if device is None:
-        if torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if distributed else "cuda"
-        else:
-            device = "cpu"
-    device = torch.device(device)
-    if distributed and device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)  # NCCL collectives (all_gather_object) use the current device
-    out_dir = Path(out_dir)
-    ckpt_dir = out_dir / CHECKPOINT_DIR
-    _check_replaceable(out_dir, _BACKBONE_ENTRIES)  # fail now, not after hours of training
-
-    data = _ImageOnly(_as_image_source(images), config)
-    n_images = len(data)
-    if n_images == 0:
-        raise ValueError("pretraining needs at least one image")
-    data[0]  # fail on a wrong shape or scale before building anything
-
-    config, initial = _initial_unet(init, config, seed)
-    backbone = DiffusionBackbone(config, unet=initial)
-    unet = backbone.unet.to(device).train()
-    scheduler = backbone.scheduler
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    ema = EMAModel(unet.parameters(), decay=ema_decay)
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
-    gen = torch.Generator(device="cpu").manual_seed(seed * 1000 + rank)  # noise, timesteps, flips
-
-    steps_per_epoch = math.ceil(math.ceil(n_images / world) / batch_size)
-    total_steps = epochs * steps_per_epoch
-    if max_steps is not None:
-        total_steps = min(total_steps, int(max_steps))
-    run_meta = {
-        "config": config.to_dict(),
-        "batch_size": batch_size,
-        "world_size": world,
-        "seed": seed,
-        "images": n_images,
-    }
-
-    step, resumed_from, recent = 0, None, []
-    loaded = _load_checkpoint(ckpt_dir) if resume else None
-    if loaded is not None:
-        tensors, meta = loaded
-        if meta.get("run") != run_meta:
-            raise CheckpointError(
-                f"the checkpoint in {ckpt_dir} was made with different settings ({meta.get('run')}); "
-                "pass resume=False to start over or use another out_dir"
-            )
-        try:
-            unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
-            names = [n for n, _ in unet.named_parameters()]
-            ema_state = dict(meta["ema"], shadow_params=[tensors[f"ema.{n}"].to(device) for n in names])
-            ema.load_state_dict(ema_state)
-            load_optimizer_state(opt, tensors, meta["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"the checkpoint in {ckpt_dir} does not fit this model: {exc}") from exc
-        if scaler is not None and meta.get("scaler"):
-            scaler.load_state_dict(meta["scaler"])
-        if f"rng.{rank}" in tensors:
-            gen.set_state(tensors[f"rng.{rank}"])
-        else:  # a different world size: fresh but deterministic streams
-            gen.manual_seed(seed * 1000 + rank + 7919 * int(meta["step"]))
-        step = resumed_from = int(meta["step"])
-        recent = list(meta.get("recent_losses", []))
-
-    model: nn.Module = unet
-    if distributed:
-        model = nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def gather_rng() -> list[torch.Tensor]:
-        state = gen.get_state()
-        if not distributed:
-            return [state]
-        states: list[Any] = [None] * world
-        torch.distributed.all_gather_object(states, state)
-        return states
-
-    def checkpoint(epoch: int) -> None:
-        states = gather_rng()
-        if rank == 0:
-            meta = {"step": step, "epoch": epoch, "run": run_meta, "recent_losses": recent[-20:], "lr": lr}
-            _save_checkpoint(ckpt_dir, unet, ema, opt, scaler, states, meta)
-        if distributed:
-            torch.distributed.barrier()
-
-    run_losses: list[float] = []
-    stopped = False
-    bar = tqdm(total=total_steps, initial=step, disable=not progress or rank != 0, desc="pretrain backbone")
-    n_sched = scheduler.config.num_train_timesteps
-    epoch = step // steps_per_epoch
-    try:
-        while step < total_steps and not stopped:
-            epoch = step // steps_per_epoch
-            batches = _epoch_batches(n_images, batch_size, epoch, seed, rank, world)
-            skip = step - epoch * steps_per_epoch
-            loader = torch.utils.data.DataLoader(
-                data, batch_sampler=batches[skip:], num_workers=num_workers, pin_memory=device.type == "cuda"
-            )
-            for x0 in loader:
-                x0 = _random_flips(x0.to(device, non_blocking=True), gen)
-                noise = torch.randn(tuple(x0.shape), generator=gen).to(device)
-                t = torch.randint(0, n_sched, (x0.shape[0],), generator=gen).to(device)
-                noisy = scheduler.add_noise(x0, noise, t)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    pred = model(noisy, t, return_dict=False)[0]
-                loss = F.mse_loss(pred.float(), noise)
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                ema.step(unet.parameters())
-                step += 1
-                loss_value = loss.detach()
-                if distributed:
-                    torch.distributed.all_reduce(loss_value)
-                    loss_value = loss_value / world
-                loss_value = float(loss_value)
-                if not math.isfinite(loss_value) and scaler is None:  # (fp16 AMP skips such steps by itself)
-                    raise FastTextDiffError(
-                        f"backbone pretraining diverged: the loss became {loss_value} at step {step}; "
-                        f"lower the learning rate (now {lr}). The last checkpoint in {ckpt_dir} is kept."
-                    )
-                run_losses.append(loss_value)
-                recent = (recent + [loss_value])[-20:]
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
-                if log is not None and rank == 0:
-                    log({"step": step, "epoch": epoch, "loss": loss_value, "total_steps": total_steps})
-                stop_now = stop_event is not None and stop_event.is_set()
-                if distributed:
-                    flag = torch.tensor([1.0 if stop_now else 0.0], device=device)
-                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                    stop_now = bool(flag.item())
-                if stop_now:
-                    stopped = True
-                if step >= total_steps or stopped:
-                    break
-                if checkpoint_every and step % checkpoint_every == 0:
-                    checkpoint(epoch)
-    finally:
-        bar.close()
-
-    checkpoint(epoch)
-    if rank == 0:
-        final = DiffusionBackbone(config, unet=copy.deepcopy(unet).cpu())
-        ema.copy_to(final.unet.parameters())
-        final.save_pretrained(out_dir)
-    if distributed:
-        torch.distributed.barrier()
-    tail = run_losses[-20:] if run_losses else recent[-20:]
-    return {
-        "steps": step,
-        "final_loss": float(sum(tail) / len(tail)) if tail else float("nan"),
-        "seconds": time.perf_counter() - start_time,
-        "images": n_images,
-        "stopped": stopped,
-        "resumed_from": resumed_from,
-    }
 
 
 def load_backbone(path: str | os.PathLike) -> DiffusionBackbone:

@@ -1,76 +1,34 @@
-"""Publishing finished model directories so that readers never see a half-written model.
+"""Checkpoints as safetensors + JSON, never pickles.
 
-A training run writes into a staging directory beside its target. Only when it has finished does
-it become visible, either by renaming onto the target (`replace_dir`, for CLI outputs) or by
-swapping a `current` symlink inside a model root (`publish`, for the server, where the model is
-read while the next one trains: the swap is one `os.replace`, so there is no moment without a model).
+Reading weights safely (a truncated or corrupt file fails here with a sentence), checksums, an
+optimizer state that needs no pickle, and the ONE training-state format that backbone
+pretraining, segmenter training and text pretraining resume from: ``state.safetensors`` (every
+tensor: weights, optimizer moments, RNG states) + ``state.json`` (step/epoch, settings, the
+tensors' sha256), swapped in as a whole directory. accelerate's ``save_state`` is not used: it
+pickles the optimizer and RNG states.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
-CURRENT = "current"
-VERSIONS = "versions"
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write_json, staged_dir
+from .errors import CheckpointError
 
-def staging_dir(target: str | os.PathLike) -> Path:
-    """A fresh empty directory next to `target` (same filesystem, so the final rename is atomic)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
-
-
-def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Move a finished directory onto `target`, replacing an older one."""
-    staging, target = Path(staging), Path(target)
-    if target.is_symlink() or not target.exists():
-        os.replace(staging, target)
-        return target
-    aside = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-    os.replace(target, aside)
-    os.replace(staging, target)
-    shutil.rmtree(aside, ignore_errors=True)
-    return target
-
-
-def publish(staging: str | os.PathLike, root: str | os.PathLike, keep: int = 3) -> Path:
-    """Make `staging` the current model of `root` (root/current -> versions/<stamp>)."""
-    root = Path(root)
-    versions = root / VERSIONS
-    versions.mkdir(parents=True, exist_ok=True)
-    final = versions / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}"
-    os.replace(staging, final)
-    link_tmp = root / f".{CURRENT}.{os.getpid()}.{time.time_ns()}"
-    os.symlink(os.path.relpath(final, root), link_tmp)
-    os.replace(link_tmp, root / CURRENT)
-    _prune(versions, keep, protect=final)
-    return final
-
-
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """Accept a model directory or a published root (its `current` link)."""
-    path = Path(path)
-    current = path / CURRENT
-    if current.exists():
-        return current.resolve()
-    return path
-
-
-def _prune(versions: Path, keep: int, protect: Path) -> None:
-    old = sorted((p for p in versions.iterdir() if p.is_dir() and p != protect), key=lambda p: p.name)
-    for p in old[: max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
 
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Checksum of a weights file, recorded at save and compared at load (bit rot, partial copies)."""
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -78,10 +36,44 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def optimizer_state_tensors(optimizer) -> tuple[dict, dict]:
-    """An optimizer's state as (tensors for safetensors, JSON-able rest): resumable without pickle."""
-    import torch
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is corrupt: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
 
+
+def check_safetensors(path: Path) -> None:
+    """Open the header and compare declared sizes with the file, so truncation fails loudly here."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt): {exc}") from exc
+    if not keys:
+        raise CheckpointError(f"{path} holds no tensors; the weights file is empty or corrupt")
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    check_safetensors(path)
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} could not be read as safetensors (truncated or corrupt): {exc}") from exc
+
+
+def verify_sha256(path: Path, expected: str | None, remedy: str) -> None:
+    """Compare a file with the sha256 recorded when it was saved (no record: nothing to compare)."""
+    if expected is not None and sha256_file(path) != expected:
+        raise CheckpointError(f"{path} does not match the checksum recorded when it was saved: the file is corrupt "
+                              f"or was modified; {remedy}")
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """An optimizer's state as (tensors for safetensors, JSON-able rest): resumable without pickle."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, pstate in sd["state"].items():
@@ -93,7 +85,7 @@ def optimizer_state_tensors(optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def load_optimizer_state(optimizer, tensors: dict, meta: dict) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
     """Inverse of `optimizer_state_tensors` (other tensors in the same file are ignored)."""
     state: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -104,3 +96,24 @@ def load_optimizer_state(optimizer, tensors: dict, meta: dict) -> None:
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_training_state(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write the training state into ``directory`` as a whole (the previous state stays until it is complete)."""
+    with staged_dir(directory) as staging:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / STATE_TENSORS))
+        atomic_write_json(staging / STATE_JSON, dict(meta, sha256=sha256_file(staging / STATE_TENSORS)))
+
+
+def load_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The state ``save_training_state`` wrote, checked; None when there is none; CheckpointError when damaged."""
+    if not directory.is_dir():
+        return None
+    weights, meta_path = directory / STATE_TENSORS, directory / STATE_JSON
+    if not (weights.is_file() and meta_path.is_file()):
+        raise CheckpointError(f"training checkpoint {directory} is incomplete (needs {STATE_TENSORS} and {STATE_JSON}); "
+                              "delete it or start over without resuming")
+    meta = read_json(meta_path)
+    tensors = load_tensors(weights)
+    verify_sha256(weights, meta.get("sha256"), "delete it or start over without resuming")
+    return tensors, meta

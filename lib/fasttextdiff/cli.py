@@ -11,16 +11,15 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
-import warnings  # noqa: E402
+from . import environment  # noqa: F401 - offline unless the user opts in (see README), before torch loads
+from .config import BackboneConfig, FusionConfig, PretrainConfig, SegmenterConfig, TextConfig, TrainConfig
+from .errors import FastTextDiffError
 
 # MONAI's import emits FutureWarnings about torch.jit that users can do nothing about.
 warnings.filterwarnings("ignore", category=FutureWarning)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline unless the user opts in (see README)
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from .errors import FastTextDiffError  # noqa: E402
 
 EXAMPLES = """examples:
   fasttextdiff demo-data --out data/synth --variant text-necessary
@@ -30,6 +29,8 @@ EXAMPLES = """examples:
   fasttextdiff segment image.png --report "Unilateral pulmonary infection, one infected area, upper left lung." \\
       --model runs/model --out mask.png --uncertainty unc.png
   fasttextdiff bench ablation --quick --json bench/results/ablation.json
+  accelerate launch --multi_gpu --num_processes 2 -m fasttextdiff.cli train --data data/synth \\
+      --backbone runs/backbone --out runs/model   # any command that trains, on 2 GPUs (or CPU processes)
 """
 
 
@@ -55,10 +56,15 @@ def _labeled(text: str) -> float:
 
 def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backbone architecture")
-    g.add_argument("--image-size", type=int, default=64, help="model input size in pixels (default 64; the paper uses 256)")
-    g.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 = grayscale (CT/X-ray), 3 = RGB (histology)")
-    g.add_argument("--widths", type=_widths, default=(32, 64, 64, 128), help="U-Net level widths (default 32,64,64,128)")
-    g.add_argument("--timesteps", type=_widths, default=(50, 150, 250), help="feature timesteps of 1000 (default 50,150,250)")
+    d = BackboneConfig()
+    g.add_argument("--image-size", type=int, default=d.image_size,
+                   help=f"model input size in pixels (default {d.image_size}; the paper uses 256)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=d.in_channels,
+                   help="1 = grayscale (CT/X-ray), 3 = RGB (histology)")
+    g.add_argument("--widths", type=_widths, default=d.block_out_channels,
+                   help=f"U-Net level widths (default {','.join(map(str, d.block_out_channels))})")
+    g.add_argument("--timesteps", type=_widths, default=d.timesteps,
+                   help=f"feature timesteps of 1000 (default {','.join(map(str, d.timesteps))})")
     g.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"), help="CT window in HU (default: percentiles)")
 
 
@@ -72,8 +78,7 @@ def cmd_demo_data(args) -> int:
 
 
 def cmd_pretrain_backbone(args) -> int:
-    from .config import BackboneConfig
-    from .pipeline import find_image_files, lvit_image_paths, pretrain_backbone_on_files
+    from .workflows import find_image_files, lvit_image_paths, pretrain_backbone_on_files
 
     config = BackboneConfig(image_size=args.image_size, in_channels=args.channels, block_out_channels=args.widths,
                             timesteps=args.timesteps, window=tuple(args.window) if args.window else None)
@@ -86,15 +91,12 @@ def cmd_pretrain_backbone(args) -> int:
 
 
 def _text_config(args):
-    from .config import TextConfig
-
     return TextConfig(encoder=args.text_encoder, max_length=args.max_text_tokens)
 
 
 def cmd_train(args) -> int:
-    from .config import FusionConfig, SegmenterConfig, TrainConfig
-    from .pipeline import load_lvit
     from .train import train_segmenter
+    from .workflows import load_lvit
 
     splits = load_lvit(args.data)
     seg = SegmenterConfig(use_text=not args.no_text, head_channels=args.head_channels,
@@ -110,7 +112,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .config import atomic_write_json
+    from .atomic import atomic_write_json
     from .data.lvit import load_split
     from .evaluate import evaluate_model
 
@@ -141,9 +143,28 @@ def cmd_segment(args) -> int:
     segmenter = Segmenter.load(args.model, device=args.device, n_noise=args.n_noise)
     if not text.strip():
         print("warning: empty report: segmenting with the encoder's empty-text embedding", file=sys.stderr)
-    result = segmenter.segment_file(args.image, text, args.out, args.uncertainty)
+    # the user's own file on their own machine: a detached header (.nhdr, .mhd + .raw) may name its data file
+    result = segmenter.segment_file(args.image, text, args.out, args.uncertainty, allow_external_data=True)
     print(json.dumps({"mask": str(args.out), "uncertainty": str(args.uncertainty) if args.uncertainty else None,
                       **result.summary}, indent=2))
+    return 0
+
+
+def cmd_run_job(args) -> int:
+    """One process of a JSON job (what `workflows.launch_job` starts on every GPU)."""
+    from .atomic import atomic_write_json
+    from .workflows import run_job
+
+    spec = json.loads(Path(args.job).read_text(encoding="utf-8"))
+
+    def log(record: dict) -> None:  # the loops log on the main process only
+        if spec.get("log_file"):
+            with open(spec["log_file"], "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    metrics = run_job(spec, log_fn=log)
+    if spec.get("result_file") and int(os.environ.get("RANK", "0")) == 0:
+        atomic_write_json(spec["result_file"], metrics)
     return 0
 
 
@@ -195,11 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", type=Path, nargs="+", help="image files or folders (2D images, volumes' slices)")
     p.add_argument("--out", required=True, type=Path)
     add_backbone_arguments(p)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=PretrainConfig.epochs)
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=PretrainConfig.lr)
+    p.add_argument("--seed", type=int, default=PretrainConfig.seed)
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left by an interrupted run")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
 
@@ -208,21 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="LViT-layout root (Train_Folder, Val_Folder, Test_Folder)")
     p.add_argument("--backbone", required=True, type=Path, help="a pretrain-backbone output directory")
     p.add_argument("--out", required=True, type=Path, help="model directory to write")
-    p.add_argument("--text-encoder", default="tiny",
+    p.add_argument("--text-encoder", default=TextConfig.encoder,
                    help="'tiny' (small ModernBERT, offline), a local model directory, or a hub id (downloads)")
     p.add_argument("--max-text-tokens", type=int, help="truncate reports to this many tokens (default: encoder context)")
     p.add_argument("--no-text", action="store_true", help="ablation: the same network without the text branch")
     p.add_argument("--labeled", type=_labeled, help="use only N labeled training images, or a fraction (0.25)")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--fusion-dim", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-channels", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--fusion-dim", type=int, default=FusionConfig.dim)
+    p.add_argument("--heads", type=int, default=FusionConfig.heads)
+    p.add_argument("--head-channels", type=int, default=SegmenterConfig.head_channels)
     p.add_argument("--per-scale", action="store_true", help="one attention block per scale instead of a shared one")
     p.add_argument("--augment", action="store_true",
                    help="rot90/flip/rotation augmentation (off by default: flips contradict left/right in reports)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--device")
 
     p = add("evaluate", cmd_evaluate, "per-image Dice and IoU of a model on a dataset split",
@@ -255,29 +276,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
 
+    p = add("run-job", cmd_run_job, "run a training job described in JSON (what the server launches on several GPUs)",
+            "accelerate launch --multi_gpu --num_processes 2 -m fasttextdiff.cli run-job job.json")
+    p.add_argument("job", type=Path, help="a JSON job (see fasttextdiff.workflows.run_job)")
+
     p = add("demo", cmd_demo, "the whole pipeline end to end on synthetic data (make demo)",
             "fasttextdiff demo --out runs/demo")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--device")
 
-    _add_optional(sub, "pretrain-text", "fasttextdiff.text_pretrain", "add_pretrain_text_arguments", "run_pretrain_text",
-                  "adapt a ModernBERT to clinical text by masked-language modelling",
-                  "fasttextdiff pretrain-text --corpus iu-xray --init tiny --out runs/clinical-mbert --quick")
-    _add_optional(sub, "demo-studies", "fasttextdiff.studies", "add_demo_studies_arguments", "run_demo_studies",
-                  "write a MONAI Label studies folder of synthetic images with reports",
-                  "fasttextdiff demo-studies --out studies/demo")
+    from .studies import add_demo_studies_arguments, run_demo_studies  # their implementation lives there
+    from .text_pretrain import add_pretrain_text_arguments, run_pretrain_text
+    from .adm import add_convert_backbone_arguments, run_convert_backbone
+    from .viewer.cli import add_viewer_arguments, run_viewer
+
+    add_pretrain_text_arguments(add(
+        "pretrain-text", run_pretrain_text, "adapt a ModernBERT to clinical text by masked-language modelling",
+        "fasttextdiff pretrain-text --corpus iu-xray --init tiny --out runs/clinical-mbert --quick"))
+    add_demo_studies_arguments(add("demo-studies", run_demo_studies,
+                                   "write a MONAI Label studies folder of synthetic images with reports",
+                                   "fasttextdiff demo-studies --out studies/demo"))
+    add_convert_backbone_arguments(add(
+        "convert-backbone", run_convert_backbone,
+        "convert an OpenAI guided-diffusion (ADM) checkpoint into a backbone directory",
+        "fasttextdiff convert-backbone 256x256_diffusion_uncond.pt --arch adm-256-uncond --out runs/adm256"))
+    add_viewer_arguments(add("viewer", run_viewer, "the web annotation viewer (trame-slicer) for a server, on 127.0.0.1",
+                             "fasttextdiff viewer --server http://127.0.0.1:8000 --port 8080"))
     return parser
-
-
-def _add_optional(sub, name: str, module: str, add_fn: str, run_fn: str, help_: str, example: str) -> None:
-    """Subcommands whose implementation lives in its own module (text pretraining, demo studies)."""
-    import importlib
-
-    mod = importlib.import_module(module)
-    p = sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    getattr(mod, add_fn)(p)
-    p.set_defaults(func=getattr(mod, run_fn))
 
 
 def _quiet_third_party() -> None:

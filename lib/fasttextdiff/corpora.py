@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import FastTextDiffError
+from .errors import CorpusError
 
 CORPORA = ("iu-xray", "mimic-iii", "mimic-iv", "txt")
 DEID_PLACEHOLDER = "XXXX"
@@ -28,10 +28,6 @@ _DEID = re.compile(r"\[\*\*.*?\*\*\]", re.S)
 _SPACES = re.compile(r"[ \t\r\f\v]+")
 _BLANK_LINES = re.compile(r"\n\s*\n+")
 IU_SECTIONS = ("FINDINGS", "IMPRESSION")
-
-
-class CorpusError(FastTextDiffError, ValueError):
-    """A corpus path is missing or its files are not in the published layout."""
 
 
 def clean_note(text: str, placeholder: str = DEID_PLACEHOLDER) -> str:

@@ -1,8 +1,8 @@
 """Inference on whole images and volumes, results in the input's own geometry.
 
-A volume is segmented slice by slice in batches (the backbone is 2D) and reassembled; the
-report is encoded once per request. `Segmenter` loads the model and the text encoder once, so a
-server process reuses them for every request.
+A volume is segmented slice by slice in batches (the backbone is 2D) by MONAI's `SliceInferer`
+and reassembled; the report is encoded once per request. `Segmenter` loads the model and the
+text encoder once, so a server process reuses them for every request.
 """
 
 from __future__ import annotations
@@ -10,21 +10,27 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from monai.inferers import SliceInferer
 
-from .checkpoint import resolve_model_dir
+from .atomic import resolve_model_dir
 from .data.io import Image, read_image, write_image
 from .data.preprocess import to_model_input, to_original_grid
+from .devices import resolve_device
 from .errors import ReportError
 from .model import FastTextDiffModel
 from .text import TextEncoder
-from .train import pick_device
 
 log = logging.getLogger(__name__)
+# MONAI 1.5.1's sliding window indexes tensors with lists, which torch warns about on every call
+# (fixed upstream in Project-MONAI/MONAI#8732); the warning says nothing to our users
+warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing",
+                        module=r"monai\.inferers\.utils")
 
 
 @dataclass
@@ -65,7 +71,7 @@ class Segmenter:
     def load(cls, model_dir: str | Path, device: str | torch.device | None = None, n_noise: int = 4,
              batch_size: int = 16, text_cache_dir: str | Path | None = None) -> "Segmenter":
         model_dir = resolve_model_dir(model_dir)
-        device = pick_device(device)
+        device = resolve_device(device)
         model, record = FastTextDiffModel.load(model_dir, device)
         encoder = None
         if model.config.use_text:
@@ -87,34 +93,33 @@ class Segmenter:
         if not 1 <= n_noise <= 32:
             raise ValueError(f"n_noise must be between 1 and 32, got {n_noise}")
         cfg = self.model.backbone.config
-        x = to_model_input(image, cfg.image_size, cfg.in_channels, window=cfg.window)
+        x = to_model_input(image, cfg.image_size, cfg.in_channels, window=cfg.window)  # (N, C, S, S)
         with self._lock, torch.inference_mode():
             states = mask = None
             if self.encoder is not None:
                 batch = self.encoder.encode([text or ""])
                 states, mask = batch.states.to(self.device), batch.mask.to(self.device)
-            probs, unc = [], []
-            for start in range(0, x.shape[0], self.batch_size):
-                chunk = x[start:start + self.batch_size].to(self.device)
-                n = chunk.shape[0]
-                pred = self.model.predict(
-                    chunk,
-                    None if states is None else states.expand(n, -1, -1),
-                    None if mask is None else mask.expand(n, -1),
-                    n_noise=n_noise,
-                )
-                probs.append(pred.probabilities.cpu())
-                unc.append(pred.uncertainty.cpu())
-        probabilities = torch.cat(probs)  # (N, K, S, S)
-        uncertainty = torch.cat(unc)  # (N, S, S)
+
+            def predict(slices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                n = slices.shape[0]
+                pred = self.model.predict(slices, None if states is None else states.expand(n, -1, -1),
+                                          None if mask is None else mask.expand(n, -1), n_noise=n_noise)
+                return pred.probabilities, pred.uncertainty[:, None]
+
+            inferer = SliceInferer(roi_size=tuple(x.shape[-2:]), sw_batch_size=self.batch_size, spatial_dim=2, overlap=0.0,
+                                   sw_device=self.device, device=torch.device("cpu"), progress=False)
+            probs, unc = inferer(x.permute(1, 2, 3, 0)[None], predict)  # slices along the last axis
+        probabilities = probs[0].permute(3, 0, 1, 2)  # (N, K, S, S)
+        uncertainty = unc[0, 0].permute(2, 0, 1)  # (N, S, S)
         prob_grid = to_original_grid(probabilities, image, mode="bilinear").astype(np.float32)  # (K, *grid)
         mask_grid = prob_grid.argmax(0).astype(np.uint8)
         unc_grid = to_original_grid(uncertainty, image, mode="bilinear").astype(np.float32)
         return SegmentationResult(mask_grid, unc_grid, prob_grid, image, self._summary(mask_grid, unc_grid, n_noise))
 
     def segment_file(self, path: str | Path, text: str | None, out: str | Path,
-                     uncertainty_out: str | Path | None = None, n_noise: int | None = None) -> SegmentationResult:
-        result = self.segment(read_image(path), text, n_noise)
+                     uncertainty_out: str | Path | None = None, n_noise: int | None = None,
+                     allow_external_data: bool = False) -> SegmentationResult:
+        result = self.segment(read_image(path, allow_external_data=allow_external_data), text, n_noise)
         result.save(out, uncertainty_out)
         return result
 

@@ -6,25 +6,23 @@ makes the method label-efficient: the backbone learnt the images' structure with
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
+from .atomic import atomic_path, atomic_write_json
 from .backbone import DiffusionBackbone
-from .checkpoint import sha256_file
-from .config import BackboneConfig, SegmenterConfig, TextConfig, TrainConfig, atomic_write_json
+from .checkpoint import load_tensors, read_json, sha256_file, verify_sha256
+from .config import MODEL_CONFIG_FILE, BackboneConfig, SegmenterConfig, TextConfig, TrainConfig
 from .errors import CheckpointError, ModelNotFoundError
 from .fusion import CrossModalFusion
 
-MODEL_CONFIG_FILE = "fasttextdiff.json"
 WEIGHTS_FILE = "segmenter.safetensors"
 BACKBONE_DIR = "backbone"
 FORMAT_VERSION = 1
@@ -133,8 +131,8 @@ class FastTextDiffModel(nn.Module):
         model_dir.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(model_dir / BACKBONE_DIR)
         state = {k: v.detach().cpu().contiguous() for k, v in self.trainable_state_dict().items()}
-        save_file(state, str(model_dir / (WEIGHTS_FILE + ".tmp")))
-        (model_dir / (WEIGHTS_FILE + ".tmp")).replace(model_dir / WEIGHTS_FILE)
+        with atomic_path(model_dir / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp))
         atomic_write_json(model_dir / MODEL_CONFIG_FILE, {
             "format": FORMAT_VERSION,
             "fasttextdiff_version": __version__,
@@ -161,14 +159,8 @@ class FastTextDiffModel(nn.Module):
         weights = model_dir / WEIGHTS_FILE
         if not weights.is_file():
             raise ModelNotFoundError(f"{model_dir} has no {WEIGHTS_FILE}; is it a FastTextDiff model directory?")
-        try:
-            state = load_file(str(weights))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{weights} is truncated or not a safetensors file ({exc})") from exc
-        expected = record.get("weights_sha256")
-        if expected is not None and sha256_file(weights) != expected:
-            raise CheckpointError(f"{weights} does not match the checksum recorded in {MODEL_CONFIG_FILE} when it was "
-                                  "saved: the file is corrupt or was modified; restore it or train the model again")
+        state = load_tensors(weights)
+        verify_sha256(weights, record.get("weights_sha256"), "restore it or train the model again")
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
@@ -193,10 +185,7 @@ def read_model_record(model_dir: Path) -> dict:
     path = model_dir / MODEL_CONFIG_FILE
     if not path.is_file():
         raise ModelNotFoundError(f"{model_dir} is not a FastTextDiff model directory (no {MODEL_CONFIG_FILE})")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is corrupt ({exc})") from exc
+    record = read_json(path)
     if record.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format {record.get('format')}; this version reads format {FORMAT_VERSION}")
     return record

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import warnings
 from collections import OrderedDict
@@ -29,7 +28,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import TextConfig, atomic_write_bytes, atomic_write_json
+from .atomic import atomic_write_bytes, atomic_write_json, replace_dir, staged_dir, staging_dir
+from .config import TextConfig
 from .errors import CheckpointError, ModelNotFoundError, ReportError
 
 logger = logging.getLogger(__name__)
@@ -191,18 +191,13 @@ def default_tiny_dir() -> Path:
     with _TINY_LOCK:
         if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{TINY_VERSION}."))
+        staging = staging_dir(target)
         try:
-            build_tiny_encoder(tmp, seed=0)
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another process won the race; its copy is identical
-                if not (target / "model.safetensors").is_file():
-                    shutil.rmtree(target, ignore_errors=True)
-                    os.replace(tmp, target)
+            build_tiny_encoder(staging, seed=0)
+            if not (target / "model.safetensors").is_file():  # else another process won the race (same copy)
+                replace_dir(staging, target)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -683,14 +678,7 @@ def _evict(root: Path, target: int) -> int:
 def _copy_model_files(src: Path, dst: Path) -> None:
     """Copy a model's top-level files (config, weights, tokenizer; not checkpoints/ subfolders)
     into dst via a temp folder + rename, so a reader never sees a half-copied encoder."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
-    try:
+    with staged_dir(dst) as staging:
         for item in src.iterdir():
             if item.is_file() and not item.name.startswith("."):
-                shutil.copy2(item, tmp / item.name)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copy2(item, staging / item.name)

@@ -8,36 +8,37 @@ and trains with warmup + decay. Held-out masked-token perplexity is measured bef
 with a fixed masking seed, so the two figures compare like with like. The output directory is
 a plain transformers checkpoint that `TextEncoder(TextConfig(encoder=out_dir))` loads directly.
 
-Run on several processes with `torchrun --nproc_per_node N -m fasttextdiff.text_pretrain ...`
-(gloo on CPU, nccl on GPU); each rank trains on its share of the packed blocks.
+It runs on the shared training engine: `accelerate launch --multi_gpu --num_processes N -m
+fasttextdiff.cli pretrain-text ...` trains on N processes (nccl on GPUs, gloo on CPUs), each on its
+share of the packed blocks.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import random
 import shutil
-import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from .checkpoint import load_optimizer_state, optimizer_state_tensors
-from .config import atomic_write_json
-from .corpora import CORPORA, CorpusError, iter_corpus
-from .errors import CheckpointError, ModelNotFoundError
+from .atomic import atomic_write_json, staging_dir
+from .checkpoint import load_optimizer_state, load_training_state, optimizer_state_tensors
+from .corpora import CORPORA, iter_corpus
+from .engine import Engine
+from .errors import CheckpointError, CorpusError, ModelNotFoundError
 from .span_masking import MASKINGS, WordSpanCollator
-from .text import _quiet_transformers, build_tiny_encoder, minilm_dir
+from .text import _quiet_transformers, build_tiny_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -102,42 +103,6 @@ class PretrainSettings:
 
 QUICK = dict(max_seq_len=128, batch_size=32, steps=240, hidden=128, layers=2, heads=4, vocab_size=4096,
              max_eval_blocks=48, checkpoint_every=150, lr=2e-3)
-
-
-# --------------------------------------------------------------------------------------------
-# distributed helpers
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def _init_distributed(device: str | None) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if world <= 1:
-        return _Dist(device=torch.device(device))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend=backend)
-    dev = torch.device(f"cuda:{local}") if device.startswith("cuda") else torch.device("cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return _Dist(rank, world, dev)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +197,7 @@ def _shuffled(blocks: Iterator[list[int]], buffer: int, seed: int) -> Iterator[l
 # model, optimizer state, perplexity
 
 
-def _load_init_model(s: PretrainSettings, out_dir: Path, dist: _Dist, notes_for_tokenizer: Callable[[], Iterable[str]]):
+def _load_init_model(s: PretrainSettings, out_dir: Path, engine: Engine, notes_for_tokenizer: Callable[[], Iterable[str]]):
     from transformers import AutoConfig, AutoTokenizer, ModernBertForMaskedLM
 
     if s.init == "tiny":
@@ -240,16 +205,16 @@ def _load_init_model(s: PretrainSettings, out_dir: Path, dist: _Dist, notes_for_
         if s.tokenizer == "minilm":
             tok_src: Path | str = "minilm"
         else:
-            if dist.main and not (tok_dir / "tokenizer.json").is_file():
+            if engine.is_main and not (tok_dir / "tokenizer.json").is_file():
                 limited = (n for i, n in enumerate(notes_for_tokenizer()) if i < s.tokenizer_notes)
                 train_corpus_tokenizer(limited, tok_dir, s.tokenizer, s.vocab_size)
-            dist.barrier()
+            engine.wait()
             tok_src = tok_dir
         init_dir = out_dir / ".work" / "init"
-        if dist.main:
+        if engine.is_main:
             build_tiny_encoder(init_dir, seed=s.seed, hidden=s.hidden, layers=s.layers, heads=s.heads,
                                tokenizer=tok_src, masked_lm=True)
-        dist.barrier()
+        engine.wait()
         source = init_dir
     else:
         source = Path(s.init).expanduser()
@@ -268,15 +233,6 @@ def _load_init_model(s: PretrainSettings, out_dir: Path, dist: _Dist, notes_for_
     model.config.sparse_prediction = True  # logits only at masked positions: the big CPU saving
     model.sparse_prediction = True
     return model, tokenizer, source
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        meta = json.loads((fh.metadata() or {})["optimizer"])
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    load_optimizer_state(opt, tensors, meta)
 
 
 def masked_perplexity(model, tokenizer, blocks: list[list[int]], mlm_probability: float, seed: int,
@@ -327,7 +283,6 @@ def pretrain_text(
     batch_size, lr, warmup, schedule, seed, tokenizer, ...); `quick=True` applies a small CPU
     preset first (explicit options still win). Returns the metrics dict.
     """
-    from tqdm.auto import tqdm
     from transformers import DataCollatorForLanguageModeling, get_scheduler
 
     preset = dict(QUICK) if quick else {}
@@ -337,12 +292,13 @@ def pretrain_text(
     s = PretrainSettings(corpus=corpus, path=str(path) if path else None, init=str(init), quick=quick, **preset)
     s.validate()
     out = Path(out_dir)
-    dist = _init_distributed(device)
+    engine = Engine(device)
+    acc, device = engine.accelerator, engine.device
     started = time.perf_counter()
     torch.manual_seed(s.seed)
-    if dist.main:
+    if engine.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    engine.wait()
 
     ckpt = out / CHECKPOINT_DIR
     done = out / METRICS_FILE
@@ -351,70 +307,65 @@ def pretrain_text(
         if _comparable_dict(previous.get("settings", {})) == _comparable(s):
             logger.info("%s already holds a finished run with these settings", out)
             return previous
-    state: dict[str, Any] = {}
-    if resume and (ckpt / "trainer_state.json").is_file():
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        if state.get("settings") != _comparable(s):
-            raise CheckpointError(f"{ckpt} was written with other settings; pass a new --out or --no-resume")
-    elif dist.main and ckpt.exists():
+    tensors, state = (load_training_state(ckpt) if resume else None) or ({}, {})
+    if state and state.get("settings") != _comparable(s):
+        raise CheckpointError(f"{ckpt} was written with other settings; pass a new --out or --no-resume")
+    if engine.is_main and not state and ckpt.exists():
         shutil.rmtree(ckpt)
 
-    model, tokenizer, source = _load_init_model(s, out, dist, lambda: _notes(s, heldout=False))
+    model, tokenizer, source = _load_init_model(s, out, engine, lambda: _notes(s, heldout=False))
     if state:
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
         model.tie_weights()
-    model.to(dist.device)
+    model.to(device)
 
-    eval_blocks = list(_take(pack_blocks(_notes(s, heldout=True), tokenizer, s.max_seq_len), s.max_eval_blocks))
+    eval_blocks = list(itertools.islice(pack_blocks(_notes(s, heldout=True), tokenizer, s.max_seq_len),
+                                        s.max_eval_blocks))
     eval_seed = s.seed + 12345
     if state:
         ppl_before, eval_masked = state["perplexity_before"], state["eval_masked_tokens"]
-    elif dist.main:
+    elif engine.is_main:
         ppl_before, eval_masked = masked_perplexity(model, tokenizer, eval_blocks, s.mlm_probability,
-                                                    eval_seed, dist.device)
+                                                    eval_seed, device)
         logger.info("held-out masked-token perplexity before: %.2f (%d masked tokens)", ppl_before, eval_masked)
     else:
         ppl_before, eval_masked = float("nan"), 0
 
     # Steps: given, or counted from one tokenizing pass over the training notes.
+    world, rank = engine.num_processes, engine.process_index
     n_train_blocks = None
     if s.steps is None:
         n_train_blocks = state.get("train_blocks") or sum(
             1 for _ in pack_blocks(_notes(s, heldout=False), tokenizer, s.max_seq_len))
         if n_train_blocks == 0:
             raise CorpusError("the corpus yields no full training block; lower --max-seq-len")
-        total_steps = max(1, math.ceil(n_train_blocks * s.epochs / (s.batch_size * dist.world)))
+        total_steps = max(1, math.ceil(n_train_blocks * s.epochs / (s.batch_size * world)))
     else:
         total_steps = s.steps
     warmup = int(s.warmup * total_steps) if s.warmup < 1 else int(s.warmup)
     lr = s.lr if s.lr is not None else (1e-3 if s.init == "tiny" else 5e-5)
 
-    train_model = model
-    if dist.world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
     sched = get_scheduler(s.schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
+    train_model, opt = acc.prepare(model, opt)
     step = int(state.get("step", 0))
     epoch = int(state.get("epoch", 0))
     consumed = int(state.get("blocks_consumed", 0))  # in the current epoch, across ranks
     tokens = int(state.get("tokens", 0))
     if state:
-        _load_optimizer(opt, ckpt / "optimizer.safetensors")
+        load_optimizer_state(opt.optimizer, tensors, state["optimizer"])
         with warnings.catch_warnings():  # fast-forwarding the schedule, no optimizer step is due
             warnings.simplefilter("ignore")
             for _ in range(step):
                 sched.step()
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=s.mlm_probability,
-                                               seed=s.seed + 1000 * step + dist.rank)
+                                               seed=s.seed + 1000 * step + rank)
     if s.masking != "token":  # whole words or spans of words (held-out perplexity stays token-masked)
         collator = WordSpanCollator(tokenizer, s.mlm_probability, 3.0 if s.masking == "span" else 1.0,
-                                    seed=s.seed + 1000 * step + dist.rank)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+                                    seed=s.seed + 1000 * step + rank)
 
     memory: dict[str, Any] = {"blocks": None, "too_big": False}
 
@@ -449,19 +400,20 @@ def pretrain_text(
         memory["blocks"] = kept
 
     def epoch_blocks(ep: int, skip: int) -> Iterator[list[list[int]]]:
-        per_step = s.batch_size * dist.world
+        """This process's batches: block i of the (seeded) stream goes to process i % world. A stream
+        has no length, so accelerate's map-style loader sharding does not apply."""
+        per_step = s.batch_size * world
         batch: list[list[int]] = []
         for i, block in enumerate(ordered_blocks(ep)):
             if i < skip:
                 continue
-            if i % dist.world == dist.rank:
+            if i % world == rank:
                 batch.append(block)
             if (i + 1 - skip) % per_step == 0:
                 yield batch
                 batch = []
 
-    bar = tqdm(total=total_steps, initial=step, desc="pretrain-text", unit="step",
-               disable=not (progress and dist.main))
+    bar = engine.progress(progress, total=total_steps, initial=step, desc="pretrain-text", unit="step")
     train_model.train()
     loss_ema = None
     while step < total_steps:
@@ -469,28 +421,32 @@ def pretrain_text(
         for batch_blocks in epoch_blocks(epoch, consumed):
             got_any = True
             batch = collator([{"input_ids": b} for b in batch_blocks])
-            with autocast:
-                outputs = train_model(input_ids=batch["input_ids"].to(dist.device),
-                                      labels=batch["labels"].to(dist.device))
-            outputs.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            with acc.accumulate(train_model):
+                with acc.autocast():
+                    outputs = train_model(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device))
+                acc.backward(outputs.loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
             step += 1
-            consumed += s.batch_size * dist.world
-            tokens += batch["input_ids"].numel() * dist.world
-            loss = outputs.loss.item()
+            consumed += s.batch_size * world
+            tokens += batch["input_ids"].numel() * world
+            loss = engine.mean(outputs.loss)
             loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
             bar.update(1)
             bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-            if log and dist.main:
+            if log and engine.is_main:
                 log({"step": step, "loss": loss, "lr": sched.get_last_lr()[0], "epoch": epoch})
             if step % s.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(ckpt, model, opt, dist, {
+                opt_tensors, opt_meta = optimizer_state_tensors(opt.optimizer)
+                weights = {f"model.{k}": v for k, v in model.state_dict().items()
+                           if k != "decoder.weight"}  # tied to the token embeddings
+                engine.save_state(ckpt, {**weights, **opt_tensors}, {
                     "settings": _comparable(s), "step": step, "epoch": epoch, "blocks_consumed": consumed,
                     "tokens": tokens, "perplexity_before": ppl_before, "eval_masked_tokens": eval_masked,
-                    "train_blocks": n_train_blocks, "seconds": time.perf_counter() - started})
+                    "train_blocks": n_train_blocks, "seconds": time.perf_counter() - started, "optimizer": opt_meta})
             if step >= total_steps:
                 break
         if not got_any and consumed == 0:
@@ -501,8 +457,8 @@ def pretrain_text(
     bar.close()
 
     metrics: dict[str, Any] = {}
-    if dist.main:
-        ppl_after, _ = masked_perplexity(model, tokenizer, eval_blocks, s.mlm_probability, eval_seed, dist.device)
+    if engine.is_main:
+        ppl_after, _ = masked_perplexity(model, tokenizer, eval_blocks, s.mlm_probability, eval_seed, device)
         seconds = time.perf_counter() - started + float(state.get("seconds", 0.0))
         metrics = {
             "perplexity_before": ppl_before,
@@ -514,16 +470,14 @@ def pretrain_text(
             "eval_blocks": len(eval_blocks),
             "eval_masked_tokens": eval_masked,
             "epochs_started": epoch + 1,
-            "world_size": dist.world,
-            "device": str(dist.device),
+            "world_size": world,
+            "device": str(device),
             "init_source": str(source),
             "settings": asdict(s),
         }
         _save_final(out, model, tokenizer, metrics)
         logger.info("perplexity %.2f -> %.2f in %d steps", ppl_before, ppl_after, step)
-    dist.barrier()
-    if dist.world > 1:
-        torch.distributed.destroy_process_group()
+    engine.wait()
     return metrics
 
 
@@ -538,41 +492,10 @@ def _comparable_dict(d: dict) -> dict:
     return json.loads(json.dumps(d))
 
 
-def _take(it: Iterable, n: int) -> Iterator:
-    for i, x in enumerate(it):
-        if i >= n:
-            return
-        yield x
-
-
-def _save_checkpoint(ckpt: Path, model, opt, dist: _Dist, state: dict) -> None:
-    """model + optimizer (safetensors) + JSON state, built in a temp dir and swapped in."""
-    if not dist.main:
-        dist.barrier()
-        return
-    tmp = Path(tempfile.mkdtemp(dir=ckpt.parent, prefix=".checkpoint."))
-    try:
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-                   if k != "decoder.weight"}  # tied to the token embeddings
-        save_file(weights, str(tmp / "model.safetensors"))
-        tensors, meta = optimizer_state_tensors(opt)
-        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"optimizer": json.dumps(meta)})
-        atomic_write_json(tmp / "trainer_state.json", state)
-        old = ckpt.with_name(".checkpoint.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if ckpt.exists():
-            os.replace(ckpt, old)
-        os.replace(tmp, ckpt)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-
-
 def _save_final(out: Path, model, tokenizer, metrics: dict) -> None:
     """The adapted model as a plain transformers folder; files moved in one by one, metrics last."""
     model.config.sparse_prediction = False  # normal fill-mask behaviour for users of the head
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=".final."))
+    staging = staging_dir(out / "final")
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.model_max_length = model.config.max_position_embeddings

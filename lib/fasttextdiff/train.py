@@ -3,15 +3,14 @@
 Differences from the reference loop, each for a reason: report embeddings are computed once per
 distinct text (not per sample per step); batches > 1 with the text padding mask; MONAI's DiceCE
 applies softmax before Dice; the best validation Dice selects the model; runs resume after a
-kill; under torchrun the same code trains data-parallel (DDP).
+kill; it runs on the shared training engine, so `accelerate launch` trains data-parallel.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
-import random
 import shutil
 import threading
 import time
@@ -20,38 +19,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from monai.losses import DiceCELoss
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from .atomic import staged_dir
 from .backbone import load_backbone
-from .checkpoint import load_optimizer_state, optimizer_state_tensors, replace_dir, staging_dir
-from .config import SegmenterConfig, TextConfig, TrainConfig, atomic_write_json
+from .checkpoint import load_optimizer_state, load_training_state, optimizer_state_tensors, sha256_file
+from .config import SegmenterConfig, TextConfig, TrainConfig
 from .data.dataset import SegmentationDataset, select_labeled
 from .data.lvit import Sample
+from .engine import Engine, set_seed
+from .errors import CheckpointError
 from .metrics import dice_iou
 from .model import FastTextDiffModel
-from .text import TextBatch, TextEncoder
+from .text import TextEncoder
 
 log_ = logging.getLogger(__name__)
 RESUME_DIR_SUFFIX = ".resume"
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 class FeatureCache(Dataset):
@@ -118,30 +103,19 @@ class TextTable:
                 self.cache[text] = (batch.states[i, :n].clone(), batch.mask[i, :n].clone())
 
 
-def _distributed() -> tuple[int, int]:
-    """Join the process group torchrun prepared (gloo on CPU, NCCL on GPU); (rank, world)."""
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
-def validate(model: FastTextDiffModel, loader: DataLoader, texts: TextTable, device: torch.device) -> dict:
-    """Per-image Dice/IoU at model resolution (single noise draw), averaged."""
+def validate(model: FastTextDiffModel, loader: DataLoader, texts: TextTable, engine: Engine) -> dict:
+    """Per-image Dice/IoU at model resolution (single noise draw), gathered from every process, averaged."""
     model.eval()
-    dices, ious = [], []
+    rows = []
     for batch in loader:
-        images = batch["image"].to(device)
-        states, mask = texts.batch(batch["text"], device)
-        pred = model.predict(images, states, mask, n_noise=1).mask.cpu()
-        d, i = dice_iou(pred, batch["label"][:, 0], model.config.num_classes)
-        dices += d
-        ious += i
+        states, mask = texts.batch(batch["text"], engine.device)
+        pred = model.predict(batch["image"], states, mask, n_noise=1).mask.cpu()
+        scores = dice_iou(pred, batch["label"][:, 0].cpu(), model.config.num_classes)
+        rows.append(engine.gather(torch.tensor(scores, dtype=torch.float64).T))  # (images, [dice, iou])
     model.train()
-    return {"dice": float(np.mean(dices)) if dices else float("nan"), "iou": float(np.mean(ious)) if ious else float("nan")}
+    columns = torch.cat(rows).T.tolist() if rows else [[], []]
+    return {name: float(np.mean(v)) if v else float("nan") for name, v in zip(("dice", "iou"), columns)}
 
 
 def train_segmenter(
@@ -159,20 +133,17 @@ def train_segmenter(
     log: Callable[[dict], None] | None = None,
     stop_event: threading.Event | None = None,
     text_cache_dir: str | Path | None = None,
-    publish: Callable[[Path], None] | None = None,
 ) -> dict:
-    """Train and write the model directory `out_dir` atomically; returns the metrics.
+    """Train and write the model directory `out_dir` atomically; returns the metrics (also in its record).
 
-    `publish(staging)` overrides the final rename (the server swaps a `current` link instead).
-    A `stop_event` ends training after the current epoch and still publishes the best model so far.
+    A `stop_event` ends training after the current epoch and still writes the best model so far.
+    Under `accelerate launch` every process trains on its share of each epoch; the main process writes.
     """
     out_dir = Path(out_dir)
-    rank, world = _distributed()
-    device = pick_device(device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    generator = seed_everything(train_config.seed)
+    engine = Engine(device, mixed_precision="auto" if train_config.amp else "no")
+    acc, device = engine.accelerator, engine.device
+    set_seed(train_config.seed)
+    generator = torch.Generator().manual_seed(train_config.seed)  # the loader's shuffles
     started = time.time()
 
     labeled = [s for s in train_samples if s.mask is not None]
@@ -181,46 +152,37 @@ def train_segmenter(
     labeled = select_labeled(labeled, train_config.labeled, seed=train_config.seed)
 
     backbone = load_backbone(backbone_dir)  # ours, or any diffusers UNet2DModel checkpoint
-    if world > 1 and rank != 0:
-        dist.barrier()  # rank 0 first: it may build or fill shared caches (tiny encoder, text cache)
-    encoder = TextEncoder(text_config, device=device, cache_dir=text_cache_dir) if segmenter_config.use_text else None
-    if world > 1 and rank == 0:
-        dist.barrier()
-    all_texts = [s.text for s in labeled] + [s.text for s in (val_samples or [])]
-    texts = TextTable(encoder, all_texts)
-    text_dim = encoder.hidden_size if encoder else 0
-    model = FastTextDiffModel(backbone, text_dim, segmenter_config).to(device)
+    with acc.main_process_first():  # the main process builds or fills shared caches (tiny encoder, text cache)
+        encoder = TextEncoder(text_config, device=device, cache_dir=text_cache_dir) if segmenter_config.use_text else None
+    texts = TextTable(encoder, [s.text for s in labeled] + [s.text for s in (val_samples or [])])
+    model = FastTextDiffModel(backbone, encoder.hidden_size if encoder else 0, segmenter_config).to(device)
 
     size, channels = backbone.config.image_size, backbone.config.in_channels
-    train_ds = SegmentationDataset(labeled, size=size, channels=channels, num_classes=segmenter_config.num_classes,
-                                   augment=train_config.augment, rotate_degrees=train_config.rotate_degrees,
-                                   seed=train_config.seed, window=backbone.config.window)
+
+    def dataset(samples: Sequence[Sample], **kwargs) -> SegmentationDataset:
+        return SegmentationDataset([s for s in samples if s.mask is not None], size=size, channels=channels,
+                                   num_classes=segmenter_config.num_classes, window=backbone.config.window, **kwargs)
+
+    train_ds = dataset(labeled, augment=train_config.augment, rotate_degrees=train_config.rotate_degrees,
+                       seed=train_config.seed)
     cached = not train_config.augment and \
         FeatureCache.bytes_needed(model, len(train_ds)) <= train_config.feature_cache_gb * 2**30
     if cached:
-        train_ds = FeatureCache(train_ds, model, device, progress=progress and rank == 0)
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=train_config.seed) if world > 1 else None
-    loader = DataLoader(train_ds, batch_size=train_config.batch_size, shuffle=sampler is None, sampler=sampler,
-                        generator=generator, num_workers=train_config.num_workers, drop_last=False)
-    val_loader = None
-    if val_samples:
-        val_ds = SegmentationDataset([s for s in val_samples if s.mask is not None], size=size, channels=channels,
-                                     num_classes=segmenter_config.num_classes, augment=False, window=backbone.config.window)
-        if len(val_ds):
-            val_loader = DataLoader(val_ds, batch_size=train_config.batch_size * 2)
+        train_ds = FeatureCache(train_ds, model, device, progress=progress and engine.is_main)
+    loader = DataLoader(train_ds, batch_size=train_config.batch_size, shuffle=True, generator=generator,
+                        num_workers=train_config.num_workers, drop_last=False)
+    val_ds = dataset(val_samples or [])
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=train_config.lr, weight_decay=train_config.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=train_config.dice_weight, lambda_ce=1.0)
-    use_amp = train_config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    net: torch.nn.Module = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net, optimizer, loader = acc.prepare(model, optimizer, loader)
+    val_loader = acc.prepare(DataLoader(val_ds, batch_size=train_config.batch_size * 2)) if len(val_ds) else None
 
     resume_dir = out_dir.with_name(out_dir.name + RESUME_DIR_SUFFIX)
     fingerprint = run_fingerprint(labeled, val_samples, backbone_dir, text_config, segmenter_config, train_config)
-    start_epoch, best, history, best_state = _resume(resume_dir, model, optimizer, train_config, fingerprint)
+    start_epoch, best, history, best_state = _resume(engine, resume_dir, model, optimizer, generator,
+                                                     train_config, fingerprint)
 
     n_params = sum(p.numel() for p in trainable)
     # issue 16, text_fallback: `epochs` image-only (text residual off), then `epochs` with the text
@@ -229,48 +191,44 @@ def train_segmenter(
         raise ValueError("text_fallback needs a text path that starts closed (FusionConfig.text_residual "
                          "'zero' or 'gate', not 'plain')")
     total_epochs = train_config.epochs * (2 if image_first else 1)
-    if rank == 0:
-        log_.info("training %d parameters on %d labeled images (%s), epochs %d..%d", n_params, len(labeled),
-                  device, start_epoch + 1, total_epochs)
-    bar = tqdm(range(start_epoch, total_epochs), desc="train", disable=not progress or rank != 0,
-               initial=start_epoch, total=total_epochs)
+    if engine.is_main:
+        log_.info("training %d parameters on %d labeled images (%s x %d), epochs %d..%d", n_params, len(labeled),
+                  device, engine.num_processes, start_epoch + 1, total_epochs)
+    bar = engine.progress(progress, iterable=range(start_epoch, total_epochs), desc="train",
+                          initial=start_epoch, total=total_epochs)
     model.train()
     for epoch in bar:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        if not cached:
-            train_ds.set_epoch(epoch)  # fresh, reproducible augmentation each epoch
+        loader.set_epoch(epoch)  # also the dataset's augmentation epoch
         model.fusion.text_enabled = not image_first or epoch >= train_config.epochs
         losses = []
         for batch in loader:
-            labels = batch["label"].to(device)
-            states, mask = texts.batch(batch["text"], device)
-            with torch.autocast(device.type, enabled=use_amp):
-                if cached:
-                    logits = net(None, states, mask, features=[f.to(device) for f in batch["features"]])
-                else:
-                    logits = net(batch["image"].to(device), states, mask)
-                loss = loss_fn(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            with acc.accumulate(net):
+                states, mask = texts.batch(batch["text"], device)
+                with acc.autocast():
+                    if cached:
+                        logits = net(None, states, mask, features=batch["features"])
+                    else:
+                        logits = net(batch["image"], states, mask)
+                    loss = loss_fn(logits.float(), batch["label"])
+                acc.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
-        record = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
-        last = epoch + 1 in (total_epochs, train_config.epochs) or (stop_event is not None and stop_event.is_set())
+        record = {"epoch": epoch + 1, "loss": engine.mean(torch.tensor(np.mean(losses), dtype=torch.float64))}
+        stop = engine.any(stop_event is not None and stop_event.is_set())
+        last = epoch + 1 in (total_epochs, train_config.epochs) or stop
         if val_loader is not None and ((epoch + 1) % train_config.val_every == 0 or last):
-            scores = validate(model, val_loader, texts, device)
+            scores = validate(model, val_loader, texts, engine)
             record.update(val_dice=scores["dice"], val_iou=scores["iou"])
             if scores["dice"] > best["dice"]:
                 best = {"dice": scores["dice"], "epoch": epoch + 1}
                 best_state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
         history.append(record)
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
-        if log and rank == 0:
+        if log and engine.is_main:
             log(dict(record))
-        if rank == 0:
-            _save_resume(resume_dir, model, optimizer, epoch + 1, best, history, best_state, fingerprint)
-        if stop_event is not None and stop_event.is_set():
+        _save_resume(engine, resume_dir, model, optimizer, generator, epoch + 1, best, history, best_state, fingerprint)
+        if stop:
             log_.info("training stopped on request after epoch %d", epoch + 1)
             break
 
@@ -278,55 +236,28 @@ def train_segmenter(
     metrics: dict = {"epochs": len(history), "history": history, "labeled_images": len(labeled),
                      "feature_cache": cached,
                      "trainable_parameters": n_params, "seconds": round(time.time() - started, 2),
-                     "world_size": world}
+                     "world_size": engine.num_processes}
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
         metrics.update(best_val_dice=best["dice"], best_epoch=best["epoch"])
         if image_first:  # the image-only phase's best has a closed gate: it is the no_text network
             metrics["text_fallback"] = "image" if best["epoch"] <= train_config.epochs else "text"
-    if world > 1:
-        metrics["ddp_weights_identical"] = _weights_identical_across_ranks(model)
-    if rank == 0:
-        if test_samples:
-            test_ds = SegmentationDataset([s for s in test_samples if s.mask is not None], size=size, channels=channels,
-                                          num_classes=segmenter_config.num_classes, window=backbone.config.window)
-            scores = validate(model, DataLoader(test_ds, batch_size=train_config.batch_size * 2), texts, device)
-            metrics["test"] = {"dice": scores["dice"], "iou": scores["iou"], "n": len(test_ds)}
-        staging = staging_dir(out_dir)
-        try:
+    if engine.num_processes > 1:
+        flat = torch.cat([p.detach().float().flatten() for p in model.parameters() if p.requires_grad])
+        gathered = acc.gather(flat[None])
+        metrics["ddp_weights_identical"] = all(torch.equal(gathered[0], g) for g in gathered[1:])
+    test_ds = dataset(test_samples or [])
+    if len(test_ds):
+        scores = validate(model, acc.prepare(DataLoader(test_ds, batch_size=train_config.batch_size * 2)), texts, engine)
+        metrics["test"] = {"dice": scores["dice"], "iou": scores["iou"], "n": len(test_ds)}
+    if engine.is_main:
+        with staged_dir(out_dir) as staging:
             model.save(staging, text_config, train_config, metrics)
             if encoder is not None:
                 encoder.save_reference(staging)
-            if publish is not None:
-                publish(staging)
-            else:
-                replace_dir(staging, out_dir)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(resume_dir, ignore_errors=True)
-    if world > 1:
-        dist.barrier()
+    engine.wait()
     return metrics
-
-
-def _weights_identical_across_ranks(model: FastTextDiffModel) -> bool:
-    flat = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters() if p.requires_grad])
-    gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, flat)
-    return all(torch.equal(gathered[0], g) for g in gathered[1:])
-
-
-def _file_sha256(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_fingerprint(labeled: Sequence[Sample], val_samples: Sequence[Sample] | None, backbone_dir: str | Path,
@@ -334,59 +265,56 @@ def run_fingerprint(labeled: Sequence[Sample], val_samples: Sequence[Sample] | N
     """What a resumable run was started on: the contents (not paths) of every image, mask and
     report, the backbone, and the settings except the epoch count. A resume state with another
     fingerprint belongs to a different training set (labels saved or changed since) and is dropped."""
-    import hashlib
-
     def rows(samples):
-        return sorted([_file_sha256(Path(s.image)), _file_sha256(Path(s.mask) if s.mask else None),
+        return sorted([sha256_file(s.image), sha256_file(s.mask) if s.mask else None,
                        hashlib.sha256(s.text.encode("utf-8")).hexdigest()] for s in samples)
 
     backbone_dir = Path(backbone_dir)
-    backbone = {name: _file_sha256(backbone_dir / name) for name in ("config.json", "backbone_config.json", "checksums.json")
+    backbone = {name: sha256_file(backbone_dir / name) for name in ("config.json", "backbone_config.json", "checksums.json")
                 if (backbone_dir / name).is_file()}
     if "checksums.json" not in backbone:  # weights without a recorded checksum: hash them
-        backbone["weights"] = [_file_sha256(w) for w in sorted(backbone_dir.glob("*.safetensors"))]
+        backbone["weights"] = [sha256_file(w) for w in sorted(backbone_dir.glob("*.safetensors"))]
     settings = {k: v for k, v in train_config.to_dict().items() if k != "epochs"}
     record = {"train": rows(labeled), "val": rows(val_samples or []), "backbone": backbone,
               "text": text_config.to_dict(), "segmenter": segmenter_config.to_dict(), "settings": settings}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _save_resume(resume_dir: Path, model, optimizer, epoch: int, best: dict, history: list, best_state,
-                 fingerprint: str | None = None) -> None:
-    """Epoch-end state as safetensors + JSON, written to a staging dir and renamed in place."""
-    staging = staging_dir(resume_dir)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()},
-              str(staging / "model.safetensors"))
-    if best_state is not None:
-        save_file({k: v.cpu().contiguous() for k, v in best_state.items()}, str(staging / "best.safetensors"))
-    opt_tensors, opt_meta = optimizer_state_tensors(optimizer)
-    save_file(opt_tensors, str(staging / "optimizer.safetensors"))
-    atomic_write_json(staging / "state.json", {"epoch": epoch, "best": best, "history": history, "optimizer": opt_meta,
-                                               "fingerprint": fingerprint})
-    replace_dir(staging, resume_dir)
+def _save_resume(engine: Engine, resume_dir: Path, model: FastTextDiffModel, optimizer, generator: torch.Generator,
+                 epoch: int, best: dict, history: list, best_state: dict | None, fingerprint: str) -> None:
+    """Epoch-end state in the shared training-state format (weights, best weights, Adam moments, RNG)."""
+    tensors = {f"model.{k}": v for k, v in model.trainable_state_dict().items()}
+    tensors.update({f"best.{k}": v for k, v in (best_state or {}).items()})
+    opt_tensors, opt_meta = optimizer_state_tensors(optimizer.optimizer)
+    meta = {"epoch": epoch, "best": best, "history": history, "optimizer": opt_meta, "fingerprint": fingerprint}
+    engine.save_state(resume_dir, {**tensors, **opt_tensors}, meta, {"loader": generator})
 
 
-def _resume(resume_dir: Path, model, optimizer, train_config: TrainConfig,
-            fingerprint: str | None = None) -> tuple[int, dict, list, dict | None]:
+def _resume(engine: Engine, resume_dir: Path, model: FastTextDiffModel, optimizer, generator: torch.Generator,
+            train_config: TrainConfig, fingerprint: str) -> tuple[int, dict, list, dict | None]:
     """(start epoch, best record, history, best weights) from an interrupted run, or a fresh start."""
     fresh = (0, {"dice": -1.0, "epoch": 0}, [], None)
-    state_file = resume_dir / "state.json"
-    if not state_file.is_file():
-        return fresh
     try:
-        state = json.loads(state_file.read_text())
-        if fingerprint is not None and state.get("fingerprint") != fingerprint:
-            log_.warning("discarding the resume state in %s: the training images, labels, reports, backbone or "
-                         "settings changed since that run; starting over", resume_dir)
-            shutil.rmtree(resume_dir, ignore_errors=True)
+        loaded = load_training_state(resume_dir)
+        if loaded is None:
             return fresh
-        model.load_state_dict(load_file(str(resume_dir / "model.safetensors")), strict=False)
-        load_optimizer_state(optimizer, load_file(str(resume_dir / "optimizer.safetensors")), state["optimizer"])
-        best_file = resume_dir / "best.safetensors"
-        best_state = load_file(str(best_file)) if best_file.is_file() else None
-    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        tensors, state = loaded
+        if (state.get("fingerprint"), state.get("num_processes")) != (fingerprint, engine.num_processes):
+            log_.warning("discarding the resume state in %s: the training images, labels, reports, backbone, "
+                         "settings or number of processes changed since that run; starting over", resume_dir)
+            engine.wait()
+            if engine.is_main:
+                shutil.rmtree(resume_dir, ignore_errors=True)
+            return fresh
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+        load_optimizer_state(optimizer.optimizer, tensors, state["optimizer"])
+        engine.restore_rng(tensors, {"loader": generator})
+        best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    except (CheckpointError, KeyError, RuntimeError, ValueError) as exc:
         log_.warning("ignoring unreadable resume state in %s (%s); starting over", resume_dir, exc)
-        shutil.rmtree(resume_dir, ignore_errors=True)
+        engine.wait()
+        if engine.is_main:
+            shutil.rmtree(resume_dir, ignore_errors=True)
         return fresh
     epoch = min(int(state["epoch"]), train_config.epochs * (2 if train_config.text_fallback else 1))
     log_.info("resuming training from epoch %d (%s)", epoch, resume_dir)

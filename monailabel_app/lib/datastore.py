@@ -14,6 +14,13 @@ temporary name beside its target and is renamed over it only when complete (os.r
 failed write answers HTTP 507 with the previous file untouched. One lock per datastore orders the
 writes of the server's threads (threaded /infer saves uncertainty maps and scores while the event
 loop saves labels); the file lock of MONAI Label orders them with other processes.
+
+An upload to an existing id is refused (409) unless the client asks to replace it. A replacement
+removes the old image file (whatever its extension), keeps the report unless a new one is given,
+and, under the same lock and before the datastore record changes, moves every label file of that
+id whose shape no longer fits out of the studies folder (into the app's state folder; deleted
+when the datastore has none): MONAI Label's auto-reload watcher would otherwise attach them to
+the new image again. Removals update the record at once, so no listed image or label is missing.
 """
 
 from __future__ import annotations
@@ -24,30 +31,40 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
+import zipfile
+from pathlib import Path
 from typing import Any, Dict
 
-from fasttextdiff.config import atomic_write_bytes
+from fasttextdiff.atomic import atomic_copy, atomic_write_bytes
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore
 
-from lib.validation import bad_request, check_image_id, check_label_tag, check_text
+from lib.validation import (bad_request, check_image_id, check_int, check_json_value, check_label_tag, check_text,
+                            without_folders)
 
 logger = logging.getLogger(__name__)
 _internal: contextvars.ContextVar[bool] = contextvars.ContextVar("fasttextdiff_internal", default=False)
 
 TEXT_KEY = "text"
 # image info keys that clients may not set (the app owns them)
-_RESERVED = {"name", "ts", "path", "fasttextdiff_uncertainty"}
+_RESERVED = {"name", "ts", "path", "fasttextdiff_uncertainty", "strategy"}
+_RESERVED_LABEL = {"name", "ts"}
+UNCERTAINTY_TAG = "uncertainty"  # model output for the image: dropped, not kept aside, when the image is replaced
+# what uploads and the studies folder may hold: every single-file format the library reads
+# (detached headers such as .nhdr/.mhd are refused on upload; a DICOM series comes as a .zip)
+IMAGE_EXTENSIONS = ("*.nii.gz", "*.nii", "*.nrrd", "*.mha", "*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff",
+                    "*.dcm")
 
 
 class FastTextDiffDatastore(LocalDatastore):
     """A LocalDatastore with input checks; report text lives in image info `text`."""
 
-    def __init__(self, *args: Any, max_text_bytes: int = 65536, **kwargs: Any):
+    def __init__(self, *args: Any, max_text_bytes: int = 65536, detached_dir: str | None = None, **kwargs: Any):
         self.max_text_bytes = max_text_bytes
+        self.max_info_bytes = max(4 * max_text_bytes, 256 * 1024)  # one image's or label's info, as JSON
+        self.detached_dir = detached_dir  # where label files that no longer fit a replaced image go
         self._mutex = threading.RLock()
         super().__init__(*args, **kwargs)
         handler = getattr(self, "_handler", None)
@@ -83,26 +100,6 @@ class FastTextDiffDatastore(LocalDatastore):
         if removed:
             logger.info("removed %d stale partial file(s) of interrupted writes from the datastore", removed)
         return removed
-
-    # -------------------------------------------------------------- atomic files
-    @staticmethod
-    def _atomic_copy(src: str, dest: str) -> None:
-        """Copy `src` to `dest` through a hidden temp file in dest's folder; `dest` changes only
-        when the copy is complete and flushed. A failed copy removes the temp file and raises."""
-        folder = os.path.dirname(dest) or "."
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dest)}.", suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-                shutil.copyfileobj(inp, out, 1 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
 
     @staticmethod
     def _storage_error(exc: OSError, what: str):
@@ -163,9 +160,19 @@ class FastTextDiffDatastore(LocalDatastore):
         try:
             return read_image(path)
         except ImageReadError as exc:
-            raise bad_request(415, f"cannot read the {what}: {exc}") from exc
+            raise bad_request(415, f"cannot read the {what}: {without_folders(str(exc))}") from exc
         except Exception as exc:  # noqa: BLE001 - any reader failure is a bad upload, not a server bug
-            raise bad_request(415, f"cannot read the {what}: {type(exc).__name__}: {exc}") from exc
+            raise bad_request(415, f"cannot read the {what}: {type(exc).__name__}: {without_folders(str(exc))}") from exc
+
+    @staticmethod
+    def _label_shape(image) -> tuple:
+        """The shape a label of `image` must have (a colour image's labels have no channel axis)."""
+        return tuple(image.array.shape[: 3 if image.is_volume else 2])
+
+    def _check_info_size(self, info: Dict[str, Any], what: str) -> None:
+        size = len(json.dumps(info, default=str).encode("utf-8"))
+        if size > self.max_info_bytes:
+            raise bad_request(413, f"the {what} would be {size} bytes of JSON; the limit is {self.max_info_bytes} bytes")
 
     def _checked_info(self, info: Dict[str, Any] | None) -> Dict[str, Any]:
         if info is None:
@@ -178,34 +185,52 @@ class FastTextDiffDatastore(LocalDatastore):
             raise bad_request(400, f"image info keys {reserved} are set by the server and cannot be given")
         if TEXT_KEY in info:
             info[TEXT_KEY] = check_text(info[TEXT_KEY], self.max_text_bytes)
-        return info
+        return check_json_value(info, "image info")
 
     def has_image(self, image_id: str) -> bool:
         return image_id in self._datastore.objects
 
-    def image_text(self, image_id: str) -> str:
-        return str(self.get_image_info(image_id).get(TEXT_KEY) or "")
-
     # -------------------------------------------------------------- checked writes
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
+        """MONAI Label's API: a new image (an existing id is refused, see add_image_checked)."""
+        return self.add_image_checked(image_id, image_filename, image_info)["image"]
+
+    def add_image_checked(self, image_id: str, image_filename: str, image_info: Dict[str, Any] | None,
+                          replace: bool = False) -> Dict[str, Any]:
+        """Store an uploaded image under `image_id` (or its file name); with `replace`, over an existing
+        one (see the module doc). Returns {"image": id} plus, for a replacement, what happened."""
         id_from_file, ext = self._to_id(os.path.basename(image_filename))
         image_id = check_image_id(image_id or id_from_file)
         if not any(image_filename.endswith(e.replace("*", "")) for e in self._extensions):
-            raise bad_request(415, f"unsupported image file type {ext!r}; supported: {list(self._extensions)}")
+            raise bad_request(415, f"unsupported image file type {ext!r} ({os.path.basename(image_filename)!r}); "
+                                   f"supported: {', '.join(e.replace('*', '') for e in self._extensions)} "
+                                   "or a .zip of one DICOM series")
         info = self._checked_info(image_info)
-        self._image_geometry(image_filename, "uploaded image")
+        new_shape = self._label_shape(self._image_geometry(image_filename, "uploaded image"))
         name = self._filename(image_id, ext)
         dest = os.path.realpath(os.path.join(self._datastore.image_path(), name))
         with self._mutex, FileLock(self._lock_file):
             self._reload_locked()  # other processes' writes since our last read survive ours
             previous = self._datastore.objects.get(image_id)
-            try:
-                self._atomic_copy(image_filename, dest)
-                from monailabel.datastore.local import ImageLabelModel
+            if previous is not None and not replace:
+                raise bad_request(409, f"image {image_id!r} already exists; to replace it, upload again with params "
+                                       '{"replace": true} (the report is kept unless a new one is given; labels that '
+                                       "no longer fit the new image are moved aside)")
+            if previous is not None and TEXT_KEY not in info and previous.image.info.get(TEXT_KEY):
+                info[TEXT_KEY] = previous.image.info[TEXT_KEY]
+            self._check_info_size(info, f"info of image {image_id!r}")
+            from monailabel.datastore.local import ImageLabelModel
 
+            try:
+                kept, moved = self._settle_labels(image_id, new_shape) if previous is not None else ({}, [])
+                atomic_copy(image_filename, dest)
+                for stale in self._files_of(self._datastore.image_path(), image_id):
+                    if os.path.realpath(stale) != dest:
+                        os.unlink(stale)  # the replaced image under another extension
                 info = dict(info, ts=int(time.time()), name=name)
-                # as MONAI Label does: a re-upload replaces the record (label files stay on disk)
-                self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+                record = ImageLabelModel(image=DataModel(info=info, ext=ext))
+                record.labels.update(kept)
+                self._datastore.objects[image_id] = record
                 self._update_datastore_file(lock=False)
             except OSError as exc:
                 if previous is None:
@@ -213,8 +238,58 @@ class FastTextDiffDatastore(LocalDatastore):
                 else:
                     self._datastore.objects[image_id] = previous
                 raise self._storage_error(exc, f"image {image_id!r}") from exc
-        logger.info("added image %s (%s)", image_id, name)
-        return image_id
+        logger.info("%s image %s (%s)", "replaced" if previous is not None else "added", image_id, name)
+        result: Dict[str, Any] = {"image": image_id}
+        if previous is not None:
+            result.update(replaced=True, labels_kept=sorted(kept), labels_moved_aside=moved)
+        return result
+
+    def _files_of(self, folder: str, image_id: str) -> list[str]:
+        """The files in `folder` that MONAI Label would take for `image_id` (any known extension)."""
+        if not os.path.isdir(folder):
+            return []
+        suffixes = tuple(e.replace("*", "") for e in self._extensions)
+        return [entry.path for entry in os.scandir(folder)
+                if entry.is_file() and entry.name.endswith(suffixes) and self._to_id(entry.name)[0] == image_id]
+
+    def _settle_labels(self, image_id: str, new_shape: tuple) -> tuple[Dict[str, DataModel], list]:
+        """Before a replaced image's record changes (caller holds the locks): keep each label file of
+        `image_id` that fits `new_shape`, move the others out of the studies folder. Returns the kept
+        labels' records and a list of what was moved where."""
+        labels_dir = self._datastore.label_path(None)
+        obj = self._datastore.objects.get(image_id)
+        kept: Dict[str, DataModel] = {}
+        moved = []
+        tags = [t for t in os.listdir(labels_dir) if os.path.isdir(os.path.join(labels_dir, t))] \
+            if os.path.isdir(labels_dir) else []
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for tag in sorted(tags):
+            for path in self._files_of(os.path.join(labels_dir, tag), image_id):
+                fits = False
+                if tag != UNCERTAINTY_TAG:
+                    try:
+                        fits = tuple(self._image_geometry(path, "label").array.shape) == new_shape
+                    except Exception:  # noqa: BLE001 - an unreadable label cannot fit either
+                        fits = False
+                record = obj.labels.get(tag) if obj is not None else None
+                if fits and record is not None and self._filename(image_id, record.ext) == os.path.basename(path):
+                    kept[tag] = record
+                    continue
+                if fits and record is None:
+                    _, ext = self._to_id(os.path.basename(path))
+                    kept[tag] = DataModel(info={"ts": int(time.time()), "name": os.path.basename(path)}, ext=ext)
+                    continue
+                if tag == UNCERTAINTY_TAG or not self.detached_dir:
+                    os.unlink(path)
+                    moved.append({"tag": tag, "file": os.path.basename(path), "to": None})
+                    continue
+                target = Path(self.detached_dir) / f"{image_id}-{stamp}" / tag / os.path.basename(path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(path, target)
+                moved.append({"tag": tag, "file": os.path.basename(path), "to": str(target)})
+                logger.info("moved label %s/%s aside to %s: it does not fit the replaced image", tag,
+                            os.path.basename(path), target)
+        return kept, moved
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         check_image_id(image_id)
@@ -223,12 +298,18 @@ class FastTextDiffDatastore(LocalDatastore):
             raise bad_request(404, f"image {image_id!r} is not in the datastore")
         if label_info is not None and not isinstance(label_info, dict):
             raise bad_request(400, "label params must be a JSON object")
+        label_info = check_json_value(dict(label_info or {}), "label params")
+        reserved = sorted(set(label_info) & _RESERVED_LABEL)
+        if reserved:
+            raise bad_request(400, f"label params {reserved} are set by the server and cannot be given")
+        self._check_info_size(label_info, f"info of label {label_tag!r} of {image_id!r}")
         label = self._image_geometry(label_filename, "label")
         image = self._image_geometry(self.get_image_uri(image_id), "image of this label")
         label_shape = tuple(label.array.shape)
-        image_shape = tuple(image.array.shape[: 3 if image.is_volume else 2])
+        image_shape = self._label_shape(image)
         if label_shape != image_shape:
-            raise bad_request(422, f"label shape {label_shape} does not match image {image_id!r} shape {image_shape}")
+            raise bad_request(422, f"label {os.path.basename(label_filename)!r} has shape {label_shape}, which does not "
+                                   f"match image {image_id!r} of shape {image_shape}")
         return self.store_label(image_id, label_filename, label_tag, label_info)
 
     def store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any] | None) -> str:
@@ -245,7 +326,7 @@ class FastTextDiffDatastore(LocalDatastore):
             previous = obj.labels.get(label_tag)
             try:
                 os.makedirs(label_path, exist_ok=True)
-                self._atomic_copy(label_filename, dest)
+                atomic_copy(label_filename, dest)
                 info = dict(label_info or {}, ts=int(time.time()), name=name)
                 obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
                 self._update_datastore_file(lock=False)
@@ -269,6 +350,8 @@ class FastTextDiffDatastore(LocalDatastore):
             if obj is None:
                 raise bad_request(404, f"image {str(image_id)[:80]!r} is not in the datastore")
             previous = dict(obj.image.info)
+            if not _internal.get():
+                self._check_info_size(dict(previous, **checked), f"info of image {str(image_id)[:80]!r}")
             obj.image.info.update(checked)
             try:
                 self._update_datastore_file(lock=False)
@@ -286,17 +369,81 @@ class FastTextDiffDatastore(LocalDatastore):
             _internal.reset(token)
 
     def remove_image(self, image_id: str) -> None:
+        """The image, its labels and its record, removed together (MONAI Label's own removal left the
+        record to the file watcher, so the datastore briefly listed files that were gone)."""
         if not self.has_image(image_id):
             raise bad_request(404, f"image {str(image_id)[:80]!r} is not in the datastore")
-        with self._mutex:
-            super().remove_image(image_id)
+        with self._mutex, FileLock(self._lock_file):
+            self._reload_locked()
+            obj = self._datastore.objects.get(image_id)
+            if obj is None:
+                raise bad_request(404, f"image {str(image_id)[:80]!r} is not in the datastore")
+            for tag, label in obj.labels.items():
+                self._unlink(os.path.join(self._datastore.label_path(tag), self._filename(image_id, label.ext)))
+            self._unlink(os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext)))
+            self._datastore.objects.pop(image_id, None)
+            self._update_datastore_file(lock=False)
+        logger.info("removed image %s and its labels", image_id)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         check_label_tag(label_tag)
-        if not self.get_label_uri(label_id, label_tag):
-            raise bad_request(404, f"no label {str(label_id)[:80]!r} with tag {label_tag!r}")
-        with self._mutex:
-            super().remove_label(label_id, label_tag)
+        with self._mutex, FileLock(self._lock_file):
+            self._reload_locked()
+            obj = self._datastore.objects.get(label_id)
+            label = obj.labels.get(label_tag) if obj is not None else None
+            if label is None:
+                raise bad_request(404, f"no label {str(label_id)[:80]!r} with tag {label_tag!r}")
+            self._unlink(os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext)))
+            obj.labels.pop(label_tag, None)
+            self._update_datastore_file(lock=False)
+
+    @staticmethod
+    def _unlink(path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        check_label_tag(label_tag)
+        if not isinstance(info, dict):
+            raise bad_request(400, f"label info must be a JSON object, got {type(info).__name__}")
+        info = check_json_value(dict(info), "label info")
+        reserved = sorted(set(info) & _RESERVED_LABEL)
+        if reserved:
+            raise bad_request(400, f"label info keys {reserved} are set by the server and cannot be given")
+        with self._mutex, FileLock(self._lock_file):
+            self._reload_locked()
+            obj = self._datastore.objects.get(label_id)
+            label = obj.labels.get(label_tag) if obj is not None else None
+            if label is None:
+                raise bad_request(404, f"no label {str(label_id)[:80]!r} with tag {label_tag!r}")
+            self._check_info_size(dict(label.info, **info), f"info of label {label_tag!r} of {label_id!r}")
+            previous = dict(label.info)
+            label.info.update(info)
+            try:
+                self._update_datastore_file(lock=False)
+            except OSError as exc:
+                label.info.clear()
+                label.info.update(previous)
+                raise self._storage_error(exc, f"info of label {label_tag!r} of {label_id!r}") from exc
+
+    def write_dataset_archive(self, dest: Path, limit_cases: int | None = None) -> Path:
+        """The images with a final label, those labels and the datastore record, as a zip at `dest`
+        (MONAI Label's get_dataset_archive, written where the caller says instead of a leaked /tmp file)."""
+        items = self.datalist()
+        if not items:
+            raise bad_request(404, "no image has a final label yet: there is nothing to put in the archive")
+        if limit_cases:
+            items = items[: check_int(limit_cases, "limit_cases", 1, 10**6)]
+        with zipfile.ZipFile(dest, mode="x") as archive:
+            for item in items:
+                for key, path in item.items():
+                    if isinstance(path, str) and os.path.isfile(path):
+                        archive.write(path, arcname=f"{key}/{os.path.basename(path)}")
+            with self._mutex:
+                archive.writestr("metadata.json", self._datastore.model_dump_json(exclude={"base_path"}))
+        return dest
 
     # -------------------------------------------------------------- checked reads
     def get_image_info(self, image_id: str) -> Dict[str, Any]:

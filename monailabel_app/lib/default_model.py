@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Any, Callable
 
+from fasttextdiff.devices import resolve_device
+
 from lib.configs.app_conf import AppConf
 from lib.model_manager import ModelManager
 
@@ -62,7 +64,7 @@ class DefaultModelBuilder:
                 timer.daemon = True
                 timer.start()
             return event
-        device = conf.torch_device()
+        device = str(resolve_device(conf.device))
         try:
             images = self.datastore.list_images()
             labeled = self.datastore.get_labeled_images()

@@ -6,31 +6,31 @@ Paths (all under the state folder, `<app>/model/<studies name>-<hash>` by defaul
   text_cache/ report embeddings, keyed by encoder identity + sha256(text)
   work/       training scratch: resumable runs, volume slices; never read by inference
 
-`ModelPaths` is a small picklable record, so trainers (run by MONAI Label in a subprocess or
-spawned per GPU) resolve the same folders without carrying a loaded model around.
+`ModelPaths` is a small picklable record of plain strings, so trainers (run by MONAI Label in a
+subprocess) resolve the same folders without carrying a loaded model around.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fasttextdiff.config import MODEL_CONFIG_FILE
+from fasttextdiff.devices import resolve_device
+from fasttextdiff.errors import ModelNotReadyError
+
 from lib.configs.app_conf import AppConf
-from lib.validation import bad_request
 
 logger = logging.getLogger(__name__)
 
-MODEL_RECORD = "fasttextdiff.json"
-
 
 def _is_model_dir(path: Path) -> bool:
-    return (path / MODEL_RECORD).is_file()
+    return (path / MODEL_CONFIG_FILE).is_file()
 
 
 def _current(root: Path) -> Path | None:
@@ -95,7 +95,7 @@ class ModelPaths:
         served = self.served_model_dir()
         if served is None:
             return None
-        stamp = (served / MODEL_RECORD).stat().st_mtime_ns
+        stamp = (served / MODEL_CONFIG_FILE).stat().st_mtime_ns
         return hashlib.sha256(f"{served}|{stamp}".encode()).hexdigest()[:16]
 
 
@@ -129,23 +129,23 @@ class ModelManager:
             logger.info("FastTextDiff model: %s - %s", state, message)
 
     def segmenter(self):
-        """The loaded Segmenter for the current model; HTTP 503 with the reason while there is none."""
+        """The loaded Segmenter for the current model; ModelNotReadyError (HTTP 503) with the reason while there is none."""
         from fasttextdiff.infer import Segmenter
 
         identity = self.paths.model_identity()
         if identity is None:
             state = self.status.get("state")
             if state == "preparing":
-                raise bad_request(503, f"model is being prepared: {self.status.get('message')}; "
-                                       "try again when /info shows fasttextdiff.model.state = ready")
+                raise ModelNotReadyError(f"model is being prepared: {self.status.get('message')}; "
+                                         "try again when /info shows fasttextdiff.model.state = ready")
             if state == "failed":
-                raise bad_request(503, f"no model: preparing the default model failed ({self.status.get('message')})")
-            raise bad_request(503, self.refresh_status()["message"])
+                raise ModelNotReadyError(f"no model: preparing the default model failed ({self.status.get('message')})")
+            raise ModelNotReadyError(self.refresh_status()["message"])
         with self._lock:
             if identity != self._identity:
                 served = self.paths.served_model_dir()
                 started = time.time()
-                self._segmenter = Segmenter.load(served, device=self.conf.torch_device(), n_noise=self.conf.n_noise,
+                self._segmenter = Segmenter.load(served, device=resolve_device(self.conf.device), n_noise=self.conf.n_noise,
                                                  batch_size=self.conf.infer_batch_size,
                                                  text_cache_dir=self.paths.text_cache)
                 self._identity = identity
@@ -157,21 +157,3 @@ class ModelManager:
     @property
     def ready(self) -> bool:
         return self.paths.model_identity() is not None
-
-
-def resolve_device(request_device: Any, conf: AppConf) -> str:
-    """MONAI Label sends `device` as a name or a list of names; map it onto what exists here."""
-    import torch
-
-    device = request_device[0] if isinstance(request_device, (list, tuple)) and request_device else request_device
-    if not isinstance(device, str) or not device or device == "auto":
-        return conf.torch_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return "cpu"
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        return conf.torch_device()  # a GPU's display name from /info's device list
-    return device
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

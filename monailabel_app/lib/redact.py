@@ -34,6 +34,7 @@ LOGGERS = (
     "task_scoring",
     "task_batch_infer",
     "uvicorn.access",
+    "lib.endpoints",  # the app's own versions of MONAI Label's endpoints log requests the same way
 )
 
 

@@ -1,22 +1,23 @@
-"""Adapt MONAI Label 0.8.5's FastAPI routes: 4xx for bad input, /infer off the event loop.
+"""Re-register MONAI Label 0.8.5's FastAPI routes: 4xx with a reason for bad input, slow work off the
+event loop, uploads that leave nothing behind.
 
-Two gaps in the server we are served by:
+MONAI Label gives an app no hook for its HTTP layer, and middleware cannot be added once the server
+runs, so the app re-registers every route once, at init, with the same path, parameters and role
+(RBAC dependency):
 
-* Its endpoints are `async def` functions that call the app synchronously, so a running
-  `/infer` holds the event loop and every other request (even `/info`) waits for it.
-* Exceptions other than `HTTPException` become HTTP 500: a malformed `params` JSON, an unknown
-  image id in the datastore, an unknown model or strategy.
-
-MONAI Label gives an app no hook for either, and middleware cannot be added once the server is
-running, so the app re-registers those routes once, at init, with the same path, parameters and
-auth dependency: each wrapper translates known error types into 4xx with the message, and the
-`/infer` wrapper runs MONAI Label's own `run_inference` in the thread pool. Everything else of the
-request handling is MONAI Label's code, unchanged.
+* routes listed in `lib/endpoints.REPLACEMENTS` answer with the app's own function (uploads in
+  private temp folders, checked bodies, run in FastAPI's thread pool); see that module;
+* every other route keeps MONAI Label's endpoint, wrapped: JSON form fields and bodies are checked
+  first (malformed, NaN/Infinity, nested too deeply, not an object: 400), and known exception
+  types become 4xx (`translate`), so only genuine server faults are 500;
+* every route is a `GuardedRoute`: the body is bounded (--conf max_upload_mb for multipart,
+  1 MiB for JSON) and form fields must be UTF-8 before the endpoint sees the request, and
+  validation errors are answered with a 422 that can always be encoded (FastAPI's own handler
+  echoes the input, and fails on a bare NaN or 1e400 body).
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import json
@@ -26,17 +27,17 @@ from typing import Any, Callable
 
 from fastapi import HTTPException
 from fastapi.routing import APIRoute, APIRouter
-from starlette.concurrency import run_in_threadpool
+
+from lib.origin import REQUEST_ORIGIN
 
 logger = logging.getLogger(__name__)
 
 _MARK = "_fasttextdiff_hardened"
 _TOKEN = object()  # this import of the module; MONAI Label re-imports `lib` for each app instance
 
-# set while an HTTP request is handled: "http", or "http-upload" when it carries an image file.
-# MONAI Label reads an `image` that is an existing server path directly; over HTTP the app allows
-# that only for the file MONAI Label itself saved from this request's upload.
-REQUEST_ORIGIN: contextvars.ContextVar[str | None] = contextvars.ContextVar("fasttextdiff_origin", default=None)
+MAX_JSON_BYTES = 1024 * 1024  # JSON and other non-multipart bodies (no route takes more)
+SPOOL_IN_MEMORY = 4 * 1024 * 1024  # larger bodies are spooled to a temp file, not held in memory
+_JSON_FORM_FIELDS = ("params", "info", "wsi")
 
 
 def translate(exc: BaseException) -> HTTPException | None:
@@ -58,6 +59,10 @@ def translate(exc: BaseException) -> HTTPException | None:
         return None
     if isinstance(exc, json.JSONDecodeError):
         return HTTPException(400, detail=f"request parameters are not valid JSON: {exc.msg} at position {exc.pos}")
+    if isinstance(exc, ValueError) and "null byte" in str(exc):  # a NUL in a value that reached a file name
+        return HTTPException(400, detail="the request contains a NUL character where a name is expected")
+    if isinstance(exc, RecursionError):
+        return HTTPException(400, detail="request parameters are nested too deeply")
     if isinstance(exc, UnicodeDecodeError):
         return HTTPException(400, detail=f"request is not valid UTF-8 ({exc.reason})")
     try:
@@ -71,7 +76,9 @@ def translate(exc: BaseException) -> HTTPException | None:
     except ImportError:  # pragma: no cover - library missing
         return None
     if isinstance(exc, ImageReadError):
-        return HTTPException(415, detail=f"cannot read the image: {exc}")
+        from lib.validation import without_folders
+
+        return HTTPException(415, detail=f"cannot read the image: {without_folders(str(exc))}")
     if isinstance(exc, ReportError):
         return HTTPException(400, detail=f"cannot use the report text: {exc}")
     if isinstance(exc, (ModelNotFoundError, CheckpointError)):
@@ -113,47 +120,57 @@ def _opened(result: Any) -> Any:
                              media_type=result.media_type, background=result.background)
 
 
-def _check_json_object_fields(kwargs: dict) -> None:
-    """MONAI Label indexes the `params`/`info` form fields as dicts: a JSON list or number there
-    was a 500 (TypeError); refuse it as a bad request."""
-    for key in ("params", "info"):
-        value = kwargs.get(key)
-        if isinstance(value, str) and value.strip():
-            parsed = json.loads(value)  # malformed JSON: translated to 400 below
-            if not isinstance(parsed, dict):
-                raise HTTPException(400, detail=f"form field {key!r} must be a JSON object, got {type(parsed).__name__}")
+def _check_request_values(kwargs: dict) -> None:
+    """JSON form fields must hold a JSON object and parsed bodies finite numbers within the nesting
+    limit, before MONAI Label stores or indexes them (else: 500s, or a NaN in the datastore that
+    makes every later answer fail to encode)."""
+    from lib.validation import check_json_value, parse_json_object
+
+    for key, value in kwargs.items():
+        if key in _JSON_FORM_FIELDS and isinstance(value, (str, bytes)):
+            parse_json_object(value, key)
+        elif isinstance(value, (dict, list)):
+            check_json_value(value, f"the request {'body' if key == 'params' else key}")
 
 
-def _wrap(endpoint: Callable, in_thread: Callable | None = None) -> Callable:
-    """Same signature as `endpoint` (FastAPI reads it via __wrapped__), errors translated."""
+def _guard(endpoint: Callable, inline: bool = False) -> Callable:
+    """`endpoint` with the request checks and error translation; same signature (FastAPI reads it
+    via __wrapped__). A plain `def` stays one (FastAPI runs it in its thread pool) unless `inline`."""
 
-    @functools.wraps(endpoint)
-    async def wrapper(**kwargs: Any) -> Any:
-        # an uploaded file, or a MONAI Label session (an image the client uploaded earlier)
-        uploaded = bool(kwargs.get("file") or kwargs.get("session_id"))
-        token = REQUEST_ORIGIN.set("http-upload" if uploaded else "http")
-        try:
-            _check_json_object_fields(kwargs)
-            if in_thread is not None:
-                kwargs.pop("user", None)
-                return _opened(await run_in_threadpool(in_thread, **kwargs))
-            return _opened(await endpoint(**kwargs))
-        except Exception as exc:  # noqa: BLE001 - translated or re-raised
-            http = translate(exc)
-            if http is None:
-                raise
-            if http is not exc:
-                logger.info("request refused (%s): %s", http.status_code, http.detail)
-            raise http from exc
-        finally:
-            REQUEST_ORIGIN.reset(token)
+    def refused(exc: Exception) -> HTTPException:
+        http = translate(exc)
+        if http is None:
+            raise exc
+        if http is not exc:
+            logger.info("request refused (%s): %s", http.status_code, http.detail)
+        return http
+
+    if inspect.iscoroutinefunction(endpoint) or inline:
+        @functools.wraps(endpoint)
+        async def wrapper(**kwargs: Any) -> Any:
+            token = REQUEST_ORIGIN.set("http")
+            try:
+                _check_request_values(kwargs)
+                result = endpoint(**kwargs)
+                return _opened(await result if inspect.isawaitable(result) else result)
+            except Exception as exc:  # noqa: BLE001 - translated or re-raised
+                raise refused(exc) from exc
+            finally:
+                REQUEST_ORIGIN.reset(token)
+    else:
+        @functools.wraps(endpoint)
+        def wrapper(**kwargs: Any) -> Any:
+            token = REQUEST_ORIGIN.set("http")
+            try:
+                _check_request_values(kwargs)
+                return _opened(endpoint(**kwargs))
+            except Exception as exc:  # noqa: BLE001 - translated or re-raised
+                raise refused(exc) from exc
+            finally:
+                REQUEST_ORIGIN.reset(token)
 
     setattr(wrapper, _MARK, _TOKEN)
     return wrapper
-
-
-_FORM_ROUTES = ("/infer/{model}", "/datastore/image", "/datastore/image/info", "/datastore/label",
-                "/datastore/label/info", "/datastore/")
 
 
 class FormFieldChecker:
@@ -209,9 +226,12 @@ class FormFieldChecker:
                 except UnicodeDecodeError as exc:
                     fail(exc)
 
-        self.parser = MultipartParser(options[b"boundary"], {
-            "on_part_begin": on_part_begin, "on_header_field": on_header_field,
-            "on_header_value": on_header_value, "on_part_data": on_part_data, "on_part_end": on_part_end})
+        try:
+            self.parser = MultipartParser(options[b"boundary"], {
+                "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                "on_header_value": on_header_value, "on_part_data": on_part_data, "on_part_end": on_part_end})
+        except Exception as exc:  # noqa: BLE001 - e.g. a boundary over 256 characters
+            self.reason = f"the multipart body cannot be parsed: {exc}"
 
     def write(self, chunk: bytes) -> None:
         if self.parser is not None and self.reason is None:
@@ -229,22 +249,21 @@ class FormFieldChecker:
         return self.reason
 
 
-def non_utf8_form_field(content_type: bytes, body: bytes) -> str | None:
-    """The reason a multipart body is refused (a form field that is not UTF-8), or None."""
-    checker = FormFieldChecker(content_type)
-    checker.write(body)
-    return checker.finish()
+
+def _safe_validation_errors(errors: Any) -> list:
+    """FastAPI's 422 body without the offending input (which may be NaN, huge, or the whole body)."""
+    safe = []
+    for error in list(errors)[:20]:
+        safe.append({"loc": [str(part)[:80] for part in error.get("loc", ())],
+                     "msg": str(error.get("msg", ""))[:200], "type": str(error.get("type", ""))[:80]})
+    return safe
 
 
-# largest request body accepted on the form routes (uploads); set by `harden` from --conf max_upload_mb
-MAX_BODY_BYTES = [1024 * 1024 * 1024]
-SPOOL_IN_MEMORY = 4 * 1024 * 1024  # larger bodies are spooled to a temp file, not held in memory
-
-
-class _Utf8FormRoute(APIRoute):
-    """An APIRoute whose handler reads the raw body first, bounded by --conf max_upload_mb and
-    spooled to disk beyond a few MiB, refuses non-UTF-8 form fields, then replays the body to
-    MONAI Label's endpoint."""
+class GuardedRoute(APIRoute):
+    """An APIRoute whose handler reads the raw body first, bounded (--conf max_upload_mb for
+    multipart bodies, 1 MiB otherwise) and spooled to disk beyond a few MiB, refuses non-UTF-8
+    form fields and malformed multipart headers, then replays the body to the endpoint; request
+    validation errors are answered with a 422 that never echoes the input."""
 
     def get_route_handler(self) -> Callable:
         inner = super().get_route_handler()
@@ -252,17 +271,23 @@ class _Utf8FormRoute(APIRoute):
         async def handler(request):
             import tempfile
 
+            from fastapi.exceptions import RequestValidationError
             from starlette.requests import Request
             from starlette.responses import JSONResponse
 
-            limit = MAX_BODY_BYTES[0]
-            too_big = JSONResponse({"detail": f"request body is larger than the upload limit of {limit // 2**20} MiB "
-                                              "(--conf max_upload_mb)"}, status_code=413)
+            content_type = request.headers.get("content-type", "")
+            multipart = content_type.lower().startswith("multipart/")
+            from lib.uploads import MAX_BODY_BYTES
+
+            limit = MAX_BODY_BYTES[0] if multipart else MAX_JSON_BYTES
+            what = f"the upload limit of {limit // 2**20} MiB (--conf max_upload_mb)" if multipart else \
+                f"the limit of {limit // 2**20} MiB for a request that is not a file upload"
+            too_big = JSONResponse({"detail": f"request body is larger than {what}"}, status_code=413)
             declared = request.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 return too_big
-            checker = FormFieldChecker(request.headers.get("content-type", "").encode("latin-1"))
-            spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+            checker = FormFieldChecker(content_type.encode("latin-1", "replace"))
+            spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # unlinked at once by the OS
             try:
                 size = 0
                 async for chunk in request.stream():
@@ -286,17 +311,27 @@ class _Utf8FormRoute(APIRoute):
                         return {"type": "http.request", "body": b"", "more_body": False}
                     return await original_receive()  # after the body: wait for the disconnect
 
-                return await inner(Request(request.scope, replay))
+                try:
+                    return await inner(Request(request.scope, replay))
+                except RequestValidationError as exc:
+                    return JSONResponse({"detail": _safe_validation_errors(exc.errors())}, status_code=422)
             finally:
                 spool.close()
 
         return handler
 
 
+def _api_path(path: str) -> str:
+    from monailabel.config import settings
+
+    prefix = settings.MONAI_LABEL_API_STR or ""
+    return path[len(prefix):] if prefix and path.startswith(prefix) else path
+
+
 def _walk(router: Any, threaded_infer: bool, seen: set[int]) -> int:
     """Replace the APIRoutes of `router` and, recursively, of routers it includes (FastAPI keeps
     included routers either flattened into `routes` or wrapped, depending on its version)."""
-    from monailabel.endpoints import infer as infer_endpoints
+    from lib import endpoints
 
     if id(router) in seen:
         return 0
@@ -314,19 +349,18 @@ def _walk(router: Any, threaded_infer: bool, seen: set[int]) -> int:
         if mark is _TOKEN:
             continue
         endpoint = route.endpoint.__wrapped__ if mark is not None else route.endpoint  # re-wrap after a re-import
-        if "kwargs" in inspect.signature(endpoint).parameters:
-            continue
-        in_thread = None
-        if threaded_infer and endpoint is infer_endpoints.api_run_inference:
-            in_thread = infer_endpoints.run_inference
-        form_route = any(route.path.endswith(p) for p in _FORM_ROUTES) and bool({"PUT", "POST"} & set(route.methods))
+        methods = sorted(route.methods)
+        replacement = endpoints.REPLACEMENTS.get((methods[0], _api_path(route.path))) if len(methods) == 1 else None
+        if replacement is not None:
+            endpoint = replacement
+        inline = replacement is endpoints.run_inference and not threaded_infer
         # the app's dependency_overrides must reach the new route (the auth fix in lib/security.py)
         provider = getattr(route, "dependency_overrides_provider", None)
-        fresh = APIRouter(route_class=_Utf8FormRoute if form_route else APIRoute, dependency_overrides_provider=provider)
+        fresh = APIRouter(route_class=GuardedRoute, dependency_overrides_provider=provider)
         fresh.add_api_route(
             route.path,
-            _wrap(endpoint, in_thread),
-            methods=sorted(route.methods),
+            _guard(endpoint, inline=inline),
+            methods=methods,
             name=route.name,
             summary=route.summary,
             description=route.description,
@@ -345,10 +379,11 @@ def _walk(router: Any, threaded_infer: bool, seen: set[int]) -> int:
 
 def harden(app: Any, threaded_infer: bool = True, max_body_bytes: int | None = None) -> int:
     """Re-register MONAI Label's routes on `app` (monailabel.app.app); returns how many. Idempotent."""
+    from lib import uploads
+
     if max_body_bytes is not None:
-        MAX_BODY_BYTES[0] = int(max_body_bytes)
+        uploads.MAX_BODY_BYTES[0] = int(max_body_bytes)
     count = _walk(app.router, threaded_infer, set())
     app.openapi_schema = None
-    logger.info("FastTextDiff: %d MONAI Label routes answer bad input with 4xx%s", count,
-                "; /infer runs in a worker thread" if threaded_infer else "")
+    logger.info("FastTextDiff: %d MONAI Label routes re-registered (checked input, slow work in threads)", count)
     return count

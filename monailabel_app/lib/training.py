@@ -6,12 +6,15 @@
   reports (volumes as their labeled slices plus a few empty ones), frozen backbone and encoder,
   published to the model root.
 
-Both write into a staging folder and publish with one atomic link swap at the very end, so a
-failed, killed or stopped run leaves the served model as it was.
+Each builds a JSON job for the library (`fasttextdiff.workflows.run_job`) and runs it in this process,
+or on several GPUs through `accelerate launch` (`launch_job`): one code path either way. The result is
+published with one atomic link swap at the very end, so a failed, killed or stopped run leaves the
+served model as it was.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -104,63 +107,52 @@ def backbone_config(conf: AppConf):
                           layers_per_block=1, timesteps=conf.timesteps, noise_seed=conf.seed)
 
 
+def _run(job: dict, paths: ModelPaths, num_processes: int, gpu_ids: str | None,
+         log: Callable[[dict], None] | None, stop_event: threading.Event | None) -> dict:
+    """The job in this process, or on `num_processes` GPUs through accelerate launch."""
+    from fasttextdiff.workflows import launch_job, run_job
+
+    if num_processes > 1:
+        return launch_job(job, num_processes, paths.work, log, gpu_ids=gpu_ids)
+    return run_job(job, log, stop_event)
+
+
 def pretrain_backbone_from_datastore(datastore: Any, conf: AppConf, paths: ModelPaths, *, epochs: int,
                                      batch_size: int, device: str, log: Callable[[dict], None] | None = None,
-                                     stop_event: threading.Event | None = None, accept_stopped: bool = False) -> dict:
+                                     stop_event: threading.Event | None = None, accept_stopped: bool = False,
+                                     num_processes: int = 1, gpu_ids: str | None = None) -> dict:
     """Pretrain on every image in the datastore and publish to the backbone root."""
-    from fasttextdiff.backbone import pretrain_backbone
-    from fasttextdiff.checkpoint import publish, staging_dir
-    from fasttextdiff.pipeline import unlabeled_tensor
+    from fasttextdiff.atomic import publish
+    from fasttextdiff.backbone import CHECKPOINT_DIR
 
     files = all_image_paths(datastore)
     if not files:
         raise ValueError("the datastore has no images to pretrain the backbone on")
-    config = backbone_config(conf)
-    images = unlabeled_tensor(files, config, progress=False, max_slices_per_volume=conf.pretrain_slices_per_volume)
     run_dir = paths.work / "backbone-run"
-    logger.info("backbone pretraining on %d images/slices from %d datastore images, %d epochs",
-                images.shape[0], len(files), epochs)
-    try:
-        metrics = pretrain_backbone(images, config, run_dir, epochs=epochs, batch_size=batch_size, lr=1e-3,
-                                    ema_decay=0.99, seed=conf.seed, device=device, progress=False,
-                                    log=_throttled(log), stop_event=stop_event)
-    except Exception as exc:  # a checkpoint of other settings: start over rather than fail forever
-        from fasttextdiff.errors import CheckpointError
-
-        if not isinstance(exc, CheckpointError):
-            raise
-        logger.warning("discarding an incompatible backbone checkpoint: %s", exc)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        metrics = pretrain_backbone(images, config, run_dir, epochs=epochs, batch_size=batch_size, lr=1e-3,
-                                    ema_decay=0.99, seed=conf.seed, device=device, progress=False,
-                                    log=_throttled(log), stop_event=stop_event)
+    # lr 1e-3 and a short EMA: the server's first start pretrains for minutes, not hours; a checkpoint
+    # left by a run on other images (the datastore changed) is ignored rather than refused
+    job = {"job": "pretrain-backbone", "images": [str(f) for f in files], "backbone": backbone_config(conf).to_dict(),
+           "out_dir": str(run_dir), "device": device, "restart_if_unusable": True,
+           "options": {"epochs": epochs, "batch_size": batch_size, "lr": 1e-3, "ema_decay": 0.99, "seed": conf.seed,
+                       "max_slices_per_volume": conf.pretrain_slices_per_volume}}
+    logger.info("backbone pretraining on %d datastore images, %d epochs, %d process(es)", len(files), epochs,
+                num_processes)
+    metrics = _run(job, paths, num_processes, gpu_ids, _throttled(log), stop_event)
     if metrics.get("stopped") and not accept_stopped:
         raise RuntimeError("backbone pretraining was stopped; the published backbone is unchanged")
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return metrics  # rank 0 publishes
-    staging = staging_dir(Path(paths.backbone_root) / "versions" / "new")
-    try:
-        for item in run_dir.iterdir():
-            if item.is_file():
-                shutil.copy2(item, staging / item.name)
-        final = publish(staging, paths.backbone_root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(run_dir, ignore_errors=True)  # finished: the next run starts fresh on the then-current images
-    metrics.update(published=str(final), images=int(images.shape[0]))
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # finished: the next run starts fresh on the then-current images
+    metrics.update(published=str(publish(run_dir, paths.backbone_root)))
     return metrics
 
 
 def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPaths, *, epochs: int,
                                    batch_size: int, lr: float, device: str,
                                    log: Callable[[dict], None] | None = None,
-                                   stop_event: threading.Event | None = None) -> dict:
+                                   stop_event: threading.Event | None = None,
+                                   num_processes: int = 1, gpu_ids: str | None = None) -> dict:
     """Train fusion + head on the labeled images with their reports; publish to the model root."""
-    from fasttextdiff.checkpoint import publish
-    from fasttextdiff.config import SegmenterConfig, TextConfig, TrainConfig
-    from fasttextdiff.train import train_segmenter
+    from fasttextdiff.atomic import publish
+    from fasttextdiff.config import MODEL_CONFIG_FILE, SegmenterConfig, TextConfig, TrainConfig
 
     backbone = paths.backbone_dir()
     if backbone is None:
@@ -173,28 +165,24 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
     seg_config = SegmenterConfig(num_classes=len(conf.labels) + 1, labels=conf.labels)
     text_config = TextConfig(encoder=conf.text_encoder)
     if served is not None:  # keep the served model's architecture and encoder when retraining
-        import json
-
-        record = json.loads((served / "fasttextdiff.json").read_text())
+        record = json.loads((served / MODEL_CONFIG_FILE).read_text())
         seg_config = SegmenterConfig.from_dict(record["segmenter"])
         text_config = TextConfig.from_dict(record["text"])
     train_config = TrainConfig(epochs=epochs, batch_size=min(batch_size, len(samples)), lr=lr, seed=conf.seed,
                                num_workers=0)
     out_dir = paths.work / "segmenter-run"
-    logger.info("training fusion + head on %d labeled samples (%d epochs, device %s)", len(samples), epochs, device)
-    published: list[Path] = []
-
-    def do_publish(staging: Path) -> None:
-        published.append(publish(staging, paths.publish_root))
-
+    job = {"job": "train-segmenter", "out_dir": str(out_dir), "backbone_dir": str(backbone), "device": device,
+           "samples": [{"image": str(s.image), "mask": str(s.mask), "text": s.text, "name": s.name} for s in samples],
+           "text": text_config.to_dict(), "segmenter": seg_config.to_dict(), "train": train_config.to_dict(),
+           "text_cache_dir": str(paths.text_cache)}
+    logger.info("training fusion + head on %d labeled samples (%d epochs, device %s, %d process(es))", len(samples),
+                epochs, device, num_processes)
     try:
-        metrics = train_segmenter(samples, out_dir, backbone_dir=backbone, text_config=text_config,
-                                  segmenter_config=seg_config, train_config=train_config, device=device,
-                                  progress=False, log=log, stop_event=stop_event, text_cache_dir=paths.text_cache,
-                                  publish=do_publish)
+        metrics = _run(job, paths, num_processes, gpu_ids, log, stop_event)
     finally:
         for p in paths.work.glob("slices-*"):
             shutil.rmtree(p, ignore_errors=True)
+    published = publish(out_dir, paths.publish_root)
     metrics.pop("history", None)
-    metrics.update(published=str(published[0]) if published else None, samples=len(samples))
+    metrics.update(published=str(published), samples=len(samples))
     return metrics

@@ -2,22 +2,21 @@
 
 Attach the report text of a volume, send both to the server, load the segmentation (named,
 coloured segments) and its uncertainty map, correct the segments, submit the label, train, and
-ask for the next most uncertain image. All server talk and report handling lives in the
-slicer-free ``ReportSegmentLib`` package; this file holds the Slicer glue only:
+ask for the next most uncertain image. Server talk and report handling live in the slicer-free
+``ReportSegmentLib`` package (standard library only); everything that touches the scene lives in
+``ReportSegmentScene`` (MRML and logic classes only, no Qt: tested on slicer-core and reused by
+the web viewer). This file holds the desktop glue only:
 
 - ``ReportSegment``        module description
 - ``ReportSegmentWidget``  UI wiring (thin)
-- ``ReportSegmentLogic``   scene operations (report attribute, segmentation/uncertainty loading,
-                           labelmap export), usable from the Python console without the widget
+- ``ReportSegmentLogic``   ``ReportSegmentScene``'s logic on ``slicer.mrmlScene``, usable from the
+                           Python console without the widget
 - ``ReportSegmentTest``    the end-to-end scenario inside Slicer, against the server named by
                            the ``FASTTEXTDIFF_SERVER_URL`` environment variable
 """
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 import traceback
 
@@ -33,35 +32,14 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from ReportSegmentLib import (
-    IMAGE_ID_ATTRIBUTE,
-    REPORT_ATTRIBUTE,
-    FastTextDiffClient,
     ReportSegmentError,
     describe_server,
-    export_values,
-    image_id_from_name,
-    label_info,
     normalize_report,
     read_report_file,
-    segments_for_labels,
     summarize_report,
-    validate_report,
 )
 from ReportSegmentLib import settings as keys
-
-#: Node reference roles (saved with the scene) from a volume to its result nodes.
-SEGMENTATION_REFERENCE = "FastTextDiff.Segmentation"
-UNCERTAINTY_REFERENCE = "FastTextDiff.Uncertainty"
-LABEL_COLORS_REFERENCE = "FastTextDiff.LabelColors"
-#: Attribute on the segmentation node: JSON {label name: value} of the server's result.
-LABELS_ATTRIBUTE = "FastTextDiff.Labels"
-#: Colour maps tried, in order, for the uncertainty overlay.
-UNCERTAINTY_COLOR_NODE_IDS = (
-    "vtkMRMLColorTableNodeFileInferno.txt",
-    "vtkMRMLColorTableNodeFileColdToHotRainbow.txt",
-    "vtkMRMLColorTableNodeRainbow",
-)
-FILE_EXTENSION = ".nrrd"
+from ReportSegmentScene import ReportSegmentSceneLogic
 
 
 #
@@ -199,7 +177,14 @@ class ReportSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         def connect():
             url = self.ui.serverUrlLineEdit.text
             timeout = float(qt.QSettings().value(keys.TIMEOUT_KEY, keys.DEFAULT_TIMEOUT_SECONDS))
-            info = self.logic.connect(url, timeout)
+            username = password = None
+            if self.logic.serverNeedsLogin(url, timeout):  # MONAI Label authentication is on
+                title = "Report Segment: log in"
+                username = qt.QInputDialog.getText(self.parent, title, "User name on {}:".format(url))
+                if not username:
+                    return
+                password = qt.QInputDialog.getText(self.parent, title, "Password:", qt.QLineEdit.Password)
+            info = self.logic.connect(url, timeout, username, password)
             qt.QSettings().setValue(keys.SERVER_URL_KEY, self.logic.client.url)
             self.ui.serverUrlLineEdit.text = self.logic.client.url
             self.ui.serverInfoLabel.text = describe_server(info)
@@ -307,281 +292,24 @@ class ReportSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class ReportSegmentLogic(ScriptedLoadableModuleLogic):
-    """Scene operations of the module. Works without the widget (Python console, tests)."""
+class ReportSegmentLogic(ScriptedLoadableModuleLogic, ReportSegmentSceneLogic):
+    """Desktop Slicer's logic: the MRML-only scene logic (``ReportSegmentScene``, also run by the web
+    viewer and the tests on slicer-core) on ``slicer.mrmlScene`` with Slicer's volumes logic, plus
+    the one view operation that needs the application (fitting the slice views)."""
 
     def __init__(self, client=None):
         ScriptedLoadableModuleLogic.__init__(self)
-        self.client = client
-        self.tmpdir = tempfile.mkdtemp(prefix="ReportSegment-")
-        self.lastResult = None
+        # downloads stay on disk: a volume's storage node points at its file until the scene is saved
+        tmpdir = os.path.join(slicer.app.temporaryPath, "ReportSegment")
+        os.makedirs(tmpdir, exist_ok=True)
+        ReportSegmentSceneLogic.__init__(self, slicer.mrmlScene, slicer.modules.volumes.logic(), client, tmpdir)
 
-    def __del__(self):
-        shutil.rmtree(getattr(self, "tmpdir", ""), ignore_errors=True)
-
-    # ---------------------------------------------------------------- server
-    def connect(self, url, timeout=keys.DEFAULT_TIMEOUT_SECONDS):
-        """Check the server answers ``/info/``; keep the client. Returns the info."""
-        client = FastTextDiffClient(url, timeout=timeout, tmpdir=self.tmpdir)
-        info = client.info()
-        self.client = client
-        return info
-
-    def requireClient(self):
-        if self.client is None:
-            raise ReportSegmentError("Connect to a FastTextDiff server first.")
-        return self.client
-
-    # ---------------------------------------------------------------- report attribute
-    @staticmethod
-    def setReport(volumeNode, text, validate=True):
-        """Keep the report on the volume node (an attribute, saved with the scene)."""
-        if volumeNode is None:
-            raise ReportSegmentError("Select a volume first.")
-        text = validate_report(text) if validate else normalize_report(text)
-        volumeNode.SetAttribute(REPORT_ATTRIBUTE, text)
-        return text
-
-    @staticmethod
-    def getReport(volumeNode):
-        if volumeNode is None:
-            return ""
-        return volumeNode.GetAttribute(REPORT_ATTRIBUTE) or ""
-
-    @staticmethod
-    def imageIdForVolume(volumeNode):
-        """The datastore id of the volume: the one it was uploaded/downloaded as, else derived
-        from its name."""
-        return volumeNode.GetAttribute(IMAGE_ID_ATTRIBUTE) or image_id_from_name(volumeNode.GetName())
-
-    # ---------------------------------------------------------------- upload / segment
-    def uploadVolume(self, volumeNode):
-        """Upload the volume with its report; when the server already has it (the volume came from
-        the server, or was uploaded before), only the report is updated. Returns the image id."""
-        if volumeNode is None:
-            raise ReportSegmentError("Select a volume first.")
-        client = self.requireClient()
-        report = validate_report(self.getReport(volumeNode), client.max_report_bytes)
-        imageId = volumeNode.GetAttribute(IMAGE_ID_ATTRIBUTE)
-        if imageId and client.image_exists(imageId):
-            client.set_report(imageId, report)
-        else:
-            # never uploaded from here: a fresh id, so another image of the same name is not touched
-            imageId = client.unused_image_id(image_id_from_name(volumeNode.GetName()))
-            path = os.path.join(self.tmpdir, imageId + FILE_EXTENSION)
-            self._writeNode(volumeNode, path)
-            imageId = client.upload_image(path, image_id=imageId, text=report)
-            os.remove(path)
-        volumeNode.SetAttribute(IMAGE_ID_ATTRIBUTE, imageId)
-        return imageId
-
-    def segment(self, volumeNode, model=keys.DEFAULT_MODEL):
-        """Upload (or update the report of) the volume, segment it with its report, and load the
-        label as a segmentation and the uncertainty as an overlay. Returns
-        ``(segmentationNode, uncertaintyNode or None, result)``."""
-        imageId = self.uploadVolume(volumeNode)
-        report = self.getReport(volumeNode)
-        result = self.requireClient().segment(
-            imageId, text=report or None, model=model, out_dir=tempfile.mkdtemp(dir=self.tmpdir)
-        )
-        self.lastResult = result
-        if not result.label_path:
-            raise ReportSegmentError("The server returned no label image for this segmentation.")
-        segmentation = self.loadSegmentation(result.label_path, result.labels, volumeNode)
-        uncertainty = None
-        if result.uncertainty_path:
-            uncertainty = self.loadUncertainty(result.uncertainty_path, volumeNode)
-        shutil.rmtree(result.out_dir, ignore_errors=True)
-        return segmentation, uncertainty, result
-
-    def loadSegmentation(self, labelPath, labels, volumeNode):
-        """Load a label file as the volume's segmentation: one named segment per label, each in its
-        own distinct colour (labels without voxels get an empty segment to paint into)."""
-        labels = dict(labels or {})
-        labelNode = slicer.util.loadLabelVolume(labelPath, {"show": False})
-        if labelNode is None:
-            raise ReportSegmentError(f"Slicer could not read the label file {os.path.basename(labelPath)}.")
-        try:
-            if not labels:
-                values = self._labelValues(labelNode)
-                labels = {f"label {value}": value for value in values}
-            specs = segments_for_labels(labels)
-            colorNode = self._colorTable(
-                volumeNode.GetName() + " labels", specs, volumeNode.GetNodeReference(LABEL_COLORS_REFERENCE)
-            )
-            volumeNode.SetNodeReferenceID(LABEL_COLORS_REFERENCE, colorNode.GetID())
-            labelNode.GetDisplayNode().SetAndObserveColorNodeID(colorNode.GetID())
-
-            segmentation = self.segmentationForVolume(volumeNode)
-            if segmentation is None:
-                segmentation = slicer.mrmlScene.AddNewNodeByClass(
-                    "vtkMRMLSegmentationNode", volumeNode.GetName() + " segmentation"
-                )
-                segmentation.CreateDefaultDisplayNodes()
-                volumeNode.SetNodeReferenceID(SEGMENTATION_REFERENCE, segmentation.GetID())
-            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-            segmentation.GetSegmentation().RemoveAllSegments()
-            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelNode, segmentation):
-                raise ReportSegmentError("Slicer could not turn the label file into segments.")
-            seg = segmentation.GetSegmentation()
-            for spec in specs:
-                segmentId = seg.GetSegmentIdBySegmentName(spec.name)
-                if not segmentId:
-                    segmentId = seg.AddEmptySegment(spec.name, spec.name, spec.color)
-                seg.GetSegment(segmentId).SetColor(*spec.color)
-            segmentation.SetAttribute(LABELS_ATTRIBUTE, json.dumps({s.name: s.value for s in specs}))
-            return segmentation
-        finally:
-            slicer.mrmlScene.RemoveNode(labelNode)
-
-    def loadUncertainty(self, path, volumeNode, opacity=keys.DEFAULT_UNCERTAINTY_OPACITY):
-        """Load the uncertainty map as a scalar volume shown over the image (foreground layer)."""
-        old = self.uncertaintyForVolume(volumeNode)
-        if old is not None:
-            slicer.mrmlScene.RemoveNode(old)
-        node = slicer.util.loadVolume(path, {"show": False, "name": volumeNode.GetName() + " uncertainty"})
-        if node is None:
-            raise ReportSegmentError(f"Slicer could not read the uncertainty map {os.path.basename(path)}.")
-        display = node.GetDisplayNode()
-        for colorId in UNCERTAINTY_COLOR_NODE_IDS:
-            if slicer.mrmlScene.GetNodeByID(colorId) is not None:
-                display.SetAndObserveColorNodeID(colorId)
-                break
-        display.AutoWindowLevelOn()
-        volumeNode.SetNodeReferenceID(UNCERTAINTY_REFERENCE, node.GetID())
-        slicer.util.setSliceViewerLayers(background=volumeNode, foreground=node, foregroundOpacity=opacity)
-        return node
-
-    def segmentationForVolume(self, volumeNode):
-        if volumeNode is None:
-            return None
-        return volumeNode.GetNodeReference(SEGMENTATION_REFERENCE)
-
-    def uncertaintyForVolume(self, volumeNode):
-        if volumeNode is None:
-            return None
-        return volumeNode.GetNodeReference(UNCERTAINTY_REFERENCE)
-
-    # ---------------------------------------------------------------- next sample
     def loadNextSample(self, strategy=keys.DEFAULT_STRATEGY):
-        """Ask the server for the next image, load it and fill in its report. Returns
-        ``(volumeNode, sample)``."""
-        # downloads stay on disk (outside the logic's temporary folder): the volume node's storage
-        # node points at the file, and the scene may be saved later
-        downloads = os.path.join(slicer.app.temporaryPath, "ReportSegment", "samples")
-        sample = self.requireClient().next_sample(strategy, out_dir=tempfile.mkdtemp(dir=_makedirs(downloads)))
-        volume = slicer.util.loadVolume(sample.image_path, {"name": sample.image_id})
-        if volume is None:
-            raise ReportSegmentError(f"Slicer could not read the image {sample.image_id} sent by the server.")
-        volume.SetAttribute(IMAGE_ID_ATTRIBUTE, sample.image_id)
-        volume.SetAttribute(REPORT_ATTRIBUTE, normalize_report(sample.report))
+        volume, sample = ReportSegmentSceneLogic.loadNextSample(self, strategy)
         if hasattr(volume, "StorableModified"):
             volume.StorableModified()  # offered in "Save data" like any new data
         slicer.util.setSliceViewerLayers(background=volume, foreground=None, fit=True)
         return volume, sample
-
-    # ---------------------------------------------------------------- submit
-    def exportLabelmap(self, segmentationNode, volumeNode, path):
-        """Write the (edited) segments as one labelmap on the volume's grid. Segments keep the
-        server's label values when their names match; new segments get the next values.
-        Returns the specs written (name, value, colour)."""
-        seg = segmentationNode.GetSegmentation()
-        ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
-        names = [seg.GetSegment(i).GetName() for i in ids]
-        known = json.loads(segmentationNode.GetAttribute(LABELS_ATTRIBUTE) or "{}")
-        specs = export_values(names, known)
-        if not specs:
-            raise ReportSegmentError("The segmentation has no segments to submit.")
-        idByName = dict(zip(names, ids))
-        segmentIds = vtk.vtkStringArray()
-        for spec in specs:
-            segmentIds.InsertNextValue(idByName[spec.name])
-        colorNode = self._colorTable(volumeNode.GetName() + " export labels", specs)
-        labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-        try:
-            logic = slicer.vtkSlicerSegmentationsModuleLogic
-            try:  # Slicer >= 5.0 takes the colour table and keeps our label values
-                ok = logic.ExportSegmentsToLabelmapNode(
-                    segmentationNode, segmentIds, labelmap, volumeNode, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, colorNode
-                )
-            except TypeError:  # older Slicer: values 1..N in list order
-                ok = logic.ExportSegmentsToLabelmapNode(segmentationNode, segmentIds, labelmap, volumeNode)
-                specs = [spec._replace(value=index + 1) for index, spec in enumerate(specs)]
-            if not ok:
-                raise ReportSegmentError("Slicer could not export the segments to a labelmap.")
-            self._writeNode(labelmap, path)
-        finally:
-            slicer.mrmlScene.RemoveNode(labelmap)
-            slicer.mrmlScene.RemoveNode(colorNode)
-        return specs
-
-    def submitLabel(self, volumeNode, tag="final"):
-        """Export the volume's segmentation and save it on the server as its final label."""
-        if volumeNode is None:
-            raise ReportSegmentError("Select a volume first.")
-        segmentation = self.segmentationForVolume(volumeNode)
-        if segmentation is None:
-            raise ReportSegmentError("This volume has no segmentation yet: press Segment first.")
-        imageId = self.uploadVolume(volumeNode)
-        path = os.path.join(self.tmpdir, imageId + "_label" + FILE_EXTENSION)
-        specs = self.exportLabelmap(segmentation, volumeNode, path)
-        try:
-            return self.requireClient().submit_label(imageId, path, tag=tag, label_info=label_info(specs))
-        finally:
-            os.remove(path)
-
-    # ---------------------------------------------------------------- training
-    def startTraining(self, model=keys.DEFAULT_MODEL, params=None):
-        return self.requireClient().train(model, params or {})
-
-    def trainProgress(self, model=keys.DEFAULT_MODEL):
-        return self.requireClient().train_progress(model)
-
-    def stopTraining(self):
-        return self.requireClient().stop_train()
-
-    # ---------------------------------------------------------------- internals
-    @staticmethod
-    def _writeNode(node, path):
-        """Write a node to a file without changing where the scene saves it."""
-        writer = getattr(slicer.util, "exportNode", None)
-        # a fresh properties dict each call: slicer.util's default one is shared between calls
-        ok = writer(node, path, {}) if writer is not None else slicer.util.saveNode(node, path, {})
-        if not ok or not os.path.isfile(path):
-            raise ReportSegmentError(f"Slicer could not write {node.GetName()} to {os.path.basename(path)}.")
-
-    @staticmethod
-    def _colorTable(name, specs, colorNode=None):
-        """A colour table naming and colouring each label value (reused when given)."""
-        if colorNode is None:
-            colorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
-            colorNode.SetTypeToUser()
-            colorNode.SetHideFromEditors(True)
-        count = max([spec.value for spec in specs] + [0]) + 1
-        colorNode.SetNumberOfColors(count)
-        colorNode.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
-        for value in range(1, count):
-            colorNode.SetColor(value, f"unused {value}", 0.5, 0.5, 0.5, 0.0)
-        for spec in specs:
-            colorNode.SetColor(spec.value, spec.name, spec.color[0], spec.color[1], spec.color[2], 1.0)
-        return colorNode
-
-    @staticmethod
-    def _labelValues(labelNode):
-        low, high = labelNode.GetImageData().GetScalarRange()
-        accumulate = vtk.vtkImageAccumulate()
-        accumulate.SetInputData(labelNode.GetImageData())
-        accumulate.SetComponentExtent(0, int(high) - int(low), 0, 0, 0, 0)
-        accumulate.SetComponentOrigin(int(low), 0, 0)
-        accumulate.SetComponentSpacing(1, 1, 1)
-        accumulate.Update()
-        counts = accumulate.GetOutput().GetPointData().GetScalars()
-        return [int(low) + i for i in range(counts.GetNumberOfTuples()) if counts.GetTuple1(i) > 0 and int(low) + i != 0]
-
-
-def _makedirs(path):
-    os.makedirs(path, exist_ok=True)
-    return path
 
 
 #

@@ -3,21 +3,25 @@
 Why one reader: the CLI, the trainer and the MONAI Label server all receive files of many
 kinds (PNG X-rays, DICOM radiographs, NIfTI/NRRD volumes, DICOM series). Funnelling them through
 `read_image` gives the model one array layout and keeps the geometry needed to write the
-segmentation back so that it overlays the input exactly. Header sizes are checked before pixels
-are decoded, so a hostile or broken file fails fast with a sentence and bounded memory.
+segmentation back so that it overlays the input exactly.
+
+MONAI's readers decode the pixels (PILReader, ITKReader/GDCM for DICOM, NRRD and MHA, NibabelReader
+for NIfTI). This module is the thin layer around them: header sizes are checked before any pixel
+is decoded (a hostile or broken file fails fast with a sentence and bounded memory), and the
+geometry is kept exactly as stored.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fasttextdiff.atomic import atomic_path
+from fasttextdiff.data.references import check_self_contained
 from fasttextdiff.errors import ImageReadError
 
 logger = logging.getLogger(__name__)
@@ -106,6 +110,22 @@ def _check_size(path: Path, shape_xyz: tuple[int, ...]) -> None:
         raise ImageReadError(f"{path.name} has more than {MAX_VOXELS} voxels, which is more than we can hold in memory.")
 
 
+# deflate cannot compress better than about 1032:1, so a file can hold at most this many voxel
+# bytes per byte of its own size; readers (NIfTI, NRRD, MHA, DICOM) allocate the whole array first
+MAX_COMPRESSION_RATIO = 1100
+
+
+def _check_plausible_length(path: Path, min_data_bytes: int) -> None:
+    """Refuse a header that describes far more voxels than the file could hold even compressed,
+    before a reader allocates them (a 200-byte file must not make the server allocate 2 GB)."""
+    if _extension(path) in (".nhdr", ".mhd"):
+        return  # detached headers: the voxels live in another file
+    size = path.stat().st_size
+    if min_data_bytes > MAX_COMPRESSION_RATIO * size:
+        raise ImageReadError(f"{path.name} is truncated or corrupt: its header describes {min_data_bytes} bytes of "
+                             f"voxels but the file has only {size} bytes.")
+
+
 def _check_finite(path: Path, array: np.ndarray) -> None:
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise ImageReadError(f"{path.name} contains NaN or infinite values; clean the image before segmenting it.")
@@ -113,17 +133,20 @@ def _check_finite(path: Path, array: np.ndarray) -> None:
         raise ImageReadError(f"{path.name} holds complex-valued pixels, which cannot be segmented.")
 
 
-def read_image(path: str | os.PathLike) -> Image:
-    """Read a 2D image, a DICOM file or series, or a NIfTI/NRRD/MHA volume (see the module doc)."""
+def read_image(path: str | os.PathLike, allow_external_data: bool = False) -> Image:
+    """Read a 2D image, a DICOM file or series, or a NIfTI/NRRD/MHA volume (see the module doc).
+    Files that name other files (detached NRRD/MHD headers, DICOMDIR, ...) are refused unless
+    `allow_external_data` (see data/references.py)."""
     path = Path(path)
+    if not allow_external_data:
+        check_self_contained(path)
     if not path.exists():
         raise ImageReadError(f"image {path} does not exist.")
     if path.is_dir():
-        return _read_dicom_series(path)
-    if path.stat().st_size == 0:
+        image = _read_dicom_series(path)
+    elif path.stat().st_size == 0:
         raise ImageReadError(f"image {path} is an empty (zero-byte) file.")
-    ext = _extension(path)
-    if ext in ITK_EXTENSIONS:
+    elif (ext := _extension(path)) in ITK_EXTENSIONS:
         image = _read_itk(path)
     elif ext in (".tif", ".tiff"):
         image = _read_tiff(path)
@@ -141,7 +164,45 @@ def read_image(path: str | os.PathLike) -> Image:
     return image
 
 
-# ---------------------------------------------------------------- 2D raster (PIL / tifffile)
+def _decode(reader, source, failure: str) -> tuple[np.ndarray, object]:
+    """Pixels through a MONAI reader's read + get_data (what `LoadImage` runs), kept in the stored dtype.
+
+    Why not `LoadImage` itself: it widens uint16 to int32 (torch lacks uint16 maths), doubling the
+    memory of every 16-bit radiograph. Returns the array and the reader's native image (its geometry).
+    """
+    try:
+        native = reader.read(str(source))
+        array, _ = reader.get_data(native)
+    except Exception as exc:  # readers raise many types for damaged files
+        raise ImageReadError(failure) from exc
+    if type(array) is not np.ndarray:  # ITKReader's view of ITK's buffer: views of it do not keep that alive
+        array = np.array(array)
+    return array, native
+
+
+def _itk_geometry(itk_image, dims: int) -> tuple[tuple, tuple, tuple]:
+    """Spacing, origin and direction of an ITK image (first `dims` axes), exactly as stored."""
+    import itk
+
+    full = itk_image.GetImageDimension()
+    direction = np.asarray(itk.array_from_matrix(itk_image.GetDirection())).reshape(full, full)[:dims, :dims]
+    return (tuple(float(s) for s in itk_image.GetSpacing())[:dims], tuple(float(o) for o in itk_image.GetOrigin())[:dims],
+            tuple(direction.ravel().tolist()))
+
+
+def _itk_reader(**kwargs):
+    from monai.data import ITKReader
+
+    return ITKReader(reverse_indexing=True, affine_lps_to_ras=False, **kwargs)  # arrays in (Z, Y, X) order
+
+
+def _from_stack(array: np.ndarray, geometry: tuple[tuple, tuple, tuple]) -> Image:
+    """(Z, Y, X[, C]) pixels with 3D geometry; one slice is a 2D image that keeps its 3D header."""
+    is_volume = array.shape[0] > 1
+    return Image(array if is_volume else array[0], *geometry, is_volume=is_volume)
+
+
+# ---------------------------------------------------------------- 2D raster (MONAI PILReader / tifffile)
 
 
 def _flat_image(array: np.ndarray) -> Image:
@@ -149,41 +210,40 @@ def _flat_image(array: np.ndarray) -> Image:
 
 
 def _read_raster(path: Path) -> Image:
+    from monai.data import PILReader
     from PIL import Image as PILImage
-    from PIL import UnidentifiedImageError
 
+    def checked_grey_or_rgb(pil):  # PILReader calls this right after parsing the header
+        _check_size(path, pil.size)
+        return _grey_or_rgb(pil)
+
+    reader = PILReader(converter=checked_grey_or_rgb, reverse_indexing=False)
     try:
-        with PILImage.open(path) as pil:
-            _check_size(path, pil.size)
-            pil.load()
-            array = _pil_to_array(pil)
+        array, _ = reader.get_data(reader.read(str(path)))
     except ImageReadError:
         raise
     except PILImage.DecompressionBombError as exc:
         raise ImageReadError(f"{path.name} has more pixels than PIL decodes safely, above the limit for 2D images.") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (PILImage.UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path.name} is corrupt or truncated and cannot be decoded ({exc}).") from exc
-    return _flat_image(array)
-
-
-def _pil_to_array(pil) -> np.ndarray:
-    """Grayscale stays 2D (8/16/32-bit kept), colour becomes RGB; alpha is dropped."""
-    mode = pil.mode
-    if mode == "P":
-        pil = pil.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("1", "LA", "La"):
-        pil = pil.convert("L")
-    elif mode in ("RGBA", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
-        pil = pil.convert("RGB")
-    array = np.asarray(pil)
-    if array.ndim == 3 and array.shape[2] == 3 and (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all():
+    if array.ndim == 3 and (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all():
         array = array[..., 0]  # a grey image saved as RGB (or a grey palette) is grey
-    return np.ascontiguousarray(array)
+    return _flat_image(np.ascontiguousarray(array))
+
+
+def _grey_or_rgb(pil):
+    """Grayscale stays one channel (8/16/32-bit kept), colour becomes RGB; alpha is dropped."""
+    if pil.mode == "P":
+        pil = pil.convert("RGBA")
+    if pil.mode in ("1", "LA", "La"):
+        return pil.convert("L")
+    if pil.mode in ("RGBA", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        return pil.convert("RGB")
+    return pil
 
 
 def _read_tiff(path: Path) -> Image:
-    """tifffile keeps 16-bit and float samples and reads multi-page stacks as volumes."""
+    """tifffile, not MONAI: ITK's TIFF reader turns multi-page 16-bit stacks into 8-bit RGBA, PIL reads one page."""
     import tifffile
 
     try:
@@ -208,112 +268,51 @@ def _read_tiff(path: Path) -> Image:
     raise ImageReadError(f"{path.name} has {array.ndim} dimensions {array.shape}; only 2D images and 3D stacks can be segmented.")
 
 
-# ---------------------------------------------------------------- DICOM
-
-
-def _invert(array: np.ndarray) -> np.ndarray:
-    """MONOCHROME1 -> MONOCHROME2 (bright = dense) within the same value range and dtype."""
-    lo, hi = array.min(), array.max()
-    if np.issubdtype(array.dtype, np.floating):
-        return (hi + lo) - array
-    wide = (np.int64(hi) + np.int64(lo)) - array.astype(np.int64)  # no unsigned wrap-around
-    return wide.astype(array.dtype)
-
-
-def _dicom_header_geometry(path: Path, ds, plane: tuple[int, int], frames: int) -> tuple[tuple, tuple, tuple]:
-    """SimpleITK/GDCM's view of the file's geometry, so written masks match what viewers load.
-
-    Falls back to PixelSpacing (or ImagerPixelSpacing) when GDCM cannot parse the header or
-    sees a different grid than pydicom decoded.
-    """
-    import SimpleITK as sitk
-
-    try:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        size = tuple(reader.GetSize())
-        if size[:2] == (plane[1], plane[0]) and (len(size) == 2 or size[2] == frames):
-            return tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection())
-    except RuntimeError:
-        pass
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-    try:
-        sx, sy = (float(spacing[1]), float(spacing[0])) if spacing and float(spacing[0]) > 0 else (1.0, 1.0)
-    except (TypeError, ValueError, IndexError):
-        sx, sy = 1.0, 1.0
-    return (sx, sy), (0.0, 0.0), _IDENTITY_2D
+# ---------------------------------------------------------------- DICOM (header: pydicom; pixels: MONAI ITKReader/GDCM)
 
 
 def _read_dicom_file(path: Path) -> Image:
+    """Header checks with pydicom (pixels deferred), then GDCM decodes: any transfer syntax, rescale
+    slope/intercept and colour spaces applied, MONOCHROME1 inverted within its bit depth
+    (2**BitsStored - 1 - v, so bright is dense), and the geometry viewers see."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, defer_size="64 KB")  # large values, the pixels among them, stay on disk
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
         raise ImageReadError(f"{path.name} is not a readable DICOM file ({exc}).") from exc
     if "PixelData" not in ds:
         raise ImageReadError(f"{path.name} is a DICOM file without pixel data (e.g. a report or structure set).")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    _check_size(path, (cols, rows, frames))
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    shape = (int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), frames)
+    _check_size(path, shape)
+    _check_plausible_length(path, int(np.prod(shape, dtype=np.int64)))  # at least a byte per pixel
     colour = int(ds.get("SamplesPerPixel", 1)) > 1
-    try:
-        array = _decode_dicom_pixels(ds, colour, photometric)
-    except Exception as exc:  # pydicom cannot decode (compressed, damaged): let GDCM try
-        array = _decode_with_gdcm(path, exc, colour)
-    if photometric == "MONOCHROME1":
-        array = _invert(array)
-    spacing, origin, direction = _dicom_header_geometry(path, ds, (rows, cols), frames)
-    if frames > 1 and len(spacing) == 2:
-        spacing, origin, direction = spacing + (1.0,), origin + (0.0,), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-    if frames > 1 and not colour:
-        return Image(array=np.ascontiguousarray(array), spacing=spacing, origin=origin, direction=direction, is_volume=True)
-    if frames > 1:
+    if frames > 1 and colour:
         raise ImageReadError(f"{path.name} is a multi-frame colour DICOM (e.g. a cine loop), which cannot be segmented.")
-    return Image(array=np.ascontiguousarray(array), spacing=spacing, origin=origin, direction=direction, is_volume=False)
-
-
-def _decode_dicom_pixels(ds, colour: bool, photometric: str) -> np.ndarray:
-    from pydicom.pixel_data_handlers.util import apply_modality_lut, convert_color_space
-
-    array = ds.pixel_array
-    if colour:
-        if photometric.startswith("YBR") and "FULL" in photometric:
-            array = convert_color_space(array, photometric, "RGB")
-        return np.asarray(array)
-    out = apply_modality_lut(array, ds)  # RescaleSlope/Intercept or a Modality LUT
-    return np.asarray(out, dtype=np.float32) if out.dtype == np.float64 else np.asarray(out)
-
-
-def _decode_with_gdcm(path: Path, cause: Exception, colour: bool) -> np.ndarray:
-    import SimpleITK as sitk
-
-    try:
-        array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))  # GDCM applies rescale itself
-    except RuntimeError as exc:
-        raise ImageReadError(f"{path.name} has pixel data that cannot be decoded ({cause}).") from exc
-    if colour:
-        return array[0] if array.ndim == 4 and array.shape[0] == 1 else array
-    return array[0] if array.ndim == 3 and array.shape[0] == 1 else array
+    array, native = _decode(_itk_reader(), path, f"{path.name} has pixel data that cannot be decoded.")
+    if array.ndim == 2 + colour:  # GDCM returned one plane without a slice axis
+        array = array[None]
+    return _from_stack(array, _itk_geometry(native, native.GetImageDimension()))
 
 
 def _read_dicom_series(folder: Path) -> Image:
+    import itk
     import SimpleITK as sitk
 
-    try:
-        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ()
-    except RuntimeError:
-        series_ids = ()
+    names = itk.GDCMSeriesFileNames.New()  # set up as MONAI's ITKReader does, so its series names match
+    names.SetUseSeriesDetails(True)
+    names.AddSeriesRestriction("0008|0021")
+    names.SetDirectory(str(folder))
+    series_ids = list(names.GetSeriesUIDs())
     if not series_ids:
         raise ImageReadError(f"folder {folder} contains no DICOM series.")
-    files_per_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
+    files_per_series = {sid: list(names.GetFileNames(sid)) for sid in series_ids}
     chosen = max(files_per_series, key=lambda sid: len(files_per_series[sid]))
     if len(series_ids) > 1:
         logger.warning("folder %s holds %d DICOM series; reading the largest (%s)", folder, len(series_ids), chosen)
-    files = list(files_per_series[chosen])
+    files = files_per_series[chosen]
     if len(files) == 1:
         return read_image(files[0])
     info = sitk.ImageFileReader()
@@ -326,49 +325,19 @@ def _read_dicom_series(folder: Path) -> Image:
     _check_size(folder, (size[0], size[1], len(files)))
     if info.GetNumberOfComponents() != 1:
         raise ImageReadError(f"the DICOM series in {folder} has colour pixels; only grayscale volumes can be segmented.")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        itk_image = reader.Execute()
-    except RuntimeError as exc:
-        raise ImageReadError(f"the DICOM series in {folder} cannot be read ({str(exc).strip().splitlines()[-1]}).") from exc
-    array = sitk.GetArrayFromImage(itk_image)
-    if info.HasMetaDataKey("0028|0004") and info.GetMetaData("0028|0004").strip().upper() == "MONOCHROME1":
-        array = _invert(array)
-    image = _from_itk(itk_image, array)
-    _check_finite(folder, image.array)
-    image.path = str(folder)
-    return image
+    array, native = _decode(_itk_reader(series_name=chosen), folder, f"the DICOM series in {folder} cannot be read.")
+    return _from_stack(array, _itk_geometry(native, 3))
 
 
-# ---------------------------------------------------------------- NIfTI / NRRD / MHA (SimpleITK)
-
-
-def _from_itk(itk_image, array: np.ndarray) -> Image:
-    spacing, origin, direction = tuple(itk_image.GetSpacing()), tuple(itk_image.GetOrigin()), tuple(itk_image.GetDirection())
-    is_volume = itk_image.GetDimension() == 3 and itk_image.GetSize()[2] > 1
-    if itk_image.GetDimension() == 3 and not is_volume:
-        array = array[0]  # one slice: a 2D image that keeps its 3D header
-    return Image(array=np.ascontiguousarray(array), spacing=spacing, origin=origin, direction=direction, is_volume=is_volume)
-
-
-# deflate cannot compress better than about 1032:1, so a file can hold at most this many voxel
-# bytes per byte of its own size; NIfTI/NRRD/MHA readers allocate the whole array before reading
-MAX_COMPRESSION_RATIO = 1100
-
-
-def _check_plausible_length(path: Path, min_data_bytes: int) -> None:
-    """Refuse a header that describes far more voxels than the file could hold even compressed,
-    before a reader allocates them (a 200-byte file must not make the server allocate 2 GB)."""
-    if _extension(path) in (".nhdr", ".mhd"):
-        return  # detached headers: the voxels live in another file
-    size = path.stat().st_size
-    if min_data_bytes > MAX_COMPRESSION_RATIO * size:
-        raise ImageReadError(f"{path.name} is truncated or corrupt: its header describes {min_data_bytes} bytes of "
-                             f"voxels but the file has only {size} bytes.")
+# ---------------------------------------------------------------- NIfTI / NRRD / MHA (header: SimpleITK; pixels: MONAI readers)
 
 
 def _read_itk(path: Path) -> Image:
+    """SimpleITK parses the header (size checks, and the geometry for NIfTI), a MONAI reader decodes.
+
+    NIfTI pixels come through MONAI's NibabelReader: ITK's NIfTI reader zero-fills truncated files
+    and replaces NaN/Inf by 0, nibabel refuses short data and keeps the values.
+    """
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -379,54 +348,37 @@ def _read_itk(path: Path) -> Image:
         raise ImageReadError(f"{path.name} is corrupt or not a valid {_extension(path)} file.") from exc
     dim, size, comps = reader.GetDimension(), tuple(reader.GetSize()), reader.GetNumberOfComponents()
     if dim == 4 and size[3] == 1:
-        reader.SetExtractIndex((0, 0, 0, 0))
-        reader.SetExtractSize((size[0], size[1], size[2], 0))  # drop a singleton time axis
-        size = size[:3]
+        dim, size = 3, size[:3]  # a singleton time axis is dropped
     elif dim > 3:
         raise ImageReadError(f"{path.name} is a {dim}D image of size {size}; only 2D images and 3D volumes can be segmented.")
     _check_size(path, size)
     _check_plausible_length(path, int(np.prod([int(s) for s in size], dtype=np.int64)) * comps)
     if comps != 1 and not (comps in (3, 4) and (dim == 2 or size[2] == 1)):
         raise ImageReadError(f"{path.name} has {comps} values per voxel (a vector or tensor volume); only scalar volumes can be segmented.")
+    failure = f"{path.name} is truncated or corrupt; its pixel data cannot be read."
     if _extension(path) in (".nii", ".nii.gz") and comps == 1:
-        return _read_nifti(path, reader, size)
-    try:
-        itk_image = reader.Execute()
-    except RuntimeError as exc:
-        raise ImageReadError(f"{path.name} is truncated or corrupt; its pixel data cannot be read.") from exc
-    array = sitk.GetArrayFromImage(itk_image)
-    if comps == 4:
-        array = array[..., :3]
-    return _from_itk(itk_image, array)
+        from monai.data import NibabelReader
 
-
-def _read_nifti(path: Path, reader, size: tuple[int, ...]) -> Image:
-    """NIfTI pixels via nibabel, geometry via SimpleITK.
-
-    ITK's NIfTI reader silently zero-fills truncated files and replaces NaN/Inf by 0; nibabel
-    reads the same voxels in the same storage order (scaling applied) but refuses short data.
-    """
-    import nibabel
-
-    from nibabel.filebasedimages import ImageFileError
-
-    try:
-        data = np.asanyarray(nibabel.load(str(path)).dataobj)
-    except (OSError, EOFError, ValueError, zlib.error, ImageFileError) as exc:
-        raise ImageReadError(f"{path.name} is truncated or corrupt; its pixel data cannot be read.") from exc
-    if data.size != int(np.prod(size)):
-        raise ImageReadError(f"{path.name} holds {data.size} voxels but its header describes {int(np.prod(size))}.")
-    array = np.ascontiguousarray(data.reshape(size, order="F").T)  # (x, y, z) storage -> (z, y, x)
-    if array.dtype == np.float64:
-        array = array.astype(np.float32)
-    dims = len(size)
-    full = reader.GetDimension()
-    spacing, origin = tuple(reader.GetSpacing())[:dims], tuple(reader.GetOrigin())[:dims]
-    direction = tuple(np.asarray(reader.GetDirection()).reshape(full, full)[:dims, :dims].ravel().tolist())
-    is_volume = dims == 3 and size[2] > 1
-    if dims == 3 and not is_volume:
-        array = array[0]
-    return Image(array=array, spacing=spacing, origin=origin, direction=direction, is_volume=is_volume)
+        data, _ = _decode(NibabelReader(squeeze_non_spatial_dims=True), path, failure)
+        if data.size != int(np.prod(size)):
+            raise ImageReadError(f"{path.name} holds {data.size} voxels but its header describes {int(np.prod(size))}.")
+        array = data.reshape(size, order="F").T  # (x, y, z) storage -> (z, y, x), no copy
+        if array.dtype == np.float64:
+            array = array.astype(np.float32)
+        full = reader.GetDimension()
+        direction = np.asarray(reader.GetDirection()).reshape(full, full)[:dim, :dim]
+        geometry = (tuple(reader.GetSpacing())[:dim], tuple(reader.GetOrigin())[:dim], tuple(direction.ravel().tolist()))
+    else:
+        array, native = _decode(_itk_reader(), path, failure)
+        geometry = _itk_geometry(native, dim)
+        if native.GetImageDimension() == 4:
+            array = array[0]
+        if comps == 4:
+            array = array[..., :3]
+    if dim == 2:
+        return Image(array=np.ascontiguousarray(array), spacing=geometry[0], origin=geometry[1], direction=geometry[2],
+                     is_volume=False)
+    return _from_stack(array, geometry)
 
 
 # ---------------------------------------------------------------- writing
@@ -467,22 +419,15 @@ def write_image(path: str | os.PathLike, array, like: Image) -> Path:
         raise ValueError(f"cannot write {path.name}: supported output formats are {', '.join(WRITE_EXTENSIONS)}.")
     raw = np.asarray(array.detach().cpu().numpy() if hasattr(array, "detach") else array)
     _check_write_shape(raw, like)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=ext)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=ext) as tmp:
         if ext in ITK_EXTENSIONS:
-            _write_itk(tmp, _as_writable(raw), like)
+            _write_itk(str(tmp), _as_writable(raw), like)
         elif ext == ".png":
-            _write_png(tmp, raw, like)
+            _write_png(str(tmp), raw, like)
         else:
             import tifffile
 
             tifffile.imwrite(tmp, _as_writable(raw))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

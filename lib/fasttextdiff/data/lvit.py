@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fasttextdiff.errors import FastTextDiffError
+from fasttextdiff.errors import DatasetLayoutError
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +28,6 @@ IMAGE_DIR, MASK_DIR = "img", "labelcol"
 MASK_PREFIX = "mask_"
 TABLE_SUFFIXES = (".xlsx", ".xls", ".csv")
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".gz", ".nrrd", ".mha")
-
-
-class DatasetLayoutError(FastTextDiffError, FileNotFoundError):
-    """A folder, table, image or mask that the LViT layout requires is missing or unusable."""
 
 
 @dataclass

@@ -3,17 +3,20 @@
 MONAI Label hands every `--conf` value over as a string; the radiology sample app reads them
 with `strtobool`/`eval` wherever they are used. Here they are parsed once, at start, into one
 dataclass with documented defaults, and a bad value or an unknown key stops the start with a
-sentence naming the key (instead of a traceback deep inside a request).
+sentence naming the key (instead of a traceback deep inside a request). Where an option is a
+library setting its default is the library's (`fasttextdiff.config`); the others are the server's
+own choices for a model it builds on its first start.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fasttextdiff.config import BackboneConfig, SegmenterConfig, TextConfig, TrainConfig
 
 # keys MONAI Label itself reads from the same dict (interfaces/app.py)
 _MONAILABEL_KEYS = {"server_mode"}
@@ -33,14 +36,15 @@ class AppConf:
     # "" = pretrain one on all datastore images (published to <state_dir>/backbone)
     backbone_dir: str = ""
     # text encoder: "tiny" (bundled small ModernBERT) or a local model directory (e.g. ModernBERT-base)
-    text_encoder: str = "tiny"
+    text_encoder: str = TextConfig.encoder
     # app state: published models, text cache, training scratch; "" = <app>/model/<studies name>-<hash>
     state_dir: str = ""
     # model input size (pixels, square) for a newly built model; a served model keeps its own
-    image_size: int = 64
+    image_size: int = BackboneConfig.image_size
     # diffusion timesteps (of 1000) the frozen backbone is probed at, for a newly built model
-    timesteps: tuple[int, ...] = (50, 150, 250)
-    # backbone U-Net widths for a newly built model (one per level)
+    timesteps: tuple[int, ...] = BackboneConfig.timesteps
+    # backbone U-Net widths for a newly built model (one per level; smaller than the library's default so
+    # that the first start builds a model in minutes on a CPU)
     backbone_channels: tuple[int, ...] = (16, 32, 32)
     # noise draws per prediction; their spread is the uncertainty (1 = no uncertainty)
     n_noise: int = 4
@@ -50,12 +54,12 @@ class AppConf:
     epochs: int = 80
     # backbone denoising pretraining epochs (train task `backbone` and the default model)
     backbone_epochs: int = 60
-    batch_size: int = 8
-    lr: float = 1e-3
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
     # slices per forward pass when segmenting a volume
     infer_batch_size: int = 16
     # names of the foreground classes of a newly built model
-    labels: tuple[str, ...] = ("lesion",)
+    labels: tuple[str, ...] = SegmenterConfig.labels
     # build the default model in a background thread when none is published
     prepare_default_model: bool = True
     # wall-clock budget of that build in seconds (half for backbone pretraining, the rest for the
@@ -69,7 +73,7 @@ class AppConf:
     max_text_bytes: int = 65536
     # at most this many volume slices (spread over the volume) go into backbone pretraining per volume
     pretrain_slices_per_volume: int = 8
-    seed: int = 0
+    seed: int = TrainConfig.seed
     # largest request body (an image, label or volume upload) in MiB; larger gets HTTP 413
     max_upload_mb: int = 1024
     # serve on a non-loopback --host without MONAI Label authentication (MONAI_LABEL_AUTH_ENABLE);
@@ -134,15 +138,6 @@ class AppConf:
         key = studies if studies.startswith(("http://", "https://")) else str(Path(studies).resolve())
         name = "".join(c if c.isalnum() or c in "-_" else "_" for c in key.rstrip("/").split("/")[-1])[:40]
         return Path(app_dir, "model", f"{name or 'studies'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}").resolve()
-
-    def torch_device(self) -> str:
-        import torch
-
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            return "cpu"
-        return self.device
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

@@ -32,6 +32,18 @@ def stale_images(datastore: Any, identity: str | None) -> list[str]:
     return sorted(i for i in datastore.get_unlabeled_images() if not score_is_current(datastore.get_image_info(i), identity))
 
 
+def _detail(res: Dict[str, Any], total_unlabeled: int) -> str:
+    """One sentence for the client: what this run did (an empty `scores` is not an error)."""
+    if not total_unlabeled:
+        return "every image has a final label: there is nothing to score"
+    parts = [f"scored {res['scored']} of {total_unlabeled} unlabeled image(s)"]
+    if res["skipped"]:
+        parts.append(f"{res['skipped']} already had a current score (same model, same report)")
+    if res["failed"]:
+        parts.append(f"{len(res['failed'])} could not be read (see 'failed')")
+    return "; ".join(parts) + "; the scores are in each image's info under 'fasttextdiff_uncertainty'"
+
+
 class ReportUncertaintyScoring(ScoringMethod):
     """Writes a per-image uncertainty score for every unlabeled image whose score is stale."""
 
@@ -76,6 +88,7 @@ class ReportUncertaintyScoring(ScoringMethod):
                 logger.info("uncertainty scoring: %d / %d images", n, len(todo))
         res = {"scored": len(scored), "skipped": total_unlabeled - len(todo), "failed": failed, "model": identity,
                "scores": scored, "seconds": round(time.time() - started, 2)}
+        res["detail"] = _detail(res, total_unlabeled)
         logger.info("uncertainty scoring: %d scored, %d already current, %d failed in %.1fs",
                     res["scored"], res["skipped"], len(failed), res["seconds"])
         return res

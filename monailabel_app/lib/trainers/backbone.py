@@ -29,5 +29,4 @@ class BackbonePretrain(FastTextDiffTrainTask):
     def run(self, datastore: Any, options: Dict[str, Any], log) -> Dict[str, Any]:
         from lib.training import pretrain_backbone_from_datastore
 
-        return pretrain_backbone_from_datastore(datastore, self.conf, self.paths, epochs=options["epochs"],
-                                                batch_size=options["batch_size"], device=options["device"], log=log)
+        return pretrain_backbone_from_datastore(datastore, self.conf, self.paths, log=log, **options)

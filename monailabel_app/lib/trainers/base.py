@@ -1,9 +1,10 @@
-"""What both train tasks share: typed request options, stats file, DDP spawn, atomic publish.
+"""What both train tasks share: typed request options, the stats file, and how many GPUs a run uses.
 
 MONAI Label runs a train request in a fresh subprocess (`python -m monailabel.interfaces.utils.app
--m train`), and with `multi_gpu` on several GPUs this task spawns one process per GPU with
-`torch.multiprocessing.spawn`, which pickles the task: so the task holds only plain values (the
-typed conf and folder paths), never a model, lock or datastore.
+-m train`). There the workflow runs in-process on one device, or - with `multi_gpu` on a machine
+with several GPUs - the library launches it with `accelerate launch` on each GPU (see
+`lib.training`). The task holds only plain values (the typed conf and folder paths), never a
+model, lock or datastore.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any, Dict, List
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from fasttextdiff.devices import resolve_device
+
 from lib.configs.app_conf import AppConf
-from lib.model_manager import ModelPaths, resolve_device
+from lib.model_manager import ModelPaths
 from lib.validation import check_int
 
 logger = logging.getLogger(__name__)
@@ -62,7 +65,7 @@ class FastTextDiffTrainTask(TrainTask):
         return stats
 
     def _write_stats(self, stats: Dict[str, Any]) -> None:
-        from fasttextdiff.config import atomic_write_json
+        from fasttextdiff.atomic import atomic_write_json
 
         atomic_write_json(self.stats_path(), stats)
 
@@ -71,24 +74,17 @@ class FastTextDiffTrainTask(TrainTask):
         req.update(request)
         epochs = check_int(req.get("max_epochs", req.get("epochs")), "max_epochs", 1, 10000)
         batch = check_int(req.get("train_batch_size", self.conf.batch_size), "train_batch_size", 1, 4096)
-        device = resolve_device(req.get("device"), self.conf)
-        options = {"epochs": epochs, "batch_size": batch, "device": device}
-        options.update(self.pre_process(req, datastore))
-
+        device = str(resolve_device(req.get("device"), default=self.conf.device))
         world = self._world_size(req)
+        options = {"epochs": epochs, "batch_size": batch, "device": device, "num_processes": world,
+                   "gpu_ids": None if req.get("gpus") in (None, "", "all") else str(req["gpus"])}
+        options.update(self.pre_process(req, datastore))
         started = time.time()
         stats = {"name": self.name, "status": "RUNNING", "start_ts": int(started), "epochs": epochs,
                  "device": device, "world_size": world, "history": [], **_this_process()}
         self._write_stats(stats)
         try:
-            if world > 1:
-                import torch.multiprocessing as mp
-
-                logger.info("%s: spawning %d DDP processes", self.name, world)
-                mp.spawn(_ddp_worker, nprocs=world, args=(world, self, options, datastore.datalist()), join=True)
-                result = self.stats().get("result", {})
-            else:
-                result = self.run(datastore, options, log=self._logger(stats))
+            result = self.run(datastore, options, log=self._logger(stats))
         except Exception as exc:
             stats.update(status="FAILED", error=str(exc), total_time=round(time.time() - started, 1))
             self._write_stats(stats)
@@ -154,25 +150,3 @@ def _process_alive(pid: Any, started: Any) -> bool:
         return started is None or abs(proc.create_time() - float(started)) < 1.0
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return False
-
-
-def _ddp_worker(rank: int, world: int, task: FastTextDiffTrainTask, options: Dict[str, Any], _datalist) -> None:
-    """One GPU's process: join the group, run the same workflow (the library shards and syncs)."""
-    import torch
-    import torch.distributed as dist
-
-    os.environ["LOCAL_RANK"] = str(rank)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world)
-    try:
-        from monailabel.interfaces.utils.app import app_instance
-
-        datastore = app_instance().datastore()
-        options = dict(options, device=f"cuda:{rank}" if torch.cuda.is_available() else "cpu")
-        stats = {"name": task.name, "status": "RUNNING", "history": [], "world_size": world, **_this_process()}
-        result = task.run(datastore, options, log=task._logger(stats) if rank == 0 else None)
-        if rank == 0:
-            task._write_stats({**stats, "result": result})
-    finally:
-        dist.destroy_process_group()

@@ -38,6 +38,4 @@ class FastTextDiffTrain(FastTextDiffTrainTask):
     def run(self, datastore: Any, options: Dict[str, Any], log) -> Dict[str, Any]:
         from lib.training import train_segmenter_from_datastore
 
-        return train_segmenter_from_datastore(datastore, self.conf, self.paths, epochs=options["epochs"],
-                                              batch_size=options["batch_size"], lr=options["lr"],
-                                              device=options["device"], log=log)
+        return train_segmenter_from_datastore(datastore, self.conf, self.paths, log=log, **options)

@@ -6,6 +6,7 @@ never imports slicer, vtk, qt or ctk, so it runs and is tested in plain Python.
 """
 
 from .client import (
+    DatastoreImage,
     FastTextDiffClient,
     Sample,
     SegmentationResult,
@@ -28,6 +29,7 @@ from .report import (
 )
 
 __all__ = [
+    "DatastoreImage",
     "FastTextDiffClient",
     "IMAGE_ID_ATTRIBUTE",
     "MAX_REPORT_BYTES",

@@ -8,6 +8,8 @@ Endpoints used (MONAI Label 0.8.5):
 
 =====================================  =============================================
 ``GET  /info/``                        models, labels, strategies, train stats
+``GET  /auth/``, ``POST /auth/token``  is a login needed; log in (bearer token)
+``GET  /datastore/?output=all``        every image with its info (report) and label tags
 ``HEAD /datastore/image``              does an image id exist
 ``PUT  /datastore/image``              upload an image (``params`` carries ``text``)
 ``GET/PUT /datastore/image/info``      read / update the image info (the report)
@@ -87,6 +89,21 @@ class Sample:
 
 
 @dataclass
+class DatastoreImage:
+    """One image of the server's datastore: its report and the tags of its labels."""
+
+    image_id: str
+    report: str
+    label_tags: List[str]
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def labeled(self) -> bool:
+        """True when a reviewed (``final``) label is stored."""
+        return "final" in self.label_tags
+
+
+@dataclass
 class TrainProgress:
     """Training state in the shape a progress bar needs."""
 
@@ -113,8 +130,11 @@ class FastTextDiffClient:
         timeout: float = 300.0,
         tmpdir: Optional[str] = None,
         client_id: str = "slicer-reportsegment",
+        token: Optional[str] = None,
     ):
         self.url = normalize_server_url(url)
+        #: bearer token for a server with MONAI Label authentication on (see login())
+        self.token = token
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ReportSegmentError(f"The timeout must be a positive number of seconds, not {timeout!r}.")
         self.timeout = float(timeout)
@@ -147,6 +167,8 @@ class FastTextDiffClient:
         if query:
             url += "?" + urlencode({k: v for k, v in query.items() if v is not None})
         headers = {"Accept": "application/json, multipart/form-data, */*"}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
         if content_type:
             headers["Content-Type"] = content_type
         request = urllib.request.Request(url, data=body, method=method, headers=headers)
@@ -232,6 +254,40 @@ class FastTextDiffClient:
             self.max_report_bytes = limit
         return payload
 
+    def auth_enabled(self) -> bool:
+        """True when the server has MONAI Label's authentication (Keycloak) switched on (a server
+        without the ``/auth/`` endpoints has none)."""
+        try:
+            _, _, data = self._request("GET", "/auth/", "check whether the server needs a login", timeout=QUICK_TIMEOUT)
+        except ReportSegmentError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        payload = self._json(data, "check whether the server needs a login")
+        return bool(isinstance(payload, dict) and payload.get("enabled"))
+
+    def login(self, username: str, password: str) -> str:
+        """Get a bearer token from the server's ``/auth/token`` (MONAI Label forwards the user name
+        and password to its Keycloak realm); later requests send it. Returns the token."""
+        if not username or not password:
+            raise ReportSegmentError("A user name and a password are needed to log in.")
+        body = urlencode({"username": username, "password": password, "grant_type": "password"}).encode("utf-8")
+        no_login = ReportSegmentError(f"The server at {self.url} has no login: its authentication is switched off.")
+        try:
+            _, _, data = self._request(
+                "POST", "/auth/token", "log in", body=body, content_type="application/x-www-form-urlencoded", timeout=60.0
+            )
+        except ReportSegmentError as exc:
+            if exc.status == 404:
+                raise no_login from None
+            raise
+        payload = self._json(data, "log in")
+        token = payload.get("access_token") if isinstance(payload, dict) else None
+        if not token:
+            raise no_login
+        self.token = str(token)
+        return self.token
+
     def model_state(self, info: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
         """The FastTextDiff model's state from /info/ (``{"state": "ready" | "preparing" | ...}``);
         {} for a server that does not report one."""
@@ -240,6 +296,26 @@ class FastTextDiffClient:
         return dict(state) if isinstance(state, dict) else {}
 
     # ------------------------------------------------------------------ datastore
+    def list_images(self) -> List[DatastoreImage]:
+        """Every image of the datastore with its report and label tags, sorted by id."""
+        _, _, data = self._request(
+            "GET", "/datastore/", "list the datastore", query={"output": "all"}, timeout=QUICK_TIMEOUT
+        )
+        payload = self._json(data, "list the datastore")
+        objects = payload.get("objects") if isinstance(payload, dict) else None
+        if not isinstance(objects, dict):
+            raise ReportSegmentError("The server's datastore listing has no 'objects'.")
+        images = []
+        for image_id, entry in objects.items():
+            entry = entry if isinstance(entry, dict) else {}
+            info = (entry.get("image") or {}).get("info") or {}
+            report = info.get(DATASTORE_TEXT_KEY) if isinstance(info, dict) else None
+            tags = sorted(str(tag) for tag in (entry.get("labels") or {}))
+            images.append(
+                DatastoreImage(str(image_id), report if isinstance(report, str) else "", tags, dict(info or {}))
+            )
+        return sorted(images, key=lambda image: image.image_id)
+
     def image_exists(self, image_id: str) -> bool:
         _require_id(image_id)
         try:
@@ -282,6 +358,8 @@ class FastTextDiffClient:
                     self.set_report(image_id, report)
                 return image_id
         params: Dict[str, Any] = {"client_id": self.client_id}
+        if replace:
+            params["replace"] = True  # the server refuses an existing id (409) unless asked to replace it
         if report is not None:
             params[DATASTORE_TEXT_KEY] = report
         body, content_type = encode_multipart({"params": json.dumps(params)}, {"file": path})
