@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _run(args, plan, work: Path, command: str, name: str) -> dict:
     from fasttextdiff.config import TrainConfig
     from fasttextdiff.data.synthetic import make_lvit_dataset
-    from fasttextdiff.pipeline import load_lvit
+    from fasttextdiff.workflows import load_lvit
 
     started = time.perf_counter()
     machine = common.machine_info()

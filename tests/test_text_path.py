@@ -151,7 +151,7 @@ def test_per_scale_blocks_draw_distinct_text_weights():
 
 def _train(tiny_dataset, tiny_backbone, out, use_text, fallback, epochs=2):
     from fasttextdiff.config import TrainConfig
-    from fasttextdiff.pipeline import load_lvit
+    from fasttextdiff.workflows import load_lvit
     from fasttextdiff.train import train_segmenter
 
     splits = load_lvit(tiny_dataset)
@@ -180,7 +180,7 @@ def test_text_fallback_first_trains_exactly_the_no_text_network(tmp_path, tiny_d
 
 def test_text_fallback_needs_a_closed_text_path(tmp_path, tiny_dataset, tiny_backbone):
     from fasttextdiff.config import TrainConfig
-    from fasttextdiff.pipeline import load_lvit
+    from fasttextdiff.workflows import load_lvit
     from fasttextdiff.train import train_segmenter
 
     splits = load_lvit(tiny_dataset)
