@@ -60,7 +60,8 @@ def adapt(init: str, out: Path, steps: int, **options) -> dict:
 
 
 def prepare_encoders(names: list[str], work: Path, adapt_steps: int, adapt_steps_long: int) -> tuple[dict, dict]:
-    """-> ({name: TextConfig or None}, {name: how it was made + MLM metrics})."""
+    """-> ({name: TextConfig or None}, {name: how it was made + MLM metrics}). Adapted encoders already in
+    `work`/encoders (an earlier run's, or --encoder-dir) are reused: runs split over processes share them."""
     from fasttextdiff.config import TextConfig
     from fasttextdiff.text import build_tiny_encoder, default_tiny_dir, minilm_dir
 
@@ -76,7 +77,11 @@ def prepare_encoders(names: list[str], work: Path, adapt_steps: int, adapt_steps
             steps = adapt_steps_long if name == "tiny_adapted_long" else adapt_steps
             options = {"masking": "span"} if name == "tiny_adapted_span" else {}
             out = work / "encoders" / name
-            mlm = adapt(tiny, out, steps, **options)
+            done = work / "encoders" / f"{name}_mlm.json"
+            if not ((out / "config.json").is_file() and done.is_file()):
+                done.parent.mkdir(parents=True, exist_ok=True)
+                done.write_text(json.dumps(adapt(tiny, out, steps, **options)))
+            mlm = json.loads(done.read_text())
             configs[name] = TextConfig(encoder=str(out))
             info[name] = {"encoder": f"tiny after pretrain-text --corpus iu-xray --quick --init <tiny> --steps {steps}"
                                      + (" --masking span" if options else ""), "mlm": mlm}
@@ -161,7 +166,9 @@ def markdown(result: dict) -> str:
              f"{result['machine']['loadavg_start']} at start, {result['loadavg_end']} at end.  ",
              f"Seeds {list(result['plan']['seeds'])}; text path: text_residual={result['fusion']['text_residual']}, "
              f"text_dropout={result['fusion']['text_dropout']}, text_fallback={result['fusion'].get('text_fallback')}; "
-             f"wall time {result['seconds'] / 60:.1f} min.", "",
+             f"wall time {result['seconds'] / 60:.1f} min"
+             + (f" (merged from {len(result['merged_from'])} result files run side by side; the longest)."
+                if result.get("merged_from") else "."), "",
              "Test Dice (held-out phrasings), mean ± std over seeds:", "", pivot(result), "",
              "Validation Dice (training phrasings), mean over seeds:", ""]
     table = {(r["method"], r["labeled_fraction"]): r for r in result["results"]}
@@ -215,9 +222,16 @@ def main(argv: list[str] | None = None) -> dict:
     for opt, typ in (("size", int), ("pretrain-steps", int), ("epochs", int), ("min-steps", int),
                      ("fusion-dim", int), ("n-train", int), ("n-val", int), ("n-test", int)):
         p.add_argument(f"--{opt}", type=typ, default=None)
+    p.add_argument("--encoder-dir", type=Path, help="keep/reuse the adapted encoders here (default WORK/encoders): "
+                   "processes that run the seeds side by side share one MLM run")
+    p.add_argument("--prepare-only", action="store_true", help="only build the encoders (--encoder-dir), no training")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--render", type=Path, metavar="JSON", help="only rewrite .md/.png next to a results JSON")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="combine results JSONs of the same plan (e.g. one per seed) into --out/NAME.* (no training)")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge_results(args.merge, args.out, args.name or "text_encoders_merged", plot=not args.no_plot)
     if args.render:
         result = json.loads(args.render.read_text())
         write_outputs(result, args.render.parent, args.render.stem, plot=not args.no_plot)
@@ -248,6 +262,31 @@ def main(argv: list[str] | None = None) -> dict:
         return _run(args, plan, Path(tmp), command, name)
 
 
+def merge_results(paths: list[Path], out_dir: Path, name: str, plot: bool = True) -> dict:
+    """One result from several runs of the same plan: runs concatenated ((encoder, budget, seed) once), re-aggregated."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    runs, seen = [], set()
+    for part in parts:
+        for run in part["runs"]:
+            key = (run["method"], run["labeled_fraction"], run["seed"])
+            if key in seen:
+                raise SystemExit(f"{key} appears in more than one of {[str(p) for p in paths]}")
+            seen.add(key)
+            runs.append(run)
+    order = list(dict.fromkeys(r["method"] for r in runs))  # the order the encoders ran in
+    result = dict(parts[0])
+    result.update(name=name, runs=runs, results=aggregate(runs, order), command=" ; ".join(r["command"] for r in parts),
+                  encoders={n: info for part in parts for n, info in part["encoders"].items()},
+                  complete=all(r.get("complete") for r in parts), seconds=max(r["seconds"] for r in parts),
+                  loadavg_end=parts[-1].get("loadavg_end"), merged_from=[str(p) for p in paths],
+                  plan={**result["plan"], "seeds": sorted({r["seed"] for r in runs}),
+                        "budgets": sorted({r["labeled_fraction"] for r in runs})})
+    result["acceptance"] = acceptance(result["results"])
+    write_outputs(result, out_dir, name, plot=plot)
+    print(markdown(result))
+    return result
+
+
 def _run(args, plan, work: Path, command: str, name: str) -> dict:
     from fasttextdiff.config import TrainConfig
     from fasttextdiff.data.synthetic import make_lvit_dataset
@@ -262,7 +301,14 @@ def _run(args, plan, work: Path, command: str, name: str) -> dict:
         backbone_dir, pretrain_s = args.backbone, 0.0
     else:
         backbone_dir, pretrain_s = accuracy.pretrain(root, splits, plan, None, work, args.device)
+    if args.encoder_dir:
+        args.encoder_dir.mkdir(parents=True, exist_ok=True)
+        if not (work / "encoders").exists():
+            (work / "encoders").symlink_to(args.encoder_dir.resolve(), target_is_directory=True)
     configs, encoders = prepare_encoders(args.encoders, work, args.adapt_steps, args.adapt_steps_long)
+    if args.prepare_only:
+        print(json.dumps(encoders, indent=2))
+        return {"encoders": encoders}
     fusion = accuracy.fusion_config(plan)
     result = {"dataset": "clinical-reports", "name": name, "command": command, "quick": bool(args.quick),
               "description": f"synthetic clinical-reports ({plan.size} px, data seed {args.data_seed}; test split in "

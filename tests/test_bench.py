@@ -119,3 +119,31 @@ def test_text_encoders_smallest(tmp_path):
     claims = {c["encoder"] for c in data["acceptance"]["checks"]}
     assert {"tiny_random", "tiny_adapted", "minilm"} <= claims
     assert (tmp_path / "text_encoders_quick.md").read_text().count("minilm_trunc10") >= 2
+
+    # seeds run side by side are merged afterwards; the same run twice is refused
+    merged = text_encoders.main(["--merge", str(tmp_path / "text_encoders_quick.json"), "--out", str(tmp_path),
+                                 "--name", "merged", "--no-plot"])
+    assert merged["results"] == data["results"] and (tmp_path / "merged.md").is_file()
+    with pytest.raises(SystemExit, match="more than one"):
+        text_encoders.main(["--merge", *[str(tmp_path / "text_encoders_quick.json")] * 2, "--out", str(tmp_path),
+                            "--no-plot"])
+
+
+def test_accuracy_merges_seeds_run_side_by_side_and_checks_no_text(tmp_path):
+    """Issue 16's check on nuclei (fasttextdiff >= no_text - 0.005 at every budget) over seeds that ran in
+    separate processes, merged afterwards."""
+    import accuracy
+
+    for seed in ("0", "1"):
+        accuracy.main(TINY_ACCURACY + ["--dataset", "nuclei", "--methods", "fasttextdiff", "no_text", "--seeds", seed,
+                                       "--name", f"s{seed}", "--out", str(tmp_path)])
+    merged = accuracy.main(["--merge", str(tmp_path / "accuracy_s0.json"), str(tmp_path / "accuracy_s1.json"),
+                            "--name", "nuclei_merged", "--out", str(tmp_path), "--no-plot"])
+    assert merged["plan"]["seeds"] == [0, 1] and len(merged["runs"]) == 4
+    assert {tuple(r["seeds"]) for r in merged["results"]} == {(0, 1)}
+    [check] = [c for c in merged["acceptance"]["checks"] if "no_text" in c["claim"]]
+    assert check["holds"] == (check["dice_gap"] >= -0.005)
+    assert "Merged from 2 result files" in (tmp_path / "accuracy_nuclei_merged.md").read_text()
+    with pytest.raises(SystemExit, match="more than one"):
+        accuracy.main(["--merge", str(tmp_path / "accuracy_s0.json"), str(tmp_path / "accuracy_s0.json"),
+                       "--out", str(tmp_path), "--no-plot"])

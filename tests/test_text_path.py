@@ -178,14 +178,41 @@ def test_text_fallback_first_trains_exactly_the_no_text_network(tmp_path, tiny_d
     assert loaded.fusion.text_enabled  # the switch is a training phase, never saved
 
 
-def test_text_fallback_needs_a_closed_text_path(tmp_path, tiny_dataset, tiny_backbone):
+def test_the_default_text_path_starts_closed_and_falls_back():
+    from fasttextdiff.config import TrainConfig
+
+    assert FusionConfig().text_residual == "zero" and TrainConfig().text_fallback is True
+
+
+@pytest.mark.parametrize("residual, with_val, reason", [("plain", True, "does not start as the no_text network"),
+                                                        ("zero", False, "no validation split")])
+def test_text_fallback_is_skipped_where_it_cannot_work(tmp_path, tiny_dataset, tiny_backbone, caplog, residual,
+                                                       with_val, reason):
+    """A 'plain' residual (older models retrained, the reference's fusion) is not the no_text network at
+    the start, and without a validation split nothing can choose between the phases: the text then trains
+    from epoch 1, for `epochs` epochs, and the log says why (this used to be a ValueError for 'plain')."""
+    import logging
+
     from fasttextdiff.config import TrainConfig
     from fasttextdiff.workflows import load_lvit
     from fasttextdiff.train import train_segmenter
 
     splits = load_lvit(tiny_dataset)
-    with pytest.raises(ValueError, match="text_residual"):
-        train_segmenter(splits["train"], tmp_path / "m", backbone_dir=tiny_backbone, text_config=TextConfig(),
-                        segmenter_config=SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2,
-                                                                                              text_residual="plain")),
-                        train_config=TrainConfig(epochs=1, batch_size=4, text_fallback=True), progress=False)
+    with caplog.at_level(logging.INFO, logger="fasttextdiff.train"):
+        metrics = train_segmenter(
+            splits["train"], tmp_path / "m", backbone_dir=tiny_backbone, text_config=TextConfig(),
+            segmenter_config=SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2, text_residual=residual)),
+            train_config=TrainConfig(epochs=1, batch_size=4, text_fallback=True),
+            val_samples=splits["val"] if with_val else None, progress=False)
+    assert metrics["epochs"] == 1 and "text_fallback" not in metrics
+    assert "text_fallback skipped" in caplog.text and reason in caplog.text
+
+
+def test_cli_train_exposes_the_text_path_switches():
+    from fasttextdiff.cli import build_parser
+
+    base = ["train", "--data", "d", "--backbone", "b", "--out", "o"]
+    defaults = build_parser().parse_args(base)
+    assert defaults.text_residual == "zero" and defaults.no_text_fallback is False
+    chosen = build_parser().parse_args(base + ["--text-residual", "plain", "--no-text-fallback"])
+    assert chosen.text_residual == "plain" and chosen.no_text_fallback is True

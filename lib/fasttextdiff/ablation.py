@@ -72,9 +72,12 @@ def _run(plan: AblationPlan, work: Path, seed: int, json_path, device, progress:
         t = time.time()
         seg = SegmenterConfig(use_text=use_text, fusion=FusionConfig(dim=plan.fusion_dim, heads=4))
         train_cfg = TrainConfig(epochs=plan.epochs, batch_size=plan.batch_size, lr=plan.lr, seed=seed)
-        train_segmenter(splits["train"], work / f"model_{name}", backbone_dir=work / "backbone",
-                        text_config=TextConfig(encoder="tiny"), segmenter_config=seg, train_config=train_cfg,
-                        val_samples=splits["val"], device=device, progress=progress)
+        metrics = train_segmenter(splits["train"], work / f"model_{name}", backbone_dir=work / "backbone",
+                                  text_config=TextConfig(encoder="tiny"), segmenter_config=seg, train_config=train_cfg,
+                                  val_samples=splits["val"], device=device, progress=progress)
+        if use_text:  # the library's default text path; text_fallback says which phase validation kept
+            result["text_path"] = {"text_residual": seg.fusion.text_residual, "text_fallback": train_cfg.text_fallback,
+                                   "kept": metrics.get("text_fallback", "text")}
         timings[f"train_{name}_s"] = time.time() - t
         scores = evaluate_model(work / f"model_{name}", splits["test"], device=device, progress=progress)
         result[f"dice_{name}"] = scores["dice_mean"]

@@ -15,7 +15,8 @@ import warnings
 from pathlib import Path
 
 from . import environment  # noqa: F401 - offline unless the user opts in (see README), before torch loads
-from .config import BackboneConfig, FusionConfig, PretrainConfig, SegmenterConfig, TextConfig, TrainConfig
+from .config import (TEXT_RESIDUALS, BackboneConfig, FusionConfig, PretrainConfig, SegmenterConfig, TextConfig,
+                     TrainConfig)
 from .errors import FastTextDiffError
 
 # MONAI's import emits FutureWarnings about torch.jit that users can do nothing about.
@@ -100,9 +101,10 @@ def cmd_train(args) -> int:
 
     splits = load_lvit(args.data)
     seg = SegmenterConfig(use_text=not args.no_text, head_channels=args.head_channels,
-                          fusion=FusionConfig(dim=args.fusion_dim, heads=args.heads, shared=not args.per_scale))
+                          fusion=FusionConfig(dim=args.fusion_dim, heads=args.heads, shared=not args.per_scale,
+                                              text_residual=args.text_residual))
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, labeled=args.labeled,
-                            seed=args.seed, augment=args.augment)
+                            seed=args.seed, augment=args.augment, text_fallback=not args.no_text_fallback)
     metrics = train_segmenter(splits["train"], args.out, backbone_dir=args.backbone, text_config=_text_config(args),
                               segmenter_config=seg, train_config=train_cfg, val_samples=splits.get("val"),
                               test_samples=splits.get("test"), device=args.device)
@@ -241,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=FusionConfig.heads)
     p.add_argument("--head-channels", type=int, default=SegmenterConfig.head_channels)
     p.add_argument("--per-scale", action="store_true", help="one attention block per scale instead of a shared one")
+    p.add_argument("--text-residual", choices=TEXT_RESIDUALS, default=FusionConfig.text_residual,
+                   help="how the text joins the image path: 'zero' starts as the image-only network (default), "
+                        "'plain' as the reference, 'gate' through a zero-initialised tanh gate")
+    p.add_argument("--no-text-fallback", action="store_true",
+                   help="train the text from epoch 1 (default: EPOCHS image-only, then EPOCHS with the report; "
+                        "validation keeps the better, so an uninformative report cannot make it worse)")
     p.add_argument("--augment", action="store_true",
                    help="rot90/flip/rotation augmentation (off by default: flips contradict left/right in reports)")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)

@@ -151,12 +151,13 @@ class FusionConfig(JsonConfig):
     dropout: float = 0.0
     positional_encoding: bool = True
     # How the cross-attention output joins the image tokens (issue 16: a text path that only helps):
-    #   "plain" - added as it comes (the reference; random text weights change the output from step 0)
-    #   "zero"  - the attention's output projection starts at zero and the text weights come from their
-    #             own random stream: an untrained model is exactly the `no_text` network
+    #   "zero"  - the default: the attention's output projection starts at zero and the text weights come
+    #             from their own random stream, so an untrained model is exactly the `no_text` network
+    #   "plain" - added as it comes (the reference; random text weights change the output from step 0;
+    #             models saved before this option load as "plain")
     #   "gate"  - like "zero" but through a zero-initialised tanh gate (one scalar per block, as in
     #             Flamingo); it opens slowly (measured: too slowly for few-step training)
-    text_residual: str = "plain"
+    text_residual: str = "zero"
     # In training, each sample's text residual is dropped with this probability (the image path then
     # trains as an image-only model on those samples).
     text_dropout: float = 0.0
@@ -232,10 +233,12 @@ class TrainConfig(JsonConfig):
     amp: bool = True  # used only on CUDA
     num_workers: int = 0
     val_every: int = 1
-    # A text path that only helps (issue 16): train `epochs` with the text residual off -- exactly the
-    # no_text network -- then `epochs` more with it on; validation keeps the better checkpoint, so a
-    # report that does not help leaves the image-only model. Needs FusionConfig.text_residual "zero"/"gate".
-    text_fallback: bool = False
+    # A text path that only helps (issue 16), on by default: train `epochs` with the text residual off --
+    # exactly the no_text network -- then `epochs` more with it on; validation keeps the better checkpoint,
+    # so a report that does not help leaves the image-only model (history then has 2 x epochs entries).
+    # Takes effect only with a validation split to choose on and a text path that starts closed
+    # (FusionConfig.text_residual "zero"/"gate"); otherwise the text trains from the first epoch.
+    text_fallback: bool = True
 
     def validate(self) -> None:
         _positive("epochs", self.epochs)

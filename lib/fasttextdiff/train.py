@@ -181,16 +181,12 @@ def train_segmenter(
 
     resume_dir = out_dir.with_name(out_dir.name + RESUME_DIR_SUFFIX)
     fingerprint = run_fingerprint(labeled, val_samples, backbone_dir, text_config, segmenter_config, train_config)
+    image_first = text_fallback_applies(segmenter_config, train_config, val_loader is not None)
+    total_epochs = train_config.epochs * (2 if image_first else 1)
     start_epoch, best, history, best_state = _resume(engine, resume_dir, model, optimizer, generator,
-                                                     train_config, fingerprint)
+                                                     total_epochs, fingerprint)
 
     n_params = sum(p.numel() for p in trainable)
-    # issue 16, text_fallback: `epochs` image-only (text residual off), then `epochs` with the text
-    image_first = train_config.text_fallback and segmenter_config.use_text
-    if image_first and segmenter_config.fusion.text_residual == "plain":
-        raise ValueError("text_fallback needs a text path that starts closed (FusionConfig.text_residual "
-                         "'zero' or 'gate', not 'plain')")
-    total_epochs = train_config.epochs * (2 if image_first else 1)
     if engine.is_main:
         log_.info("training %d parameters on %d labeled images (%s x %d), epochs %d..%d", n_params, len(labeled),
                   device, engine.num_processes, start_epoch + 1, total_epochs)
@@ -226,7 +222,7 @@ def train_segmenter(
         history.append(record)
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
         if log and engine.is_main:
-            log(dict(record))
+            log(dict(record, epochs_total=total_epochs))  # 2 x epochs under text_fallback
         _save_resume(engine, resume_dir, model, optimizer, generator, epoch + 1, best, history, best_state, fingerprint)
         if stop:
             log_.info("training stopped on request after epoch %d", epoch + 1)
@@ -260,6 +256,22 @@ def train_segmenter(
     return metrics
 
 
+def text_fallback_applies(segmenter_config: SegmenterConfig, train_config: TrainConfig, has_val: bool) -> bool:
+    """TrainConfig.text_fallback (issue 16): `epochs` image-only (text residual off), then `epochs` with the
+    text. It needs a validation split to choose between the two and a text path that starts closed; a
+    "plain" residual (models from before the option, the reference's fusion) trains its text from epoch 1."""
+    if not (train_config.text_fallback and segmenter_config.use_text):
+        return False
+    if segmenter_config.fusion.text_residual == "plain":
+        log_.warning("text_fallback skipped: text_residual 'plain' does not start as the no_text network "
+                     "(use 'zero' or 'gate')")
+        return False
+    if not has_val:
+        log_.info("text_fallback skipped: no validation split to choose between image-only and text")
+        return False
+    return True
+
+
 def run_fingerprint(labeled: Sequence[Sample], val_samples: Sequence[Sample] | None, backbone_dir: str | Path,
                     text_config: TextConfig, segmenter_config: SegmenterConfig, train_config: TrainConfig) -> str:
     """What a resumable run was started on: the contents (not paths) of every image, mask and
@@ -291,7 +303,7 @@ def _save_resume(engine: Engine, resume_dir: Path, model: FastTextDiffModel, opt
 
 
 def _resume(engine: Engine, resume_dir: Path, model: FastTextDiffModel, optimizer, generator: torch.Generator,
-            train_config: TrainConfig, fingerprint: str) -> tuple[int, dict, list, dict | None]:
+            total_epochs: int, fingerprint: str) -> tuple[int, dict, list, dict | None]:
     """(start epoch, best record, history, best weights) from an interrupted run, or a fresh start."""
     fresh = (0, {"dice": -1.0, "epoch": 0}, [], None)
     try:
@@ -316,6 +328,6 @@ def _resume(engine: Engine, resume_dir: Path, model: FastTextDiffModel, optimize
         if engine.is_main:
             shutil.rmtree(resume_dir, ignore_errors=True)
         return fresh
-    epoch = min(int(state["epoch"]), train_config.epochs * (2 if train_config.text_fallback else 1))
+    epoch = min(int(state["epoch"]), total_epochs)
     log_.info("resuming training from epoch %d (%s)", epoch, resume_dir)
     return epoch, state.get("best", fresh[1]), state.get("history", []), best_state

@@ -43,7 +43,8 @@ class DefaultModelBuilder:
         def log(record: dict) -> None:
             epoch = record.get("epoch", "?")
             loss = record.get("loss")
-            msg = f"{stage}: epoch {epoch}/{total_epochs}" + (f", loss {loss:.4f}" if isinstance(loss, float) else "")
+            total = record.get("epochs_total", total_epochs)  # the segmenter's text_fallback doubles the epochs
+            msg = f"{stage}: epoch {epoch}/{total}" + (f", loss {loss:.4f}" if isinstance(loss, float) else "")
             self.manager.set_status("preparing", msg, stage=stage)
             logger.info("default model - %s", msg)
 
