@@ -399,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="only rewrite the .md and .png next to an existing results JSON (no training)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                    help="combine the runs of several results JSONs of one dataset and plan (e.g. one per seed, "
-                        "run side by side) into --out/accuracy_NAME.* (no training)")
+                        "run side by side) into --out/accuracy_NAME.* (no training); PATH:no_text,unet takes only "
+                        "those methods' runs from PATH")
     args = p.parse_args(argv)
     if args.merge:
         return merge_results(args.merge, args.out, args.name or "merged", plot=not args.no_plot)
@@ -422,7 +423,14 @@ def main(argv: list[str] | None = None) -> dict:
 def merge_results(paths: list[Path], out_dir: Path, name: str, plot: bool = True) -> dict:
     """One result from several runs of the same dataset (seeds or methods split over processes): the
     runs are concatenated (a (method, budget, seed) seen twice is refused), then aggregated afresh."""
-    parts = [json.loads(Path(p).read_text()) for p in paths]
+    parts = []
+    for spec in map(str, paths):  # PATH or PATH:method,method (only those methods' runs of that file)
+        path, _, only = spec.partition(":") if not Path(spec).is_file() else (spec, "", "")
+        part = json.loads(Path(path).read_text())
+        if only:
+            part = {**part, "runs": [r for r in part["runs"] if r["method"] in only.split(",")],
+                    "command": f"{part['command']} [{only} runs only]"}
+        parts.append(part)
     if len({r["dataset"] for r in parts}) != 1:
         raise SystemExit(f"cannot merge results of different datasets: {sorted({r['dataset'] for r in parts})}")
     result = dict(parts[0])

@@ -147,3 +147,8 @@ def test_accuracy_merges_seeds_run_side_by_side_and_checks_no_text(tmp_path):
     with pytest.raises(SystemExit, match="more than one"):
         accuracy.main(["--merge", str(tmp_path / "accuracy_s0.json"), str(tmp_path / "accuracy_s0.json"),
                        "--out", str(tmp_path), "--no-plot"])
+    # PATH:methods takes only those methods' runs from a file (here: no_text of seed 0 twice is no clash)
+    picked = accuracy.main(["--merge", str(tmp_path / "accuracy_s0.json"), f"{tmp_path / 'accuracy_s1.json'}:no_text",
+                            "--name", "picked", "--out", str(tmp_path), "--no-plot"])
+    assert sorted((r["method"], r["seed"]) for r in picked["runs"]) == [("fasttextdiff", 0), ("no_text", 0),
+                                                                        ("no_text", 1)]
