@@ -216,3 +216,20 @@ def test_cli_train_exposes_the_text_path_switches():
     assert defaults.text_residual == "zero" and defaults.no_text_fallback is False
     chosen = build_parser().parse_args(base + ["--text-residual", "plain", "--no-text-fallback"])
     assert chosen.text_residual == "plain" and chosen.no_text_fallback is True
+
+
+def test_server_conf_text_residual_defaults_to_the_library_and_is_checked():
+    import sys
+
+    from server_fixtures import APP_DIR
+
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        from lib.configs.app_conf import AppConf
+
+        assert AppConf.from_conf({}).text_residual == "zero" == FusionConfig().text_residual
+        assert AppConf.from_conf({"text_residual": "plain"}).text_residual == "plain"
+        with pytest.raises(ValueError, match="--conf text_residual must be one of plain, zero, gate"):
+            AppConf.from_conf({"text_residual": "open"})
+    finally:
+        sys.path.remove(str(APP_DIR))

@@ -152,7 +152,7 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
                                    num_processes: int = 1, gpu_ids: str | None = None) -> dict:
     """Train fusion + head on the labeled images with their reports; publish to the model root."""
     from fasttextdiff.atomic import publish
-    from fasttextdiff.config import MODEL_CONFIG_FILE, SegmenterConfig, TextConfig, TrainConfig
+    from fasttextdiff.config import MODEL_CONFIG_FILE, FusionConfig, SegmenterConfig, TextConfig, TrainConfig
 
     backbone = paths.backbone_dir()
     if backbone is None:
@@ -162,7 +162,8 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
     if not samples:
         raise ValueError("no image in the datastore has a final label yet: save at least one label, then train")
     served = paths.served_model_dir()
-    seg_config = SegmenterConfig(num_classes=len(conf.labels) + 1, labels=conf.labels)
+    seg_config = SegmenterConfig(num_classes=len(conf.labels) + 1, labels=conf.labels,
+                                 fusion=FusionConfig(text_residual=conf.text_residual))
     text_config = TextConfig(encoder=conf.text_encoder)
     if served is not None:  # keep the served model's architecture and encoder when retraining
         record = json.loads((served / MODEL_CONFIG_FILE).read_text())

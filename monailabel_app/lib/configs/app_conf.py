@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fasttextdiff.config import BackboneConfig, SegmenterConfig, TextConfig, TrainConfig
+from fasttextdiff.config import TEXT_RESIDUALS, BackboneConfig, FusionConfig, SegmenterConfig, TextConfig, TrainConfig
 
 # keys MONAI Label itself reads from the same dict (interfaces/app.py)
 _MONAILABEL_KEYS = {"server_mode"}
@@ -37,6 +37,9 @@ class AppConf:
     backbone_dir: str = ""
     # text encoder: "tiny" (bundled small ModernBERT) or a local model directory (e.g. ModernBERT-base)
     text_encoder: str = TextConfig.encoder
+    # how the report joins the image path in a newly built model: "zero" starts as the image-only
+    # network (the library default), "plain" as the reference's fusion, "gate" (docs/TEXT.md)
+    text_residual: str = FusionConfig.text_residual
     # app state: published models, text cache, training scratch; "" = <app>/model/<studies name>-<hash>
     state_dir: str = ""
     # model input size (pixels, square) for a newly built model; a served model keeps its own
@@ -123,6 +126,8 @@ class AppConf:
             raise ValueError(f"--conf device must be auto, cpu or cuda[:N], got {self.device!r}")
         if not self.text_encoder:
             raise ValueError("--conf text_encoder must be 'tiny' or a local model directory")
+        if self.text_residual not in TEXT_RESIDUALS:
+            raise ValueError(f"--conf text_residual must be one of {', '.join(TEXT_RESIDUALS)}, got {self.text_residual!r}")
 
     # ------------------------------------------------------------------ derived paths
     def state_path(self, studies: str, app_dir: str) -> Path:
