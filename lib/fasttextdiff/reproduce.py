@@ -206,7 +206,7 @@ def plot_table(result: dict, path: Path) -> None:
     ax.set_ylabel("test Dice (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{result['dataset_name']}: FastTextDiff vs published")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
