@@ -88,6 +88,20 @@ def test_monuseg_taps_reach_the_finest_level_and_old_block_taps_still_work(paper
         backbone.reconfigured(block_out_channels=(32,))
 
 
+def test_taps_work_on_our_own_unets_too():
+    """feature_taps is not ADM-only: any diffusers UNet2DModel laid out in levels of resnets (+ attention)."""
+    from fasttextdiff.backbone import DiffusionBackbone
+    from fasttextdiff.config import BackboneConfig
+
+    backbone = DiffusionBackbone(BackboneConfig(image_size=32, block_out_channels=(8, 16), attention=True,
+                                                timesteps=(50, 150), feature_taps=(0, 1, 3))).freeze()
+    assert backbone.feature_modules == ["up_blocks.0.attentions.0", "up_blocks.0.upsamplers.0", "up_blocks.1.attentions.1"]
+    feats = backbone.features(torch.zeros(2, 1, 32, 32))
+    assert [tuple(f.shape) for f in feats] == [(2, 32, 16, 16), (2, 32, 32, 32), (2, 16, 32, 32)]
+    with pytest.raises(ValueError, match="not both"):
+        BackboneConfig(feature_taps=(1,), feature_blocks=(0,))
+
+
 def _parse(*extra: str):
     return build_parser().parse_args(["train", "--data", "d", "--backbone", "b", "--out", "o", *extra])
 
