@@ -125,6 +125,19 @@ def test_explicit_flags_beat_the_preset_and_no_preset_keeps_the_defaults():
     assert _parse("--max-text-tokens", "12").max_text_tokens == 12  # the older spelling still works
 
 
+def test_text_max_tokens_10_keeps_ten_tokens_as_the_reference_tokenizer_does():
+    """max_length counts the special tokens, as transformers' truncation=True, max_length=10 does."""
+    from fasttextdiff.config import TextConfig
+    from fasttextdiff.text import TextEncoder
+
+    args = _parse("--text-max-tokens", "10")
+    encoder = TextEncoder(TextConfig(encoder=args.text_encoder, max_length=args.max_text_tokens))
+    batch = encoder.encode([REPORT * 5, "Left lung."])
+    assert batch.mask.sum(1).tolist()[0] == 10
+    ids = encoder.tokenizer(REPORT * 5, truncation=True, max_length=10)["input_ids"]
+    assert len(ids) == 10 and batch.mask.sum(1).tolist()[1] < 10
+
+
 def test_train_with_a_preset_on_the_converted_adm_then_segment(tmp_path, paper_adm, tiny_dataset, capsys):
     model = tmp_path / "model"
     code, _, err = run_cli(capsys, "train", "--data", tiny_dataset, "--backbone", paper_adm, "--out", model,

@@ -21,9 +21,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors import SafetensorError
 from torch import nn
 
+from .adm import AdmTap, output_block_taps
 from .atomic import atomic_write_json, check_replaceable, staged_dir
 from .checkpoint import check_safetensors, load_tensors, read_json, sha256_file, verify_sha256
-from .adm import AdmTap, output_block_taps
 from .config import BackboneConfig
 from .errors import CheckpointError, ModelNotFoundError
 

@@ -88,7 +88,7 @@ def run_setting(setting_dir: Path, fraction: float, seed: int, splits: dict, *, 
         "seconds_per_epoch": trained["seconds_per_epoch"],
         "feature_cache": trained["metrics"].get("feature_cache"),
         "inference_seconds_per_image": elapsed / max(1, scores["n"]),
-        "device": str(segmenter.device) if hasattr(segmenter, "device") else device,
+        "device": str(segmenter.device),
     }
     atomic_write_json(setting_dir / RESULT_NAME, result)
     return result
