@@ -44,6 +44,16 @@ def _widths(text: str) -> tuple[int, ...]:
     return values
 
 
+def _indices(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError("expected integers >= 0")
+    return values
+
+
 def _labeled(text: str) -> float:
     try:
         value = float(text)
@@ -66,6 +76,31 @@ def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timesteps", type=_widths, default=d.timesteps,
                    help=f"feature timesteps of 1000 (default {','.join(map(str, d.timesteps))})")
     g.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"), help="CT window in HU (default: percentiles)")
+
+
+def add_text_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-encoder", default=TextConfig.encoder,
+                   help="'tiny' (small ModernBERT, offline), a local model directory (e.g. a clinical ModernBERT), "
+                        "or a hub id (downloads; offline, download it elsewhere and pass its folder)")
+    p.add_argument("--text-max-tokens", "--max-text-tokens", dest="max_text_tokens", type=int,
+                   help="truncate reports to this many tokens, special tokens included (default: the encoder's "
+                        "whole context; 10 reproduces the reference's truncation)")
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The paper preset and the flags that override it (unset flags fall back to the preset, then defaults)."""
+    from .paper import PRESETS
+
+    g = p.add_argument_group("recipe (a --preset sets these; a flag given explicitly wins)")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="the paper's recipe for a dataset on a converted ADM backbone: taps, timesteps 50,150,250 "
+                        "(one shared noise draw), 256 px, epochs 50/100/50, Adam lr 1e-4")
+    g.add_argument("--epochs", type=int, help=f"training epochs (default {TrainConfig.epochs})")
+    g.add_argument("--lr", type=float, help=f"Adam learning rate (default {TrainConfig.lr:g})")
+    g.add_argument("--taps", type=_indices, metavar="N,N,...",
+                   help="tap these ADM output_blocks of the backbone instead of its configured ones (e.g. 4,6,8,12)")
+    g.add_argument("--timesteps", type=_indices, help="feature timesteps of 1000 (default: the backbone's)")
+    g.add_argument("--image-size", type=int, help="model input size in pixels (default: the backbone's)")
 
 
 def cmd_demo_data(args) -> int:
@@ -94,6 +129,30 @@ def _text_config(args):
     return TextConfig(encoder=args.text_encoder, max_length=args.max_text_tokens)
 
 
+def train_settings(args) -> tuple[TrainConfig, dict]:
+    """TrainConfig and backbone overrides from the flags: an explicit flag beats the preset, which beats
+    the library's defaults. Shared by `train` and `reproduce`."""
+    from .paper import PRESETS
+
+    preset = PRESETS[args.preset] if getattr(args, "preset", None) else None
+
+    def pick(flag, from_preset, default):
+        if flag is not None:
+            return flag
+        return from_preset if preset is not None else default
+
+    overrides = preset.backbone_overrides() if preset else {}
+    for name, value in (("feature_taps", getattr(args, "taps", None)), ("timesteps", getattr(args, "timesteps", None)),
+                        ("image_size", getattr(args, "image_size", None))):
+        if value is not None:
+            overrides[name] = value
+    train_cfg = TrainConfig(epochs=pick(args.epochs, preset and preset.epochs, TrainConfig.epochs),
+                            batch_size=args.batch_size, lr=pick(args.lr, preset and preset.lr, TrainConfig.lr),
+                            weight_decay=pick(None, preset and preset.weight_decay, TrainConfig.weight_decay),
+                            labeled=args.labeled, seed=args.seed, augment=args.augment)
+    return train_cfg, overrides
+
+
 def cmd_train(args) -> int:
     from .train import train_segmenter
     from .workflows import load_lvit
@@ -101,11 +160,10 @@ def cmd_train(args) -> int:
     splits = load_lvit(args.data)
     seg = SegmenterConfig(use_text=not args.no_text, head_channels=args.head_channels,
                           fusion=FusionConfig(dim=args.fusion_dim, heads=args.heads, shared=not args.per_scale))
-    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, labeled=args.labeled,
-                            seed=args.seed, augment=args.augment)
+    train_cfg, overrides = train_settings(args)
     metrics = train_segmenter(splits["train"], args.out, backbone_dir=args.backbone, text_config=_text_config(args),
                               segmenter_config=seg, train_config=train_cfg, val_samples=splits.get("val"),
-                              test_samples=splits.get("test"), device=args.device)
+                              test_samples=splits.get("test"), device=args.device, backbone_overrides=overrides)
     metrics.pop("history", None)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -228,14 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="LViT-layout root (Train_Folder, Val_Folder, Test_Folder)")
     p.add_argument("--backbone", required=True, type=Path, help="a pretrain-backbone output directory")
     p.add_argument("--out", required=True, type=Path, help="model directory to write")
-    p.add_argument("--text-encoder", default=TextConfig.encoder,
-                   help="'tiny' (small ModernBERT, offline), a local model directory, or a hub id (downloads)")
-    p.add_argument("--max-text-tokens", type=int, help="truncate reports to this many tokens (default: encoder context)")
+    add_text_arguments(p)
     p.add_argument("--no-text", action="store_true", help="ablation: the same network without the text branch")
     p.add_argument("--labeled", type=_labeled, help="use only N labeled training images, or a fraction (0.25)")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    add_recipe_arguments(p)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--fusion-dim", type=int, default=FusionConfig.dim)
     p.add_argument("--heads", type=int, default=FusionConfig.heads)
     p.add_argument("--head-channels", type=int, default=SegmenterConfig.head_channels)
@@ -288,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .text_pretrain import add_pretrain_text_arguments, run_pretrain_text
     from .adm import add_convert_backbone_arguments, run_convert_backbone
     from .viewer.cli import add_viewer_arguments, run_viewer
+    from .reproduce import add_reproduce_arguments, run_reproduce
 
     add_pretrain_text_arguments(add(
         "pretrain-text", run_pretrain_text, "adapt a ModernBERT to clinical text by masked-language modelling",
@@ -299,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
         "convert-backbone", run_convert_backbone,
         "convert an OpenAI guided-diffusion (ADM) checkpoint into a backbone directory",
         "fasttextdiff convert-backbone 256x256_diffusion_uncond.pt --arch adm-256-uncond --out runs/adm256"))
+    add_reproduce_arguments(add(
+        "reproduce", run_reproduce,
+        "train and evaluate the paper's settings for a dataset and table them beside the published results",
+        "fasttextdiff reproduce --dataset qata --data /data/QaTa-COV19 --backbone runs/adm256 "
+        "--text-encoder /models/clinical-modernbert --out runs/reproduce-qata --device cuda"))
     add_viewer_arguments(add("viewer", run_viewer, "the web annotation viewer (trame-slicer) for a server, on 127.0.0.1",
                              "fasttextdiff viewer --server http://127.0.0.1:8000 --port 8080"))
     return parser

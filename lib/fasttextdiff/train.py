@@ -133,8 +133,12 @@ def train_segmenter(
     log: Callable[[dict], None] | None = None,
     stop_event: threading.Event | None = None,
     text_cache_dir: str | Path | None = None,
+    backbone_overrides: dict | None = None,
 ) -> dict:
     """Train and write the model directory `out_dir` atomically; returns the metrics (also in its record).
+
+    `backbone_overrides` change how the backbone is probed (`DiffusionBackbone.reconfigured`: taps,
+    timesteps, image size), e.g. a paper preset on a converted ADM; the model records the result.
 
     A `stop_event` ends training after the current epoch and still writes the best model so far.
     Under `accelerate launch` every process trains on its share of each epoch; the main process writes.
@@ -152,6 +156,8 @@ def train_segmenter(
     labeled = select_labeled(labeled, train_config.labeled, seed=train_config.seed)
 
     backbone = load_backbone(backbone_dir)  # ours, or any diffusers UNet2DModel checkpoint
+    if backbone_overrides:
+        backbone = backbone.reconfigured(**backbone_overrides)
     with acc.main_process_first():  # the main process builds or fills shared caches (tiny encoder, text cache)
         encoder = TextEncoder(text_config, device=device, cache_dir=text_cache_dir) if segmenter_config.use_text else None
     texts = TextTable(encoder, [s.text for s in labeled] + [s.text for s in (val_samples or [])])
@@ -180,7 +186,8 @@ def train_segmenter(
     val_loader = acc.prepare(DataLoader(val_ds, batch_size=train_config.batch_size * 2)) if len(val_ds) else None
 
     resume_dir = out_dir.with_name(out_dir.name + RESUME_DIR_SUFFIX)
-    fingerprint = run_fingerprint(labeled, val_samples, backbone_dir, text_config, segmenter_config, train_config)
+    fingerprint = run_fingerprint(labeled, val_samples, backbone_dir, text_config, segmenter_config, train_config,
+                                  backbone.config.to_dict() if backbone_overrides else None)
     start_epoch, best, history, best_state = _resume(engine, resume_dir, model, optimizer, generator,
                                                      train_config, fingerprint)
 
@@ -251,7 +258,8 @@ def train_segmenter(
 
 
 def run_fingerprint(labeled: Sequence[Sample], val_samples: Sequence[Sample] | None, backbone_dir: str | Path,
-                    text_config: TextConfig, segmenter_config: SegmenterConfig, train_config: TrainConfig) -> str:
+                    text_config: TextConfig, segmenter_config: SegmenterConfig, train_config: TrainConfig,
+                    backbone_config: dict | None = None) -> str:
     """What a resumable run was started on: the contents (not paths) of every image, mask and
     report, the backbone, and the settings except the epoch count. A resume state with another
     fingerprint belongs to a different training set (labels saved or changed since) and is dropped."""
@@ -265,6 +273,8 @@ def run_fingerprint(labeled: Sequence[Sample], val_samples: Sequence[Sample] | N
     if "checksums.json" not in backbone:  # weights without a recorded checksum: hash them
         backbone["weights"] = [sha256_file(w) for w in sorted(backbone_dir.glob("*.safetensors"))]
     settings = {k: v for k, v in train_config.to_dict().items() if k != "epochs"}
+    if backbone_config is not None:  # as probed (overrides included), not only as stored
+        backbone["config"] = backbone_config
     record = {"train": rows(labeled), "val": rows(val_samples or []), "backbone": backbone,
               "text": text_config.to_dict(), "segmenter": segmenter_config.to_dict(), "settings": settings}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()

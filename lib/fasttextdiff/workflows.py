@@ -121,7 +121,7 @@ def run_job(spec: dict[str, Any], log_fn: Callable[[dict], None] | None = None,
     """Run one job: ``pretrain-backbone`` (``images``, ``backbone`` config, ``out_dir``, ``options`` of
     `pretrain_backbone_on_files`, ``restart_if_unusable``: ignore a checkpoint of other images or settings)
     or ``train-segmenter`` (``samples``, ``out_dir``, ``backbone_dir``, ``text``/``segmenter``/``train``
-    configs, ``text_cache_dir``); both take ``device``. Returns the metrics."""
+    configs, ``text_cache_dir``, ``backbone_overrides``); both take ``device``. Returns the metrics."""
     common = {"device": spec.get("device"), "progress": False, "stop_event": stop_event}
     if spec["job"] == "pretrain-backbone":
         def pretrain(resume: bool) -> dict:
@@ -144,7 +144,8 @@ def run_job(spec: dict[str, Any], log_fn: Callable[[dict], None] | None = None,
                                text_config=TextConfig.from_dict(spec["text"]),
                                segmenter_config=SegmenterConfig.from_dict(spec["segmenter"]),
                                train_config=TrainConfig.from_dict(spec["train"]), log=log_fn,
-                               text_cache_dir=spec.get("text_cache_dir"), **common)
+                               text_cache_dir=spec.get("text_cache_dir"),
+                               backbone_overrides=spec.get("backbone_overrides"), **common)
     raise ValueError(f"unknown job {spec['job']!r}; known: pretrain-backbone, train-segmenter")
 
 
