@@ -295,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_studies_arguments(add("demo-studies", run_demo_studies,
                                    "write a MONAI Label studies folder of synthetic images with reports",
                                    "fasttextdiff demo-studies --out studies/demo"))
+    from .import_studies import add_import_studies_arguments, run_import_studies
+
+    add_import_studies_arguments(add(
+        "import-studies", run_import_studies,
+        "import images with their reports (and masks) into a MONAI Label studies folder",
+        "fasttextdiff import-studies /data/my-cts --out studies/my-cts   # <name>.txt beside each image"))
     add_convert_backbone_arguments(add(
         "convert-backbone", run_convert_backbone,
         "convert an OpenAI guided-diffusion (ADM) checkpoint into a backbone directory",
