@@ -118,3 +118,32 @@ def test_console_script_help_and_error_exit_code(tmp_path):
     bad = subprocess.run([exe, "segment", tmp_path / "x.png", "--model", tmp_path, "--out", tmp_path / "m.png"],
                          capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_segment_writes_a_palette_mask_and_an_overlay(tmp_path, tiny_model, tiny_dataset, capsys):
+    """The mask PNG keeps class indices but shows them in colour (palette PNG); --overlay writes the
+    image with the mask in colour; a volume's overlay shows one slice."""
+    from PIL import Image as PILImage
+
+    from fasttextdiff.data.io import read_image
+
+    image = next((tiny_dataset / "Test_Folder" / "img").iterdir())
+    code, out, err = run_cli(capsys, "segment", image, "--report", "Left lung lesion.", "--model", tiny_model,
+                             "--out", tmp_path / "mask.png", "--overlay", tmp_path / "overlay.png")
+    assert code == 0, err
+    mask_png = PILImage.open(tmp_path / "mask.png")
+    assert mask_png.mode == "P" and mask_png.getpalette()[3:6] == [230, 25, 75]  # class 1 in red
+    values = read_image(tmp_path / "mask.png").array
+    assert values.ndim == 2 and set(np.unique(values)) <= {0, 1}
+    overlay = np.asarray(PILImage.open(tmp_path / "overlay.png"))
+    assert overlay.shape == values.shape + (3,) and '"overlay"' in out
+    if values.any():  # where the mask is, the overlay is tinted red
+        region = overlay[values > 0].astype(int)
+        assert (region[:, 0] > region[:, 1]).all()
+    volume = tmp_path / "vol.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 200, (5, 24, 28)).astype(np.int16)),
+                    str(volume))
+    code, out, err = run_cli(capsys, "segment", volume, "--model", tiny_model, "--out", tmp_path / "m.nii.gz",
+                             "--overlay", tmp_path / "vol.png")
+    assert code == 0, err
+    assert np.asarray(PILImage.open(tmp_path / "vol.png")).shape == (24, 28, 3) and '"overlay_slice"' in out

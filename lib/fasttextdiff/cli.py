@@ -145,8 +145,14 @@ def cmd_segment(args) -> int:
         print("warning: empty report: segmenting with the encoder's empty-text embedding", file=sys.stderr)
     # the user's own file on their own machine: a detached header (.nhdr, .mhd + .raw) may name its data file
     result = segmenter.segment_file(args.image, text, args.out, args.uncertainty, allow_external_data=True)
+    shown = {}
+    if args.overlay:
+        from .overlay import write_overlay
+
+        index = write_overlay(result.image, result.mask, args.overlay)
+        shown = {"overlay": str(args.overlay), **({"overlay_slice": index} if index is not None else {})}
     print(json.dumps({"mask": str(args.out), "uncertainty": str(args.uncertainty) if args.uncertainty else None,
-                      **result.summary}, indent=2))
+                      **shown, **result.summary}, indent=2))
     return 0
 
 
@@ -262,7 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--report-file", help="a UTF-8 text file with the report")
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path, help="mask file (.png for 2D, .nii.gz/.nrrd for volumes)")
-    p.add_argument("--uncertainty", type=Path, help="also write the uncertainty map here")
+    p.add_argument("--uncertainty", type=Path,
+                   help="also write the uncertainty map here: the largest std over the noise draws of a foreground "
+                        "class probability (0..0.5); .png/.jpg scale it x510 to 0..255, other formats keep float32")
+    p.add_argument("--overlay", type=Path, help="also write a PNG of the image with the mask in colour (volumes: the "
+                                                "slice with the most foreground)")
     p.add_argument("--n-noise", type=int, default=4, help="noise draws (the uncertainty is their spread)")
     p.add_argument("--device")
 
