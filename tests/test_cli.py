@@ -147,3 +147,26 @@ def test_segment_writes_a_palette_mask_and_an_overlay(tmp_path, tiny_model, tiny
                              "--overlay", tmp_path / "vol.png")
     assert code == 0, err
     assert np.asarray(PILImage.open(tmp_path / "vol.png")).shape == (24, 28, 3) and '"overlay_slice"' in out
+
+
+def test_every_option_has_a_help_line_and_argument_errors_come_before_heavy_imports(tmp_path):
+    """Every option of every command says what it does; a mistyped argument is answered without
+    importing torch or MONAI (a fresh interpreter, so nothing is imported already)."""
+    import argparse
+
+    from fasttextdiff import cli
+
+    parser = cli.build_parser()  # every command, lazily imported ones included
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [f"{name} {'/'.join(action.option_strings) or action.dest}" for name, sub in commands.items()
+               if name != "pretrain-text"  # the text path's options are documented in docs/TEXT.md (its own module)
+               for action in sub._actions
+               if not isinstance(action, argparse._HelpAction) and not action.help and action.dest != "func"]
+    assert not missing, f"options without a --help description: {missing}"
+    probe = ("import sys, fasttextdiff.cli as c\n"
+             "code = 0\n"
+             "try:\n    c.main(['train', '--data'])\nexcept SystemExit as e:\n    code = e.code\n"
+             "print(code, 'torch' in sys.modules, 'monai' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False", "False"], done.stdout + done.stderr
+    assert "expected one argument" in done.stderr
