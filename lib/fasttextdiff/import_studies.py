@@ -84,7 +84,7 @@ def lvit_cases(root: Path) -> list[Case]:
             samples = load_split(root, split, require_masks=False, require_text=False)
         except FastTextDiffError:
             continue
-        cases += [Case(s.image, s.text, s.mask, s.name) for s in samples]
+        cases += [Case(s.image, s.text, s.mask, _stem(s.image)) for s in samples]
     return cases
 
 
