@@ -121,6 +121,7 @@ def test_import_then_label_then_train_answers_each_step(server, source):
     assert result["continued_from"], result
     served_before = result["served_val_dice_before"]
     assert served_before is not None and result["val_dice"] is not None
+    print(f"\ncontinued training: {result['reason']}")
     info = client.info()
     if result["decision"] == "published":
         assert result["val_dice"] >= served_before - 1e-9
@@ -150,6 +151,7 @@ def test_worse_training_keeps_the_served_model(server, source):
     status, stats = _http(server, "POST", f"/train/{MODEL}?run_sync=true", {"max_epochs": 1, "lr": 0.9})
     assert status == 200 and stats["status"] == "DONE", stats
     result = stats["result"]
+    print(f"\nworse training: {result['reason']}")
     assert result["decision"] == "kept" and result["published"] is None, result
     assert "below the served model's" in result["reason"] and "still serving" in result["reason"]
     assert result["val_images"] == val
@@ -158,6 +160,29 @@ def test_worse_training_keeps_the_served_model(server, source):
     assert Path(info["fasttextdiff"]["model"]["model_dir"]) == served_dir and _tree_hash(served_dir) == files
     assert info["models"][MODEL]["val_dice"] == pytest.approx(result["served_val_dice_before"])
     assert info["train_stats"][MODEL]["decision"] == "kept"
+
+
+def test_backbone_task_continues_and_publishes_backbone_and_model_together_or_neither(server):
+    """`backbone` continues the current backbone, retrains fusion + head on its features in the same job
+    and publishes both only if validation Dice holds (here the training labels are still corrupted)."""
+    client = server.client()
+    state = server.studies / ".fasttextdiff"
+    backbone_before = (state / "backbone" / "current").resolve()
+    identity = client.info()["fasttextdiff"]["model_identity"]
+    status, stats = _http(server, "POST", "/train/backbone?run_sync=true", {"max_epochs": 1, "segmenter_epochs": 1})
+    assert status == 200 and stats["status"] == "DONE", stats
+    result = stats["result"]
+    print(f"\nbackbone task: {result['reason']}")
+    assert result["backbone"]["continued_from"] == str(backbone_before)
+    assert result["segmenter"]["continued_from"] and result["decision"] in ("published", "kept")
+    info = client.info()
+    if result["decision"] == "kept":
+        assert (state / "backbone" / "current").resolve() == backbone_before
+        assert info["fasttextdiff"]["model_identity"] == identity and "backbone_published" not in result
+    else:
+        assert (state / "backbone" / "current").resolve() == Path(result["backbone_published"])
+        assert info["fasttextdiff"]["model_identity"] != identity
+    assert info["train_stats"]["backbone"]["reason"] == result["reason"]
 
 
 def test_validation_split_is_kept_as_labels_grow(tmp_path):
