@@ -148,10 +148,14 @@ class AppConf:
             return Path(self.state_dir).expanduser().resolve()
         import hashlib
 
-        if not studies.startswith(("http://", "https://")):
-            return (Path(studies).resolve() / STATE_SUBDIR)
-        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in studies.rstrip("/").split("/")[-1])[:40]
-        return Path(app_dir, "model", f"{name or 'studies'}-{hashlib.sha256(studies.encode()).hexdigest()[:8]}").resolve()
+        key = studies if studies.startswith(("http://", "https://")) else str(Path(studies).resolve())
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in key.rstrip("/").split("/")[-1])[:40]
+        in_app = Path(app_dir, "model", f"{name or 'studies'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}").resolve()
+        if studies.startswith(("http://", "https://")):
+            return in_app
+        own = Path(key) / STATE_SUBDIR
+        # state an earlier version kept in the app's folder keeps being used, rather than rebuilt
+        return in_app if in_app.is_dir() and not own.exists() else own
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
