@@ -127,7 +127,10 @@ def test_volume_label_keeps_geometry(inprocess_server, tmp_path):
     assert sitk.GetArrayFromImage(label).dtype == np.uint8
 
 
-def test_save_label_and_train_synchronously_publishes_new_model(inprocess_server, case_png):
+def test_save_label_and_train_synchronously_publishes_only_if_validation_holds(inprocess_server, case_png):
+    """A train task continues from the served model and publishes its best epoch only when its validation
+    Dice is not below the served model's on the same images (else the served model stays, and the
+    stats say why); either way the answer and /info agree at once."""
     client = inprocess_server.client()
     before = client.info()["fasttextdiff"]["model_identity"]
     res = client.save_label("upload_case", str(case_png["label"]), tag="final")
@@ -137,14 +140,24 @@ def test_save_label_and_train_synchronously_publishes_new_model(inprocess_server
 
     status, stats = _http(inprocess_server, "POST", f"/train/{MODEL}?run_sync=true", {"max_epochs": 1})
     assert status == 200, stats
-    assert stats["status"] == "DONE" and stats["result"]["published"]
-    assert stats["result"]["samples"] >= 4  # 3 demo labels + this one (+ labeled volume slices)
+    result = stats["result"]
+    assert stats["status"] == "DONE" and result["decision"] in ("published", "kept") and result["continued_from"]
+    assert result["samples"] + result["val_samples"] >= 5  # 3 demo labels + this one (+ labeled volume slices)
+    assert result["val_images"] and set(result["val_images"]) <= set(result["val_images"] + result["train_images"])
     info = client.info()
-    assert info["fasttextdiff"]["model_identity"] != before
     assert info["train_stats"][MODEL]["status"] == "DONE"
-    # the new model serves at once
-    _, result = client.infer(MODEL, "upload_case", {})
-    assert result["model"] == info["fasttextdiff"]["model_identity"]
+    assert info["train_stats"][MODEL]["reason"] == result["reason"]
+    if result["decision"] == "published":
+        assert result["published"] and result["val_dice"] >= result["served_val_dice_before"] - 1e-9
+        assert info["fasttextdiff"]["model_identity"] != before
+        assert info["models"][MODEL]["val_dice"] == pytest.approx(result["val_dice"])
+    else:
+        assert result["published"] is None and "below the served model's" in result["reason"]
+        assert info["fasttextdiff"]["model_identity"] == before
+        assert info["models"][MODEL]["val_dice"] == pytest.approx(result["served_val_dice_before"])
+    # the served model (new or kept) serves at once
+    _, served = client.infer(MODEL, "upload_case", {})
+    assert served["model"] == info["fasttextdiff"]["model_identity"]
 
 
 def test_scoring_is_per_unlabeled_image_with_text_and_incremental(inprocess_server):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, ModelNotFoundError
+from .paper import PAPER_TAPS
 
 __all__ = [
     "ADM_PRESETS",
@@ -64,7 +65,6 @@ ADM_PRESETS: dict[str, str] = {
 }
 
 # The reference configs' taps, in ADM's output_blocks numbering (siddharthdhara/FastTextDiff ddpm.json).
-PAPER_TAPS: dict[str, tuple[int, ...]] = {"qata": (4, 6, 8, 12), "mosmed": (4, 6, 8, 12), "monuseg": (6, 8, 12, 16)}
 
 NUM_CLASSES = 1000  # guided-diffusion's class-conditional models are ImageNet's
 _NORM_GROUPS = 32  # ADM's GroupNorm32 always has 32 groups

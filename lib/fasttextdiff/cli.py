@@ -7,6 +7,7 @@ only real bugs print a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -20,6 +21,8 @@ from .errors import FastTextDiffError
 
 # MONAI's import emits FutureWarnings about torch.jit that users can do nothing about.
 warnings.filterwarnings("ignore", category=FutureWarning)
+
+DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)"
 
 EXAMPLES = """examples:
   fasttextdiff demo-data --out data/synth --variant text-necessary
@@ -203,8 +206,14 @@ def cmd_segment(args) -> int:
         print("warning: empty report: segmenting with the encoder's empty-text embedding", file=sys.stderr)
     # the user's own file on their own machine: a detached header (.nhdr, .mhd + .raw) may name its data file
     result = segmenter.segment_file(args.image, text, args.out, args.uncertainty, allow_external_data=True)
+    shown = {}
+    if args.overlay:
+        from .overlay import write_overlay
+
+        index = write_overlay(result.image, result.mask, args.overlay)
+        shown = {"overlay": str(args.overlay), **({"overlay_slice": index} if index is not None else {})}
     print(json.dumps({"mask": str(args.out), "uncertainty": str(args.uncertainty) if args.uncertainty else None,
-                      **result.summary}, indent=2))
+                      **shown, **result.summary}, indent=2))
     return 0
 
 
@@ -242,7 +251,47 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+LAZY_COMMANDS = {  # name: (module, add-arguments function, run function, help, example)
+    "pretrain-text": (".text_pretrain", "add_pretrain_text_arguments", "run_pretrain_text",
+                      "adapt a ModernBERT to clinical text by masked-language modelling",
+                      "fasttextdiff pretrain-text --corpus iu-xray --init tiny --out runs/clinical-mbert --quick"),
+    "demo-studies": (".studies", "add_demo_studies_arguments", "run_demo_studies",
+                     "write a MONAI Label studies folder of synthetic images with reports",
+                     "fasttextdiff demo-studies --out studies/demo"),
+    "import-studies": (".import_studies", "add_import_studies_arguments", "run_import_studies",
+                       "import images with their reports (and masks) into a MONAI Label studies folder",
+                       "fasttextdiff import-studies /data/my-cts --out studies/my-cts   # <name>.txt beside each image"),
+    "convert-backbone": (".adm", "add_convert_backbone_arguments", "run_convert_backbone",
+                         "convert an OpenAI guided-diffusion (ADM) checkpoint into a backbone directory",
+                         "fasttextdiff convert-backbone 256x256_diffusion_uncond.pt --arch adm-256-uncond --out runs/adm256"),
+    "reproduce": (".reproduce", "add_reproduce_arguments", "run_reproduce",
+                  "train and evaluate the paper's settings for a dataset and table them beside the published results",
+                  "fasttextdiff reproduce --dataset qata --data /data/QaTa-COV19 --backbone runs/adm256 "
+                  "--text-encoder /models/clinical-modernbert --out runs/reproduce-qata --device cuda"),
+    "viewer": (".viewer.cli", "add_viewer_arguments", "run_viewer",
+               "the web annotation viewer (trame-slicer) for a server, on 127.0.0.1",
+               "fasttextdiff viewer --server http://127.0.0.1:8000 --port 8080"),
+}
+
+
+def _lazy(module: str, runner: str):
+    def run(args):
+        return getattr(importlib.import_module(module, __package__), runner)(args)
+
+    return run
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in argv (the first word that is one), else None."""
+    return next((a for a in argv if a in LAZY_COMMANDS or a in _EAGER_COMMANDS), None)
+
+
+_EAGER_COMMANDS = ("demo-data", "pretrain-backbone", "train", "evaluate", "segment", "bench", "run-job", "demo")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with `only`, the lazily imported commands other than `only` get no arguments
+    (their modules are not imported)."""
     parser = argparse.ArgumentParser(
         prog="fasttextdiff", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Report-conditioned, label-efficient diffusion segmentation (FastTextDiff).", epilog=EXAMPLES)
@@ -257,29 +306,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo-data", cmd_demo_data, "write a synthetic chest-X-ray-like dataset in the LViT layout",
             "fasttextdiff demo-data --out data/synth --variant text-necessary")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="dataset folder to write (LViT layout)")
     p.add_argument("--variant", choices=("standard", "text-necessary"), default="standard",
                    help="text-necessary: only the lesions the report names are labeled")
-    p.add_argument("--n-train", type=int, default=80)
-    p.add_argument("--n-val", type=int, default=16)
-    p.add_argument("--n-test", type=int, default=40)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=80, help="training images (default 80)")
+    p.add_argument("--n-val", type=int, default=16, help="validation images (default 16)")
+    p.add_argument("--n-test", type=int, default=40, help="test images (default 40)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
 
     p = add("pretrain-backbone", cmd_pretrain_backbone, "train the diffusion U-Net as a denoiser on unlabeled images",
             "fasttextdiff pretrain-backbone --data data/synth --out runs/backbone --epochs 20")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help="an LViT-layout root (images of all splits, labels unused)")
     src.add_argument("--images", type=Path, nargs="+", help="image files or folders (2D images, volumes' slices)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="backbone directory to write (resumes from its checkpoint/)")
     add_backbone_arguments(p)
-    p.add_argument("--epochs", type=int, default=PretrainConfig.epochs)
+    p.add_argument("--epochs", type=int, default=PretrainConfig.epochs, help=f"passes over the images (default {PretrainConfig.epochs})")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
-    p.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=PretrainConfig.lr)
-    p.add_argument("--seed", type=int, default=PretrainConfig.seed)
+    p.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size,
+                   help=f"images per step and process (default {PretrainConfig.batch_size})")
+    p.add_argument("--lr", type=float, default=PretrainConfig.lr, help=f"learning rate (default {PretrainConfig.lr})")
+    p.add_argument("--seed", type=int, default=PretrainConfig.seed, help="random seed")
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left by an interrupted run")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--device", help=DEVICE_HELP)
 
     p = add("train", cmd_train, "train fusion + head (report-conditioned segmenter) on labeled images",
             "fasttextdiff train --data data/synth --backbone runs/backbone --out runs/model --labeled 10")
@@ -290,24 +340,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-text", action="store_true", help="ablation: the same network without the text branch")
     p.add_argument("--labeled", type=_labeled, help="use only N labeled training images, or a fraction (0.25)")
     add_recipe_arguments(p)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--fusion-dim", type=int, default=FusionConfig.dim)
-    p.add_argument("--heads", type=int, default=FusionConfig.heads)
-    p.add_argument("--head-channels", type=int, default=SegmenterConfig.head_channels)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help=f"images per step and process (default {TrainConfig.batch_size})")
+    p.add_argument("--fusion-dim", type=int, default=FusionConfig.dim,
+                   help=f"width of the cross-modal attention (default {FusionConfig.dim}; the paper 768)")
+    p.add_argument("--heads", type=int, default=FusionConfig.heads, help=f"attention heads (default {FusionConfig.heads})")
+    p.add_argument("--head-channels", type=int, default=SegmenterConfig.head_channels,
+                   help=f"channels of the conv head (default {SegmenterConfig.head_channels})")
     p.add_argument("--per-scale", action="store_true", help="one attention block per scale instead of a shared one")
     p.add_argument("--augment", action="store_true",
                    help="rot90/flip/rotation augmentation (off by default: flips contradict left/right in reports)")
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed (labeled subset, shuffles)")
+    p.add_argument("--device", help=DEVICE_HELP)
 
     p = add("evaluate", cmd_evaluate, "per-image Dice and IoU of a model on a dataset split",
             "fasttextdiff evaluate --model runs/model --data data/synth --split test --json eval.json")
-    p.add_argument("--model", required=True, type=Path)
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--model", required=True, type=Path, help="a model directory (or a published root)")
+    p.add_argument("--data", required=True, type=Path, help="LViT-layout root")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to score (default test)")
     p.add_argument("--n-noise", type=int, default=1, help="noise draws averaged per image")
     p.add_argument("--json", type=Path, help="write all figures, per image too, to this file")
-    p.add_argument("--device")
+    p.add_argument("--device", help=DEVICE_HELP)
 
     p = add("segment", cmd_segment, "segment a 2D image or 3D volume, conditioned on its report",
             'fasttextdiff segment ct.nii.gz --report-file report.txt --model runs/model --out mask.nii.gz')
@@ -315,20 +368,24 @@ def build_parser() -> argparse.ArgumentParser:
     rep = p.add_mutually_exclusive_group()
     rep.add_argument("--report", help="the report text")
     rep.add_argument("--report-file", help="a UTF-8 text file with the report")
-    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--model", required=True, type=Path, help="a model directory (or a published root)")
     p.add_argument("--out", required=True, type=Path, help="mask file (.png for 2D, .nii.gz/.nrrd for volumes)")
-    p.add_argument("--uncertainty", type=Path, help="also write the uncertainty map here")
+    p.add_argument("--uncertainty", type=Path,
+                   help="also write the uncertainty map here: the largest std over the noise draws of a foreground "
+                        "class probability (0..0.5); .png/.jpg scale it x510 to 0..255, other formats keep float32")
+    p.add_argument("--overlay", type=Path, help="also write a PNG of the image with the mask in colour (volumes: the "
+                                                "slice with the most foreground)")
     p.add_argument("--n-noise", type=int, default=4, help="noise draws (the uncertainty is their spread)")
-    p.add_argument("--device")
+    p.add_argument("--device", help=DEVICE_HELP)
 
     p = add("bench", cmd_bench, "run a built-in benchmark (ablation: text vs no_text on the text-necessary set)",
             "fasttextdiff bench ablation --quick --json bench/results/ablation.json")
-    p.add_argument("name", choices=("ablation",))
+    p.add_argument("name", choices=("ablation",), help="the benchmark to run")
     p.add_argument("--quick", action="store_true", help="CPU-sized run (under 10 minutes on 2 cores)")
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--work-dir", type=Path, help="keep data and models here (default: a temporary folder)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", help=DEVICE_HELP)
 
     p = add("run-job", cmd_run_job, "run a training job described in JSON (what the server launches on several GPUs)",
             "accelerate launch --multi_gpu --num_processes 2 -m fasttextdiff.cli run-job job.json")
@@ -336,32 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo, "the whole pipeline end to end on synthetic data (make demo)",
             "fasttextdiff demo --out runs/demo")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--device")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for data, models and results")
+    p.add_argument("--device", help=DEVICE_HELP)
 
-    from .studies import add_demo_studies_arguments, run_demo_studies  # their implementation lives there
-    from .text_pretrain import add_pretrain_text_arguments, run_pretrain_text
-    from .adm import add_convert_backbone_arguments, run_convert_backbone
-    from .viewer.cli import add_viewer_arguments, run_viewer
-    from .reproduce import add_reproduce_arguments, run_reproduce
-
-    add_pretrain_text_arguments(add(
-        "pretrain-text", run_pretrain_text, "adapt a ModernBERT to clinical text by masked-language modelling",
-        "fasttextdiff pretrain-text --corpus iu-xray --init tiny --out runs/clinical-mbert --quick"))
-    add_demo_studies_arguments(add("demo-studies", run_demo_studies,
-                                   "write a MONAI Label studies folder of synthetic images with reports",
-                                   "fasttextdiff demo-studies --out studies/demo"))
-    add_convert_backbone_arguments(add(
-        "convert-backbone", run_convert_backbone,
-        "convert an OpenAI guided-diffusion (ADM) checkpoint into a backbone directory",
-        "fasttextdiff convert-backbone 256x256_diffusion_uncond.pt --arch adm-256-uncond --out runs/adm256"))
-    add_reproduce_arguments(add(
-        "reproduce", run_reproduce,
-        "train and evaluate the paper's settings for a dataset and table them beside the published results",
-        "fasttextdiff reproduce --dataset qata --data /data/QaTa-COV19 --backbone runs/adm256 "
-        "--text-encoder /models/clinical-modernbert --out runs/reproduce-qata --device cuda"))
-    add_viewer_arguments(add("viewer", run_viewer, "the web annotation viewer (trame-slicer) for a server, on 127.0.0.1",
-                             "fasttextdiff viewer --server http://127.0.0.1:8000 --port 8080"))
+    # commands whose modules import torch/MONAI at the top: loaded only when that command is run (or
+    # asked for --help), so that a mistyped argument of any command is answered at once
+    for name, (module, adder, runner, help_, example) in LAZY_COMMANDS.items():
+        p = add(name, _lazy(module, runner), help_, example)
+        if only is None or only == name:
+            getattr(importlib.import_module(module, __package__), adder)(p)
     return parser
 
 
@@ -377,7 +417,8 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_command_of(argv) or "")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

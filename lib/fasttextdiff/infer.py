@@ -42,7 +42,7 @@ class SegmentationResult:
     summary: dict = field(default_factory=dict)
 
     def save(self, mask_path: str | Path, uncertainty_path: str | Path | None = None) -> None:
-        write_image(mask_path, self.mask.astype(np.uint8), like=self.image)
+        write_image(mask_path, self.mask.astype(np.uint8), like=self.image, palette=True)  # PNG: visible colours
         if uncertainty_path is not None:
             unc = self.uncertainty.astype(np.float32)
             if str(uncertainty_path).lower().endswith((".png", ".jpg", ".jpeg")):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .adm import PAPER_TAPS
+# ADM output_blocks the reference configs tap (siddharthdhara/FastTextDiff experiments/*/ddpm.json)
+PAPER_TAPS: dict[str, tuple[int, ...]] = {"qata": (4, 6, 8, 12), "mosmed": (4, 6, 8, 12), "monuseg": (6, 8, 12, 16)}
 
 __all__ = ["PaperPreset", "PRESETS", "DATASETS", "ANCHORS", "preset_for"]
 

@@ -248,15 +248,17 @@ def add_reproduce_arguments(p) -> None:
                    help="fractions of the training labels, comma-separated (default 0.25,0.5,1.0)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per fraction (0..N-1; default 1)")
     g = p.add_argument_group("overrides of the paper preset (for tiny runs or ablations)")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--image-size", type=int)
-    g.add_argument("--timesteps", type=_indices)
-    g.add_argument("--taps", type=_indices)
-    g.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    g.add_argument("--epochs", type=int, help="training epochs (default: the preset's, 50/100/50)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (default: the preset's, 1e-4)")
+    g.add_argument("--image-size", type=int, help="model input size in pixels (default: the preset's, 256)")
+    g.add_argument("--timesteps", type=_indices, help="feature timesteps of 1000 (default: the preset's, 50,150,250)")
+    g.add_argument("--taps", type=_indices, help="ADM output_blocks to tap (default: the preset's)")
+    g.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help=f"images per step (default {TrainConfig.batch_size})")
     g.add_argument("--fusion-dim", type=int, default=256, help="fusion width (default 256, the benchmarks' paper scale)")
-    g.add_argument("--heads", type=int, default=8)
-    g.add_argument("--head-channels", type=int, default=SegmenterConfig.head_channels)
+    g.add_argument("--heads", type=int, default=8, help="attention heads (default 8)")
+    g.add_argument("--head-channels", type=int, default=SegmenterConfig.head_channels,
+                   help=f"channels of the conv head (default {SegmenterConfig.head_channels})")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
 
 

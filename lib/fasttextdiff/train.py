@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 
 from .atomic import staged_dir
 from .backbone import load_backbone
-from .checkpoint import load_optimizer_state, load_training_state, optimizer_state_tensors, sha256_file
+from .checkpoint import (load_optimizer_state, load_tensors, load_training_state, optimizer_state_tensors, sha256_file,
+                         verify_sha256)
 from .config import SegmenterConfig, TextConfig, TrainConfig
+from .curves import CURVE_FILE, write_training_curve
 from .data.dataset import SegmentationDataset, select_labeled
 from .data.lvit import Sample
 from .engine import Engine, set_seed
@@ -104,15 +106,19 @@ class TextTable:
 
 
 @torch.no_grad()
-def validate(model: FastTextDiffModel, loader: DataLoader, texts: TextTable, engine: Engine) -> dict:
-    """Per-image Dice/IoU at model resolution (single noise draw), gathered from every process, averaged."""
+def validate(model: FastTextDiffModel, loader: DataLoader, texts: TextTable, engine: Engine | None,
+             device: torch.device | None = None) -> dict:
+    """Per-image Dice/IoU at model resolution (single noise draw), gathered from every process, averaged.
+    Without an engine (one process, outside a training run) on `device`."""
     model.eval()
     rows = []
+    device = engine.device if engine is not None else (device or torch.device("cpu"))
     for batch in loader:
-        states, mask = texts.batch(batch["text"], engine.device)
-        pred = model.predict(batch["image"], states, mask, n_noise=1).mask.cpu()
+        states, mask = texts.batch(batch["text"], device)
+        pred = model.predict(batch["image"].to(device), states, mask, n_noise=1).mask.cpu()
         scores = dice_iou(pred, batch["label"][:, 0].cpu(), model.config.num_classes)
-        rows.append(engine.gather(torch.tensor(scores, dtype=torch.float64).T))  # (images, [dice, iou])
+        table = torch.tensor(scores, dtype=torch.float64).T  # (images, [dice, iou])
+        rows.append(engine.gather(table) if engine is not None else table)
     model.train()
     columns = torch.cat(rows).T.tolist() if rows else [[], []]
     return {name: float(np.mean(v)) if v else float("nan") for name, v in zip(("dice", "iou"), columns)}
@@ -134,6 +140,7 @@ def train_segmenter(
     stop_event: threading.Event | None = None,
     text_cache_dir: str | Path | None = None,
     backbone_overrides: dict | None = None,
+    init_dir: str | Path | None = None,
 ) -> dict:
     """Train and write the model directory `out_dir` atomically; returns the metrics (also in its record).
 
@@ -141,6 +148,8 @@ def train_segmenter(
     timesteps, image size), e.g. a paper preset on a converted ADM; the model records the result.
 
     A `stop_event` ends training after the current epoch and still writes the best model so far.
+    `init_dir` (a model directory of the same architecture) starts fusion + head from its weights
+    instead of random ones: the server's train tasks continue from the served model.
     Under `accelerate launch` every process trains on its share of each epoch; the main process writes.
     """
     out_dir = Path(out_dir)
@@ -161,7 +170,10 @@ def train_segmenter(
     with acc.main_process_first():  # the main process builds or fills shared caches (tiny encoder, text cache)
         encoder = TextEncoder(text_config, device=device, cache_dir=text_cache_dir) if segmenter_config.use_text else None
     texts = TextTable(encoder, [s.text for s in labeled] + [s.text for s in (val_samples or [])])
-    model = FastTextDiffModel(backbone, encoder.hidden_size if encoder else 0, segmenter_config).to(device)
+    model = FastTextDiffModel(backbone, encoder.hidden_size if encoder else 0, segmenter_config)
+    if init_dir is not None:
+        load_segmenter_weights(model, init_dir)
+    model = model.to(device)
 
     size, channels = backbone.config.image_size, backbone.config.in_channels
 
@@ -187,7 +199,7 @@ def train_segmenter(
 
     resume_dir = out_dir.with_name(out_dir.name + RESUME_DIR_SUFFIX)
     fingerprint = run_fingerprint(labeled, val_samples, backbone_dir, text_config, segmenter_config, train_config,
-                                  backbone.config.to_dict() if backbone_overrides else None)
+                                  backbone.config.to_dict() if backbone_overrides else None, init_dir)
     start_epoch, best, history, best_state = _resume(engine, resume_dir, model, optimizer, generator,
                                                      train_config, fingerprint)
 
@@ -250,6 +262,7 @@ def train_segmenter(
     if engine.is_main:
         with staged_dir(out_dir) as staging:
             model.save(staging, text_config, train_config, metrics)
+            _curve(history, staging / CURVE_FILE)
             if encoder is not None:
                 encoder.save_reference(staging)
         shutil.rmtree(resume_dir, ignore_errors=True)
@@ -257,9 +270,55 @@ def train_segmenter(
     return metrics
 
 
+def _curve(history: list, path: Path) -> None:
+    try:
+        write_training_curve(history, path, title="segmenter training")
+    except Exception as exc:  # noqa: BLE001 - a missing picture never fails a training
+        log_.warning("could not draw the training curve: %s", exc)
+
+
+def load_segmenter_weights(model: FastTextDiffModel, model_dir: str | Path) -> None:
+    """Fusion + head weights of a saved model into `model` (checksum-verified; every tensor must fit)."""
+    from .model import WEIGHTS_FILE, read_model_record
+
+    model_dir = Path(model_dir)
+    record = read_model_record(model_dir)
+    weights = model_dir / WEIGHTS_FILE
+    state = load_tensors(weights)
+    verify_sha256(weights, record.get("weights_sha256"), "restore it or train the model again")
+    own = model.trainable_state_dict()
+    misfit = sorted(k for k in own if k not in state or tuple(state[k].shape) != tuple(own[k].shape))
+    if misfit or set(state) - set(own):
+        raise CheckpointError(f"{weights} does not fit the model being trained (differing tensors: {misfit[:3]}); "
+                              "it was built with other settings")
+    model.load_state_dict(state, strict=False)
+
+
+@torch.no_grad()
+def validate_model_dir(model_dir: str | Path, samples: Sequence[Sample], device: str | torch.device | None = None,
+                       text_cache_dir: str | Path | None = None, batch_size: int = 8) -> dict:
+    """A saved model's validation Dice/IoU on `samples`, computed exactly as training selects its best
+    epoch (model resolution, one fixed noise draw): a served model and a new run compare like for like."""
+    from .devices import resolve_device
+
+    device = resolve_device(device)
+    model, record = FastTextDiffModel.load(model_dir, device)
+    encoder = None
+    if model.config.use_text:
+        encoder = TextEncoder.from_model_dir(Path(model_dir), device=device, cache_dir=text_cache_dir)
+    texts = TextTable(encoder, [s.text for s in samples])
+    ds = SegmentationDataset([s for s in samples if s.mask is not None], size=model.backbone.config.image_size,
+                             channels=model.backbone.config.in_channels, num_classes=model.config.num_classes,
+                             window=model.backbone.config.window)
+    if not len(ds):
+        raise ValueError("no validation samples with masks")
+    scores = validate(model, DataLoader(ds, batch_size=batch_size), texts, None, device)
+    return {**scores, "n": len(ds)}
+
+
 def run_fingerprint(labeled: Sequence[Sample], val_samples: Sequence[Sample] | None, backbone_dir: str | Path,
                     text_config: TextConfig, segmenter_config: SegmenterConfig, train_config: TrainConfig,
-                    backbone_config: dict | None = None) -> str:
+                    backbone_config: dict | None = None, init_dir: str | Path | None = None) -> str:
     """What a resumable run was started on: the contents (not paths) of every image, mask and
     report, the backbone, and the settings except the epoch count. A resume state with another
     fingerprint belongs to a different training set (labels saved or changed since) and is dropped."""
@@ -277,6 +336,8 @@ def run_fingerprint(labeled: Sequence[Sample], val_samples: Sequence[Sample] | N
         backbone["config"] = backbone_config
     record = {"train": rows(labeled), "val": rows(val_samples or []), "backbone": backbone,
               "text": text_config.to_dict(), "segmenter": segmenter_config.to_dict(), "settings": settings}
+    if init_dir is not None:  # a run continued from a model: its starting weights belong to the run
+        record["init"] = sha256_file(Path(init_dir) / "segmenter.safetensors")
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
