@@ -104,6 +104,28 @@ def conv_rate_low_precision(repeats: int = 3) -> dict:
             **timing}
 
 
+def truncation_flops(size: int = 256, widths=PAPER_TAPS, taps=(0, 1, 2)) -> dict:
+    """Verifies the truncated forward: FLOPs of `features()` (stops after the last tapped up-block) vs the
+    whole U-Net on the same three-timestep batch, for the paper's taps and for all blocks tapped."""
+    import torch
+
+    from fasttextdiff.backbone import DiffusionBackbone
+    from fasttextdiff.config import BackboneConfig
+
+    out = {}
+    for label, blocks in (("paper_taps", tuple(taps)), ("all_blocks", ())):
+        bb = DiffusionBackbone(BackboneConfig(image_size=size, block_out_channels=tuple(widths), feature_blocks=blocks))
+        x = torch.zeros(1, 1, size, size)
+        t = torch.tensor(bb.schedule_timesteps)
+        with torch.inference_mode():
+            features = flops_of(lambda: bb.features(x))
+            full = flops_of(lambda: bb.unet(x.repeat(len(t), 1, 1, 1), t, return_dict=False))
+        out[label] = {"feature_blocks": list(blocks) or "all", "features_gflop": features / 1e9, "full_unet_gflop": full / 1e9,
+                      "saved_fraction": 1 - features / full}
+    out["widths"] = list(widths)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------
@@ -514,6 +536,14 @@ def fast_markdown(result: dict) -> list[str]:
                                    [[r["configuration"], r["threads"], r["min_s"], r["seconds_per_slice"],
                                      r["speedup_vs_reference"]] for r in fast["ablation"]],
                                    ["---", "---:", "---:", "---:", "---:"]), "", f"Note: {fast['note']}.", ""]
+    tr = result.get("truncation")
+    if tr:
+        lines += ["### The truncated backbone forward (features() stops after the last tapped up-block)", "",
+                  common.markdown_table(["taps", "features() GFLOP", "whole U-Net GFLOP", "saved"],
+                                        [[str(tr[k]["feature_blocks"]), tr[k]["features_gflop"], tr[k]["full_unet_gflop"],
+                                          f"{100 * tr[k]['saved_fraction']:.0f} %"] for k in ("paper_taps", "all_blocks")],
+                                        ["---", "---:", "---:", "---:"]),
+                  "", f"Backbone widths {tr['widths']}, three timesteps, one image.", ""]
     dc = result.get("dice_check")
     if dc:
         lines += ["### Dice with and without the optimisations, uncertainty ranking", "",
@@ -713,6 +743,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["fast"] = fast_inference_section(work, args.quick, args.device, args.infer_threads)
             result["fast_2d"] = fast_2d_latency(work, args.device, args.infer_threads, repeats=4 if args.quick else 10)
         conv_fast = conv_rate(repeats=10 if args.quick else 20)  # at --infer-threads (set by the sections above)
+        result["truncation"] = truncation_flops(*(() if not args.tiny else (32, (8, 16, 16), (0, 1))))
         result["conv_bf16"] = conv_rate_low_precision()
         if not args.skip_dice and not args.tiny:
             result["dice_check"] = dice_check(work, args.device, args.infer_threads)
