@@ -717,6 +717,7 @@ def main(argv: list[str] | None = None) -> dict:
     common.set_threads(args.threads)
     command = "python bench/speed.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
     result = {"command": command, "quick": args.quick, "machine": common.machine_info(), "notes": NOTES}
     result["matmul"] = None
     matmul_start = matmul_rate(repeats=10 if args.quick else 20)
@@ -732,6 +733,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                          rounds=1 if args.tiny else 2 if args.quick else 3)
             print(f"[speed] training {name}: ours {result['training'][name]['speedup']:.2f}x the TextDiff-style loop",
                   flush=True)
+            common.write_json(args.out / "speed.partial.json", result)  # a long run on a shared machine: keep what is done
         if args.tiny:
             result["inference"] = inference_comparison(work, True, args.device, size=32, widths=(8, 16),
                                                        volume_shape=(4, 48, 48))
@@ -742,6 +744,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["inference"] = inference_comparison(work, args.quick, args.device)
             result["fast"] = fast_inference_section(work, args.quick, args.device, args.infer_threads)
             result["fast_2d"] = fast_2d_latency(work, args.device, args.infer_threads, repeats=4 if args.quick else 10)
+        common.write_json(args.out / "speed.partial.json", result)
         conv_fast = conv_rate(repeats=10 if args.quick else 20)  # at --infer-threads (set by the sections above)
         result["truncation"] = truncation_flops(*(() if not args.tiny else (32, (8, 16, 16), (0, 1))))
         result["conv_bf16"] = conv_rate_low_precision()
@@ -778,6 +781,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     common.write_json(args.out / "speed.json", result)
+    (args.out / "speed.partial.json").unlink(missing_ok=True)
     common.write_text(args.out / "speed.md", markdown(result))
     plot(result, args.out / "speed.png")
     print(markdown(result))
