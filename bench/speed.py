@@ -701,6 +701,70 @@ NOTES = [
 ]
 
 
+def run_issue14(args, result: dict, conv_start: dict, matmul_start: dict) -> dict:
+    """The issue-14 rows alone (a shorter run for a busy machine); the full run reports them too."""
+    import torch
+
+    from fasttextdiff.infer import Segmenter
+
+    started = time.perf_counter()
+    result["conv"], result["matmul"] = conv_start, matmul_start
+    tiny = args.tiny
+    with tempfile.TemporaryDirectory(prefix="bench-speed14-") as tmp:
+        work = Path(tmp)
+        size, widths, vshape = (32, (8, 16), (4, 48, 48)) if tiny else (256, INFER_WIDTHS, (48, 512, 512))
+        result["fast"] = fast_inference_section(work, args.quick, args.device, args.infer_threads, size=size,
+                                                widths=widths, volume_shape=vshape, mini_depth=2 if tiny else 4)
+        common.write_json(args.out / "speed.partial.json", result)
+        result["fast_2d"] = fast_2d_latency(work, args.device, args.infer_threads, size=size, repeats=1 if tiny else 4)
+        result["conv_fast_threads"] = conv_rate(repeats=10)
+        seg = Segmenter.load(work / "model_infer", device=args.device)
+        x = torch.zeros(1, seg.model.backbone.config.in_channels, size, size)
+        states = seg.encoder.encode(["one infected area, lower left lung"])
+        with torch.inference_mode():
+            result["inference"] = {"flops": {"model_forward_per_image": flops_of(
+                lambda: seg.model(x, states.states, states.mask))}}
+        result["truncation"] = truncation_flops(*(() if not tiny else (32, (8, 16, 16), (0, 1))))
+        result["conv_bf16"] = conv_rate_low_precision()
+        common.write_json(args.out / "speed.partial.json", result)
+        if not args.skip_dice and not tiny:
+            result["dice_check"] = dice_check(work, args.device, args.infer_threads)
+            common.write_json(args.out / "speed.partial.json", result)
+        common.set_threads(args.threads)
+        result["training"] = {}
+        if not args.skip_256_train:
+            name = "64px" if tiny else "256px_taps_to_128"
+            result["training"][name] = train_comparison(name, (TINY_TRAIN if tiny else QUICK_TRAIN)[name], work,
+                                                        args.device, rounds=1)
+    t = result["training"]
+    result["train_speedup_vs_textdiff_style_256px"] = t.get("256px_taps_to_128", {}).get("speedup")
+    result["train_speedup_vs_textdiff_style_64px"] = t.get("64px", {}).get("speedup")
+    headline_fast(result)
+    result["gpu"] = gpu_rows()
+    result["loadavg_end"] = common.loadavg()
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    lines = ["# Speed, issue 14 rows (fast inference path, 256 px paper-taps training)", "",
+             f"Command: `{result['command']}`  ",
+             f"Machine: {result['machine']['cpu']}, load average at start {result['machine']['loadavg_start']}, at end "
+             f"{result['loadavg_end']}; {result['seconds']:.0f} s wall. A shared machine: absolute seconds move with "
+             "the load; ratios come from one run.", ""]
+    lines += fast_markdown(result)
+    for name, tr in t.items():
+        lines += [f"### Training {name} (one round)", "",
+                  common.markdown_table(["loop", "images", "seconds", "images/s", "ours is x faster"],
+                                        [["ours", tr["ours"]["images"], tr["ours"]["seconds"], tr["ours"]["images_per_s"], 1.0]]
+                                        + [[f"TextDiff-style ({k})", r["images"], r["seconds"], r["images_per_s"],
+                                            tr["ours"]["images_per_s"] / r["images_per_s"]]
+                                           for k, r in tr["textdiff_style"].items()],
+                                        ["---", "---:", "---:", "---:", "---:"]), ""]
+    lines += ["## GPU", "", f"{result['gpu']['reason']}: GPU rows not measured.", ""]
+    common.write_json(args.out / "speed_issue14.json", result)
+    common.write_text(args.out / "speed_issue14.md", "\n".join(lines) + "\n")
+    (args.out / "speed.partial.json").unlink(missing_ok=True)
+    print("\n".join(lines))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Speed benchmark (issue 4).")
     p.add_argument("--quick", action="store_true")
@@ -713,6 +777,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default=None)
     p.add_argument("--skip-256-train", action="store_true", help="only the 64 px training comparison")
     p.add_argument("--tiny", action="store_true", help="smallest configuration (the smoke test): meaningless numbers")
+    p.add_argument("--only-issue14", action="store_true",
+                   help="only the fast-path rows (ablation, volume, 2D, Dice/ranking, truncation) and the 256 px "
+                        "paper-taps training comparison (one round); writes speed_issue14.{json,md}")
     args = p.parse_args(argv)
     common.set_threads(args.threads)
     command = "python bench/speed.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -723,6 +790,8 @@ def main(argv: list[str] | None = None) -> dict:
     matmul_start = matmul_rate(repeats=10 if args.quick else 20)
     conv_start = conv_rate(repeats=10 if args.quick else 20)
     specs = TINY_TRAIN if args.tiny else QUICK_TRAIN if args.quick else TRAIN_CONFIGS
+    if args.only_issue14:
+        return run_issue14(args, result, conv_start, matmul_start)
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
         work = Path(tmp)
         result["training"] = {}
