@@ -67,6 +67,20 @@ def test_segment_real_dicom_radiograph_keeps_geometry(tmp_path, tiny_model, caps
     assert sitk.ReadImage(str(tmp_path / "mask.png")).GetSize()[:2] == src.GetSize()[:2]
 
 
+def test_segment_with_the_one_draw_softmax_uncertainty(tmp_path, tiny_model, tiny_dataset, capsys):
+    image = next((tiny_dataset / "Test_Folder" / "img").iterdir())
+    code, out, err = run_cli(capsys, "segment", image, "--report", "Lesion in the left lung.", "--model", tiny_model,
+                             "--out", tmp_path / "m.nii.gz", "--uncertainty", tmp_path / "u.nii.gz",
+                             "--uncertainty-estimate", "softmax")
+    assert code == 0, err
+    unc = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "u.nii.gz")))
+    assert 0 < unc.max() <= 0.5 + 1e-6 and unc.min() >= 0
+    assert '"uncertainty_mean"' in out
+    with pytest.raises(SystemExit):
+        main(["segment", str(image), "--model", str(tiny_model), "--out", str(tmp_path / "x.png"),
+              "--uncertainty-estimate", "dropout"])
+
+
 def test_empty_and_huge_reports_have_documented_behaviour(tmp_path, tiny_model, tiny_dataset, capsys):
     image = next((tiny_dataset / "Test_Folder" / "img").iterdir())
     code, _, err = run_cli(capsys, "segment", image, "--report", "", "--model", tiny_model, "--out", tmp_path / "a.png")

@@ -294,16 +294,19 @@ class DiffusionBackbone(nn.Module):
         eps = torch.randn(tuple(x.shape), generator=gen, dtype=torch.float32)
         return eps.to(device=x.device, dtype=x.dtype)
 
-    def features(self, x: torch.Tensor, seed: int | None = None) -> list[torch.Tensor]:
+    def features(self, x: torch.Tensor, seed: int | None = None, noise: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Decoder features, coarse -> fine, each ``(B, C_i * T, H_i, W_i)`` (T timesteps along channels).
 
         All T noised copies go through ONE batched U-Net forward of size B*T; forward hooks on the
         chosen up-blocks (or, with ``feature_taps``, the modules inside them) collect their outputs and
         the last one ends the forward. Gradients are off when the module is frozen.
+        ``noise`` (shaped like ``x``) replaces the seeded draw: several draws then share one forward.
         """
         self._check_input(x)
         b, t_count = x.shape[0], len(self.config.timesteps)
-        eps = self.noise(x, seed)
+        if noise is not None and noise.shape != x.shape:
+            raise ValueError(f"noise must be shaped like the images {tuple(x.shape)}, got {tuple(noise.shape)}")
+        eps = self.noise(x, seed) if noise is None else noise.to(device=x.device, dtype=x.dtype)
         steps = torch.tensor(self.schedule_timesteps, dtype=torch.long, device=x.device)
         step_per_item = steps.repeat_interleave(b)  # timestep-major: [t0]*B + [t1]*B + ...
         grad = torch.is_grad_enabled() and not self.is_frozen

@@ -201,7 +201,10 @@ def cmd_segment(args) -> int:
     from .infer import Segmenter
 
     text = read_report_arg(args.report, args.report_file)
-    segmenter = Segmenter.load(args.model, device=args.device, n_noise=args.n_noise)
+    from .fast_inference import InferenceOptions
+
+    segmenter = Segmenter.load(args.model, device=args.device, n_noise=args.n_noise,
+                               options=InferenceOptions(uncertainty=args.uncertainty_estimate))
     if not text.strip():
         print("warning: empty report: segmenting with the encoder's empty-text embedding", file=sys.stderr)
     # the user's own file on their own machine: a detached header (.nhdr, .mhd + .raw) may name its data file
@@ -376,6 +379,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--overlay", type=Path, help="also write a PNG of the image with the mask in colour (volumes: the "
                                                 "slice with the most foreground)")
     p.add_argument("--n-noise", type=int, default=4, help="noise draws (the uncertainty is their spread)")
+    p.add_argument("--uncertainty-estimate", choices=("draws", "softmax"), default="draws",
+                   help="draws: spread over the n-noise draws; softmax: one draw, sqrt(p(1-p)) (n-noise times cheaper)")
     p.add_argument("--device", help=DEVICE_HELP)
 
     p = add("bench", cmd_bench, "run a built-in benchmark (ablation: text vs no_text on the text-necessary set)",
