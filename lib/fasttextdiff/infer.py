@@ -93,7 +93,7 @@ class Segmenter:
         if not 1 <= n_noise <= 32:
             raise ValueError(f"n_noise must be between 1 and 32, got {n_noise}")
         cfg = self.model.backbone.config
-        x = to_model_input(image, cfg.image_size, cfg.in_channels, window=cfg.window)  # (N, C, S, S)
+        x = to_model_input(image, cfg.image_size, cfg.in_channels, window=cfg.window, body_crop=cfg.body_crop)  # (N, C, S, S)
         with self._lock, torch.inference_mode():
             states = mask = None
             if self.encoder is not None:
@@ -111,9 +111,9 @@ class Segmenter:
             probs, unc = inferer(x.permute(1, 2, 3, 0)[None], predict)  # slices along the last axis
         probabilities = probs[0].permute(3, 0, 1, 2)  # (N, K, S, S)
         uncertainty = unc[0, 0].permute(2, 0, 1)  # (N, S, S)
-        prob_grid = to_original_grid(probabilities, image, mode="bilinear").astype(np.float32)  # (K, *grid)
+        prob_grid = to_original_grid(probabilities, image, mode="bilinear", window=cfg.window, body_crop=cfg.body_crop).astype(np.float32)  # (K, *grid)
         mask_grid = prob_grid.argmax(0).astype(np.uint8)
-        unc_grid = to_original_grid(uncertainty, image, mode="bilinear").astype(np.float32)
+        unc_grid = to_original_grid(uncertainty, image, mode="bilinear", window=cfg.window, body_crop=cfg.body_crop).astype(np.float32)
         return SegmentationResult(mask_grid, unc_grid, prob_grid, image, self._summary(mask_grid, unc_grid, n_noise))
 
     def segment_file(self, path: str | Path, text: str | None, out: str | Path,
