@@ -120,3 +120,28 @@ def test_training_dataset_crops_image_and_mask_alike(tmp_path):
             assert label.float().mean() > 2 * uncropped_fraction
         else:
             uncropped_fraction = float(label.float().mean())
+
+
+def test_segmenter_returns_full_grid_with_background_outside_the_box(tiny_model):
+    """The real Segmenter, probed with a HU window: outputs cover the whole volume, and outside the
+    body box the mask is background, class 0 certain and the uncertainty 0."""
+    from fasttextdiff.infer import Segmenter
+
+    segmenter = Segmenter.load(tiny_model, device="cpu", n_noise=2)
+    backbone = segmenter.model.backbone
+    backbone.config = backbone.config.replace(window=LUNG, body_crop=True)
+    yy, xx = np.mgrid[:96, :96]
+    body = ((yy - 60) / 20) ** 2 + ((xx - 35) / 22) ** 2 <= 1
+    volume = np.stack([np.where(body, 40, -1000)] * 2).astype(np.int16)
+    image = Image(volume, (0.9, 0.9, 3.0), (0.0, 0.0, 0.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1), True)
+    top, left, side = body_box(image, LUNG, backbone.config.image_size)
+    assert side < 96
+    result = segmenter.segment(image, "a lesion")
+    assert result.mask.shape == result.uncertainty.shape == volume.shape
+    assert result.probabilities.shape == (2,) + volume.shape
+    inside = np.zeros((96, 96), bool)
+    inside[top : top + side, left : left + side] = True
+    outside = ~inside[::-1, ::-1]  # canonical (LPS) of this image is the stored grid turned half round
+    assert (result.mask[:, outside] == 0).all() and np.allclose(result.probabilities[0][:, outside], 1)
+    assert np.allclose(result.uncertainty[:, outside], 0)
+    assert not np.allclose(result.probabilities[0][:, inside[::-1, ::-1]], 1)  # the model did speak inside
