@@ -15,7 +15,7 @@ so outputs land in the stored grid.
 Body crop: with a CT window (HU), a square in-plane box around the body (voxels above -500 HU,
 over all slices, plus a margin) is cut out before resizing, so the model's pixels fall on anatomy
 instead of air. `to_original_grid` recomputes the same box from the image and pastes the outputs
-back into a background canvas. 2D and percentile-scaled images are never cropped.
+back into a background canvas. Percentile-scaled images (no window) are never cropped.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from fasttextdiff.data.io import Image
 CANONICAL_AXCODES = "LPS"  # MONAI's axis codes in its RAS world: DICOMOrient's "LPS"
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5
 _MAX_STAT_SAMPLES = 4_000_000  # percentiles of a huge volume from a strided subsample
-BODY_HU = -500.0  # above this a voxel is body (or table), below it air/lung-free outside
+BODY_HU = -500.0  # above this a voxel is body (or table); below it, air
 AIR_HU = -1000.0  # what a box running off the image edge is padded with
 BODY_MARGIN = 0.04  # of the image side, at least 2 px, around the body's bounding box
 NO_CROP_FRACTION = 0.9  # a box this close to the full side is not worth cropping
