@@ -137,7 +137,8 @@ class FastTextDiffApp(MONAILabelApp):
                 backbone = json.loads((served / MODEL_CONFIG_FILE).read_text()).get("backbone", {})
             except (OSError, ValueError):
                 backbone = {}
-            out.update(image_size=backbone.get("image_size"), window=backbone.get("window"))
+            out.update(image_size=backbone.get("image_size"), window=backbone.get("window"),
+                       body_crop=bool(backbone.get("window")) and backbone.get("body_crop", True))  # crop only with a HU window
             out["intensity"] = f"HU window center {backbone['window'][0]:g}, width {backbone['window'][1]:g}" \
                 if backbone.get("window") else "percentiles 0.5/99.5 per image"
         geometry = read_geometry(self.paths.state)

@@ -233,9 +233,11 @@ def test_512px_ct_is_modelled_at_128px_with_the_lung_window(tmp_path):
         model = info["models"][MODEL]
         assert model["image_size"] == 128 and model["window"] == [-600.0, 1500.0], model
         assert "HU window center -600" in model["intensity"]
+        assert model["body_crop"] is True  # enabled; this body fills > 90 % of the frame, so no box is cut
         choice = model["geometry_choice"]
         assert choice["native_size"] == 512 and "CPU default 128 px" in choice["size_reason"]
         record = json.loads((Path(info["fasttextdiff"]["model"]["model_dir"]) / "fasttextdiff.json").read_text())
         assert record["backbone"]["image_size"] == 128 and record["backbone"]["window"] == [-600.0, 1500.0]
+        assert record["backbone"]["body_crop"] is True
     finally:
         srv.stop()

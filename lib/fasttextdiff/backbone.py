@@ -235,7 +235,7 @@ class DiffusionBackbone(nn.Module):
         return [min(n - 1, int(round(t * n / 1000))) for t in self.config.timesteps]
 
     # How the network is probed, as opposed to what it is: what a preset or a flag may change on a loaded backbone.
-    PROBE_FIELDS = frozenset({"image_size", "timesteps", "feature_blocks", "feature_taps", "noise_seed", "window"})
+    PROBE_FIELDS = frozenset({"image_size", "timesteps", "feature_blocks", "feature_taps", "noise_seed", "window", "body_crop"})
 
     def reconfigured(self, **changes: Any) -> DiffusionBackbone:
         """The same network probed differently (timesteps, taps, image size, noise seed, window).

@@ -89,9 +89,19 @@ class BackboneConfig(JsonConfig):
     # Intensity scaling the backbone was trained with (the same must be used at inference):
     # None = robust percentiles per image/volume; (center, width) = a CT window in HU.
     window: tuple[float, float] | None = None
+    # With a window (CT in HU): crop each slice to the square box around the body before resizing,
+    # so more of the model's pixels fall on anatomy (data.preprocess.body_box). Ignored without one.
+    body_crop: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BackboneConfig":
+        """A stored config without `body_crop` predates the crop: it keeps serving uncropped, as trained."""
+        return super().from_dict({"body_crop": False, **data})
 
     def validate(self) -> None:
         _positive("image_size", self.image_size)
+        if not isinstance(self.body_crop, bool):
+            raise ValueError(f"body_crop must be true or false, got {self.body_crop!r}")
         if self.window is not None and (len(self.window) != 2 or self.window[1] <= 0):
             raise ValueError(f"window must be (center, width) with width > 0, got {self.window}")
         if self.in_channels not in (1, 3):

@@ -197,7 +197,8 @@ def train_segmenter(
 
     def dataset(samples: Sequence[Sample], **kwargs) -> SegmentationDataset:
         return SegmentationDataset([s for s in samples if s.mask is not None], size=size, channels=channels,
-                                   num_classes=segmenter_config.num_classes, window=backbone.config.window, **kwargs)
+                                   num_classes=segmenter_config.num_classes, window=backbone.config.window,
+                                   body_crop=backbone.config.body_crop, **kwargs)
 
     train_ds = dataset(labeled, augment=train_config.augment, rotate_degrees=train_config.rotate_degrees,
                        seed=train_config.seed)
@@ -331,7 +332,7 @@ def validate_model_dir(model_dir: str | Path, samples: Sequence[Sample], device:
     texts = TextTable(encoder, [s.text for s in samples])
     ds = SegmentationDataset([s for s in samples if s.mask is not None], size=model.backbone.config.image_size,
                              channels=model.backbone.config.in_channels, num_classes=model.config.num_classes,
-                             window=model.backbone.config.window)
+                             window=model.backbone.config.window, body_crop=model.backbone.config.body_crop)
     if not len(ds):
         raise ValueError("no validation samples with masks")
     scores = validate(model, DataLoader(ds, batch_size=batch_size), texts, None, device)

@@ -65,7 +65,8 @@ def unlabeled_tensor(paths: Sequence[Path], config: BackboneConfig, progress: bo
     chunks = []
     for path in tqdm(paths, desc="load images", disable=not progress):
         try:
-            x = to_model_input(read_image(path), config.image_size, config.in_channels, window=config.window)
+            x = to_model_input(read_image(path), config.image_size, config.in_channels, window=config.window,
+                               body_crop=config.body_crop)
         except FastTextDiffError as exc:
             log.warning("skipping %s: %s", path, exc)
             continue
