@@ -173,7 +173,6 @@ def test_every_option_has_a_help_line_and_argument_errors_come_before_heavy_impo
     parser = cli.build_parser()  # every command, lazily imported ones included
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     missing = [f"{name} {'/'.join(action.option_strings) or action.dest}" for name, sub in commands.items()
-               if name != "pretrain-text"  # the text path's options are documented in docs/TEXT.md (its own module)
                for action in sub._actions
                if not isinstance(action, argparse._HelpAction) and not action.help and action.dest != "func"]
     assert not missing, f"options without a --help description: {missing}"
