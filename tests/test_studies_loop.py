@@ -18,18 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server_fixtures import TINY_CONF, InProcessServer, wait_for, wait_model_ready
+from server_fixtures import TINY_CONF, InProcessServer, http_json, wait_for, wait_model_ready
 
 pytestmark = pytest.mark.server
 MODEL = "fasttextdiff"
-
-
-def _http(server, method: str, path: str, body=None):
-    from monailabel.client.client import MONAILabelUtils
-
-    status, response, _, _ = MONAILabelUtils.http_method(method, server.url, path, body)
-    text = response.decode() if isinstance(response, bytes) else response
-    return status, (json.loads(text) if text and text[0] in "[{" else text)
 
 
 def _tree_hash(folder: Path) -> str:
@@ -93,14 +85,14 @@ def test_import_then_label_then_train_answers_each_step(server, source):
     assert "no final labels yet" in info["fasttextdiff"]["model"]["message"]
 
     # a train request that cannot start is refused before MONAI Label submits it
-    status, body = _http(server, "POST", f"/train/{MODEL}", {"max_epochs": 1})
+    status, body = http_json(server, "POST", f"/train/{MODEL}", {"max_epochs": 1})
     assert status == 409 and "no image has a final label yet" in body["detail"], body
-    status, body = _http(server, "POST", "/train/", {})
+    status, body = http_json(server, "POST", "/train/", {})
     assert status == 409, body
 
     # the first labels start the default model; training meanwhile is refused with the reason
     client.save_label("chest_0", str(source["cases"]["chest_0"]["mask"]), tag="final")
-    status, body = _http(server, "POST", f"/train/{MODEL}", {"max_epochs": 1})
+    status, body = http_json(server, "POST", f"/train/{MODEL}", {"max_epochs": 1})
     assert status == 409 and "being built" in body["detail"], body
     server.app.wait_for_background(600)  # the build started by the first label
     client.save_label("chest_1", str(source["cases"]["chest_1"]["mask"]), tag="final")
@@ -113,7 +105,7 @@ def test_import_then_label_then_train_answers_each_step(server, source):
 
     # a train task now continues from the served model and publishes only if validation Dice holds
     before = info["fasttextdiff"]["model_identity"]
-    status, stats = _http(server, "POST", f"/train/{MODEL}?run_sync=true", {"max_epochs": 3})
+    status, stats = http_json(server, "POST", f"/train/{MODEL}?run_sync=true", {"max_epochs": 3})
     assert status == 200 and stats["status"] == "DONE", stats
     result = stats["result"]
     split = json.loads((state / "validation_split.json").read_text())["val"]
@@ -148,7 +140,7 @@ def test_worse_training_keeps_the_served_model(server, source):
             client.save_label(image_id, str(source["cases"][image_id]["empty"]), tag="final")
     identity, files = client.info()["fasttextdiff"]["model_identity"], _tree_hash(served_dir)
 
-    status, stats = _http(server, "POST", f"/train/{MODEL}?run_sync=true", {"max_epochs": 1, "lr": 0.9})
+    status, stats = http_json(server, "POST", f"/train/{MODEL}?run_sync=true", {"max_epochs": 1, "lr": 0.9})
     assert status == 200 and stats["status"] == "DONE", stats
     result = stats["result"]
     print(f"\nworse training: {result['reason']}")
@@ -169,7 +161,7 @@ def test_backbone_task_continues_and_publishes_backbone_and_model_together_or_ne
     state = server.studies / ".fasttextdiff"
     backbone_before = (state / "backbone" / "current").resolve()
     identity = client.info()["fasttextdiff"]["model_identity"]
-    status, stats = _http(server, "POST", "/train/backbone?run_sync=true", {"max_epochs": 1, "segmenter_epochs": 1})
+    status, stats = http_json(server, "POST", "/train/backbone?run_sync=true", {"max_epochs": 1, "segmenter_epochs": 1})
     assert status == 200 and stats["status"] == "DONE", stats
     result = stats["result"]
     print(f"\nbackbone task: {result['reason']}")

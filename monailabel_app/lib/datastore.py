@@ -453,13 +453,18 @@ class FastTextDiffDatastore(LocalDatastore):
         check_label_tag(label_tag)
         with self._mutex, FileLock(self._lock_file):
             self._reload_locked()
-            obj = self._datastore.objects.get(label_id)
-            label = obj.labels.get(label_tag) if obj is not None else None
-            if label is None:
-                raise bad_request(404, f"no label {str(label_id)[:80]!r} with tag {label_tag!r}")
+            obj, label = self._existing_label(label_id, label_tag)
             self._unlink(os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext)))
             obj.labels.pop(label_tag, None)
             self._update_datastore_file(lock=False)
+
+    def _existing_label(self, label_id: str, label_tag: str):
+        """(image record, label record) of a stored label, or a 404; call with the lock held."""
+        obj = self._datastore.objects.get(label_id)
+        label = obj.labels.get(label_tag) if obj is not None else None
+        if label is None:
+            raise bad_request(404, f"no label {str(label_id)[:80]!r} with tag {label_tag!r}")
+        return obj, label
 
     @staticmethod
     def _unlink(path: str) -> None:
@@ -478,10 +483,7 @@ class FastTextDiffDatastore(LocalDatastore):
             raise bad_request(400, f"label info keys {reserved} are set by the server and cannot be given")
         with self._mutex, FileLock(self._lock_file):
             self._reload_locked()
-            obj = self._datastore.objects.get(label_id)
-            label = obj.labels.get(label_tag) if obj is not None else None
-            if label is None:
-                raise bad_request(404, f"no label {str(label_id)[:80]!r} with tag {label_tag!r}")
+            _, label = self._existing_label(label_id, label_tag)
             self._check_info_size(dict(label.info, **info), f"info of label {label_tag!r} of {label_id!r}")
             previous = dict(label.info)
             label.info.update(info)
