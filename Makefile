@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY := PASSIVE
 # UTF-8 I/O whatever the machine's locale (progress bars and reports are not ASCII).
 export PYTHONUTF8 := 1
 
-.PHONY: setup system-deps test test-fast serve viewer demo demo-studies bench clean
+.PHONY: setup system-deps test test-fast serve viewer demo demo-studies bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,12 @@ viewer: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/accuracy.py --dataset text-necessary --quick
 	$(PY) bench/speed.py --quick
+
+# On a GPU machine (about 5 minutes): CUDA training and inference under bf16/fp16, FlashAttention 2 vs sdpa,
+# multi-GPU launch, a 48x512x512 volume through the server, GPU speed rows -> bench/results/gpu_check.json.
+# Without CUDA it says there is nothing to check and exits 0.
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache

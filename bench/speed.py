@@ -85,6 +85,47 @@ def conv_rate(repeats: int = 5) -> dict:
     return {"shape": "3x64x128x128 * 64x64x3x3", "gflops_best": flops / timing["min_s"] / 1e9, **timing}
 
 
+def conv_rate_low_precision(repeats: int = 3) -> dict:
+    """The 3x3 convolution of `conv_rate` under reduced-precision autocast (bf16 on CPU): is it native here?"""
+    import torch
+    import torch.nn.functional as F
+
+    from fasttextdiff.fast_inference import native_low_precision
+
+    x, w = torch.randn(2, 64, 32, 32), torch.randn(64, 64, 3, 3)  # small: emulated bf16 is ~100x slower
+    flops = 2 * 9 * 64 * 64 * 32 * 32 * 2
+    with torch.inference_mode():
+        fp32 = common.time_calls(lambda: F.conv2d(x, w, padding=1), repeats=repeats * 3, warmup=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            timing = common.time_calls(lambda: F.conv2d(x, w, padding=1), repeats=repeats, warmup=1)
+    return {"dtype": "bfloat16", "shape": "2x64x32x32 * 64x64x3x3",
+            "native": native_low_precision(torch.device("cpu")) is not None,
+            "gflops_best": flops / timing["min_s"] / 1e9, "fp32_same_shape_gflops_best": flops / fp32["min_s"] / 1e9,
+            **timing}
+
+
+def truncation_flops(size: int = 256, widths=PAPER_TAPS, taps=(0, 1, 2)) -> dict:
+    """Verifies the truncated forward: FLOPs of `features()` (stops after the last tapped up-block) vs the
+    whole U-Net on the same three-timestep batch, for the paper's taps and for all blocks tapped."""
+    import torch
+
+    from fasttextdiff.backbone import DiffusionBackbone
+    from fasttextdiff.config import BackboneConfig
+
+    out = {}
+    for label, blocks in (("paper_taps", tuple(taps)), ("all_blocks", ())):
+        bb = DiffusionBackbone(BackboneConfig(image_size=size, block_out_channels=tuple(widths), feature_blocks=blocks))
+        x = torch.zeros(1, 1, size, size)
+        t = torch.tensor(bb.schedule_timesteps)
+        with torch.inference_mode():
+            features = flops_of(lambda: bb.features(x))
+            full = flops_of(lambda: bb.unet(x.repeat(len(t), 1, 1, 1), t, return_dict=False))
+        out[label] = {"feature_blocks": list(blocks) or "all", "features_gflop": features / 1e9, "full_unet_gflop": full / 1e9,
+                      "saved_fraction": 1 - features / full}
+    out["widths"] = list(widths)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------
@@ -279,6 +320,249 @@ def inference_comparison(work: Path, quick: bool, device, size: int = 256, width
     }
 
 
+# ------------------------------------------------------------------------------------------------
+# the fast inference path: ablation, volume with uncertainty, Dice and ranking checks
+# ------------------------------------------------------------------------------------------------
+
+
+def ablation_configs() -> list[tuple[str, dict, int | None]]:
+    """(row, InferenceOptions fields, threads) - cumulative from the old path, then one measure off at a time."""
+    ref = {"batch_draws": False, "channels_last": False, "precision": "fp32", "skip_air": False, "reference_path": True}
+    fast = {}  # the library default
+    return [
+        ("reference path (SliceInferer over model.predict, one forward per draw), 1 thread", ref, 1),
+        ("+ draws batched with the timesteps (fast core, fp32, NCHW, no air skip)",
+         {"channels_last": False, "skip_air": False, "precision": "fp32"}, 1),
+        ("+ channels_last", {"skip_air": False, "precision": "fp32"}, 1),
+        ("+ skip air slices (library default), 1 thread", fast, 1),
+        ("library default, 2 threads", fast, 2),
+        ("library default without batched draws, 2 threads", {"batch_draws": False}, 2),
+        ("library default without channels_last, 2 threads", {"channels_last": False}, 2),
+        ("softmax uncertainty (one draw), 2 threads", {"uncertainty": "softmax"}, 2),
+    ]
+
+
+def demo_volume(depth: int, size: int, air_slices: int, rng) -> "np.ndarray":
+    """A CT-like int16 volume: a noisy body ellipse in air (-1000 HU), the first `air_slices` slices above the body."""
+    yy, xx = np.mgrid[:size, :size]
+    body = ((yy - size / 2) / (0.38 * size)) ** 2 + ((xx - size / 2) / (0.45 * size)) ** 2 <= 1
+    vol = np.full((depth, size, size), -1000, dtype=np.int16)
+    tissue = rng.normal(40, 120, (depth, size, size)).clip(-900, 1500).astype(np.int16)
+    vol[air_slices:][:, body] = tissue[air_slices:][:, body]
+    return vol
+
+
+def fast_inference_section(work: Path, quick: bool, device, threads_fast: int, size: int = 256, widths=INFER_WIDTHS,
+                           volume_shape=(48, 512, 512), mini_depth: int = 4, measured_depth: int | None = None,
+                           repeats: int | None = None) -> dict:
+    """Ablation on a small CT-like slab (one air slice), then the full volume with uncertainty, fast path."""
+    import torch
+
+    from fasttextdiff.data.io import Image
+    from fasttextdiff.fast_inference import InferenceOptions, native_low_precision
+    from fasttextdiff.infer import Segmenter
+
+    model_dir = work / "model_infer"
+    if not model_dir.is_dir():
+        build_inference_model(work, device, size, widths)
+    seg = Segmenter.load(model_dir, device=device, n_noise=4, batch_size=16)
+    rng = np.random.default_rng(1)
+    spacing, origin, direction = (0.7, 0.7, 2.5), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    slab = Image(demo_volume(mini_depth, volume_shape[1], 1, rng), spacing, origin, direction, True)
+    report = "Unilateral pulmonary infection, one infected area, lower left lung."
+    rows = []
+    repeats = repeats or (2 if quick else 3)
+    seg.segment(slab, report, n_noise=1)  # warm-up (oneDNN primitives, the text encoder)
+    for name, fields, threads in ablation_configs():
+        torch.set_num_threads(threads)
+        seg.options = InferenceOptions(**fields)
+        seg.segment(slab, report, n_noise=1)  # the layout switch and its primitives, untimed
+        timing = common.time_calls(lambda: seg.segment(slab, report, n_noise=4), repeats=repeats, warmup=0)
+        rows.append({"configuration": name, "threads": threads, "options": fields, **timing,
+                     "seconds_per_slice": timing["min_s"] / mini_depth})
+        print(f"[speed] ablation: {name}: {timing['min_s']:.2f} s", flush=True)
+    base = rows[0]["min_s"]
+    for r in rows:
+        r["speedup_vs_reference"] = base / r["min_s"]
+
+    torch.set_num_threads(threads_fast)
+    seg.options = InferenceOptions()
+    depth = measured_depth or volume_shape[0]
+    volume = Image(demo_volume(depth, volume_shape[1], 0, rng), spacing, origin, direction, True)
+    vol = {}
+    for label, n_noise, kind in (("draws_n_noise_4", 4, "draws"), ("softmax_one_draw", 1, "softmax")):
+        seg.options = InferenceOptions(uncertainty=kind)
+        timing = common.time_calls(lambda: seg.segment(volume, report, n_noise=n_noise), repeats=1, warmup=0)
+        scale = volume_shape[0] / depth  # slice-wise: linear in the depth
+        vol[label] = {**timing, "measured_depth": depth, "min_s": timing["min_s"] * scale,
+                      "median_s": timing["median_s"] * scale, "measured_s": timing["min_s"]}
+        print(f"[speed] volume {volume_shape} uncertainty {label}: {vol[label]['min_s']:.1f} s", flush=True)
+    seg.options = InferenceOptions()
+    return {"ablation": rows, "ablation_slab": [mini_depth, *volume_shape[1:]], "ablation_n_noise": 4,
+            "volume": vol, "volume_shape": list(volume_shape), "threads": threads_fast,
+            "native_low_precision": str(native_low_precision(seg.device)),
+            "note": "every volume slice holds body (a chest slab), so air skipping saves nothing there; the slab's "
+                    "first slice is air to show it" + (f"; the volume was measured on {depth} of its {volume_shape[0]} "
+                                                       "slices and scaled linearly (slice-wise inference)"
+                                                       if depth != volume_shape[0] else "")}
+
+
+def fast_2d_latency(work: Path, device, threads: int, size: int = 256, repeats: int = 4) -> dict:
+    """2D 256 px latency of the library default with and without uncertainty (fresh report per call)."""
+    import torch
+
+    from fasttextdiff.data.io import Image
+    from fasttextdiff.fast_inference import InferenceOptions
+    from fasttextdiff.infer import Segmenter
+
+    torch.set_num_threads(threads)
+    seg = Segmenter.load(work / "model_infer", device=device, n_noise=4, batch_size=16)
+    rng = np.random.default_rng(0)
+    image = Image(rng.integers(0, 255, (size, size), dtype=np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0), False)
+    counter = {"i": 0}
+
+    def report() -> str:
+        counter["i"] += 1
+        return f"Unilateral pulmonary infection, lower left lung (request {counter['i']})."
+
+    out = {"threads": threads}
+    for label, n_noise, kind in (("n_noise_1", 1, "draws"), ("n_noise_4_draws", 4, "draws"),
+                                 ("softmax_uncertainty", 1, "softmax")):
+        seg.options = InferenceOptions(uncertainty=kind)
+        out[label] = common.time_calls(lambda: seg.segment(image, report(), n_noise=n_noise), repeats=repeats, warmup=1)
+    return out
+
+
+def spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def dice_check(work: Path, device, threads: int) -> dict:
+    """Accuracy benchmark's test split (quick plan, 50 % labels): Dice of the reference vs the fast path, and
+    how well cheaper uncertainty estimates keep the n_noise 4 ranking of the test images (active learning)."""
+    import torch
+
+    import accuracy
+    from fasttextdiff.evaluate import evaluate_model
+    from fasttextdiff.fast_inference import InferenceOptions
+    from fasttextdiff.infer import Segmenter
+    from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
+    from fasttextdiff.train import train_segmenter
+    from fasttextdiff.workflows import load_lvit
+
+    torch.set_num_threads(threads)
+    plan = accuracy.QUICK
+    args = argparse.Namespace(dataset="text-necessary", data_seed=0, path=None)
+    root, plan, window, described = accuracy.prepare_data(args, plan, work / "acc")
+    splits = load_lvit(root)
+    backbone_dir, _ = accuracy.pretrain(root, splits, plan, window, work / "acc", device)
+    fraction = max(plan.budgets)
+    from fasttextdiff.data.dataset import select_labeled
+    epochs = accuracy.epochs_for(plan, len(select_labeled(splits["train"], fraction, seed=0)))
+    model_dir = work / "acc" / "model"
+    train_segmenter(splits["train"], model_dir, backbone_dir=backbone_dir, text_config=TextConfig(encoder="tiny"),
+                    segmenter_config=SegmenterConfig(fusion=FusionConfig(dim=plan.fusion_dim, heads=4)),
+                    train_config=TrainConfig(epochs=epochs, batch_size=plan.batch_size, lr=plan.lr, seed=0,
+                                             labeled=fraction, val_every=max(1, epochs // plan.val_checks)),
+                    val_samples=splits["val"], device=device, progress=False, text_cache_dir=work / "acc" / "text_cache")
+    test = splits["test"]
+    seg = Segmenter.load(model_dir, device=device)
+    runs = {}
+    for label, options, n_noise in (("reference_n1", InferenceOptions.reference(), 1), ("fast_n1", InferenceOptions(), 1),
+                                    ("reference_n4", InferenceOptions.reference(), 4), ("fast_n4", InferenceOptions(), 4),
+                                    ("fast_n2", InferenceOptions(), 2),
+                                    ("fast_softmax", InferenceOptions(uncertainty="softmax"), 1)):
+        seg.options = options
+        t0 = time.perf_counter()
+        runs[label] = evaluate_model(seg, test, n_noise=n_noise, progress=False)
+        runs[label]["seconds"] = time.perf_counter() - t0
+    ref_unc = [r["uncertainty_mean"] for r in runs["reference_n4"]["per_image"]]
+    ranking = {label: spearman(ref_unc, [r["uncertainty_mean"] for r in runs[label]["per_image"]])
+               for label in ("fast_n4", "fast_n2", "fast_softmax")}
+    dice = {label: r["dice_mean"] for label, r in runs.items()}
+    return {"dataset": described, "split": "test", "n_test": len(test), "labeled_fraction": fraction,
+            "epochs": epochs, "dice": dice, "seconds": {k: r["seconds"] for k, r in runs.items()},
+            "dice_drop_n1": dice["reference_n1"] - dice["fast_n1"], "dice_drop_n4": dice["reference_n4"] - dice["fast_n4"],
+            "uncertainty_spearman_vs_reference_n4": ranking}
+
+
+RANK_AGREEMENT_MIN = 0.9  # Spearman vs the n_noise 4 ranking a cheaper uncertainty must keep to stand in for it
+GOALS = {"ct_volume_seconds_with_uncertainty": 30.0, "latency_2d_with_uncertainty_s": 0.5, "latency_over_floor_2d": 1.3,
+         "train_speedup_vs_textdiff_style_256px": 3.0, "train_speedup_vs_textdiff_style_64px": 4.0}
+
+
+def headline_fast(result: dict) -> None:
+    """The issue's headline figures, each beside its goal (the uncertainty estimate used is named)."""
+    fast, f2d, inf = result["fast"], result["fast_2d"], result["inference"]
+    ranking = (result.get("dice_check") or {}).get("uncertainty_spearman_vs_reference_n4", {})
+    cheap_ok = ranking.get("fast_softmax", -1.0) >= RANK_AGREEMENT_MIN
+    vol_draws = fast["volume"]["draws_n_noise_4"]["min_s"]
+    vol_soft = fast["volume"]["softmax_one_draw"]["min_s"]
+    result["ct_volume_seconds_with_uncertainty"] = vol_soft if cheap_ok else vol_draws
+    result["ct_volume_uncertainty_estimate"] = ("softmax (one draw; its test ranking agrees with n_noise 4 at Spearman "
+                                                f"{ranking.get('fast_softmax'):.3f} >= {RANK_AGREEMENT_MIN})" if cheap_ok
+                                                else "std over n_noise 4 draws")
+    result["ct_volume_seconds_n_noise_4_draws"] = vol_draws
+    result["ct_volume_seconds_softmax_uncertainty"] = vol_soft
+    result["latency_2d_s"] = f2d["n_noise_1"]["min_s"]
+    result["latency_2d_n_noise_4_s"] = f2d["n_noise_4_draws"]["min_s"]
+    result["latency_2d_with_uncertainty_s"] = (f2d["softmax_uncertainty"] if cheap_ok else f2d["n_noise_4_draws"])["min_s"]
+    rate = max(result["conv_fast_threads"]["gflops_best"], result["conv"]["gflops_best"] if fast["threads"] == 1 else 0)
+    floor = inf["flops"]["model_forward_per_image"] / (rate * 1e9)
+    result["floor_fast"] = {"threads": fast["threads"], "rate_gflops": rate, "floor_s": floor}
+    result["latency_over_floor_2d"] = f2d["n_noise_1"]["min_s"] / floor
+    result["goals"] = {k: {"value": result.get(k), "goal": g,
+                           "met": result.get(k) is not None and (result[k] >= g if "speedup" in k else result[k] <= g)}
+                       for k, g in GOALS.items()}
+    dc = result.get("dice_check")
+    if dc:
+        result["dice_drop_with_optimisations"] = max(dc["dice_drop_n1"], dc["dice_drop_n4"])
+        result["goals"]["dice_drop_with_optimisations"] = {"value": result["dice_drop_with_optimisations"], "goal": 0.01,
+                                                           "met": result["dice_drop_with_optimisations"] <= 0.01}
+
+
+def fast_markdown(result: dict) -> list[str]:
+    fast, f2d = result["fast"], result["fast_2d"]
+    lines = ["## Issue 14 goals (fast inference path, " + f"{fast['threads']} thread(s))", "",
+             common.markdown_table(["figure", "value", "goal", "met"],
+                                   [[k, g["value"], ("<= " if "speedup" not in k else ">= ") + str(g["goal"]), g["met"]]
+                                    for k, g in result["goals"].items()], ["---", "---:", "---:", "---"]), "",
+             f"Volume uncertainty estimate in the headline: {result['ct_volume_uncertainty_estimate']}. "
+             f"Volume {fast['volume_shape']}: std over 4 draws {result['ct_volume_seconds_n_noise_4_draws']:.1f} s, "
+             f"softmax uncertainty (one draw) {result['ct_volume_seconds_softmax_uncertainty']:.1f} s. "
+             f"2D 256 px: n_noise 1 {f2d['n_noise_1']['min_s']:.3f} s, n_noise 4 {f2d['n_noise_4_draws']['min_s']:.3f} s, "
+             f"softmax uncertainty {f2d['softmax_uncertainty']['min_s']:.3f} s. Floor at {fast['threads']} thread(s): "
+             f"{result['floor_fast']['rate_gflops']:.0f} GFLOP/s -> {result['floor_fast']['floor_s']:.3f} s. "
+             f"Native reduced precision on this device: {fast['native_low_precision']}; the 3x3 convolution under bf16 "
+             f"autocast runs at {result['conv_bf16']['gflops_best']:.2f} GFLOP/s vs "
+             f"{result['conv_bf16']['fp32_same_shape_gflops_best']:.0f} in fp32 (same shape), so `precision='auto'` stays fp32 here (bf16 only where oneDNN has it natively, fp16 on CUDA).", "",
+             f"### Ablation (slab {fast['ablation_slab']}, n_noise {fast['ablation_n_noise']}, best of the repeats)", "",
+             common.markdown_table(["configuration", "threads", "seconds", "s/slice", "x reference"],
+                                   [[r["configuration"], r["threads"], r["min_s"], r["seconds_per_slice"],
+                                     r["speedup_vs_reference"]] for r in fast["ablation"]],
+                                   ["---", "---:", "---:", "---:", "---:"]), "", f"Note: {fast['note']}.", ""]
+    tr = result.get("truncation")
+    if tr:
+        lines += ["### The truncated backbone forward (features() stops after the last tapped up-block)", "",
+                  common.markdown_table(["taps", "features() GFLOP", "whole U-Net GFLOP", "saved"],
+                                        [[str(tr[k]["feature_blocks"]), tr[k]["features_gflop"], tr[k]["full_unet_gflop"],
+                                          f"{100 * tr[k]['saved_fraction']:.0f} %"] for k in ("paper_taps", "all_blocks")],
+                                        ["---", "---:", "---:", "---:"]),
+                  "", f"Backbone widths {tr['widths']}, three timesteps, one image.", ""]
+    dc = result.get("dice_check")
+    if dc:
+        lines += ["### Dice with and without the optimisations, uncertainty ranking", "",
+                  f"{dc['dataset']}, {dc['split']} split ({dc['n_test']} images), model trained on "
+                  f"{int(dc['labeled_fraction'] * 100)} % labels:", "",
+                  common.markdown_table(["inference", "test Dice", "seconds"],
+                                        [[k, v, dc["seconds"][k]] for k, v in dc["dice"].items()], ["---", "---:", "---:"]),
+                  "", "Spearman rank correlation of the per-image mean uncertainty with the reference n_noise 4 ranking: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in dc["uncertainty_spearman_vs_reference_n4"].items()) + ".", ""]
+    return lines
+
+
 def gpu_rows() -> dict:
     import torch
 
@@ -367,6 +651,8 @@ def markdown(result: dict) -> str:
               ], ["---", "---:", "---:", "---:", "---:", "---:"]),
               "", f"Backbone features alone: {fl['backbone_features_per_image'] / 1e9:.2f} GFLOP per image "
                   f"(three timesteps); one sampler step: {fl['iterative_step_per_image'] / 1e9:.2f} GFLOP.", ""]
+    if "goals" in result:
+        lines += fast_markdown(result)
     lines += ["## GPU", "", f"{result['gpu']['reason']}: GPU rows not measured." if not result["gpu"]["measured"] else "", ""]
     te = result.get("text_encoder")
     if te:
@@ -422,24 +708,104 @@ NOTES = [
 ]
 
 
+def run_issue14(args, result: dict, conv_start: dict, matmul_start: dict) -> dict:
+    """The issue-14 rows alone (a shorter run for a busy machine); the full run reports them too."""
+    import torch
+
+    from fasttextdiff.infer import Segmenter
+
+    started = time.perf_counter()
+    result["conv"], result["matmul"] = conv_start, matmul_start
+    tiny = args.tiny
+    with tempfile.TemporaryDirectory(prefix="bench-speed14-") as tmp:
+        work = Path(tmp)
+        size, widths, vshape = (32, (8, 16), (4, 48, 48)) if tiny else (256, INFER_WIDTHS, (48, 512, 512))
+        partial = args.out / "speed.partial.json"
+        result["training"] = {}
+        if not args.skip_256_train:  # busy-machine order: the goal rows first, each saved when done
+            name = "64px" if tiny else "256px_taps_to_128"
+            result["training"][name] = train_comparison(name, (TINY_TRAIN if tiny else QUICK_TRAIN)[name], work,
+                                                        args.device, rounds=1)
+            print(f"[speed] training {name}: {result['training'][name]['speedup']:.2f}x", flush=True)
+            common.write_json(partial, result)
+        if not args.skip_dice and not tiny:
+            result["dice_check"] = dice_check(work, args.device, args.infer_threads)
+            print(f"[speed] dice check: {result['dice_check']['dice']}", flush=True)
+            common.write_json(partial, result)
+        result["fast"] = fast_inference_section(work, args.quick, args.device, args.infer_threads, size=size,
+                                                widths=widths, volume_shape=vshape, mini_depth=2 if tiny else args.slab,
+                                                measured_depth=args.volume_depth, repeats=1 if args.quick else None)
+        common.write_json(partial, result)
+        result["fast_2d"] = fast_2d_latency(work, args.device, args.infer_threads, size=size, repeats=1 if tiny else 2)
+        result["conv_fast_threads"] = conv_rate(repeats=10)
+        seg = Segmenter.load(work / "model_infer", device=args.device)
+        x = torch.zeros(1, seg.model.backbone.config.in_channels, size, size)
+        states = seg.encoder.encode(["one infected area, lower left lung"])
+        with torch.inference_mode():
+            result["inference"] = {"flops": {"model_forward_per_image": flops_of(
+                lambda: seg.model(x, states.states, states.mask))}}
+        result["truncation"] = truncation_flops(*(() if not tiny else (32, (8, 16, 16), (0, 1))))
+        result["conv_bf16"] = conv_rate_low_precision()
+        common.set_threads(args.threads)
+    t = result["training"]
+    result["train_speedup_vs_textdiff_style_256px"] = t.get("256px_taps_to_128", {}).get("speedup")
+    result["train_speedup_vs_textdiff_style_64px"] = t.get("64px", {}).get("speedup")
+    headline_fast(result)
+    result["gpu"] = gpu_rows()
+    result["loadavg_end"] = common.loadavg()
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    lines = ["# Speed, issue 14 rows (fast inference path, 256 px paper-taps training)", "",
+             f"Command: `{result['command']}`  ",
+             f"Machine: {result['machine']['cpu']}, load average at start {result['machine']['loadavg_start']}, at end "
+             f"{result['loadavg_end']}; {result['seconds']:.0f} s wall. A shared machine: absolute seconds move with "
+             "the load; ratios come from one run.", ""]
+    lines += fast_markdown(result)
+    for name, tr in t.items():
+        lines += [f"### Training {name} (one round)", "",
+                  common.markdown_table(["loop", "images", "seconds", "images/s", "ours is x faster"],
+                                        [["ours", tr["ours"]["images"], tr["ours"]["seconds"], tr["ours"]["images_per_s"], 1.0]]
+                                        + [[f"TextDiff-style ({k})", r["images"], r["seconds"], r["images_per_s"],
+                                            tr["ours"]["images_per_s"] / r["images_per_s"]]
+                                           for k, r in tr["textdiff_style"].items()],
+                                        ["---", "---:", "---:", "---:", "---:"]), ""]
+    lines += ["## GPU", "", f"{result['gpu']['reason']}: GPU rows not measured.", ""]
+    common.write_json(args.out / "speed_issue14.json", result)
+    common.write_text(args.out / "speed_issue14.md", "\n".join(lines) + "\n")
+    (args.out / "speed.partial.json").unlink(missing_ok=True)
+    print("\n".join(lines))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Speed benchmark (issue 4).")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1; on a shared 2-core machine 2 threads were measured erratic)")
+    p.add_argument("--infer-threads", type=int, default=2,
+                   help="torch threads for the fast-path rows (volume, 2D latency, Dice check); default 2 = both cores")
+    p.add_argument("--skip-dice", action="store_true", help="skip the Dice / uncertainty-ranking check")
     p.add_argument("--device", default=None)
     p.add_argument("--skip-256-train", action="store_true", help="only the 64 px training comparison")
     p.add_argument("--tiny", action="store_true", help="smallest configuration (the smoke test): meaningless numbers")
+    p.add_argument("--only-issue14", action="store_true",
+                   help="only the fast-path rows (ablation, volume, 2D, Dice/ranking, truncation) and the 256 px "
+                        "paper-taps training comparison (one round); writes speed_issue14.{json,md}")
+    p.add_argument("--volume-depth", type=int, default=None,
+                   help="measure the volume on this many slices and scale to 48 (only with --only-issue14; busy machines)")
+    p.add_argument("--slab", type=int, default=4, help="slices in the ablation slab (the first is air)")
     args = p.parse_args(argv)
     common.set_threads(args.threads)
     command = "python bench/speed.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
     result = {"command": command, "quick": args.quick, "machine": common.machine_info(), "notes": NOTES}
     result["matmul"] = None
     matmul_start = matmul_rate(repeats=10 if args.quick else 20)
     conv_start = conv_rate(repeats=10 if args.quick else 20)
     specs = TINY_TRAIN if args.tiny else QUICK_TRAIN if args.quick else TRAIN_CONFIGS
+    if args.only_issue14:
+        return run_issue14(args, result, conv_start, matmul_start)
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
         work = Path(tmp)
         result["training"] = {}
@@ -450,11 +816,24 @@ def main(argv: list[str] | None = None) -> dict:
                                                          rounds=1 if args.tiny else 2 if args.quick else 3)
             print(f"[speed] training {name}: ours {result['training'][name]['speedup']:.2f}x the TextDiff-style loop",
                   flush=True)
+            common.write_json(args.out / "speed.partial.json", result)  # a long run on a shared machine: keep what is done
         if args.tiny:
             result["inference"] = inference_comparison(work, True, args.device, size=32, widths=(8, 16),
                                                        volume_shape=(4, 48, 48))
+            result["fast"] = fast_inference_section(work, True, args.device, args.infer_threads, size=32, widths=(8, 16),
+                                                    volume_shape=(4, 48, 48), mini_depth=2)
+            result["fast_2d"] = fast_2d_latency(work, args.device, args.infer_threads, size=32, repeats=1)
         else:
             result["inference"] = inference_comparison(work, args.quick, args.device)
+            result["fast"] = fast_inference_section(work, args.quick, args.device, args.infer_threads)
+            result["fast_2d"] = fast_2d_latency(work, args.device, args.infer_threads, repeats=4 if args.quick else 10)
+        common.write_json(args.out / "speed.partial.json", result)
+        conv_fast = conv_rate(repeats=10 if args.quick else 20)  # at --infer-threads (set by the sections above)
+        result["truncation"] = truncation_flops(*(() if not args.tiny else (32, (8, 16, 16), (0, 1))))
+        result["conv_bf16"] = conv_rate_low_precision()
+        if not args.skip_dice and not args.tiny:
+            result["dice_check"] = dice_check(work, args.device, args.infer_threads)
+        common.set_threads(args.threads)
     matmul_end = matmul_rate(repeats=10 if args.quick else 20)
     # the machine's rate is the best it showed (other jobs only ever slow it down)
     result["matmul"] = max(matmul_start, matmul_end, key=lambda m: m["gflops_best"])
@@ -472,6 +851,12 @@ def main(argv: list[str] | None = None) -> dict:
                        "ours_2d_over_matmul_floor": inf["ours_2d_n_noise_1"]["min_s"] / matmul_floor,
                        "medsegdiff_1000_floor_s": inf["flops"]["medsegdiff_1000_steps_per_image"] / rate}
     result["train_speedup_vs_textdiff_style"] = result["training"]["64px"]["speedup"]  # the accuracy-benchmark config
+    result["train_speedup_vs_textdiff_style_64px"] = result["training"]["64px"]["speedup"]
+    paper_taps = result["training"].get("256px_taps_to_128")
+    result["train_speedup_vs_textdiff_style_256px"] = paper_taps["speedup"] if paper_taps else None
+    result["train_speedup_vs_textdiff_style_256px_all_taps"] = result["training"].get("256px", {}).get("speedup")
+    result["conv_fast_threads"] = conv_fast
+    headline_fast(result)
     result["infer_speedup_vs_iterative"] = inf["speedup_vs_1000_steps"]
     result["gpu"] = gpu_rows()
     result["text_encoder"] = text_encoder_summary()
@@ -479,6 +864,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     common.write_json(args.out / "speed.json", result)
+    (args.out / "speed.partial.json").unlink(missing_ok=True)
     common.write_text(args.out / "speed.md", markdown(result))
     plot(result, args.out / "speed.png")
     print(markdown(result))

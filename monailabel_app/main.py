@@ -66,7 +66,7 @@ class FastTextDiffApp(MONAILabelApp):
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
-        return FastTextDiffDatastore(
+        datastore = FastTextDiffDatastore(
             self.studies,
             extensions=list(IMAGE_EXTENSIONS),
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
@@ -74,6 +74,9 @@ class FastTextDiffApp(MONAILabelApp):
             max_text_bytes=self.app_conf.max_text_bytes,
             detached_dir=os.path.join(self.paths.state, "labels-moved-aside"),
         )
+        if not settings.MONAI_LABEL_DATASTORE_READ_ONLY:
+            datastore.read_report_files()  # `<id>.txt` beside an image without a report
+        return datastore
 
     def _load_sessions(self, load=False):
         """MONAI Label keeps session uploads in ~/.cache/monailabel/sessions; here they live in the
@@ -102,8 +105,11 @@ class FastTextDiffApp(MONAILabelApp):
 
     def info(self):
         meta = super().info()
+        served = self.served_model_summary()
+        if isinstance(meta.get("models", {}).get("fasttextdiff"), dict):
+            meta["models"]["fasttextdiff"].update(served)
         meta["fasttextdiff"] = {
-            "model": dict(self.manager.refresh_status()),
+            "model": dict(self.manager.refresh_status(), **served),
             "model_identity": self.paths.model_identity(),
             "conf": self.app_conf.to_dict(),
             "report_text_key": "text",
@@ -112,13 +118,81 @@ class FastTextDiffApp(MONAILabelApp):
         }
         return meta
 
+    def served_model_summary(self) -> Dict[str, Any]:
+        """What `/info` says about the served model, read now (never cached): its validation Dice on the
+        studies' validation images, its input size and intensity window (planned ones while building)."""
+        import json
+
+        from fasttextdiff.config import MODEL_CONFIG_FILE
+
+        from lib.geometry import read_geometry
+        from lib.training import read_served_validation
+
+        served = self.paths.served_model_dir()
+        out: Dict[str, Any] = {"val_dice": None, "val_images": None, "image_size": None, "window": None}
+        if served is not None:
+            validation = read_served_validation(self.paths)
+            out.update(val_dice=validation.get("val_dice"), val_images=validation.get("val_images"))
+            try:
+                backbone = json.loads((served / MODEL_CONFIG_FILE).read_text()).get("backbone", {})
+            except (OSError, ValueError):
+                backbone = {}
+            out.update(image_size=backbone.get("image_size"), window=backbone.get("window"),
+                       body_crop=bool(backbone.get("window")) and backbone.get("body_crop", True))  # crop only with a HU window
+            out["intensity"] = f"HU window center {backbone['window'][0]:g}, width {backbone['window'][1]:g}" \
+                if backbone.get("window") else "percentiles 0.5/99.5 per image"
+        geometry = read_geometry(self.paths.state)
+        if geometry:
+            out["geometry_choice"] = geometry
+            if served is None:
+                out.update(image_size=geometry.get("image_size"), window=geometry.get("window"))
+        return out
+
     def on_init_complete(self):
         """Server process only (MONAI Label's task subprocesses never call this)."""
         super().on_init_complete()
-        if self.app_conf.prepare_default_model and not self.manager.ready:
-            self._builder = DefaultModelBuilder(self.app_conf, self.manager, self._datastore,
-                                                on_ready=lambda: self.async_scoring(None))
-            self._builder.start()
+        if self.manager.ready:
+            self._announce_ready()
+        self._start_default_model()
+
+    def _start_default_model(self) -> bool:
+        if not self.app_conf.prepare_default_model or self.manager.ready:
+            return False
+        if self._builder is not None and self._builder.thread is not None and self._builder.thread.is_alive():
+            return False
+        self._builder = DefaultModelBuilder(self.app_conf, self.manager, self._datastore, on_ready=self._on_default_ready)
+        return self._builder.start()
+
+    def _on_default_ready(self) -> None:
+        self._announce_ready()
+        self.async_scoring(None)
+
+    def _announce_ready(self) -> None:
+        """One line on stdout when the model becomes usable: what serves, and where."""
+        served = self.paths.served_model_dir()
+        host = "127.0.0.1"
+        for flag in ("--host", "-h"):
+            if flag in sys.argv[:-1]:
+                host = sys.argv[sys.argv.index(flag) + 1]
+        print(f"ready: model fasttextdiff ({served}) serving at http://{host}:{settings.MONAI_LABEL_SERVER_PORT}",
+              flush=True)
+
+    def on_save_label(self, image_id, label_id):
+        """A first final label in studies that had none starts the default-model build."""
+        result = super().on_save_label(image_id, label_id)
+        if self._server_mode and self.manager.status.get("state") in ("waiting", "missing", "failed"):
+            if self._start_default_model():
+                logger.info("a label was saved: building the default model now")
+        return result
+
+    def check_can_train(self, names) -> None:
+        """409 with the reason, before MONAI Label submits a train task that cannot start."""
+        state = self.manager.refresh_status().get("state")
+        for name in names:
+            task = self._trainers.get(name)
+            reason = task.refusal(self._datastore, state) if hasattr(task, "refusal") else None
+            if reason:
+                raise bad_request(409, f"cannot start train task {name!r}: {reason}")
 
     # ------------------------------------------------------------------ requests
     def infer(self, request, datastore=None):

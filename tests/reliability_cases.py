@@ -133,9 +133,9 @@ FILE_CASES: list[FileCase] = [
              lambda: _half(nifti_bytes(np.random.default_rng(0).integers(0, 999, (16, 16, 4)).astype(np.int16))), 415, ("corrupt", "truncated")),
     FileCase("PNG bytes named .nii.gz", "png_in_disguise.nii.gz", _good_png, 415, ("corrupt", "not a valid")),
     FileCase("NIfTI bytes named .png", "nifti_in_disguise.png", lambda: nifti_bytes(np.ones((16, 16, 4), np.int16)),
-             415, ("corrupt", "cannot be decoded")),
+             415, ("nifti_in_disguise.png is not an image",)),
     FileCase("text file named .png", "notes.png", lambda: b"Patient report, not an image\n" * 4, 415,
-             ("corrupt", "cannot be decoded")),
+             ("notes.png is not an image", "looks like text")),
     FileCase("executable named .exe", "tool.exe", lambda: b"MZ\x90\x00" + b"\x00" * 60, 415, ("unsupported",)),
     FileCase("4D NIfTI (8x8x8x2)", "four_d.nii.gz", lambda: nifti_bytes(np.zeros((8, 8, 8, 2), np.int16)), 415,
              ("4D",)),
@@ -350,6 +350,116 @@ TEXT_CASES: list[TextCase] = [
 
 
 # ---------------------------------------------------------------------------------------------
+# upload formats and re-uploads: every format the CLI reads is accepted, under the user's file name
+
+def _pil_bytes(fmt: str, mode: str = "L") -> bytes:
+    import io
+
+    from PIL import Image as PILImage
+
+    pixels = (np.random.default_rng(1).random((40, 48)) * 255).astype(np.uint8)
+    image = PILImage.fromarray(pixels).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _itk_bytes(suffix: str) -> bytes:
+    import tempfile
+
+    import SimpleITK as sitk
+
+    volume = sitk.GetImageFromArray(np.random.default_rng(2).integers(-1000, 400, (4, 24, 20)).astype(np.int16))
+    volume.SetSpacing((0.8, 0.7, 2.0))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"v{suffix}"
+        sitk.WriteImage(volume, str(path))
+        return path.read_bytes()
+
+
+def _dicom_slice(z: int, series_uid: str, rows: int = 24, cols: int = 20, instance: str | None = None) -> bytes:
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = instance or generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\x00" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "CT", "1.2.826.0.1.3680043.2.1125.9", series_uid
+    ds.Rows, ds.Columns, ds.InstanceNumber = rows, cols, z + 1
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 2.5 * z], [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing, ds.SliceThickness = [0.7, 0.8], 2.5
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+    pixels = np.random.default_rng(z).integers(-1000, 400, (rows, cols)).astype(np.int16)
+    ds.PixelData = pixels.tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, write_like_original=False)
+    return buf.getvalue()
+
+
+def _dicom_series_zip() -> bytes:
+    uid = "1.2.826.0.1.3680043.2.1125.9.1"
+    return zip_bytes([(f"series/slice{z:02d}.dcm", _dicom_slice(z, uid), "file") for z in range(3)])
+
+
+@dataclass(frozen=True)
+class FormatCase:
+    """An image in a format the CLI reads, uploaded to a new id: accepted (200)."""
+
+    name: str
+    filename: str
+    build: Callable[[], bytes]
+
+
+FORMAT_CASES: list[FormatCase] = [
+    FormatCase("PNG", "fmt_png.png", _good_png),
+    FormatCase("JPEG (.jpg)", "fmt_jpg.jpg", lambda: _pil_bytes("JPEG")),
+    FormatCase("JPEG (.jpeg)", "fmt_jpeg.jpeg", lambda: _pil_bytes("JPEG")),
+    FormatCase("TIFF (.tif)", "fmt_tif.tif", lambda: _pil_bytes("TIFF")),
+    FormatCase("TIFF (.tiff)", "fmt_tiff.tiff", lambda: _pil_bytes("TIFF")),
+    FormatCase("BMP", "fmt_bmp.bmp", lambda: _pil_bytes("BMP")),
+    FormatCase("DICOM file (.dcm)", "fmt_dcm.dcm", lambda: _dicom_slice(0, "1.2.826.0.1.3680043.2.1125.9.2")),
+    FormatCase("DICOM series (.zip of 3 slices)", "fmt_series.zip", _dicom_series_zip),
+    FormatCase("NIfTI volume (.nii.gz)", "fmt_nifti.nii.gz", lambda: _itk_bytes(".nii.gz")),
+    FormatCase("NRRD volume", "fmt_nrrd.nrrd", lambda: _itk_bytes(".nrrd")),
+    FormatCase("MetaImage volume (.mha)", "fmt_mha.mha", lambda: _itk_bytes(".mha")),
+]
+
+
+@dataclass(frozen=True)
+class ReuploadCase:
+    """A second upload to the id `reup` (first uploaded as a 32x32 PNG with a report and a final label)."""
+
+    name: str
+    filename: str
+    build: Callable[[], bytes]
+    params: dict
+    expect: int
+    words: tuple[str, ...] = ()
+
+
+REUPLOAD_CASES: list[ReuploadCase] = [
+    ReuploadCase("existing id, no replace", "reup.png", lambda: png_bytes(32, 32, seed=3), {}, 409,
+                 ("already exists", "replace")),
+    ReuploadCase("file named like an existing id, no ?image=", "reup.png", lambda: png_bytes(32, 32, seed=3), {}, 409,
+                 ("already exists",)),
+    ReuploadCase("replace must be a boolean", "reup.png", lambda: png_bytes(32, 32, seed=3), {"replace": "yes"}, 400,
+                 ("true or false",)),
+    ReuploadCase("replace, same size: report and label kept", "reup.png", lambda: png_bytes(32, 32, seed=4),
+                 {"replace": True}, 200),
+    ReuploadCase("replace with another format and size: label moved aside", "reup.jpeg",
+                 lambda: _pil_bytes("JPEG"), {"replace": True}, 200),
+]
+
+
+# ---------------------------------------------------------------------------------------------
 # request parameters
 
 @dataclass(frozen=True)
@@ -408,6 +518,10 @@ def markdown(observed: dict[str, tuple[int, str]] | None = None) -> str:
         lines.append(row("infer on an uploaded file", c.name, c.expect, c.words))
     for c in FILE_CASES:
         lines.append(row("CLI `fasttextdiff segment`", c.name, "exit 2", c.words))
+    for c in FORMAT_CASES:
+        lines.append(row("upload format", c.name, 200, ()))
+    for c in REUPLOAD_CASES:
+        lines.append(row("re-upload", c.name, c.expect, c.words))
     for c in TEXT_CASES:
         lines.append(row("report text (PUT /datastore/image/info)", c.name, c.expect, c.words))
     for c in PARAM_CASES:

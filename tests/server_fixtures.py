@@ -97,6 +97,15 @@ def _get_json(url: str, timeout: float = 5.0) -> Any:
         return json.loads(r.read())
 
 
+def http_json(server, method: str, path: str, body=None) -> tuple[int, Any]:
+    """One request through MONAI Label's own client: (status, parsed JSON or the text)."""
+    from monailabel.client.client import MONAILabelUtils
+
+    status, response, _, _ = MONAILabelUtils.http_method(method, server.url, path, body)
+    text = response.decode() if isinstance(response, bytes) else response
+    return status, (json.loads(text) if text and text[0] in "[{" else text)
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition") -> Any:
     end = time.time() + timeout
     last_exc: Exception | None = None

@@ -360,9 +360,11 @@ def test_convert_backbone_writes_a_loadable_backbone(tmp_path, tiny_checkpoint, 
         assert torch.equal(value, converted[key]), key
     backbone = load_backbone(out)
     assert backbone.config.timesteps == (50, 150) and backbone.config.in_channels == 3
-    assert backbone.feature_block_ids == [0, 1]  # taps 1 (inside up-block 0), 2 (ends it), 3 (inside up-block 1)
+    assert backbone.config.feature_taps == (1, 2, 3) and backbone.config.feature_blocks == ()
+    # tap 1 is up-block 0's upsampler (64 ch), 2 and 3 up-block 1's resnets (32 ch); two timesteps each
+    assert backbone.feature_modules == ["up_blocks.0.upsamplers.0", "up_blocks.1.resnets.0", "up_blocks.1.resnets.1"]
     feats = backbone.freeze().features(torch.rand(1, 3, 32, 32) * 2 - 1)
-    assert [tuple(f.shape) for f in feats] == [(1, 128, 32, 32), (1, 64, 32, 32)]
+    assert [tuple(f.shape) for f in feats] == [(1, 128, 32, 32), (1, 64, 32, 32), (1, 64, 32, 32)]
     assert '"output_block": 2' in stdout and '"module": "up_blocks.0.upsamplers.0"' in stdout
 
 

@@ -67,6 +67,20 @@ def test_segment_real_dicom_radiograph_keeps_geometry(tmp_path, tiny_model, caps
     assert sitk.ReadImage(str(tmp_path / "mask.png")).GetSize()[:2] == src.GetSize()[:2]
 
 
+def test_segment_with_the_one_draw_softmax_uncertainty(tmp_path, tiny_model, tiny_dataset, capsys):
+    image = next((tiny_dataset / "Test_Folder" / "img").iterdir())
+    code, out, err = run_cli(capsys, "segment", image, "--report", "Lesion in the left lung.", "--model", tiny_model,
+                             "--out", tmp_path / "m.nii.gz", "--uncertainty", tmp_path / "u.nii.gz",
+                             "--uncertainty-estimate", "softmax")
+    assert code == 0, err
+    unc = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "u.nii.gz")))
+    assert 0 < unc.max() <= 0.5 + 1e-6 and unc.min() >= 0
+    assert '"uncertainty_mean"' in out
+    with pytest.raises(SystemExit):
+        main(["segment", str(image), "--model", str(tiny_model), "--out", str(tmp_path / "x.png"),
+              "--uncertainty-estimate", "dropout"])
+
+
 def test_empty_and_huge_reports_have_documented_behaviour(tmp_path, tiny_model, tiny_dataset, capsys):
     image = next((tiny_dataset / "Test_Folder" / "img").iterdir())
     code, _, err = run_cli(capsys, "segment", image, "--report", "", "--model", tiny_model, "--out", tmp_path / "a.png")
@@ -118,3 +132,54 @@ def test_console_script_help_and_error_exit_code(tmp_path):
     bad = subprocess.run([exe, "segment", tmp_path / "x.png", "--model", tmp_path, "--out", tmp_path / "m.png"],
                          capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_segment_writes_a_palette_mask_and_an_overlay(tmp_path, tiny_model, tiny_dataset, capsys):
+    """The mask PNG keeps class indices but shows them in colour (palette PNG); --overlay writes the
+    image with the mask in colour; a volume's overlay shows one slice."""
+    from PIL import Image as PILImage
+
+    from fasttextdiff.data.io import read_image
+
+    image = next((tiny_dataset / "Test_Folder" / "img").iterdir())
+    code, out, err = run_cli(capsys, "segment", image, "--report", "Left lung lesion.", "--model", tiny_model,
+                             "--out", tmp_path / "mask.png", "--overlay", tmp_path / "overlay.png")
+    assert code == 0, err
+    mask_png = PILImage.open(tmp_path / "mask.png")
+    assert mask_png.mode == "P" and mask_png.getpalette()[3:6] == [230, 25, 75]  # class 1 in red
+    values = read_image(tmp_path / "mask.png").array
+    assert values.ndim == 2 and set(np.unique(values)) <= {0, 1}
+    overlay = np.asarray(PILImage.open(tmp_path / "overlay.png"))
+    assert overlay.shape == values.shape + (3,) and '"overlay"' in out
+    if values.any():  # where the mask is, the overlay is tinted red
+        region = overlay[values > 0].astype(int)
+        assert (region[:, 0] > region[:, 1]).all()
+    volume = tmp_path / "vol.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 200, (5, 24, 28)).astype(np.int16)),
+                    str(volume))
+    code, out, err = run_cli(capsys, "segment", volume, "--model", tiny_model, "--out", tmp_path / "m.nii.gz",
+                             "--overlay", tmp_path / "vol.png")
+    assert code == 0, err
+    assert np.asarray(PILImage.open(tmp_path / "vol.png")).shape == (24, 28, 3) and '"overlay_slice"' in out
+
+
+def test_every_option_has_a_help_line_and_argument_errors_come_before_heavy_imports(tmp_path):
+    """Every option of every command says what it does; a mistyped argument is answered without
+    importing torch or MONAI (a fresh interpreter, so nothing is imported already)."""
+    import argparse
+
+    from fasttextdiff import cli
+
+    parser = cli.build_parser()  # every command, lazily imported ones included
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [f"{name} {'/'.join(action.option_strings) or action.dest}" for name, sub in commands.items()
+               for action in sub._actions
+               if not isinstance(action, argparse._HelpAction) and not action.help and action.dest != "func"]
+    assert not missing, f"options without a --help description: {missing}"
+    probe = ("import sys, fasttextdiff.cli as c\n"
+             "code = 0\n"
+             "try:\n    c.main(['train', '--data'])\nexcept SystemExit as e:\n    code = e.code\n"
+             "print(code, 'torch' in sys.modules, 'monai' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False", "False"], done.stdout + done.stderr
+    assert "expected one argument" in done.stderr

@@ -364,7 +364,7 @@ def _bad_file(kind: str, tmp_path: Path) -> Path:
         ("missing", "does not exist"),
         ("zero-byte", "empty"),
         ("unsupported", "unsupported format"),
-        ("garbage-png", "corrupt"),
+        ("garbage-png", "is not an image: its content is not PNG"),
         ("truncated-png", "corrupt or truncated"),
         ("truncated-nifti", "truncated"),
         ("4d", "4D"),

@@ -301,6 +301,47 @@ def test_path_traversal_ids_and_tags_are_refused(inprocess_server, tmp_path):
     assert not Path("/tmp/escaped").exists() and not Path("/tmp/escaped.png").exists()
 
 
+def test_every_cli_format_uploads_and_reuploads_answer_as_documented(inprocess_server, tmp_path):
+    """Each format the CLI reads is accepted by upload under the user's file name (and segmented);
+    an upload to an existing id is refused (409) unless the client asks to replace; a replacement keeps
+    the report, keeps a label that still fits, moves aside one that no longer does, and leaves one
+    image file behind."""
+    requests = _requests()
+    url = inprocess_server.url
+    for case in cases.FORMAT_CASES:
+        r = requests.put(f"{url}/datastore/image", files={"file": (case.filename, case.build())},
+                         data={"params": json.dumps({"text": "Unilateral pulmonary infection, upper left lung."})},
+                         timeout=120)
+        _check("upload format", case.name, r, 200, ())
+        image_id = r.json()["image"]
+        assert image_id == case.filename.split(".")[0], r.json()  # the user's file name is the id
+        r = requests.post(f"{url}/infer/fasttextdiff?image={image_id}&output=json", timeout=300)
+        assert r.status_code == 200, (case.name, r.text)
+        requests.delete(f"{url}/datastore/image?id={image_id}", timeout=60)
+    # the image every re-upload case targets: a 32x32 PNG with a report and a final label
+    report = "Bilateral pulmonary infection, two infected areas."
+    r = requests.put(f"{url}/datastore/image?image=reup", files={"file": ("reup.png", cases.png_bytes(32, 32))},
+                     data={"params": json.dumps({"text": report})}, timeout=60)
+    assert r.status_code == 200, r.text
+    label = cases.png_bytes(32, 32, seed=9)
+    assert requests.put(f"{url}/datastore/label?image=reup&tag=final", files={"label": ("l.png", label)},
+                        timeout=60).status_code == 200
+    studies = inprocess_server.studies
+    for case in cases.REUPLOAD_CASES:
+        query = "" if "no ?image=" in case.name else "?image=reup"
+        r = requests.put(f"{url}/datastore/image{query}", files={"file": (case.filename, case.build())},
+                         data={"params": json.dumps(case.params)}, timeout=60)
+        _check("re-upload", case.name, r, case.expect, case.words)
+        info = inprocess_server.client().datastore()["objects"]["reup"]
+        assert info["image"]["info"]["text"] == report  # the report survives every answer
+        assert len([p for p in studies.iterdir() if p.is_file() and p.name.split(".")[0] == "reup"]) == 1
+        if case.expect == 200 and case.filename.endswith(".png"):
+            assert r.json()["labels_kept"] == ["final"] and "final" in info["labels"]
+        elif case.expect == 200:
+            assert [m["tag"] for m in r.json()["labels_moved_aside"]] == ["final"] and "final" not in info["labels"]
+    requests.delete(f"{url}/datastore/image?id=reup", timeout=60)
+
+
 def test_upload_limit_holds_for_streamed_bodies_and_allows_bodies_below_it(inprocess_server):
     """Chunked (no Content-Length) bodies are cut off at the limit; a valid image just below it is stored."""
     requests = _requests()

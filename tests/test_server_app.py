@@ -15,19 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server_fixtures import inprocess_server, tiny_studies  # noqa: F401 - pytest fixtures
+from server_fixtures import http_json, inprocess_server, tiny_studies  # noqa: F401 - pytest fixtures
 
 pytestmark = pytest.mark.server
 
 MODEL = "fasttextdiff"
-
-
-def _http(server, method: str, path: str, body=None):
-    from monailabel.client.client import MONAILabelUtils
-
-    status, response, _, _ = MONAILabelUtils.http_method(method, server.url, path, body)
-    text = response.decode() if isinstance(response, bytes) else response
-    return status, (json.loads(text) if text and text[0] in "[{" else text)
 
 
 def _read(path):
@@ -68,7 +60,7 @@ def test_upload_with_report_then_infer_with_stored_and_explicit_text(inprocess_s
     client = inprocess_server.client()
     res = client.upload_image(str(case_png["path"]), "upload_case", {"text": case_png["report"]})
     assert res["image"] == "upload_case"
-    status, info = _http(inprocess_server, "GET", "/datastore/image/info?image=upload_case")
+    status, info = http_json(inprocess_server, "GET", "/datastore/image/info?image=upload_case")
     assert status == 200 and info["text"] == case_png["report"]
 
     stored_file, stored = client.infer(MODEL, "upload_case", {})
@@ -92,7 +84,7 @@ def test_upload_with_report_then_infer_with_stored_and_explicit_text(inprocess_s
 
 
 def test_report_text_set_later_with_put_info(inprocess_server):
-    status, _ = _http(inprocess_server, "GET", "/datastore/image/info?image=cxr_005")
+    status, _ = http_json(inprocess_server, "GET", "/datastore/image/info?image=cxr_005")
     assert status == 200
     from monailabel.client.client import MONAILabelUtils
 
@@ -100,7 +92,7 @@ def test_report_text_set_later_with_put_info(inprocess_server):
     status, _, _, _ = MONAILabelUtils.http_multipart(
         "PUT", inprocess_server.url, "/datastore/image/info?image=cxr_005", {"info": json.dumps({"text": text})}, {})
     assert status == 200
-    _, info = _http(inprocess_server, "GET", "/datastore/image/info?image=cxr_005")
+    _, info = http_json(inprocess_server, "GET", "/datastore/image/info?image=cxr_005")
     assert info["text"] == text
     _, result = inprocess_server.client().infer(MODEL, "cxr_005", {})
     assert result["text_source"] == "datastore" and result["text_chars"] == len(text)
@@ -127,7 +119,10 @@ def test_volume_label_keeps_geometry(inprocess_server, tmp_path):
     assert sitk.GetArrayFromImage(label).dtype == np.uint8
 
 
-def test_save_label_and_train_synchronously_publishes_new_model(inprocess_server, case_png):
+def test_save_label_and_train_synchronously_publishes_only_if_validation_holds(inprocess_server, case_png):
+    """A train task continues from the served model and publishes its best epoch only when its validation
+    Dice is not below the served model's on the same images (else the served model stays, and the
+    stats say why); either way the answer and /info agree at once."""
     client = inprocess_server.client()
     before = client.info()["fasttextdiff"]["model_identity"]
     res = client.save_label("upload_case", str(case_png["label"]), tag="final")
@@ -135,22 +130,32 @@ def test_save_label_and_train_synchronously_publishes_new_model(inprocess_server
     assert "upload_case" in client.datastore()["objects"] and \
         "final" in client.datastore()["objects"]["upload_case"]["labels"]
 
-    status, stats = _http(inprocess_server, "POST", f"/train/{MODEL}?run_sync=true", {"max_epochs": 1})
+    status, stats = http_json(inprocess_server, "POST", f"/train/{MODEL}?run_sync=true", {"max_epochs": 1})
     assert status == 200, stats
-    assert stats["status"] == "DONE" and stats["result"]["published"]
-    assert stats["result"]["samples"] >= 4  # 3 demo labels + this one (+ labeled volume slices)
+    result = stats["result"]
+    assert stats["status"] == "DONE" and result["decision"] in ("published", "kept") and result["continued_from"]
+    assert result["samples"] + result["val_samples"] >= 5  # 3 demo labels + this one (+ labeled volume slices)
+    assert result["val_images"] and set(result["val_images"]) <= set(result["val_images"] + result["train_images"])
     info = client.info()
-    assert info["fasttextdiff"]["model_identity"] != before
     assert info["train_stats"][MODEL]["status"] == "DONE"
-    # the new model serves at once
-    _, result = client.infer(MODEL, "upload_case", {})
-    assert result["model"] == info["fasttextdiff"]["model_identity"]
+    assert info["train_stats"][MODEL]["reason"] == result["reason"]
+    if result["decision"] == "published":
+        assert result["published"] and result["val_dice"] >= result["served_val_dice_before"] - 1e-9
+        assert info["fasttextdiff"]["model_identity"] != before
+        assert info["models"][MODEL]["val_dice"] == pytest.approx(result["val_dice"])
+    else:
+        assert result["published"] is None and "below the served model's" in result["reason"]
+        assert info["fasttextdiff"]["model_identity"] == before
+        assert info["models"][MODEL]["val_dice"] == pytest.approx(result["served_val_dice_before"])
+    # the served model (new or kept) serves at once
+    _, served = client.infer(MODEL, "upload_case", {})
+    assert served["model"] == info["fasttextdiff"]["model_identity"]
 
 
 def test_scoring_is_per_unlabeled_image_with_text_and_incremental(inprocess_server):
     app = inprocess_server.app
     app.wait_for_background(120)  # MONAI Label's automatic scoring after train may be running
-    status, res = _http(inprocess_server, "POST", "/scoring/fasttextdiff_uncertainty?run_sync=true", {})
+    status, res = http_json(inprocess_server, "POST", "/scoring/fasttextdiff_uncertainty?run_sync=true", {})
     assert status == 200, res
     identity = inprocess_server.client().info()["fasttextdiff"]["model_identity"]
     objects = inprocess_server.client().datastore()["objects"]
@@ -159,7 +164,7 @@ def test_scoring_is_per_unlabeled_image_with_text_and_incremental(inprocess_serv
     for image_id in unlabeled:
         entry = objects[image_id]["image"]["info"].get("fasttextdiff_uncertainty")
         assert entry and entry["model"] == identity and entry["score"] >= 0, image_id
-    status, again = _http(inprocess_server, "POST", "/scoring/fasttextdiff_uncertainty?run_sync=true", {})
+    status, again = http_json(inprocess_server, "POST", "/scoring/fasttextdiff_uncertainty?run_sync=true", {})
     assert status == 200 and again["scored"] == 0 and again["skipped"] == len(unlabeled)
 
 
@@ -177,7 +182,7 @@ def test_next_sample_uncertainty_returns_unlabeled_image_with_report(inprocess_s
 
 
 def test_batch_infer_saves_original_labels(inprocess_server):
-    status, res = _http(inprocess_server, "POST", f"/batch/infer/{MODEL}?images=unlabeled&run_sync=true",
+    status, res = http_json(inprocess_server, "POST", f"/batch/infer/{MODEL}?images=unlabeled&run_sync=true",
                         {"device": "cpu", "label_tag": "original", "max_workers": 1})
     assert status == 200, res
     objects = inprocess_server.client().datastore()["objects"]
@@ -209,7 +214,7 @@ def test_info_answers_quickly_during_a_volume_infer(inprocess_server, tmp_path):
     time.sleep(0.2)
     while thread.is_alive():
         t0 = time.perf_counter()
-        status, _ = _http(inprocess_server, "GET", "/info/")
+        status, _ = http_json(inprocess_server, "GET", "/info/")
         waits.append(time.perf_counter() - t0)
         assert status == 200
         time.sleep(0.05)

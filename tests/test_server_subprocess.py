@@ -45,6 +45,10 @@ def test_infer_gets_503_while_the_default_model_is_prepared(server):
     assert info["fasttextdiff"]["model"]["state"] == "preparing", info["fasttextdiff"]["model"]
     response = _post_infer(server.url, "cxr_000")
     assert response.status_code == 503 and "being prepared" in response.json()["detail"]
+    import requests
+
+    train = requests.post(f"{server.url}/train/fasttextdiff", json={"max_epochs": 1}, timeout=30)
+    assert train.status_code == 409 and "being built" in train.json()["detail"], train.text
     t0 = time.time()
     wait_model_ready(server.url, timeout=400)
     print(f"\ntiny default model ready {time.time() - t0:.1f}s after the first 503")
@@ -64,8 +68,8 @@ def test_client_script_loop_and_volume_geometry(server):
         assert r["seconds"]["total"] < 60
     assert summary["volume"]["same_geometry"] and summary["volume"]["size"] == [256, 256, 64]
     objects = server.client().datastore()["objects"]
-    for r in summary["rounds"]:
-        assert "final" in objects[r["image"]]["labels"]
+    for r in summary["rounds"]:  # the model's own masks are saved under the script's tag, not as ground truth
+        assert "client_demo" in objects[r["image"]]["labels"] and "final" not in objects[r["image"]]["labels"]
 
 
 def test_training_as_monailabel_background_task_publishes(server):
@@ -81,8 +85,15 @@ def test_training_as_monailabel_background_task_publishes(server):
     status = wait_for(finished, 400, 2.0, "the background train task")
     assert status["status"] == "DONE", status.get("details")
     info = client.info()
-    assert info["fasttextdiff"]["model_identity"] != before
-    assert info["train_stats"]["fasttextdiff"]["status"] == "DONE"
+    stats = info["train_stats"]["fasttextdiff"]
+    assert stats["status"] == "DONE" and stats["decision"] in ("published", "kept") and stats["reason"]
+    assert info["fasttextdiff"]["model"]["state"] == "ready"  # never stale after a train in another process
+    if stats["decision"] == "published":
+        assert info["fasttextdiff"]["model_identity"] != before
+    else:
+        assert info["fasttextdiff"]["model_identity"] == before and "below the served model's" in stats["reason"]
+    assert info["models"]["fasttextdiff"]["val_dice"] is not None
+    assert "ready: model fasttextdiff" in server.log_tail(400000)
     _, result = client.infer("fasttextdiff", "cxr_003", {})
     assert result["model"] == info["fasttextdiff"]["model_identity"]
 

@@ -41,6 +41,15 @@ def test_training_writes_a_complete_model_dir(tmp_path, tiny_dataset, tiny_backb
     assert not (tmp_path / f"m{RESUME_DIR_SUFFIX}").exists()
 
 
+def test_feature_cache_too_big_for_memory_spills_to_disk_with_the_same_weights(tmp_path, tiny_dataset, tiny_backbone):
+    memory = _train(tiny_dataset, tiny_backbone, tmp_path / "mem", seed=5)
+    disk = _train(tiny_dataset, tiny_backbone, tmp_path / "disk", seed=5, feature_cache_gb=1e-9)
+    assert memory["feature_cache"] and not memory["feature_cache_on_disk"]
+    assert disk["feature_cache"] and disk["feature_cache_on_disk"]
+    a, b = load_file(tmp_path / "mem" / WEIGHTS_FILE), load_file(tmp_path / "disk" / WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_same_seed_same_weights_and_labeled_subset(tmp_path, tiny_dataset, tiny_backbone):
     a = _train(tiny_dataset, tiny_backbone, tmp_path / "a", seed=3, labeled=4)
     _train(tiny_dataset, tiny_backbone, tmp_path / "b", seed=3, labeled=4)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, ModelNotFoundError
+from .paper import PAPER_TAPS
 
 __all__ = [
     "ADM_PRESETS",
@@ -64,7 +65,6 @@ ADM_PRESETS: dict[str, str] = {
 }
 
 # The reference configs' taps, in ADM's output_blocks numbering (siddharthdhara/FastTextDiff ddpm.json).
-PAPER_TAPS: dict[str, tuple[int, ...]] = {"qata": (4, 6, 8, 12), "mosmed": (4, 6, 8, 12), "monuseg": (6, 8, 12, 16)}
 
 NUM_CLASSES = 1000  # guided-diffusion's class-conditional models are ImageNet's
 _NORM_GROUPS = 32  # ADM's GroupNorm32 always has 32 groups
@@ -516,7 +516,7 @@ class AdmTap:
     ``module`` is the diffusers submodule (``unet.get_submodule(module)``) whose forward output equals
     it: the level's upsampler for a level's last block (but the finest level's), else the block's
     attention if it has one, else its resnet. ``ends_up_block`` marks the taps that are a whole
-    up-block's output (the only ones BackboneConfig.feature_blocks can tap today).
+    up-block's output (what BackboneConfig.feature_blocks taps; feature_taps taps any of them).
     """
 
     output_block: int
@@ -551,7 +551,7 @@ def output_block_taps(config: Any) -> list[AdmTap]:
 
 
 def nearest_up_blocks(taps: Sequence[AdmTap]) -> tuple[int, ...]:
-    """Whole up-blocks standing in for ``taps`` until the backbone can hook submodules: same resolution.
+    """Whole up-blocks at the resolutions of ``taps``, for a backbone config that taps up-blocks only.
 
     A tap inside up-block i (before its upsampler) has the resolution of up-block i-1's output;
     up-block 0 stands in for taps inside itself (nothing coarser is an up-block output).
@@ -603,8 +603,8 @@ def convert_adm_checkpoint(
     The directory is what ``DiffusionBackbone.save_pretrained`` writes (atomically): diffusers'
     config.json + diffusion_pytorch_model.safetensors (loads with ``UNet2DModel.from_pretrained``),
     backbone_config.json and checksums.json, so ``load_backbone(out_dir)`` and ``train --backbone``
-    take it. ``taps`` (ADM output_blocks) are validated and, for now, tapped through the whole
-    up-blocks at the same resolutions (``nearest_up_blocks``); the summary lists the exact modules.
+    take it. ``taps`` (ADM output_blocks) become the config's ``feature_taps``: the backbone hooks exactly
+    those modules (listed in the summary) and stops the forward after the last.
     """
     from diffusers import UNet2DModel
 
@@ -629,7 +629,7 @@ def convert_adm_checkpoint(
         num_train_timesteps=flags.diffusion_steps,
         beta_schedule="linear" if flags.noise_schedule == "linear" else "squaredcos_cap_v2",
         timesteps=tuple(int(t) for t in timesteps),
-        feature_blocks=nearest_up_blocks(chosen),
+        feature_taps=tuple(t.output_block for t in chosen),
     )
 
     state = load_adm_state_dict(checkpoint)
@@ -655,7 +655,7 @@ def convert_adm_checkpoint(
         "class_label": class_label,
         "timesteps": list(backbone_config.timesteps),
         "taps": [asdict(t) for t in chosen],
-        "feature_blocks": list(backbone_config.feature_blocks),
+        "feature_taps": list(backbone_config.feature_taps),
     }
 
 

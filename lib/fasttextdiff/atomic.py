@@ -24,6 +24,20 @@ CURRENT = "current"
 VERSIONS = "versions"
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _process_umask()  # read once at import (os.umask can only be read by setting it)
+
+
+def _user_mode(path: Path) -> None:
+    """mkstemp creates 0600 files; the finished file gets the mode a plain open() would give (0666 & ~umask)."""
+    os.chmod(path, 0o666 & ~UMASK)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary file name beside ``path``; what is written there replaces ``path`` (flushed to disk)
@@ -35,6 +49,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     try:
         yield Path(tmp)
         _fsync(Path(tmp))
+        _user_mode(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -21,6 +21,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors import SafetensorError
 from torch import nn
 
+from .adm import AdmTap, output_block_taps
 from .atomic import atomic_write_json, check_replaceable, staged_dir
 from .checkpoint import check_safetensors, load_tensors, read_json, sha256_file, verify_sha256
 from .config import BackboneConfig
@@ -143,15 +144,23 @@ class DiffusionBackbone(nn.Module):
             num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule
         )
         n_up = len(self.unet.up_blocks)
-        # Coarse -> fine is the up-blocks' own order (their resolutions never decrease).
-        self.feature_block_ids: list[int] = sorted(set(config.feature_blocks)) if config.feature_blocks else list(range(n_up))
-        bad = [b for b in self.feature_block_ids if not 0 <= b < n_up]
-        if bad:
-            raise ValueError(f"feature blocks {bad} do not exist; this U-Net has {n_up} up-blocks")
-        channels, sizes = self._up_block_geometry()
         n_t = len(config.timesteps)
-        self.feature_channels: list[int] = [channels[b] * n_t for b in self.feature_block_ids]
-        self.feature_sizes: list[int] = [sizes[b] for b in self.feature_block_ids]
+        self.feature_taps: list[AdmTap] = []
+        if config.feature_taps:  # modules inside the up-blocks, named as ADM's output_blocks
+            self.feature_taps = self._resolve_taps(config.feature_taps)
+            self.feature_block_ids: list[int] = []
+            self.feature_modules: list[str] = [t.module for t in self.feature_taps]
+            self.feature_channels: list[int] = [t.channels * n_t for t in self.feature_taps]
+            self.feature_sizes: list[int] = [t.size for t in self.feature_taps]
+        else:  # whole up-blocks; coarse -> fine is their own order (their resolutions never decrease)
+            self.feature_block_ids = sorted(set(config.feature_blocks)) if config.feature_blocks else list(range(n_up))
+            bad = [b for b in self.feature_block_ids if not 0 <= b < n_up]
+            if bad:
+                raise ValueError(f"feature blocks {bad} do not exist; this U-Net has {n_up} up-blocks")
+            channels, sizes = self._up_block_geometry()
+            self.feature_modules = [f"up_blocks.{b}" for b in self.feature_block_ids]
+            self.feature_channels = [channels[b] * n_t for b in self.feature_block_ids]
+            self.feature_sizes = [sizes[b] for b in self.feature_block_ids]
 
     # -- construction checks and geometry ------------------------------------------------------
 
@@ -192,6 +201,31 @@ class DiffusionBackbone(nn.Module):
             sizes.append(size)
         return channels, sizes
 
+    def _resolve_taps(self, taps: Sequence[int]) -> list[AdmTap]:
+        """ADM output_blocks -> the diffusers modules whose outputs they are, with channels and sizes.
+
+        The geometry is read off the U-Net's config at this backbone's image size (the network is fully
+        convolutional) and checked against the modules themselves, so a U-Net whose up-blocks are laid
+        out differently fails here with a sentence rather than in the fusion's first forward.
+        """
+        config = dict(self.unet.config)
+        config["sample_size"] = self.config.image_size
+        every = output_block_taps(config)
+        bad = sorted(t for t in set(taps) if not 0 <= t < len(every))
+        if bad:
+            raise ValueError(f"feature taps {bad} are not output blocks of this U-Net (it has 0..{len(every) - 1})")
+        chosen = [every[t] for t in sorted(set(taps))]
+        for tap in chosen:
+            try:
+                module = self.unet.get_submodule(tap.module)
+            except AttributeError:
+                raise ValueError(f"feature tap {tap.output_block}: this U-Net has no module {tap.module}") from None
+            width = getattr(module, "out_channels", None) or getattr(module, "out_dim", None)
+            if width is not None and int(width) != tap.channels:
+                raise ValueError(f"feature tap {tap.output_block} ({tap.module}) has {width} channels, "
+                                 f"not the {tap.channels} its U-Net config implies")
+        return chosen
+
     @property
     def schedule_timesteps(self) -> list[int]:
         """config.timesteps (a 0..999 scale) mapped onto this schedule's length."""
@@ -199,6 +233,29 @@ class DiffusionBackbone(nn.Module):
         if n == 1000:
             return [int(t) for t in self.config.timesteps]
         return [min(n - 1, int(round(t * n / 1000))) for t in self.config.timesteps]
+
+    # How the network is probed, as opposed to what it is: what a preset or a flag may change on a loaded backbone.
+    PROBE_FIELDS = frozenset({"image_size", "timesteps", "feature_blocks", "feature_taps", "noise_seed", "window", "body_crop"})
+
+    def reconfigured(self, **changes: Any) -> DiffusionBackbone:
+        """The same network probed differently (timesteps, taps, image size, noise seed, window).
+
+        Setting taps clears whole-block taps and vice versa. A new image size is written into the
+        U-Net's config (the network is fully convolutional), so the saved model records it.
+        """
+        unknown = sorted(set(changes) - self.PROBE_FIELDS)
+        if unknown:
+            raise ValueError(f"only {sorted(self.PROBE_FIELDS)} can change on a trained backbone, not {unknown}")
+        fields = self.config.to_dict()
+        fields.update(changes)
+        if changes.get("feature_taps"):
+            fields["feature_blocks"] = ()
+        elif changes.get("feature_blocks"):
+            fields["feature_taps"] = ()
+        config = BackboneConfig.from_dict(fields)
+        if config.image_size != self.config.image_size and _sample_size(self.unet) is not None:
+            self.unet.register_to_config(sample_size=config.image_size)
+        return DiffusionBackbone(config, unet=self.unet)
 
     # -- freezing ------------------------------------------------------------------------------
 
@@ -237,20 +294,24 @@ class DiffusionBackbone(nn.Module):
         eps = torch.randn(tuple(x.shape), generator=gen, dtype=torch.float32)
         return eps.to(device=x.device, dtype=x.dtype)
 
-    def features(self, x: torch.Tensor, seed: int | None = None) -> list[torch.Tensor]:
+    def features(self, x: torch.Tensor, seed: int | None = None, noise: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Decoder features, coarse -> fine, each ``(B, C_i * T, H_i, W_i)`` (T timesteps along channels).
 
         All T noised copies go through ONE batched U-Net forward of size B*T; forward hooks on the
-        chosen up-blocks collect their outputs. Gradients are off when the module is frozen.
+        chosen up-blocks (or, with ``feature_taps``, the modules inside them) collect their outputs and
+        the last one ends the forward. Gradients are off when the module is frozen.
+        ``noise`` (shaped like ``x``) replaces the seeded draw: several draws then share one forward.
         """
         self._check_input(x)
         b, t_count = x.shape[0], len(self.config.timesteps)
-        eps = self.noise(x, seed)
+        if noise is not None and noise.shape != x.shape:
+            raise ValueError(f"noise must be shaped like the images {tuple(x.shape)}, got {tuple(noise.shape)}")
+        eps = self.noise(x, seed) if noise is None else noise.to(device=x.device, dtype=x.dtype)
         steps = torch.tensor(self.schedule_timesteps, dtype=torch.long, device=x.device)
         step_per_item = steps.repeat_interleave(b)  # timestep-major: [t0]*B + [t1]*B + ...
         grad = torch.is_grad_enabled() and not self.is_frozen
         captured: dict[int, torch.Tensor] = {}
-        last = self.feature_block_ids[-1]
+        last = len(self.feature_modules) - 1  # modules are in forward order: the last one ends the pass
 
         def hook_for(index: int):
             def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -260,7 +321,8 @@ class DiffusionBackbone(nn.Module):
 
             return hook
 
-        handles = [self.unet.up_blocks[i].register_forward_hook(hook_for(i)) for i in self.feature_block_ids]
+        handles = [self.unet.get_submodule(path).register_forward_hook(hook_for(i))
+                   for i, path in enumerate(self.feature_modules)]
         try:
             with torch.set_grad_enabled(grad):
                 x_rep = x.repeat(t_count, 1, 1, 1)
@@ -272,9 +334,12 @@ class DiffusionBackbone(nn.Module):
             for h in handles:
                 h.remove()
         out = []
-        for i in self.feature_block_ids:
+        for i, path in enumerate(self.feature_modules):
             f = captured[i]  # (T*B, C, h, w)
             _, c, h, w = f.shape
+            if c * t_count != self.feature_channels[i] or h != self.feature_sizes[i]:
+                raise RuntimeError(f"{path} gave {c} x {h} x {w} features, not the declared "
+                                   f"{self.feature_channels[i] // t_count} x {self.feature_sizes[i]}")
             out.append(f.reshape(t_count, b, c, h, w).transpose(0, 1).reshape(b, t_count * c, h, w))
         return out
 
@@ -328,7 +393,7 @@ class DiffusionBackbone(nn.Module):
 
         The BackboneConfig is read off the U-Net (size, channels, widths); a pipeline's
         ``scheduler/scheduler_config.json`` supplies the schedule; ``overrides`` set the rest
-        (timesteps, feature_blocks, noise_seed, window, ...).
+        (timesteps, feature_blocks or feature_taps, noise_seed, window, ...).
         """
         path = Path(path)
         unet_dir, sched_cfg = path, None

@@ -7,6 +7,7 @@ only real bugs print a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ from .errors import FastTextDiffError
 
 # MONAI's import emits FutureWarnings about torch.jit that users can do nothing about.
 warnings.filterwarnings("ignore", category=FutureWarning)
+
+DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)"
 
 EXAMPLES = """examples:
   fasttextdiff demo-data --out data/synth --variant text-necessary
@@ -42,6 +45,16 @@ def _widths(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError("widths must be positive integers")
+    return values
+
+
+def _indices(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError("expected integers >= 0")
     return values
 
 
@@ -67,6 +80,31 @@ def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timesteps", type=_widths, default=d.timesteps,
                    help=f"feature timesteps of 1000 (default {','.join(map(str, d.timesteps))})")
     g.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"), help="CT window in HU (default: percentiles)")
+
+
+def add_text_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-encoder", default=TextConfig.encoder,
+                   help="'tiny' (small ModernBERT, offline), a local model directory (e.g. a clinical ModernBERT), "
+                        "or a hub id (downloads; offline, download it elsewhere and pass its folder)")
+    p.add_argument("--text-max-tokens", "--max-text-tokens", dest="max_text_tokens", type=int,
+                   help="truncate reports to this many tokens, special tokens included (default: the encoder's "
+                        "whole context; 10 reproduces the reference's truncation)")
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The paper preset and the flags that override it (unset flags fall back to the preset, then defaults)."""
+    from .paper import PRESETS
+
+    g = p.add_argument_group("recipe (a --preset sets these; a flag given explicitly wins)")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="the paper's recipe for a dataset on a converted ADM backbone: taps, timesteps 50,150,250 "
+                        "(one shared noise draw), 256 px, epochs 50/100/50, Adam lr 1e-4")
+    g.add_argument("--epochs", type=int, help=f"training epochs (default {TrainConfig.epochs})")
+    g.add_argument("--lr", type=float, help=f"Adam learning rate (default {TrainConfig.lr:g})")
+    g.add_argument("--taps", type=_indices, metavar="N,N,...",
+                   help="tap these ADM output_blocks of the backbone instead of its configured ones (e.g. 4,6,8,12)")
+    g.add_argument("--timesteps", type=_indices, help="feature timesteps of 1000 (default: the backbone's)")
+    g.add_argument("--image-size", type=int, help="model input size in pixels (default: the backbone's)")
 
 
 def cmd_demo_data(args) -> int:
@@ -95,6 +133,31 @@ def _text_config(args):
     return TextConfig(encoder=args.text_encoder, max_length=args.max_text_tokens)
 
 
+def train_settings(args) -> tuple[TrainConfig, dict]:
+    """TrainConfig and backbone overrides from the flags: an explicit flag beats the preset, which beats
+    the library's defaults. Shared by `train` and `reproduce`."""
+    from .paper import PRESETS
+
+    preset = PRESETS[args.preset] if getattr(args, "preset", None) else None
+
+    def pick(flag, from_preset, default):
+        if flag is not None:
+            return flag
+        return from_preset if preset is not None else default
+
+    overrides = preset.backbone_overrides() if preset else {}
+    for name, value in (("feature_taps", getattr(args, "taps", None)), ("timesteps", getattr(args, "timesteps", None)),
+                        ("image_size", getattr(args, "image_size", None))):
+        if value is not None:
+            overrides[name] = value
+    train_cfg = TrainConfig(epochs=pick(args.epochs, preset and preset.epochs, TrainConfig.epochs),
+                            batch_size=args.batch_size, lr=pick(args.lr, preset and preset.lr, TrainConfig.lr),
+                            weight_decay=pick(None, preset and preset.weight_decay, TrainConfig.weight_decay),
+                            labeled=args.labeled, seed=args.seed, augment=args.augment,
+                            text_fallback=not getattr(args, "no_text_fallback", False))
+    return train_cfg, overrides
+
+
 def cmd_train(args) -> int:
     from .train import train_segmenter
     from .workflows import load_lvit
@@ -103,11 +166,10 @@ def cmd_train(args) -> int:
     seg = SegmenterConfig(use_text=not args.no_text, head_channels=args.head_channels,
                           fusion=FusionConfig(dim=args.fusion_dim, heads=args.heads, shared=not args.per_scale,
                                               text_residual=args.text_residual))
-    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, labeled=args.labeled,
-                            seed=args.seed, augment=args.augment, text_fallback=not args.no_text_fallback)
+    train_cfg, overrides = train_settings(args)
     metrics = train_segmenter(splits["train"], args.out, backbone_dir=args.backbone, text_config=_text_config(args),
                               segmenter_config=seg, train_config=train_cfg, val_samples=splits.get("val"),
-                              test_samples=splits.get("test"), device=args.device)
+                              test_samples=splits.get("test"), device=args.device, backbone_overrides=overrides)
     metrics.pop("history", None)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -142,13 +204,22 @@ def cmd_segment(args) -> int:
     from .infer import Segmenter
 
     text = read_report_arg(args.report, args.report_file)
-    segmenter = Segmenter.load(args.model, device=args.device, n_noise=args.n_noise)
+    from .fast_inference import InferenceOptions
+
+    segmenter = Segmenter.load(args.model, device=args.device, n_noise=args.n_noise,
+                               options=InferenceOptions(uncertainty=args.uncertainty_estimate))
     if not text.strip():
         print("warning: empty report: segmenting with the encoder's empty-text embedding", file=sys.stderr)
     # the user's own file on their own machine: a detached header (.nhdr, .mhd + .raw) may name its data file
     result = segmenter.segment_file(args.image, text, args.out, args.uncertainty, allow_external_data=True)
+    shown = {}
+    if args.overlay:
+        from .overlay import write_overlay
+
+        index = write_overlay(result.image, result.mask, args.overlay)
+        shown = {"overlay": str(args.overlay), **({"overlay_slice": index} if index is not None else {})}
     print(json.dumps({"mask": str(args.out), "uncertainty": str(args.uncertainty) if args.uncertainty else None,
-                      **result.summary}, indent=2))
+                      **shown, **result.summary}, indent=2))
     return 0
 
 
@@ -186,7 +257,47 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+LAZY_COMMANDS = {  # name: (module, add-arguments function, run function, help, example)
+    "pretrain-text": (".text_pretrain", "add_pretrain_text_arguments", "run_pretrain_text",
+                      "adapt a ModernBERT to clinical text by masked-language modelling",
+                      "fasttextdiff pretrain-text --corpus iu-xray --init tiny --out runs/clinical-mbert --quick"),
+    "demo-studies": (".studies", "add_demo_studies_arguments", "run_demo_studies",
+                     "write a MONAI Label studies folder of synthetic images with reports",
+                     "fasttextdiff demo-studies --out studies/demo"),
+    "import-studies": (".import_studies", "add_import_studies_arguments", "run_import_studies",
+                       "import images with their reports (and masks) into a MONAI Label studies folder",
+                       "fasttextdiff import-studies /data/my-cts --out studies/my-cts   # <name>.txt beside each image"),
+    "convert-backbone": (".adm", "add_convert_backbone_arguments", "run_convert_backbone",
+                         "convert an OpenAI guided-diffusion (ADM) checkpoint into a backbone directory",
+                         "fasttextdiff convert-backbone 256x256_diffusion_uncond.pt --arch adm-256-uncond --out runs/adm256"),
+    "reproduce": (".reproduce", "add_reproduce_arguments", "run_reproduce",
+                  "train and evaluate the paper's settings for a dataset and table them beside the published results",
+                  "fasttextdiff reproduce --dataset qata --data /data/QaTa-COV19 --backbone runs/adm256 "
+                  "--text-encoder /models/clinical-modernbert --out runs/reproduce-qata --device cuda"),
+    "viewer": (".viewer.cli", "add_viewer_arguments", "run_viewer",
+               "the web annotation viewer (trame-slicer) for a server, on 127.0.0.1",
+               "fasttextdiff viewer --server http://127.0.0.1:8000 --port 8080"),
+}
+
+
+def _lazy(module: str, runner: str):
+    def run(args):
+        return getattr(importlib.import_module(module, __package__), runner)(args)
+
+    return run
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in argv (the first word that is one), else None."""
+    return next((a for a in argv if a in LAZY_COMMANDS or a in _EAGER_COMMANDS), None)
+
+
+_EAGER_COMMANDS = ("demo-data", "pretrain-backbone", "train", "evaluate", "segment", "bench", "run-job", "demo")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with `only`, the lazily imported commands other than `only` get no arguments
+    (their modules are not imported)."""
     parser = argparse.ArgumentParser(
         prog="fasttextdiff", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Report-conditioned, label-efficient diffusion segmentation (FastTextDiff).", epilog=EXAMPLES)
@@ -201,47 +312,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo-data", cmd_demo_data, "write a synthetic chest-X-ray-like dataset in the LViT layout",
             "fasttextdiff demo-data --out data/synth --variant text-necessary")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="dataset folder to write (LViT layout)")
     p.add_argument("--variant", choices=("standard", "text-necessary", "clinical-reports"), default="standard",
                    help="text-necessary: only the lesions the report names are labeled; clinical-reports: the same "
                         "cases with radiology-style reports (held-out phrasings in Test)")
-    p.add_argument("--n-train", type=int, default=80)
-    p.add_argument("--n-val", type=int, default=16)
-    p.add_argument("--n-test", type=int, default=40)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=80, help="training images (default 80)")
+    p.add_argument("--n-val", type=int, default=16, help="validation images (default 16)")
+    p.add_argument("--n-test", type=int, default=40, help="test images (default 40)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
 
     p = add("pretrain-backbone", cmd_pretrain_backbone, "train the diffusion U-Net as a denoiser on unlabeled images",
             "fasttextdiff pretrain-backbone --data data/synth --out runs/backbone --epochs 20")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help="an LViT-layout root (images of all splits, labels unused)")
     src.add_argument("--images", type=Path, nargs="+", help="image files or folders (2D images, volumes' slices)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="backbone directory to write (resumes from its checkpoint/)")
     add_backbone_arguments(p)
-    p.add_argument("--epochs", type=int, default=PretrainConfig.epochs)
+    p.add_argument("--epochs", type=int, default=PretrainConfig.epochs, help=f"passes over the images (default {PretrainConfig.epochs})")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
-    p.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=PretrainConfig.lr)
-    p.add_argument("--seed", type=int, default=PretrainConfig.seed)
+    p.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size,
+                   help=f"images per step and process (default {PretrainConfig.batch_size})")
+    p.add_argument("--lr", type=float, default=PretrainConfig.lr, help=f"learning rate (default {PretrainConfig.lr})")
+    p.add_argument("--seed", type=int, default=PretrainConfig.seed, help="random seed")
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint left by an interrupted run")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--device", help=DEVICE_HELP)
 
     p = add("train", cmd_train, "train fusion + head (report-conditioned segmenter) on labeled images",
             "fasttextdiff train --data data/synth --backbone runs/backbone --out runs/model --labeled 10")
     p.add_argument("--data", required=True, type=Path, help="LViT-layout root (Train_Folder, Val_Folder, Test_Folder)")
     p.add_argument("--backbone", required=True, type=Path, help="a pretrain-backbone output directory")
     p.add_argument("--out", required=True, type=Path, help="model directory to write")
-    p.add_argument("--text-encoder", default=TextConfig.encoder,
-                   help="'tiny' (small ModernBERT, offline), a local model directory, or a hub id (downloads)")
-    p.add_argument("--max-text-tokens", type=int, help="truncate reports to this many tokens (default: encoder context)")
+    add_text_arguments(p)
     p.add_argument("--no-text", action="store_true", help="ablation: the same network without the text branch")
     p.add_argument("--labeled", type=_labeled, help="use only N labeled training images, or a fraction (0.25)")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--fusion-dim", type=int, default=FusionConfig.dim)
-    p.add_argument("--heads", type=int, default=FusionConfig.heads)
-    p.add_argument("--head-channels", type=int, default=SegmenterConfig.head_channels)
+    add_recipe_arguments(p)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help=f"images per step and process (default {TrainConfig.batch_size})")
+    p.add_argument("--fusion-dim", type=int, default=FusionConfig.dim,
+                   help=f"width of the cross-modal attention (default {FusionConfig.dim}; the paper 768)")
+    p.add_argument("--heads", type=int, default=FusionConfig.heads, help=f"attention heads (default {FusionConfig.heads})")
+    p.add_argument("--head-channels", type=int, default=SegmenterConfig.head_channels,
+                   help=f"channels of the conv head (default {SegmenterConfig.head_channels})")
     p.add_argument("--per-scale", action="store_true", help="one attention block per scale instead of a shared one")
     p.add_argument("--text-residual", choices=TEXT_RESIDUALS, default=FusionConfig.text_residual,
                    help="how the text joins the image path: 'zero' starts as the image-only network (default), "
@@ -251,17 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "validation keeps the better, so an uninformative report cannot make it worse)")
     p.add_argument("--augment", action="store_true",
                    help="rot90/flip/rotation augmentation (off by default: flips contradict left/right in reports)")
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed (labeled subset, shuffles)")
+    p.add_argument("--device", help=DEVICE_HELP)
 
     p = add("evaluate", cmd_evaluate, "per-image Dice and IoU of a model on a dataset split",
             "fasttextdiff evaluate --model runs/model --data data/synth --split test --json eval.json")
-    p.add_argument("--model", required=True, type=Path)
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--model", required=True, type=Path, help="a model directory (or a published root)")
+    p.add_argument("--data", required=True, type=Path, help="LViT-layout root")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to score (default test)")
     p.add_argument("--n-noise", type=int, default=1, help="noise draws averaged per image")
     p.add_argument("--json", type=Path, help="write all figures, per image too, to this file")
-    p.add_argument("--device")
+    p.add_argument("--device", help=DEVICE_HELP)
 
     p = add("segment", cmd_segment, "segment a 2D image or 3D volume, conditioned on its report",
             'fasttextdiff segment ct.nii.gz --report-file report.txt --model runs/model --out mask.nii.gz')
@@ -269,20 +381,26 @@ def build_parser() -> argparse.ArgumentParser:
     rep = p.add_mutually_exclusive_group()
     rep.add_argument("--report", help="the report text")
     rep.add_argument("--report-file", help="a UTF-8 text file with the report")
-    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--model", required=True, type=Path, help="a model directory (or a published root)")
     p.add_argument("--out", required=True, type=Path, help="mask file (.png for 2D, .nii.gz/.nrrd for volumes)")
-    p.add_argument("--uncertainty", type=Path, help="also write the uncertainty map here")
+    p.add_argument("--uncertainty", type=Path,
+                   help="also write the uncertainty map here: the largest std over the noise draws of a foreground "
+                        "class probability (0..0.5); .png/.jpg scale it x510 to 0..255, other formats keep float32")
+    p.add_argument("--overlay", type=Path, help="also write a PNG of the image with the mask in colour (volumes: the "
+                                                "slice with the most foreground)")
     p.add_argument("--n-noise", type=int, default=4, help="noise draws (the uncertainty is their spread)")
-    p.add_argument("--device")
+    p.add_argument("--uncertainty-estimate", choices=("draws", "softmax"), default="draws",
+                   help="draws: spread over the n-noise draws; softmax: one draw, sqrt(p(1-p)) (n-noise times cheaper)")
+    p.add_argument("--device", help=DEVICE_HELP)
 
     p = add("bench", cmd_bench, "run a built-in benchmark (ablation: text vs no_text on the text-necessary set)",
             "fasttextdiff bench ablation --quick --json bench/results/ablation.json")
-    p.add_argument("name", choices=("ablation",))
+    p.add_argument("name", choices=("ablation",), help="the benchmark to run")
     p.add_argument("--quick", action="store_true", help="CPU-sized run (under 10 minutes on 2 cores)")
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--work-dir", type=Path, help="keep data and models here (default: a temporary folder)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", help=DEVICE_HELP)
 
     p = add("run-job", cmd_run_job, "run a training job described in JSON (what the server launches on several GPUs)",
             "accelerate launch --multi_gpu --num_processes 2 -m fasttextdiff.cli run-job job.json")
@@ -290,26 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo, "the whole pipeline end to end on synthetic data (make demo)",
             "fasttextdiff demo --out runs/demo")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--device")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for data, models and results")
+    p.add_argument("--device", help=DEVICE_HELP)
 
-    from .studies import add_demo_studies_arguments, run_demo_studies  # their implementation lives there
-    from .text_pretrain import add_pretrain_text_arguments, run_pretrain_text
-    from .adm import add_convert_backbone_arguments, run_convert_backbone
-    from .viewer.cli import add_viewer_arguments, run_viewer
-
-    add_pretrain_text_arguments(add(
-        "pretrain-text", run_pretrain_text, "adapt a ModernBERT to clinical text by masked-language modelling",
-        "fasttextdiff pretrain-text --corpus iu-xray --init tiny --out runs/clinical-mbert --quick"))
-    add_demo_studies_arguments(add("demo-studies", run_demo_studies,
-                                   "write a MONAI Label studies folder of synthetic images with reports",
-                                   "fasttextdiff demo-studies --out studies/demo"))
-    add_convert_backbone_arguments(add(
-        "convert-backbone", run_convert_backbone,
-        "convert an OpenAI guided-diffusion (ADM) checkpoint into a backbone directory",
-        "fasttextdiff convert-backbone 256x256_diffusion_uncond.pt --arch adm-256-uncond --out runs/adm256"))
-    add_viewer_arguments(add("viewer", run_viewer, "the web annotation viewer (trame-slicer) for a server, on 127.0.0.1",
-                             "fasttextdiff viewer --server http://127.0.0.1:8000 --port 8080"))
+    # commands whose modules import torch/MONAI at the top: loaded only when that command is run (or
+    # asked for --help), so that a mistyped argument of any command is answered at once
+    for name, (module, adder, runner, help_, example) in LAZY_COMMANDS.items():
+        p = add(name, _lazy(module, runner), help_, example)
+        if only is None or only == name:
+            getattr(importlib.import_module(module, __package__), adder)(p)
     return parser
 
 
@@ -325,7 +432,8 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_command_of(argv) or "")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -82,13 +82,26 @@ class BackboneConfig(JsonConfig):
     beta_schedule: str = "linear"
     timesteps: tuple[int, ...] = (50, 150, 250)  # of 1000; rescaled if the schedule is shorter
     feature_blocks: tuple[int, ...] = ()  # decoder up-block indices to tap; () = all
+    # Finer taps, in guided-diffusion's output_blocks numbering (adm.output_block_taps): the paper's
+    # 4,6,8,12 (QaTa, MosMedData+) or 6,8,12,16 (MoNuSeg). When set, feature_blocks must be empty.
+    feature_taps: tuple[int, ...] = ()
     noise_seed: int = 0
     # Intensity scaling the backbone was trained with (the same must be used at inference):
     # None = robust percentiles per image/volume; (center, width) = a CT window in HU.
     window: tuple[float, float] | None = None
+    # With a window (CT in HU): crop each slice to the square box around the body before resizing,
+    # so more of the model's pixels fall on anatomy (data.preprocess.body_box). Ignored without one.
+    body_crop: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BackboneConfig":
+        """A stored config without `body_crop` predates the crop: it keeps serving uncropped, as trained."""
+        return super().from_dict({"body_crop": False, **data})
 
     def validate(self) -> None:
         _positive("image_size", self.image_size)
+        if not isinstance(self.body_crop, bool):
+            raise ValueError(f"body_crop must be true or false, got {self.body_crop!r}")
         if self.window is not None and (len(self.window) != 2 or self.window[1] <= 0):
             raise ValueError(f"window must be (center, width) with width > 0, got {self.window}")
         if self.in_channels not in (1, 3):
@@ -109,6 +122,12 @@ class BackboneConfig(JsonConfig):
         for b in self.feature_blocks:
             if not 0 <= b < len(self.block_out_channels):
                 raise ValueError(f"feature block {b} does not exist ({len(self.block_out_channels)} up-blocks)")
+        if self.feature_taps and self.feature_blocks:
+            raise ValueError("give feature_taps (ADM output_blocks) or feature_blocks (whole up-blocks), not both")
+        n_taps = len(self.block_out_channels) * (self.layers_per_block + 1)
+        for t in self.feature_taps:
+            if not 0 <= t < n_taps:
+                raise ValueError(f"feature tap {t} is not an output block of this U-Net (it has 0..{n_taps - 1})")
         if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
             raise ValueError(f"unsupported beta_schedule {self.beta_schedule!r}")
 

@@ -1,7 +1,7 @@
 """Inference on whole images and volumes, results in the input's own geometry.
 
-A volume is segmented slice by slice in batches (the backbone is 2D) by MONAI's `SliceInferer`
-and reassembled; the report is encoded once per request. `Segmenter` loads the model and the
+A volume is segmented slice by slice in batches (the backbone is 2D; `fast_inference` batches the
+slices, noise draws and timesteps) and reassembled; the report is encoded once per request. `Segmenter` loads the model and the
 text encoder once, so a server process reuses them for every request.
 """
 
@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.inferers import SliceInferer
 
 from .atomic import resolve_model_dir
 from .data.io import Image, read_image, write_image
 from .data.preprocess import to_model_input, to_original_grid
 from .devices import resolve_device
 from .errors import ReportError
+from .fast_inference import InferenceOptions, predict_slices
 from .model import FastTextDiffModel
 from .text import TextEncoder
 
@@ -42,7 +42,7 @@ class SegmentationResult:
     summary: dict = field(default_factory=dict)
 
     def save(self, mask_path: str | Path, uncertainty_path: str | Path | None = None) -> None:
-        write_image(mask_path, self.mask.astype(np.uint8), like=self.image)
+        write_image(mask_path, self.mask.astype(np.uint8), like=self.image, palette=True)  # PNG: visible colours
         if uncertainty_path is not None:
             unc = self.uncertainty.astype(np.float32)
             if str(uncertainty_path).lower().endswith((".png", ".jpg", ".jpeg")):
@@ -54,8 +54,10 @@ class Segmenter:
     """A loaded model + text encoder, ready for requests (thread-safe)."""
 
     def __init__(self, model: FastTextDiffModel, record: dict, encoder: TextEncoder | None, model_dir: Path,
-                 device: torch.device, n_noise: int = 4, batch_size: int = 16):
+                 device: torch.device, n_noise: int = 4, batch_size: int = 16,
+                 options: InferenceOptions | None = None):
         self.model = model
+        self.options = options or InferenceOptions()  # the speed measures (fast_inference); reference() = none
         self.record = record
         self.encoder = encoder
         self.model_dir = model_dir
@@ -69,7 +71,8 @@ class Segmenter:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device | None = None, n_noise: int = 4,
-             batch_size: int = 16, text_cache_dir: str | Path | None = None) -> "Segmenter":
+             batch_size: int = 16, text_cache_dir: str | Path | None = None,
+             options: InferenceOptions | None = None) -> "Segmenter":
         model_dir = resolve_model_dir(model_dir)
         device = resolve_device(device)
         model, record = FastTextDiffModel.load(model_dir, device)
@@ -78,7 +81,7 @@ class Segmenter:
             encoder = TextEncoder.from_model_dir(model_dir, device=device, cache_dir=text_cache_dir)
             if encoder.hidden_size != model.text_dim:
                 raise ReportError(f"text encoder width {encoder.hidden_size} does not match the model's {model.text_dim}")
-        return cls(model, record, encoder, model_dir, device, n_noise=n_noise, batch_size=batch_size)
+        return cls(model, record, encoder, model_dir, device, n_noise=n_noise, batch_size=batch_size, options=options)
 
     @property
     def labels(self) -> list[str]:
@@ -93,27 +96,18 @@ class Segmenter:
         if not 1 <= n_noise <= 32:
             raise ValueError(f"n_noise must be between 1 and 32, got {n_noise}")
         cfg = self.model.backbone.config
-        x = to_model_input(image, cfg.image_size, cfg.in_channels, window=cfg.window)  # (N, C, S, S)
+        x = to_model_input(image, cfg.image_size, cfg.in_channels, window=cfg.window, body_crop=cfg.body_crop)  # (N, C, S, S)
         with self._lock, torch.inference_mode():
             states = mask = None
             if self.encoder is not None:
                 batch = self.encoder.encode([text or ""])
                 states, mask = batch.states.to(self.device), batch.mask.to(self.device)
-
-            def predict(slices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                n = slices.shape[0]
-                pred = self.model.predict(slices, None if states is None else states.expand(n, -1, -1),
-                                          None if mask is None else mask.expand(n, -1), n_noise=n_noise)
-                return pred.probabilities, pred.uncertainty[:, None]
-
-            inferer = SliceInferer(roi_size=tuple(x.shape[-2:]), sw_batch_size=self.batch_size, spatial_dim=2, overlap=0.0,
-                                   sw_device=self.device, device=torch.device("cpu"), progress=False)
-            probs, unc = inferer(x.permute(1, 2, 3, 0)[None], predict)  # slices along the last axis
-        probabilities = probs[0].permute(3, 0, 1, 2)  # (N, K, S, S)
-        uncertainty = unc[0, 0].permute(2, 0, 1)  # (N, S, S)
-        prob_grid = to_original_grid(probabilities, image, mode="bilinear").astype(np.float32)  # (K, *grid)
+            probabilities, uncertainty = predict_slices(self.model, x, states, mask, n_noise, self.options, self.device,
+                                                        slice_batch=self.batch_size)  # (N, K, S, S), (N, S, S)
+        prob_grid = to_original_grid(probabilities, image, mode="bilinear", window=cfg.window,
+                                     body_crop=cfg.body_crop).astype(np.float32)  # (K, *grid)
         mask_grid = prob_grid.argmax(0).astype(np.uint8)
-        unc_grid = to_original_grid(uncertainty, image, mode="bilinear").astype(np.float32)
+        unc_grid = to_original_grid(uncertainty, image, mode="bilinear", window=cfg.window, body_crop=cfg.body_crop).astype(np.float32)
         return SegmentationResult(mask_grid, unc_grid, prob_grid, image, self._summary(mask_grid, unc_grid, n_noise))
 
     def segment_file(self, path: str | Path, text: str | None, out: str | Path,

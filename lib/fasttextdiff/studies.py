@@ -124,8 +124,9 @@ def add_demo_studies_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-labeled-3d", type=int, default=1, help="volumes given a final label")
     parser.add_argument("--volume-size", type=int, default=64, help="volume in-plane side")
     parser.add_argument("--volume-slices", type=int, default=16, help="slices per volume")
-    parser.add_argument("--variant", choices=("text-necessary", "standard"), default="text-necessary")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", choices=("text-necessary", "standard"), default="text-necessary",
+                        help="text-necessary: look-alike lesions, only those the report names are labeled")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same studies)")
 
 
 def run_demo_studies(args: argparse.Namespace) -> int:

@@ -524,24 +524,26 @@ def add_pretrain_text_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
     parser.add_argument("--quick", action="store_true", help="small CPU preset (a few minutes)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
                         help="start over even if --out holds a checkpoint")
-    parser.add_argument("--max-seq-len", type=int, default=None)
-    parser.add_argument("--mlm-probability", type=float, default=None)
+    parser.add_argument("--max-seq-len", type=int, default=None, help="packed block length in tokens (default 512)")
+    parser.add_argument("--mlm-probability", type=float, default=None,
+                        help="share of tokens masked, 0.15-0.30 (default 0.30, ModernBERT's own)")
     parser.add_argument("--masking", choices=MASKINGS, default=None,
                         help="token (default), whole_word, or span (spans of whole words, mean 3)")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--epochs", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs passes)")
+    parser.add_argument("--epochs", type=float, default=None, help="passes over the training blocks (default 1)")
+    parser.add_argument("--batch-size", type=int, default=None, help="blocks per step and process (default 16)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate (default 1e-3 for a tiny model from scratch, 5e-5 to continue one)")
     parser.add_argument("--warmup", type=float, default=None, help="fraction (<1) or number of steps")
-    parser.add_argument("--schedule", choices=("linear", "cosine"), default=None)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--schedule", choices=("linear", "cosine"), default=None, help="decay after warmup (default linear)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     parser.add_argument("--tokenizer", choices=("bpe", "wordpiece", "minilm"), default=None,
                         help="with --init tiny: train a BPE/WordPiece tokenizer on the corpus, or use MiniLM's")
-    parser.add_argument("--vocab-size", type=int, default=None)
-    parser.add_argument("--hidden", type=int, default=None)
-    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--vocab-size", type=int, default=None, help="size of a trained tokenizer (default 8192)")
+    parser.add_argument("--hidden", type=int, default=None, help="with --init tiny: hidden size (default 128)")
+    parser.add_argument("--layers", type=int, default=None, help="with --init tiny: transformer layers (default 2)")
     parser.add_argument("--categories", nargs="+", default=None, help="MIMIC-III CATEGORY values to keep")
-    parser.add_argument("--max-notes", type=int, default=None)
+    parser.add_argument("--max-notes", type=int, default=None, help="read at most this many notes (a quick look)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return parser
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,8 +26,10 @@ from tqdm.auto import tqdm
 
 from .atomic import staged_dir
 from .backbone import load_backbone
-from .checkpoint import load_optimizer_state, load_training_state, optimizer_state_tensors, sha256_file
+from .checkpoint import (load_optimizer_state, load_tensors, load_training_state, optimizer_state_tensors, sha256_file,
+                         verify_sha256)
 from .config import SegmenterConfig, TextConfig, TrainConfig
+from .curves import CURVE_FILE, write_training_curve
 from .data.dataset import SegmentationDataset, select_labeled
 from .data.lvit import Sample
 from .engine import Engine, set_seed
@@ -43,19 +46,35 @@ class FeatureCache(Dataset):
     """Backbone features of every (un-augmented) training image, computed once.
 
     The backbone is frozen and its noise draw fixed, so its output for an image never changes:
-    recomputing it every epoch (as the reference does) is most of the training time.
+    recomputing it every epoch (as the reference does) is most of the training time. Stored as one
+    float16 array per scale (half of fp32; float16 rather than bf16 for its 3 extra mantissa bits);
+    `on_disk` memory-maps them from an anonymous temporary file when they do not fit in memory.
     """
 
     def __init__(self, base: SegmentationDataset, model: FastTextDiffModel, device: torch.device,
-                 batch_size: int = 16, progress: bool = False):
+                 batch_size: int = 16, progress: bool = False, on_disk: bool = False):
         self.base = base
-        self.features: list[list[torch.Tensor]] = []
+        self.on_disk = on_disk
+        self.features: list[torch.Tensor] = []  # per scale: (N, C, h, w) float16
+        self._files: list = []  # the temporary files behind on-disk arrays (unlinked already; closed with the cache)
         loader = DataLoader(base, batch_size=batch_size, shuffle=False)
+        start = 0
         with torch.inference_mode():
             for batch in tqdm(loader, desc="cache features", disable=not progress):
                 feats = model.pool_features(model.backbone.features(batch["image"].to(device)))
-                for i in range(batch["image"].shape[0]):
-                    self.features.append([f[i].to(torch.float16).cpu() for f in feats])
+                if not self.features:
+                    self.features = [self._allocate((len(base), *f.shape[1:])) for f in feats]
+                n = batch["image"].shape[0]
+                for store, f in zip(self.features, feats):
+                    store[start:start + n] = f.to(torch.float16).cpu()
+                start += n
+
+    def _allocate(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if not self.on_disk:
+            return torch.empty(shape, dtype=torch.float16)
+        handle = tempfile.TemporaryFile(prefix="fasttextdiff-features-")
+        self._files.append(handle)
+        return torch.from_numpy(np.memmap(handle, dtype=np.float16, mode="w+", shape=shape))
 
     @staticmethod
     def bytes_needed(model: FastTextDiffModel, n: int) -> int:
@@ -68,7 +87,8 @@ class FeatureCache(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.base[index]
-        return {"features": self.features[index], "label": item["label"], "text": item["text"], "name": item["name"]}
+        return {"features": [f[index] for f in self.features], "label": item["label"], "text": item["text"],
+                "name": item["name"]}
 
 
 class TextTable:
@@ -104,15 +124,19 @@ class TextTable:
 
 
 @torch.no_grad()
-def validate(model: FastTextDiffModel, loader: DataLoader, texts: TextTable, engine: Engine) -> dict:
-    """Per-image Dice/IoU at model resolution (single noise draw), gathered from every process, averaged."""
+def validate(model: FastTextDiffModel, loader: DataLoader, texts: TextTable, engine: Engine | None,
+             device: torch.device | None = None) -> dict:
+    """Per-image Dice/IoU at model resolution (single noise draw), gathered from every process, averaged.
+    Without an engine (one process, outside a training run) on `device`."""
     model.eval()
     rows = []
+    device = engine.device if engine is not None else (device or torch.device("cpu"))
     for batch in loader:
-        states, mask = texts.batch(batch["text"], engine.device)
-        pred = model.predict(batch["image"], states, mask, n_noise=1).mask.cpu()
+        states, mask = texts.batch(batch["text"], device)
+        pred = model.predict(batch["image"].to(device), states, mask, n_noise=1).mask.cpu()
         scores = dice_iou(pred, batch["label"][:, 0].cpu(), model.config.num_classes)
-        rows.append(engine.gather(torch.tensor(scores, dtype=torch.float64).T))  # (images, [dice, iou])
+        table = torch.tensor(scores, dtype=torch.float64).T  # (images, [dice, iou])
+        rows.append(engine.gather(table) if engine is not None else table)
     model.train()
     columns = torch.cat(rows).T.tolist() if rows else [[], []]
     return {name: float(np.mean(v)) if v else float("nan") for name, v in zip(("dice", "iou"), columns)}
@@ -133,10 +157,17 @@ def train_segmenter(
     log: Callable[[dict], None] | None = None,
     stop_event: threading.Event | None = None,
     text_cache_dir: str | Path | None = None,
+    backbone_overrides: dict | None = None,
+    init_dir: str | Path | None = None,
 ) -> dict:
     """Train and write the model directory `out_dir` atomically; returns the metrics (also in its record).
 
+    `backbone_overrides` change how the backbone is probed (`DiffusionBackbone.reconfigured`: taps,
+    timesteps, image size), e.g. a paper preset on a converted ADM; the model records the result.
+
     A `stop_event` ends training after the current epoch and still writes the best model so far.
+    `init_dir` (a model directory of the same architecture) starts fusion + head from its weights
+    instead of random ones: the server's train tasks continue from the served model.
     Under `accelerate launch` every process trains on its share of each epoch; the main process writes.
     """
     out_dir = Path(out_dir)
@@ -152,23 +183,33 @@ def train_segmenter(
     labeled = select_labeled(labeled, train_config.labeled, seed=train_config.seed)
 
     backbone = load_backbone(backbone_dir)  # ours, or any diffusers UNet2DModel checkpoint
+    if backbone_overrides:
+        backbone = backbone.reconfigured(**backbone_overrides)
     with acc.main_process_first():  # the main process builds or fills shared caches (tiny encoder, text cache)
         encoder = TextEncoder(text_config, device=device, cache_dir=text_cache_dir) if segmenter_config.use_text else None
     texts = TextTable(encoder, [s.text for s in labeled] + [s.text for s in (val_samples or [])])
-    model = FastTextDiffModel(backbone, encoder.hidden_size if encoder else 0, segmenter_config).to(device)
+    model = FastTextDiffModel(backbone, encoder.hidden_size if encoder else 0, segmenter_config)
+    if init_dir is not None:
+        load_segmenter_weights(model, init_dir)
+    model = model.to(device)
 
     size, channels = backbone.config.image_size, backbone.config.in_channels
 
     def dataset(samples: Sequence[Sample], **kwargs) -> SegmentationDataset:
         return SegmentationDataset([s for s in samples if s.mask is not None], size=size, channels=channels,
-                                   num_classes=segmenter_config.num_classes, window=backbone.config.window, **kwargs)
+                                   num_classes=segmenter_config.num_classes, window=backbone.config.window,
+                                   body_crop=backbone.config.body_crop, **kwargs)
 
     train_ds = dataset(labeled, augment=train_config.augment, rotate_degrees=train_config.rotate_degrees,
                        seed=train_config.seed)
-    cached = not train_config.augment and \
-        FeatureCache.bytes_needed(model, len(train_ds)) <= train_config.feature_cache_gb * 2**30
+    cache_bytes = FeatureCache.bytes_needed(model, len(train_ds))
+    in_memory = cache_bytes <= train_config.feature_cache_gb * 2**30
+    # too big for memory: memory-mapped from a temporary file when the disk has room (reading it back is
+    # still far cheaper than a backbone forward per image per epoch)
+    cached = not train_config.augment and (
+        in_memory or cache_bytes <= 0.8 * shutil.disk_usage(tempfile.gettempdir()).free)
     if cached:
-        train_ds = FeatureCache(train_ds, model, device, progress=progress and engine.is_main)
+        train_ds = FeatureCache(train_ds, model, device, progress=progress and engine.is_main, on_disk=not in_memory)
     loader = DataLoader(train_ds, batch_size=train_config.batch_size, shuffle=True, generator=generator,
                         num_workers=train_config.num_workers, drop_last=False)
     val_ds = dataset(val_samples or [])
@@ -180,8 +221,9 @@ def train_segmenter(
     val_loader = acc.prepare(DataLoader(val_ds, batch_size=train_config.batch_size * 2)) if len(val_ds) else None
 
     resume_dir = out_dir.with_name(out_dir.name + RESUME_DIR_SUFFIX)
-    fingerprint = run_fingerprint(labeled, val_samples, backbone_dir, text_config, segmenter_config, train_config)
-    image_first = text_fallback_applies(segmenter_config, train_config, val_loader is not None)
+    fingerprint = run_fingerprint(labeled, val_samples, backbone_dir, text_config, segmenter_config, train_config,
+                                  backbone.config.to_dict() if backbone_overrides else None, init_dir)
+    image_first = text_fallback_applies(segmenter_config, train_config, val_loader is not None, init_dir is not None)
     total_epochs = train_config.epochs * (2 if image_first else 1)
     start_epoch, best, history, best_state = _resume(engine, resume_dir, model, optimizer, generator,
                                                      total_epochs, fingerprint)
@@ -230,7 +272,7 @@ def train_segmenter(
 
     model.fusion.text_enabled = True
     metrics: dict = {"epochs": len(history), "history": history, "labeled_images": len(labeled),
-                     "feature_cache": cached,
+                     "feature_cache": cached, "feature_cache_on_disk": cached and not in_memory,
                      "trainable_parameters": n_params, "seconds": round(time.time() - started, 2),
                      "world_size": engine.num_processes}
     if best_state is not None:
@@ -249,6 +291,7 @@ def train_segmenter(
     if engine.is_main:
         with staged_dir(out_dir) as staging:
             model.save(staging, text_config, train_config, metrics)
+            _curve(history, staging / CURVE_FILE)
             if encoder is not None:
                 encoder.save_reference(staging)
         shutil.rmtree(resume_dir, ignore_errors=True)
@@ -256,7 +299,8 @@ def train_segmenter(
     return metrics
 
 
-def text_fallback_applies(segmenter_config: SegmenterConfig, train_config: TrainConfig, has_val: bool) -> bool:
+def text_fallback_applies(segmenter_config: SegmenterConfig, train_config: TrainConfig, has_val: bool,
+                          continued: bool = False) -> bool:
     """TrainConfig.text_fallback (issue 16): `epochs` image-only (text residual off), then `epochs` with the
     text. It needs a validation split to choose between the two and a text path that starts closed; a
     "plain" residual (models from before the option, the reference's fusion) trains its text from epoch 1."""
@@ -266,14 +310,64 @@ def text_fallback_applies(segmenter_config: SegmenterConfig, train_config: Train
         log_.warning("text_fallback skipped: text_residual 'plain' does not start as the no_text network "
                      "(use 'zero' or 'gate')")
         return False
+    if continued:
+        log_.info("text_fallback skipped: continued training keeps the choice the served model already made")
+        return False
     if not has_val:
         log_.info("text_fallback skipped: no validation split to choose between image-only and text")
         return False
     return True
 
 
+def _curve(history: list, path: Path) -> None:
+    try:
+        write_training_curve(history, path, title="segmenter training")
+    except Exception as exc:  # noqa: BLE001 - a missing picture never fails a training
+        log_.warning("could not draw the training curve: %s", exc)
+
+
+def load_segmenter_weights(model: FastTextDiffModel, model_dir: str | Path) -> None:
+    """Fusion + head weights of a saved model into `model` (checksum-verified; every tensor must fit)."""
+    from .model import WEIGHTS_FILE, read_model_record
+
+    model_dir = Path(model_dir)
+    record = read_model_record(model_dir)
+    weights = model_dir / WEIGHTS_FILE
+    state = load_tensors(weights)
+    verify_sha256(weights, record.get("weights_sha256"), "restore it or train the model again")
+    own = model.trainable_state_dict()
+    misfit = sorted(k for k in own if k not in state or tuple(state[k].shape) != tuple(own[k].shape))
+    if misfit or set(state) - set(own):
+        raise CheckpointError(f"{weights} does not fit the model being trained (differing tensors: {misfit[:3]}); "
+                              "it was built with other settings")
+    model.load_state_dict(state, strict=False)
+
+
+@torch.no_grad()
+def validate_model_dir(model_dir: str | Path, samples: Sequence[Sample], device: str | torch.device | None = None,
+                       text_cache_dir: str | Path | None = None, batch_size: int = 8) -> dict:
+    """A saved model's validation Dice/IoU on `samples`, computed exactly as training selects its best
+    epoch (model resolution, one fixed noise draw): a served model and a new run compare like for like."""
+    from .devices import resolve_device
+
+    device = resolve_device(device)
+    model, record = FastTextDiffModel.load(model_dir, device)
+    encoder = None
+    if model.config.use_text:
+        encoder = TextEncoder.from_model_dir(Path(model_dir), device=device, cache_dir=text_cache_dir)
+    texts = TextTable(encoder, [s.text for s in samples])
+    ds = SegmentationDataset([s for s in samples if s.mask is not None], size=model.backbone.config.image_size,
+                             channels=model.backbone.config.in_channels, num_classes=model.config.num_classes,
+                             window=model.backbone.config.window, body_crop=model.backbone.config.body_crop)
+    if not len(ds):
+        raise ValueError("no validation samples with masks")
+    scores = validate(model, DataLoader(ds, batch_size=batch_size), texts, None, device)
+    return {**scores, "n": len(ds)}
+
+
 def run_fingerprint(labeled: Sequence[Sample], val_samples: Sequence[Sample] | None, backbone_dir: str | Path,
-                    text_config: TextConfig, segmenter_config: SegmenterConfig, train_config: TrainConfig) -> str:
+                    text_config: TextConfig, segmenter_config: SegmenterConfig, train_config: TrainConfig,
+                    backbone_config: dict | None = None, init_dir: str | Path | None = None) -> str:
     """What a resumable run was started on: the contents (not paths) of every image, mask and
     report, the backbone, and the settings except the epoch count. A resume state with another
     fingerprint belongs to a different training set (labels saved or changed since) and is dropped."""
@@ -287,8 +381,12 @@ def run_fingerprint(labeled: Sequence[Sample], val_samples: Sequence[Sample] | N
     if "checksums.json" not in backbone:  # weights without a recorded checksum: hash them
         backbone["weights"] = [sha256_file(w) for w in sorted(backbone_dir.glob("*.safetensors"))]
     settings = {k: v for k, v in train_config.to_dict().items() if k != "epochs"}
+    if backbone_config is not None:  # as probed (overrides included), not only as stored
+        backbone["config"] = backbone_config
     record = {"train": rows(labeled), "val": rows(val_samples or []), "backbone": backbone,
               "text": text_config.to_dict(), "segmenter": segmenter_config.to_dict(), "settings": settings}
+    if init_dir is not None:  # a run continued from a model: its starting weights belong to the run
+        record["init"] = sha256_file(Path(init_dir) / "segmenter.safetensors")
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 

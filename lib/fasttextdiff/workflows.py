@@ -65,7 +65,8 @@ def unlabeled_tensor(paths: Sequence[Path], config: BackboneConfig, progress: bo
     chunks = []
     for path in tqdm(paths, desc="load images", disable=not progress):
         try:
-            x = to_model_input(read_image(path), config.image_size, config.in_channels, window=config.window)
+            x = to_model_input(read_image(path), config.image_size, config.in_channels, window=config.window,
+                               body_crop=config.body_crop)
         except FastTextDiffError as exc:
             log.warning("skipping %s: %s", path, exc)
             continue
@@ -120,8 +121,9 @@ def run_job(spec: dict[str, Any], log_fn: Callable[[dict], None] | None = None,
             stop_event: threading.Event | None = None) -> dict:
     """Run one job: ``pretrain-backbone`` (``images``, ``backbone`` config, ``out_dir``, ``options`` of
     `pretrain_backbone_on_files`, ``restart_if_unusable``: ignore a checkpoint of other images or settings)
-    or ``train-segmenter`` (``samples``, ``out_dir``, ``backbone_dir``, ``text``/``segmenter``/``train``
-    configs, ``text_cache_dir``); both take ``device``. Returns the metrics."""
+    or ``train-segmenter`` (``samples``, optional ``val_samples`` and ``init_dir``, ``out_dir``, ``backbone_dir``,
+    ``text``/``segmenter``/``train`` configs, ``text_cache_dir``, ``backbone_overrides``); both take ``device``.
+    Returns the metrics."""
     common = {"device": spec.get("device"), "progress": False, "stop_event": stop_event}
     if spec["job"] == "pretrain-backbone":
         def pretrain(resume: bool) -> dict:
@@ -138,13 +140,17 @@ def run_job(spec: dict[str, Any], log_fn: Callable[[dict], None] | None = None,
     if spec["job"] == "train-segmenter":
         from .train import train_segmenter
 
-        samples = [Sample(image=Path(s["image"]), mask=Path(s["mask"]), text=s["text"], name=s["name"])
-                   for s in spec["samples"]]
-        return train_segmenter(samples, spec["out_dir"], backbone_dir=spec["backbone_dir"],
+        def samples(key: str) -> list[Sample]:
+            return [Sample(image=Path(s["image"]), mask=Path(s["mask"]), text=s["text"], name=s["name"])
+                    for s in spec.get(key) or []]
+
+        return train_segmenter(samples("samples"), spec["out_dir"], backbone_dir=spec["backbone_dir"],
+                               val_samples=samples("val_samples") or None, init_dir=spec.get("init_dir"),
                                text_config=TextConfig.from_dict(spec["text"]),
                                segmenter_config=SegmenterConfig.from_dict(spec["segmenter"]),
                                train_config=TrainConfig.from_dict(spec["train"]), log=log_fn,
-                               text_cache_dir=spec.get("text_cache_dir"), **common)
+                               text_cache_dir=spec.get("text_cache_dir"),
+                               backbone_overrides=spec.get("backbone_overrides"), **common)
     raise ValueError(f"unknown job {spec['job']!r}; known: pretrain-backbone, train-segmenter")
 
 

@@ -70,8 +70,44 @@ class FastTextDiffDatastore(LocalDatastore):
         handler = getattr(self, "_handler", None)
         if handler is not None:  # auto-reload: files now arrive by rename, which the stock handler ignores
             handler.on_moved = self._on_moved_event
+            for name in ("on_created", "on_deleted", "on_modified", "on_moved"):
+                setattr(handler, name, self._outside_hidden(getattr(handler, name)))
+            self._watch_datastore_only(handler)
         if not kwargs.get("read_only"):
             self.remove_stale_partials()
+
+    def _watch_datastore_only(self, handler) -> None:
+        """MONAI Label watches the whole studies tree; the app's state folder inside it (`.fasttextdiff/`,
+        training scratch renamed in and out) is no business of the datastore's, so watch the studies
+        folder itself and the labels tree only."""
+        observer = getattr(self, "_observer", None)
+        labels = self._datastore.label_path(None)
+        if observer is None or not os.path.isdir(labels):
+            return
+        try:
+            observer.unschedule_all()
+            observer.schedule(handler, path=self._datastore_path, recursive=False)
+            observer.schedule(handler, path=labels, recursive=True)
+        except OSError as exc:  # the stock recursive watch is gone: say so, as MONAI Label does
+            logger.error("cannot watch the studies folder (%s); files moved in by hand are seen on restart", exc)
+
+    def _outside_hidden(self, callback):
+        """`callback` for files of the datastore only: the watcher's patterns (`<studies>/*.png`, fnmatch)
+        also match files in hidden subfolders, such as the app's state folder `.fasttextdiff/`, whose
+        training scratch would otherwise rescan the datastore for every file written."""
+        root = os.path.realpath(self._datastore_path)
+
+        def call(event) -> None:
+            for path in (getattr(event, "src_path", ""), getattr(event, "dest_path", "")):
+                if not path:
+                    continue
+                rel = os.path.relpath(os.path.realpath(path), root)
+                parts = rel.split(os.sep)[:-1]
+                if any(part.startswith(".") and part not in (".", "..") for part in parts):
+                    return
+            callback(event)
+
+        return call
 
     def _on_moved_event(self, event) -> None:
         """A file renamed into place: datastore_v2.json written by another process (reload it), or an
@@ -87,7 +123,8 @@ class FastTextDiffDatastore(LocalDatastore):
         Only old ones: a younger one may belong to a write in progress in another process."""
         removed = 0
         cutoff = time.time() - older_than_s
-        for folder, _, files in os.walk(self._datastore_path):
+        for folder, subfolders, files in os.walk(self._datastore_path):
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # the app's state folder is not the datastore's
             for name in files:
                 if name.startswith(".") and name.endswith(".partial"):
                     path = os.path.join(folder, name)
@@ -360,6 +397,33 @@ class FastTextDiffDatastore(LocalDatastore):
                 obj.image.info.update(previous)
                 raise self._storage_error(exc, f"info of image {image_id!r}") from exc
 
+    def read_report_files(self) -> int:
+        """At start: an image without a report takes the text of `<id>.txt` beside it in the studies folder
+        (what `fasttextdiff import-studies` writes, or a user's own files); returns how many were read.
+        A report that is not UTF-8 text within the size limit is skipped with a warning naming the file."""
+        from fastapi import HTTPException
+
+        count = 0
+        folder = self._datastore.image_path()
+        for image_id in sorted(self._datastore.objects):
+            obj = self._datastore.objects.get(image_id)
+            report = os.path.join(folder, f"{image_id}.txt")
+            if obj is None or obj.image.info.get(TEXT_KEY) or not os.path.isfile(report):
+                continue
+            try:
+                with open(report, "rb") as fh:
+                    raw = fh.read(self.max_text_bytes + 1)
+                self.update_image_info(image_id, {TEXT_KEY: check_text(raw, self.max_text_bytes,
+                                                                       f"report file {image_id}.txt")})
+                count += 1
+            except HTTPException as exc:
+                logger.warning("not using %s.txt as the report of %s: %s", image_id, image_id, exc.detail)
+            except OSError as exc:
+                logger.warning("cannot read %s.txt: %s", image_id, exc)
+        if count:
+            logger.info("read %d report(s) from <id>.txt files in the studies folder", count)
+        return count
+
     def update_image_info_internal(self, image_id: str, info: Dict[str, Any]) -> None:
         """For the app's own keys (scores): no client-key checks."""
         token = _internal.set(True)
@@ -389,13 +453,18 @@ class FastTextDiffDatastore(LocalDatastore):
         check_label_tag(label_tag)
         with self._mutex, FileLock(self._lock_file):
             self._reload_locked()
-            obj = self._datastore.objects.get(label_id)
-            label = obj.labels.get(label_tag) if obj is not None else None
-            if label is None:
-                raise bad_request(404, f"no label {str(label_id)[:80]!r} with tag {label_tag!r}")
+            obj, label = self._existing_label(label_id, label_tag)
             self._unlink(os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext)))
             obj.labels.pop(label_tag, None)
             self._update_datastore_file(lock=False)
+
+    def _existing_label(self, label_id: str, label_tag: str):
+        """(image record, label record) of a stored label, or a 404; call with the lock held."""
+        obj = self._datastore.objects.get(label_id)
+        label = obj.labels.get(label_tag) if obj is not None else None
+        if label is None:
+            raise bad_request(404, f"no label {str(label_id)[:80]!r} with tag {label_tag!r}")
+        return obj, label
 
     @staticmethod
     def _unlink(path: str) -> None:
@@ -414,10 +483,7 @@ class FastTextDiffDatastore(LocalDatastore):
             raise bad_request(400, f"label info keys {reserved} are set by the server and cannot be given")
         with self._mutex, FileLock(self._lock_file):
             self._reload_locked()
-            obj = self._datastore.objects.get(label_id)
-            label = obj.labels.get(label_tag) if obj is not None else None
-            if label is None:
-                raise bad_request(404, f"no label {str(label_id)[:80]!r} with tag {label_tag!r}")
+            _, label = self._existing_label(label_id, label_tag)
             self._check_info_size(dict(label.info, **info), f"info of label {label_tag!r} of {label_id!r}")
             previous = dict(label.info)
             label.info.update(info)

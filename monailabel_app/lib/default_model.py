@@ -4,7 +4,10 @@ Runs in a background thread of the server process: backbone pretraining on all i
 backbone is already published or given), then fusion + head on the labeled images, each published
 atomically, within `--conf prepare_budget_s` (a stage out of time stops after its current step or
 epoch and keeps what it learned, so the server is ready in bounded time). Progress goes to the log and to `/info` (`fasttextdiff.model`); infer requests get
-HTTP 503 "model is being prepared" meanwhile. On later starts the published model is reused.
+HTTP 503 "model is being prepared" meanwhile, and train requests 409. On later starts the published
+model is reused. Studies without a final label wait (`/info` state `waiting`) until one is saved;
+the app then starts the build (`FastTextDiffApp.on_save_label`). A new model's input size and
+intensity window are chosen from the images and device first (`lib.geometry`).
 """
 
 from __future__ import annotations
@@ -70,18 +73,26 @@ class DefaultModelBuilder:
             images = self.datastore.list_images()
             labeled = self.datastore.get_labeled_images()
             if not labeled:
-                self.manager.set_status("failed", "the studies have no final labels to train the default model on; "
-                                        "save a label and run the `fasttextdiff` train task")
+                self.manager.set_status("waiting", "the studies have no final labels yet: save one (PUT "
+                                        "/datastore/label?image=ID&tag=final) and the default model is built then")
                 return
             logger.info("default model: building from %d images (%d labeled) on %s", len(images), len(labeled), device)
+            geometry = None
             if paths.backbone_dir() is None:
+                from lib.geometry import choose_geometry
+                from lib.training import all_image_paths
+
+                geometry = choose_geometry([str(p) for p in all_image_paths(self.datastore)], conf, device, paths.state)
+                self.manager.set_status("preparing", f"model input {geometry['image_size']} px "
+                                        f"({geometry['size_reason']}); intensities: {geometry['window_reason']}",
+                                        stage="geometry", geometry=geometry)
                 self.manager.set_status("preparing", "backbone pretraining: starting", stage="backbone")
                 t0 = time.time()
                 stop = stage_deadline(budget / 2 if budget else None)
                 metrics = pretrain_backbone_from_datastore(
                     self.datastore, conf, paths, epochs=conf.backbone_epochs, batch_size=max(conf.batch_size, 16),
                     device=device, log=self._progress("backbone pretraining", conf.backbone_epochs),
-                    stop_event=stop, accept_stopped=True)
+                    stop_event=stop, accept_stopped=True, geometry=geometry)
                 self.timings["backbone_s"] = round(time.time() - t0, 1)
                 self.timings["backbone_steps"] = metrics.get("steps")
                 if metrics.get("stopped"):
@@ -99,9 +110,13 @@ class DefaultModelBuilder:
             self.timings["segmenter_epochs"] = metrics.get("epochs")
             self.timings["segmenter_s"] = round(time.time() - t0, 1)
             self.timings["total_s"] = round(time.time() - started, 1)
-            self.manager.set_status("ready", f"default model built in {self.timings['total_s']}s "
-                                    f"and published to {metrics.get('published')}", timings=dict(self.timings),
-                                    model_dir=str(metrics.get("published")))
+            if metrics.get("published"):
+                self.manager.set_status("ready", f"default model built in {self.timings['total_s']}s "
+                                        f"and published to {metrics.get('published')}", timings=dict(self.timings),
+                                        model_dir=str(metrics.get("published")))
+            else:  # a model appeared meanwhile (a train task) and this build did not beat it
+                self.manager.set_status("ready", f"default model build finished: {metrics.get('reason')}",
+                                        timings=dict(self.timings), model_dir=str(metrics.get("kept")))
         except Exception as exc:  # noqa: BLE001 - reported in /info and the log, the server keeps running
             logger.exception("default model: failed")
             self.manager.set_status("failed", f"{type(exc).__name__}: {exc}")

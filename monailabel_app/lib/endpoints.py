@@ -304,14 +304,20 @@ def train_run_all(params: Optional[dict] = None, run_sync: Optional[bool] = Fals
             raise bad_request(400, f"params[{key!r}] must be a JSON object of that task's options")
     if "model" in body:
         raise bad_request(400, "'model' cannot be given here; use POST /train/{model} for one task")
+    instance = app_instance()
+    if hasattr(instance, "check_can_train"):
+        instance.check_can_train(sorted(trainers))  # 409 with the reason instead of SUBMITTED, then ERROR
     return _run_task(lambda: ml_train.run(body, run_sync), "training", "/train/")
 
 
 def train_run_model(model: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
                     enqueue: Optional[bool] = False, user: User = ADMIN):
-    _known("train task", model, app_instance().info().get("trainers", {}))
+    instance = app_instance()
+    _known("train task", model, instance.info().get("trainers", {}))
     body = _body(params, "train")
     _no_override(body, model=model)
+    if hasattr(instance, "check_can_train"):
+        instance.check_can_train([model])  # 409 with the reason instead of SUBMITTED, then ERROR
     return _run_task(lambda: ml_train.run_model(model, body, run_sync, enqueue), "training", "/train/")
 
 

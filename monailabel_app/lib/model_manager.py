@@ -112,15 +112,19 @@ class ModelManager:
         self.refresh_status()
 
     def refresh_status(self) -> dict[str, Any]:
-        if self.status.get("state") in ("preparing", "failed"):
-            return self.status
+        """The state as it is now: a model published by a train task (another process) shows as ready at
+        once, also after a failed or interrupted default-model build; `preparing` while a build runs."""
+        state = self.status.get("state")
         served = self.paths.served_model_dir()
+        if state == "preparing":
+            return self.status
         if served is not None:
-            self.status = {"state": "ready", "message": f"serving {served}", "model_dir": str(served)}
-        else:
-            self.status = {"state": "missing", "message": "no model is published yet: start the server with "
-                           "--conf prepare_default_model true, run the `fasttextdiff` train task, "
-                           "or pass --conf model_dir DIR"}
+            if state != "ready" or self.status.get("model_dir") != str(served):
+                self.status = {"state": "ready", "message": f"serving {served}", "model_dir": str(served)}
+        elif state not in ("failed", "waiting"):
+            self.status = {"state": "missing", "message": "no model is published yet: save a final label "
+                           "(PUT /datastore/label?tag=final) and the server builds one, or run the `fasttextdiff` "
+                           "train task, or pass --conf model_dir DIR"}
         return self.status
 
     def set_status(self, state: str, message: str, **extra: Any) -> None:

@@ -58,8 +58,8 @@ def _volume_slices(image_path: str, label_path: str, out_dir: Path, image_id: st
     return samples
 
 
-def labeled_samples(datastore: Any, work: Path) -> list:
-    """Training samples (image, final label, report text) from the datastore.
+def labeled_samples(datastore: Any, work: Path, ids: list[str] | None = None) -> list:
+    """Training samples (image, final label, report text) from the datastore (only `ids` when given).
 
     MONAI Label's datalist carries no image info, so the report is added here from the image's
     info `text` (the trainer's pre-processing step); images without a report train with "".
@@ -70,7 +70,7 @@ def labeled_samples(datastore: Any, work: Path) -> list:
     slice_dir = work / f"slices-{time.time_ns()}"
     slice_dir.mkdir(parents=True, exist_ok=True)
     samples = []
-    for image_id in sorted(datastore.get_labeled_images()):
+    for image_id in sorted(datastore.get_labeled_images() if ids is None else ids):
         image_path = datastore.get_image_uri(image_id)
         label_path = datastore.get_label_uri(image_id, "final")
         if not image_path or not label_path:
@@ -100,11 +100,27 @@ def _throttled(log: Callable[[dict], None] | None, every_s: float = 5.0) -> Call
     return call
 
 
-def backbone_config(conf: AppConf):
+def backbone_config(conf: AppConf, geometry: dict | None = None):
+    """The backbone of a newly built model: conf's widths and timesteps, the input size and intensity
+    window chosen for the data (`lib.geometry`) unless --conf fixes them."""
     from fasttextdiff.config import BackboneConfig
 
-    return BackboneConfig(image_size=conf.image_size, in_channels=1, block_out_channels=conf.backbone_channels,
-                          layers_per_block=1, timesteps=conf.timesteps, noise_seed=conf.seed)
+    geometry = geometry or {}
+    size = geometry.get("image_size") or conf.image_size or BackboneConfig.image_size
+    window = geometry.get("window")
+    return BackboneConfig(image_size=int(size), in_channels=1, block_out_channels=conf.backbone_channels,
+                          layers_per_block=1, timesteps=conf.timesteps, noise_seed=conf.seed,
+                          window=tuple(window) if window else None)
+
+
+def _own_backbone_config(backbone: Path | None):
+    """The BackboneConfig recorded in one of our backbone directories, else None."""
+    from fasttextdiff.backbone import BACKBONE_CONFIG_NAME
+    from fasttextdiff.config import BackboneConfig
+
+    if backbone is None or not (backbone / BACKBONE_CONFIG_NAME).is_file():
+        return None
+    return BackboneConfig.load(backbone / BACKBONE_CONFIG_NAME)
 
 
 def _run(job: dict, paths: ModelPaths, num_processes: int, gpu_ids: str | None,
@@ -120,8 +136,11 @@ def _run(job: dict, paths: ModelPaths, num_processes: int, gpu_ids: str | None,
 def pretrain_backbone_from_datastore(datastore: Any, conf: AppConf, paths: ModelPaths, *, epochs: int,
                                      batch_size: int, device: str, log: Callable[[dict], None] | None = None,
                                      stop_event: threading.Event | None = None, accept_stopped: bool = False,
-                                     num_processes: int = 1, gpu_ids: str | None = None) -> dict:
-    """Pretrain on every image in the datastore and publish to the backbone root."""
+                                     num_processes: int = 1, gpu_ids: str | None = None,
+                                     geometry: dict | None = None, publish_result: bool = True) -> dict:
+    """Pretrain on every image in the datastore, continuing the current backbone when there is one
+    (its own architecture, size and window), and publish to the backbone root (or, with
+    `publish_result=False`, leave it in `metrics["run_dir"]` for the caller to judge)."""
     from fasttextdiff.atomic import publish
     from fasttextdiff.backbone import CHECKPOINT_DIR
 
@@ -129,38 +148,97 @@ def pretrain_backbone_from_datastore(datastore: Any, conf: AppConf, paths: Model
     if not files:
         raise ValueError("the datastore has no images to pretrain the backbone on")
     run_dir = paths.work / "backbone-run"
+    current = paths.backbone_dir()
+    own = _own_backbone_config(current)
+    if own is None and geometry is None:
+        from lib.geometry import choose_geometry
+
+        geometry = choose_geometry([str(f) for f in files], conf, device, paths.state)
+    config = own if own is not None else backbone_config(conf, geometry)
     # lr 1e-3 and a short EMA: the server's first start pretrains for minutes, not hours; a checkpoint
     # left by a run on other images (the datastore changed) is ignored rather than refused
-    job = {"job": "pretrain-backbone", "images": [str(f) for f in files], "backbone": backbone_config(conf).to_dict(),
-           "out_dir": str(run_dir), "device": device, "restart_if_unusable": True,
-           "options": {"epochs": epochs, "batch_size": batch_size, "lr": 1e-3, "ema_decay": 0.99, "seed": conf.seed,
-                       "max_slices_per_volume": conf.pretrain_slices_per_volume}}
-    logger.info("backbone pretraining on %d datastore images, %d epochs, %d process(es)", len(files), epochs,
-                num_processes)
+    options = {"epochs": epochs, "batch_size": batch_size, "lr": 1e-3, "ema_decay": 0.99, "seed": conf.seed,
+               "max_slices_per_volume": conf.pretrain_slices_per_volume}
+    if current is not None:
+        options["init"] = str(current)  # continue the current backbone, not a fresh one
+    job = {"job": "pretrain-backbone", "images": [str(f) for f in files], "backbone": config.to_dict(),
+           "out_dir": str(run_dir), "device": device, "restart_if_unusable": True, "options": options}
+    logger.info("backbone pretraining on %d datastore images, %d epochs, %d process(es), %s", len(files), epochs,
+                num_processes, f"continuing {current}" if current else "new backbone")
     metrics = _run(job, paths, num_processes, gpu_ids, _throttled(log), stop_event)
     if metrics.get("stopped") and not accept_stopped:
         raise RuntimeError("backbone pretraining was stopped; the published backbone is unchanged")
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # finished: the next run starts fresh on the then-current images
-    metrics.update(published=str(publish(run_dir, paths.backbone_root)))
+    metrics.update(continued_from=str(current) if current else None, image_size=config.image_size,
+                   window=list(config.window) if config.window else None)
+    if publish_result:
+        metrics.update(published=str(publish(run_dir, paths.backbone_root)))
+    else:
+        metrics.update(run_dir=str(run_dir))
     return metrics
+
+
+SERVED_VALIDATION_FILE = "served_validation.json"
+
+
+def read_served_validation(paths: ModelPaths) -> dict:
+    """The served model's validation record, when it is about the model served now (else {})."""
+    served = paths.served_model_dir()
+    try:
+        record = json.loads((Path(paths.state) / SERVED_VALIDATION_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        record = {}
+    if served is not None and record.get("model_dir") == str(served):
+        return record
+    if served is not None:  # a model given with --conf model_dir, or trained elsewhere: its own record
+        from fasttextdiff.config import MODEL_CONFIG_FILE
+
+        try:
+            metrics = json.loads((served / MODEL_CONFIG_FILE).read_text()).get("metrics", {})
+        except (OSError, json.JSONDecodeError):
+            metrics = {}
+        if metrics.get("best_val_dice") is not None:
+            return {"model_dir": str(served), "val_dice": metrics["best_val_dice"], "val_images": None,
+                    "source": "the model's own training record (validation images of that run)"}
+    return {}
+
+
+def _write_served_validation(paths: ModelPaths, record: dict) -> None:
+    from fasttextdiff.atomic import atomic_write_json
+
+    atomic_write_json(Path(paths.state) / SERVED_VALIDATION_FILE, record)
 
 
 def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPaths, *, epochs: int,
                                    batch_size: int, lr: float, device: str,
                                    log: Callable[[dict], None] | None = None,
                                    stop_event: threading.Event | None = None,
-                                   num_processes: int = 1, gpu_ids: str | None = None) -> dict:
-    """Train fusion + head on the labeled images with their reports; publish to the model root."""
+                                   num_processes: int = 1, gpu_ids: str | None = None,
+                                   backbone_dir: str | Path | None = None, task: str = "fasttextdiff") -> dict:
+    """Train fusion + head on the labeled images with their reports, continuing from the served model,
+    and publish the best validation epoch only if its validation Dice is not below the served model's on
+    the same validation images (`lib.holdout`); otherwise the served model stays and the result says why.
+
+    `backbone_dir` trains on another backbone (the `backbone` task's new one) instead of the current."""
     from fasttextdiff.atomic import publish
     from fasttextdiff.config import MODEL_CONFIG_FILE, FusionConfig, SegmenterConfig, TextConfig, TrainConfig
+    from fasttextdiff.errors import CheckpointError
+    from fasttextdiff.train import validate_model_dir
 
-    backbone = paths.backbone_dir()
+    from lib.holdout import split_labeled
+
+    backbone = Path(backbone_dir) if backbone_dir else paths.backbone_dir()
     if backbone is None:
         raise ValueError("no diffusion backbone yet: run the `backbone` train task first "
                          "(or pass --conf backbone_dir DIR)")
-    samples = labeled_samples(datastore, paths.work)
-    if not samples:
+    labeled_ids = sorted(datastore.get_labeled_images())
+    if not labeled_ids:
         raise ValueError("no image in the datastore has a final label yet: save at least one label, then train")
+    train_ids, val_ids, held_out = split_labeled(labeled_ids, paths.state)
+    samples = labeled_samples(datastore, paths.work, train_ids)
+    val_samples = labeled_samples(datastore, paths.work, val_ids)
+    if not samples:
+        raise ValueError("no labeled image could be read for training (see the server log)")
     served = paths.served_model_dir()
     seg_config = SegmenterConfig(num_classes=len(conf.labels) + 1, labels=conf.labels,
                                  fusion=FusionConfig(text_residual=conf.text_residual))
@@ -170,20 +248,55 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
         seg_config = SegmenterConfig.from_dict(record["segmenter"])
         text_config = TextConfig.from_dict(record["text"])
     train_config = TrainConfig(epochs=epochs, batch_size=min(batch_size, len(samples)), lr=lr, seed=conf.seed,
-                               num_workers=0)
+                               num_workers=0, text_fallback=conf.text_fallback)
     out_dir = paths.work / "segmenter-run"
-    job = {"job": "train-segmenter", "out_dir": str(out_dir), "backbone_dir": str(backbone), "device": device,
-           "samples": [{"image": str(s.image), "mask": str(s.mask), "text": s.text, "name": s.name} for s in samples],
-           "text": text_config.to_dict(), "segmenter": seg_config.to_dict(), "train": train_config.to_dict(),
-           "text_cache_dir": str(paths.text_cache)}
-    logger.info("training fusion + head on %d labeled samples (%d epochs, device %s, %d process(es))", len(samples),
-                epochs, device, num_processes)
+    served_val = None
     try:
-        metrics = _run(job, paths, num_processes, gpu_ids, log, stop_event)
+        if served is not None and val_samples:
+            served_val = validate_model_dir(served, val_samples, device=device, text_cache_dir=paths.text_cache)["dice"]
+            logger.info("served model: validation Dice %.4f on %d validation images", served_val, len(val_ids))
+        job = {"job": "train-segmenter", "out_dir": str(out_dir), "backbone_dir": str(backbone), "device": device,
+               "samples": [_sample_dict(s) for s in samples], "val_samples": [_sample_dict(s) for s in val_samples],
+               "text": text_config.to_dict(), "segmenter": seg_config.to_dict(), "train": train_config.to_dict(),
+               "text_cache_dir": str(paths.text_cache), "init_dir": str(served) if served is not None else None}
+        logger.info("training fusion + head on %d samples, validating on %d (%d epochs, device %s, %d process(es)), %s",
+                    len(samples), len(val_samples), epochs, device, num_processes,
+                    f"continuing from {served}" if served is not None else "new model")
+        try:
+            metrics = _run(job, paths, num_processes, gpu_ids, log, stop_event)
+        except CheckpointError as exc:  # the served fusion + head do not fit (other settings): start fresh
+            logger.warning("cannot continue from the served model (%s); training fusion + head from scratch", exc)
+            job["init_dir"] = None
+            metrics = _run(job, paths, num_processes, gpu_ids, log, stop_event)
     finally:
         for p in paths.work.glob("slices-*"):
             shutil.rmtree(p, ignore_errors=True)
-    published = publish(out_dir, paths.publish_root)
-    metrics.pop("history", None)
-    metrics.update(published=str(published), samples=len(samples))
+    history = metrics.pop("history", None) or []
+    new_val = metrics.get("best_val_dice")
+    split = {"val_images": val_ids, "train_images": train_ids, "held_out": held_out,
+             "samples": len(samples), "val_samples": len(val_samples)}
+    continued = job.get("init_dir")
+    if served is None or served_val is None or (new_val is not None and new_val >= served_val - 1e-9):
+        published = publish(out_dir, paths.publish_root)
+        reason = ("no model was served" if served is None else
+                  f"validation Dice {new_val:.4f} (best epoch {metrics.get('best_epoch')}) is not below the served "
+                  f"model's {served_val:.4f} on the same {len(val_ids)} validation image(s)")
+        _write_served_validation(paths, {"model_dir": str(published), "val_dice": new_val, "val_images": val_ids,
+                                         "held_out": held_out, "ts": int(time.time()), "source": f"train task {task}"})
+        metrics.update(published=str(published), decision="published", reason=f"published: {reason}")
+    else:
+        reason = (f"not published: the best validation Dice of this run, {new_val:.4f} (epoch "
+                  f"{metrics.get('best_epoch')}), is below the served model's {served_val:.4f} on the same "
+                  f"{len(val_ids)} validation image(s); still serving {served}")
+        _write_served_validation(paths, {"model_dir": str(served), "val_dice": served_val, "val_images": val_ids,
+                                         "held_out": held_out, "ts": int(time.time()),
+                                         "source": f"re-validated by train task {task}"})
+        metrics.update(published=None, decision="kept", reason=reason, kept=str(served))
+        logger.info("%s", reason)
+    metrics.update(split, served_val_dice_before=served_val, val_dice=new_val,
+                   continued_from=str(continued) if continued else None, history_tail=history[-5:])
     return metrics
+
+
+def _sample_dict(sample) -> dict:
+    return {"image": str(sample.image), "mask": str(sample.mask), "text": sample.text, "name": sample.name}

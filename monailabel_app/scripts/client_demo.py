@@ -4,7 +4,9 @@
     python monailabel_app/scripts/client_demo.py --server http://127.0.0.1:8000 [--rounds 1] [--volume]
 
 Each round: ask for the next image (`uncertainty` strategy) -> segment it with its report text ->
-save the label as `final` (here the model's own mask stands in for the user's correction), timed.
+save the label (here the model's own mask stands in for the user's correction), timed. The label is
+saved under the tag `client_demo`, never as `final` unless `--tag final` says so: pointed at a real
+server, the model's unreviewed masks must not become the user's ground truth.
 `--volume` then uploads a synthetic 64x256x256 CT-like NIfTI volume with a report, segments it and
 checks that the label has the volume's size, spacing, origin and direction. Prints one JSON summary.
 """
@@ -41,10 +43,12 @@ def _volume(path: Path, shape=(64, 256, 256)) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", default="http://127.0.0.1:8000")
-    parser.add_argument("--model", default="fasttextdiff")
-    parser.add_argument("--strategy", default="uncertainty")
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--server", default="http://127.0.0.1:8000", help="the MONAI Label server's URL")
+    parser.add_argument("--model", default="fasttextdiff", help="infer model name")
+    parser.add_argument("--strategy", default="uncertainty", help="active-learning strategy for the next image")
+    parser.add_argument("--rounds", type=int, default=1, help="images to fetch, segment and label")
+    parser.add_argument("--tag", default="client_demo",
+                        help="label tag to save the masks under (default client_demo; 'final' makes them ground truth)")
     parser.add_argument("--volume", action="store_true", help="also upload and segment a 64x256x256 NIfTI volume")
     parser.add_argument("--wait", type=float, default=900, help="seconds to wait for the model to be ready")
     args = parser.parse_args(argv)
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         state = client.info().get("fasttextdiff", {}).get("model", {})
         if state.get("state") == "ready":
             break
-        if state.get("state") == "failed" or time.time() > deadline:
+        if state.get("state") in ("failed", "waiting") or time.time() > deadline:
             print(json.dumps({"error": f"model not ready: {state}"}))
             return 1
         time.sleep(5)
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         label_file, result = client.infer(args.model, sample["id"], {"text": sample.get("text", "")})
         t2 = time.perf_counter()
-        client.save_label(sample["id"], label_file, tag="final", params={"source": "client_demo"})
+        client.save_label(sample["id"], label_file, tag=args.tag, params={"source": "client_demo"})
         t3 = time.perf_counter()
         summary["rounds"].append({
             "image": sample["id"], "uncertainty": sample.get("uncertainty"), "text_source": result.get("text_source"),

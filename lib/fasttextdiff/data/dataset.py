@@ -17,12 +17,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, get_worker_info
 
 from fasttextdiff.data.io import read_image
 from fasttextdiff.data.lvit import Sample
-from fasttextdiff.data.preprocess import mask_to_labels, to_model_input
+from fasttextdiff.data.preprocess import labels_to_model_grid, mask_to_labels, to_model_input
 from fasttextdiff.errors import ImageReadError
 
 logger = logging.getLogger(__name__)
@@ -94,6 +93,7 @@ class SegmentationDataset(Dataset):
         seed: int = 0,
         window: tuple[float, float] | None = None,
         preload: bool = True,
+        body_crop: bool = False,
     ) -> None:
         if int(size) != size or size < 8:
             raise ValueError(f"size must be an integer >= 8, got {size}")
@@ -108,7 +108,7 @@ class SegmentationDataset(Dataset):
         if unlabeled:
             raise ValueError(f"{len(unlabeled)} sample(s) have no mask (e.g. {unlabeled[0]}); a segmentation dataset needs masks")
         self.size, self.channels, self.num_classes = int(size), channels, num_classes
-        self.augment, self.seed, self.window = augment, seed, window
+        self.augment, self.seed, self.window, self.body_crop = augment, seed, window, body_crop
         self.epoch = 0
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._draws: Counter[int] = Counter()
@@ -139,9 +139,8 @@ class SegmentationDataset(Dataset):
             labels = mask_to_labels(mask.array, self.num_classes)
             if labels.shape != image.plane_shape:
                 raise ImageReadError(f"mask {sample.mask} is {labels.shape} but its image {sample.image} is {image.plane_shape}.")
-            pixels = to_model_input(image, self.size, self.channels, self.window)[0]
-            label = torch.from_numpy(labels.astype(np.uint8))[None, None].float()
-            label = F.interpolate(label, size=(self.size, self.size), mode="nearest-exact")[0].to(torch.uint8)
+            pixels = to_model_input(image, self.size, self.channels, self.window, self.body_crop)[0]
+            label = labels_to_model_grid(labels, image, self.size, self.window, self.body_crop)  # same crop and orientation
             self._cache[index] = (pixels.to(torch.float16), label)  # half the memory; [-1,1] is safe in fp16
         return self._cache[index]
 

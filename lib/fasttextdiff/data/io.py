@@ -225,14 +225,52 @@ def _read_raster(path: Path) -> Image:
     except PILImage.DecompressionBombError as exc:
         raise ImageReadError(f"{path.name} has more pixels than PIL decodes safely, above the limit for 2D images.") from exc
     except (PILImage.UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if not _has_image_signature(path):
+            raise ImageReadError(f"{path.name} is not an image: its content is not PNG, JPEG, TIFF or BMP data "
+                                 f"({_content_hint(path)}).") from exc
         raise ImageReadError(f"{path.name} is corrupt or truncated and cannot be decoded ({exc}).") from exc
     if array.ndim == 3 and (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all():
         array = array[..., 0]  # a grey image saved as RGB (or a grey palette) is grey
     return _flat_image(np.ascontiguousarray(array))
 
 
+# file signatures of the raster formats PIL reads here (what a file that is "not an image" lacks)
+_RASTER_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"GIF8")
+LABEL_PNG_KEY = "fasttextdiff-labels"  # PNG text chunk of a palette label PNG: its pixels are class indices
+# colours of label values 0..7 in a palette PNG (0 black); higher values get greys, so any viewer shows them
+LABEL_PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
+                 (145, 30, 180), (70, 240, 240))
+
+
+def _has_image_signature(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return True  # cannot tell: keep the decoder's own words
+    return head.startswith(_RASTER_SIGNATURES)
+
+
+def _content_hint(path: Path) -> str:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        return "unreadable"
+    if not head:
+        return "the file is empty"
+    try:
+        head.decode("utf-8")
+        return "it looks like text"
+    except UnicodeDecodeError:
+        return "unknown binary data"
+
+
 def _grey_or_rgb(pil):
-    """Grayscale stays one channel (8/16/32-bit kept), colour becomes RGB; alpha is dropped."""
+    """Grayscale stays one channel (8/16/32-bit kept), colour becomes RGB; alpha is dropped. A palette
+    label PNG we wrote (LABEL_PNG_KEY) keeps its class indices."""
+    if pil.mode == "P" and pil.info.get(LABEL_PNG_KEY):
+        return pil
     if pil.mode == "P":
         pil = pil.convert("RGBA")
     if pil.mode in ("1", "LA", "La"):
@@ -406,12 +444,15 @@ def _check_write_shape(array: np.ndarray, like: Image) -> None:
         raise ValueError(f"cannot write an array of shape {array.shape} in the geometry of an image of shape {tuple(expected)}.")
 
 
-def write_image(path: str | os.PathLike, array, like: Image) -> Path:
+def write_image(path: str | os.PathLike, array, like: Image, palette: bool = False) -> Path:
     """Write a mask or map in `like`'s grid and geometry; the format follows the extension.
 
     `.nii/.nii.gz/.nrrd/.mha/.mhd` keep spacing/origin/direction (2D or 3D); `.png` takes 2D
     uint8/uint16 (bool becomes 0/255, floats in [0, 1] are scaled to 0..255); `.tif` any dtype.
-    The file is written to a temporary name and renamed, so readers never see half a file.
+    `palette=True` writes a label mask (values 0..255) as a palette PNG: the pixels keep the class
+    indices (read back as such) and any viewer shows them in colour (0 black, 1 red, 2 green, ...);
+    other formats ignore it. The file is written to a temporary name and renamed, so readers never
+    see half a file.
     """
     path = Path(path)
     ext = _extension(path)
@@ -423,7 +464,7 @@ def write_image(path: str | os.PathLike, array, like: Image) -> Path:
         if ext in ITK_EXTENSIONS:
             _write_itk(str(tmp), _as_writable(raw), like)
         elif ext == ".png":
-            _write_png(str(tmp), raw, like)
+            _write_png(str(tmp), raw, like, palette)
         else:
             import tifffile
 
@@ -431,11 +472,21 @@ def write_image(path: str | os.PathLike, array, like: Image) -> Path:
     return path
 
 
-def _write_png(tmp: str, raw: np.ndarray, like: Image) -> None:
+def _write_png(tmp: str, raw: np.ndarray, like: Image, palette: bool = False) -> None:
     from PIL import Image as PILImage
+    from PIL.PngImagePlugin import PngInfo
 
     if like.is_volume:
         raise ValueError("a volume cannot be written as PNG; use .nii.gz, .nrrd or .mha.")
+    if palette and raw.ndim == 2 and not np.issubdtype(raw.dtype, np.floating) and raw.size \
+            and raw.min() >= 0 and raw.max() <= 255:
+        pil = PILImage.fromarray(raw.astype(np.uint8), mode="P")
+        colours = list(LABEL_PALETTE) + [(v, v, v) for v in range(len(LABEL_PALETTE), 256)]
+        pil.putpalette([c for rgb in colours for c in rgb])
+        info = PngInfo()
+        info.add_text(LABEL_PNG_KEY, "class indices")
+        pil.save(tmp, format="PNG", pnginfo=info)
+        return
     if raw.dtype == bool:
         raw = raw.astype(np.uint8) * 255
     elif np.issubdtype(raw.dtype, np.floating):

@@ -11,6 +11,11 @@ on the image's left - the radiological view. Without it a NIfTI stored in RAS or
 template, most research data) would reach the model mirrored, and a report's "left lung" would
 point at the wrong side. `to_original_grid` undoes it with MONAI's `Invert` (the traced inverse),
 so outputs land in the stored grid.
+
+Body crop: with a CT window (HU), a square in-plane box around the body (voxels above -500 HU,
+over all slices, plus a margin) is cut out before resizing, so the model's pixels fall on anatomy
+instead of air. `to_original_grid` recomputes the same box from the image and pastes the outputs
+back into a background canvas. Percentile-scaled images (no window) are never cropped.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ from fasttextdiff.data.io import Image
 CANONICAL_AXCODES = "LPS"  # MONAI's axis codes in its RAS world: DICOMOrient's "LPS"
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5
 _MAX_STAT_SAMPLES = 4_000_000  # percentiles of a huge volume from a strided subsample
+BODY_HU = -500.0  # above this a voxel is body (or table); below it, air
+AIR_HU = -1000.0  # what a box running off the image edge is padded with
+BODY_MARGIN = 0.04  # of the image side, at least 2 px, around the body's bounding box
+NO_CROP_FRACTION = 0.9  # a box this close to the full side is not worth cropping
 _LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601, as PIL's "L" conversion
 
 
@@ -88,6 +97,53 @@ def canonical_array(image: Image) -> np.ndarray:
     return stack[0, 0] if stack.shape[1] == 1 else np.moveaxis(stack[0], 0, -1)
 
 
+def _box_from_stack(stack: torch.Tensor, size: int) -> tuple[int, int, int] | None:
+    """(top, left, side) of the square body box on canonical slices `(N, C, H, W)` in HU, or None.
+
+    One box for all slices, shifted into the image where it fits (else padded with air); never
+    smaller than `size` (or the image), so small bodies are not upsampled; None when the box would
+    cover 90 % of the shorter side or nothing is above BODY_HU.
+    """
+    height, width = stack.shape[-2:]
+    body = (stack > BODY_HU).any(dim=1).any(dim=0)  # (H, W)
+    rows, cols = torch.nonzero(body.any(dim=1)), torch.nonzero(body.any(dim=0))
+    if not len(rows):
+        return None
+    margin = max(2, round(BODY_MARGIN * max(height, width)))
+    r0, r1 = int(rows[0]) - margin, int(rows[-1]) + 1 + margin
+    c0, c1 = int(cols[0]) - margin, int(cols[-1]) + 1 + margin
+    side = max(r1 - r0, c1 - c0, min(int(size), max(height, width)))
+    if side >= NO_CROP_FRACTION * min(height, width):  # also keeps thin (non-axial) slices uncropped
+        return None
+
+    def start(lo: int, hi: int, extent: int) -> int:  # centred on the body, shifted into the image if it fits
+        first = (lo + hi - side) // 2
+        return int(np.clip(first, *sorted((0, extent - side))))
+
+    return start(r0, r1, height), start(c0, c1, width), side
+
+
+def body_box(image: Image, window: tuple[float, float] | None, size: int, body_crop: bool = True) -> tuple[int, int, int] | None:
+    """The crop box `to_model_input` uses (see `_box_from_stack`); None = the whole slice.
+
+    Only CT in HU (a `window`) is cropped; recomputed from the image, so both directions agree.
+    """
+    if not body_crop or window is None:
+        return None
+    return _box_from_stack(_slices(_oriented(image, dtype=np.float32)), size)
+
+
+def _crop(stack: torch.Tensor, box: tuple[int, int, int], fill: float) -> torch.Tensor:
+    """The box of each slice of (N, C, H, W), padded with `fill` where it runs off the image."""
+    top, left, side = box
+    height, width = stack.shape[-2:]
+    pad = (max(0, -left), max(0, left + side - width), max(0, -top), max(0, top + side - height))
+    if any(pad):
+        stack = F.pad(stack, pad, value=fill)
+        top, left = top + pad[2], left + pad[0]
+    return stack[..., top : top + side, left : left + side]
+
+
 def _intensity_range(stack: torch.Tensor, window: tuple[float, float] | None) -> tuple[float, float]:
     """The CT window, or the 0.5/99.5 percentiles of a strided sample of at most 4M voxels (MONAI's
     ScaleIntensityRangePercentiles would sort every voxel of a large volume, twice)."""
@@ -113,7 +169,8 @@ def _resize(batch: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tens
     return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
-def to_model_input(image: Image, size: int, channels: int, window: tuple[float, float] | None = None) -> torch.Tensor:
+def to_model_input(image: Image, size: int, channels: int, window: tuple[float, float] | None = None,
+                   body_crop: bool = False) -> torch.Tensor:
     """`(N, C, size, size)` float32 in [-1, 1]; N = 1 for a 2D image, the canonical slices of a volume.
 
     Volumes come in canonical (LPS) orientation - see the module doc; N equals Z for the usual
@@ -121,12 +178,16 @@ def to_model_input(image: Image, size: int, channels: int, window: tuple[float, 
     Intensities are scaled by the 0.5/99.5 percentiles of the whole image or volume (robust to
     hot pixels and metal), or by a CT window `(center, width)` in the image's units when given.
     Resizing uses antialiased bilinear interpolation, so downscaling does not alias fine texture.
+    With `body_crop` and a `window`, the square body box (`body_box`) is cut out first.
     """
     if int(size) != size or size < 8:
         raise ValueError(f"model input size must be an integer >= 8, got {size}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     stack = _slices(_oriented(image, dtype=np.float32))
+    box = _box_from_stack(stack, size) if body_crop and window is not None else None
+    if box is not None:
+        stack = _crop(stack, box, AIR_HU)
     if stack.shape[1] != channels:  # grey <-> RGB
         stack = torch.einsum("c,nchw->nhw", _LUMA, stack)[:, None] if channels == 1 else stack.expand(-1, channels, -1, -1)
     lo, hi = _intensity_range(stack, window)
@@ -136,13 +197,16 @@ def to_model_input(image: Image, size: int, channels: int, window: tuple[float, 
     return _resize(scaled.contiguous(), (size, size), "bilinear").clamp_(-1.0, 1.0).contiguous()
 
 
-def to_original_grid(maps, image: Image, mode: str = "nearest", chunk: int = 32) -> np.ndarray:
+def to_original_grid(maps, image: Image, mode: str = "nearest", chunk: int = 32,
+                     window: tuple[float, float] | None = None, body_crop: bool = False) -> np.ndarray:
     """Resize per-slice model outputs back to the image's grid and stack the slices.
 
     `maps` is `(N, H', W')` or `(N, K, H', W')` (tensor or array) with N = 1 for 2D, or the number
     of canonical (axial) slices for a volume - exactly what `to_model_input` produced.
     Returns `(H, W)` / `(Z, Y, X)`, or with K: `(K, H, W)` / `(K, Z, Y, X)` (channel first).
     "nearest" keeps label values (masks); "bilinear" is for probabilities and uncertainty maps.
+    `window`/`body_crop` must be what `to_model_input` got: with a body box, outputs are pasted
+    into a background canvas - 0 for `(N, H, W)` maps, class 0 = 1 and the rest 0 for `(N, K, H, W)`.
     """
     if mode not in ("nearest", "bilinear"):
         raise ValueError(f"mode must be 'nearest' (masks) or 'bilinear' (maps), got {mode!r}")
@@ -158,10 +222,12 @@ def to_original_grid(maps, image: Image, mode: str = "nearest", chunk: int = 32)
     if tensor.shape[0] != slices:
         raise ValueError(f"maps hold {tensor.shape[0]} slices but the image has {slices}")
     target = (template.shape[2], template.shape[1])  # (H, W) of a canonical slice
+    box = body_box(image, window, tensor.shape[-1], body_crop)
     pieces = []
     for start in range(0, tensor.shape[0], chunk):  # bounds memory for long volumes
-        part = _resize(tensor[start : start + chunk].float(), target, mode)
-        pieces.append(part if tensor.dtype.is_floating_point else part.round().to(tensor.dtype))
+        part = _resize(tensor[start : start + chunk].float(), (box[2],) * 2 if box else target, mode)
+        part = part if tensor.dtype.is_floating_point else part.round().to(tensor.dtype)
+        pieces.append(part if box is None else _paste(part, box, target, has_k))
     stack = torch.cat(pieces)  # (N, K, H, W), canonical orientation
     grid = stack.permute(1, 3, 2, 0) if template.ndim == 4 else stack[0].permute(0, 2, 1)  # (K, X, Y[, Z])
     if template.applied_operations:
@@ -171,6 +237,35 @@ def to_original_grid(maps, image: Image, mode: str = "nearest", chunk: int = 32)
     if not image.is_volume and result.ndim == 4:
         result = result[:, 0]
     return np.ascontiguousarray(result if has_k else result[0])
+
+
+def _paste(part: torch.Tensor, box: tuple[int, int, int], target: tuple[int, int], classes: bool) -> torch.Tensor:
+    """(n, K, side, side) outputs of the box placed into a background canvas (n, K, H, W)."""
+    top, left, side = box
+    canvas = torch.zeros(part.shape[:2] + tuple(target), dtype=part.dtype)
+    if classes and part.shape[1] > 1:
+        canvas[:, 0] = 1  # outside the box is background with certainty
+    r0, c0 = max(top, 0), max(left, 0)
+    r1, c1 = min(top + side, target[0]), min(left + side, target[1])
+    canvas[..., r0:r1, c0:c1] = part[..., r0 - top : r1 - top, c0 - left : c1 - left]
+    return canvas
+
+
+def labels_to_model_grid(labels: np.ndarray, image: Image, size: int, window: tuple[float, float] | None = None,
+                         body_crop: bool = False) -> torch.Tensor:
+    """A class-index mask `(H, W)` of a 2D `image` as the model sees it: `(1, size, size)` uint8.
+
+    Oriented, cropped and resized (nearest) exactly as `to_model_input` treats the image's pixels,
+    so image and mask line up.
+    """
+    if tuple(labels.shape) != tuple(image.plane_shape) or image.is_volume:
+        raise ValueError(f"labels {labels.shape} do not match the 2D image {image.plane_shape}")
+    as_image = Image(np.asarray(labels, dtype=np.float32), image.spacing, image.origin, image.direction, False)
+    stack = _slices(_oriented(as_image))  # (1, 1, H, W)
+    box = body_box(image, window, size, body_crop)
+    if box is not None:
+        stack = _crop(stack, box, 0.0)
+    return _resize(stack.contiguous(), (size, size), "nearest")[0].to(torch.uint8)
 
 
 def mask_to_labels(mask_array: np.ndarray, num_classes: int = 2) -> np.ndarray:

@@ -21,6 +21,8 @@ from fasttextdiff.config import TEXT_RESIDUALS, BackboneConfig, FusionConfig, Se
 # keys MONAI Label itself reads from the same dict (interfaces/app.py)
 _MONAILABEL_KEYS = {"server_mode"}
 
+STATE_SUBDIR = ".fasttextdiff"  # the app's state inside a local studies folder
+
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
 
@@ -40,10 +42,18 @@ class AppConf:
     # how the report joins the image path in a newly built model: "zero" starts as the image-only
     # network (the library default), "plain" as the reference's fusion, "gate" (docs/TEXT.md)
     text_residual: str = FusionConfig.text_residual
-    # app state: published models, text cache, training scratch; "" = <app>/model/<studies name>-<hash>
+    # text_fallback for the first model built from the studies (continued training never uses it): epochs
+    # image-only, then epochs with the report, validation keeps the better; it doubles the first build's time
+    text_fallback: bool = False
+    # app state: published models, text cache, training scratch, validation split;
+    # "" = <studies>/.fasttextdiff (a hidden folder the datastore never scans)
     state_dir: str = ""
-    # model input size (pixels, square) for a newly built model; a served model keeps its own
-    image_size: int = BackboneConfig.image_size
+    # model input size (pixels, square) for a newly built model; a served model keeps its own;
+    # 0 = chosen from the images and device (256 on a GPU, 128 on a CPU, never above the images' size)
+    image_size: int = 0
+    # intensity scaling of a newly built model: auto (a lung window for CT volumes in HU, else
+    # percentiles), none (percentiles), lung/mediastinum/soft_tissue/bone/brain, or "center,width" in HU
+    window: str = "auto"
     # diffusion timesteps (of 1000) the frozen backbone is probed at, for a newly built model
     timesteps: tuple[int, ...] = BackboneConfig.timesteps
     # backbone U-Net widths for a newly built model (one per level; smaller than the library's default so
@@ -107,7 +117,12 @@ class AppConf:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--conf {name} must be positive, got {getattr(self, name)}")
 
-        for name in ("image_size", "n_noise", "epochs", "backbone_epochs", "batch_size", "lr",
+        if self.image_size < 0:
+            raise ValueError(f"--conf image_size must be >= 0 (0 = chosen from the data), got {self.image_size}")
+        from lib.geometry import parse_window
+
+        parse_window(self.window)
+        for name in ("n_noise", "epochs", "backbone_epochs", "batch_size", "lr",
                      "infer_batch_size", "max_text_bytes", "pretrain_slices_per_volume", "max_upload_mb"):
             positive(name)
         if self.prepare_budget_s < 0:
@@ -117,7 +132,7 @@ class AppConf:
         if not self.backbone_channels or any(c <= 0 for c in self.backbone_channels):
             raise ValueError(f"--conf backbone_channels must be positive widths, got {self.backbone_channels}")
         factor = 2 ** (len(self.backbone_channels) - 1)
-        if self.image_size % factor:
+        if self.image_size and self.image_size % factor:
             raise ValueError(f"--conf image_size {self.image_size} must be divisible by {factor} "
                              f"for {len(self.backbone_channels)} backbone levels")
         if not self.labels or any(not label.strip() for label in self.labels):
@@ -131,18 +146,24 @@ class AppConf:
 
     # ------------------------------------------------------------------ derived paths
     def state_path(self, studies: str, app_dir: str) -> Path:
-        """Models and caches of one studies folder, kept in the app's `model/` folder (MONAI Label's place
-        for models), one subfolder per studies folder, so a later start on the same studies reuses them.
+        """Models and caches of one studies folder: `--conf state_dir`, else `<studies>/.fasttextdiff`, so a
+        later start on the same studies reuses them and nothing is written inside the code tree.
 
-        Not inside the studies folder: MONAI Label watches that folder recursively and would rescan
-        the datastore on every file a training run writes."""
+        MONAI Label's datastore lists only image files directly in the studies folder and its
+        `labels/` tags, so a hidden subfolder is never taken for images; its file watcher skips it
+        (lib.datastore). A DICOMweb studies URL keeps its state in the app's `model/` folder."""
         if self.state_dir:
             return Path(self.state_dir).expanduser().resolve()
         import hashlib
 
         key = studies if studies.startswith(("http://", "https://")) else str(Path(studies).resolve())
         name = "".join(c if c.isalnum() or c in "-_" else "_" for c in key.rstrip("/").split("/")[-1])[:40]
-        return Path(app_dir, "model", f"{name or 'studies'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}").resolve()
+        in_app = Path(app_dir, "model", f"{name or 'studies'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}").resolve()
+        if studies.startswith(("http://", "https://")):
+            return in_app
+        own = Path(key) / STATE_SUBDIR
+        # state an earlier version kept in the app's folder keeps being used, rather than rebuilt
+        return in_app if in_app.is_dir() and not own.exists() else own
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

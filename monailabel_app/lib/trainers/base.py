@@ -91,9 +91,11 @@ class FastTextDiffTrainTask(TrainTask):
             raise
         stats = {**self.stats(), **stats}
         stats.update(status="DONE", result=result, total_time=round(time.time() - started, 1),
-                     best_metric=result.get("best_val_dice"), end_ts=int(time.time()))
+                     best_metric=result.get("best_val_dice"), end_ts=int(time.time()),
+                     decision=result.get("decision"), reason=result.get("reason"), val_dice=result.get("val_dice"))
         self._write_stats(stats)
-        logger.info("%s: done in %.1fs; published %s", self.name, time.time() - started, result.get("published"))
+        logger.info("%s: done in %.1fs; %s", self.name, time.time() - started, result.get("reason") or
+                    f"published {result.get('published')}")
         return stats
 
     # ---------------------------------------------------------------- hooks
@@ -103,6 +105,13 @@ class FastTextDiffTrainTask(TrainTask):
     def pre_process(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
         """Extra options from the request (validated); the datalist is built in `run`."""
         return {}
+
+    def refusal(self, datastore: Datastore, model_state: str) -> str | None:
+        """Why a request for this task cannot start now (answered 409 before MONAI Label submits it), or None."""
+        if model_state == "preparing":
+            return ("the default model is being built from the studies; train when /info shows "
+                    "fasttextdiff.model.state = ready (the build publishes a model on its own)")
+        return None
 
     @abstractmethod
     def run(self, datastore: Any, options: Dict[str, Any], log) -> Dict[str, Any]: ...

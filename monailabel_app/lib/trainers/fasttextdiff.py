@@ -2,6 +2,8 @@
 
 The backbone and the text encoder stay frozen (the label-efficient part of the method); the
 reports come from the datastore's image info `text` (MONAI Label's datalist has no image info).
+Training continues from the served model and publishes only when the validation Dice does not get
+worse (see `lib.training.train_segmenter_from_datastore`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,18 @@ class FastTextDiffTrain(FastTextDiffTrainTask):
         if not datastore.get_labeled_images():
             raise bad_request(409, "no image has a final label yet: save at least one label, then train")
         return {"lr": lr}
+
+    def refusal(self, datastore, model_state: str) -> str | None:
+        reason = super().refusal(datastore, model_state)
+        if reason:
+            return reason
+        if not datastore.get_labeled_images():
+            return ("no image has a final label yet: save at least one label (PUT /datastore/label?tag=final), "
+                    "then train")
+        if self.paths.backbone_dir() is None:
+            return ("no diffusion backbone yet: run POST /train/backbone first (it needs no labels and trains the "
+                    "segmenter too), or pass --conf backbone_dir DIR")
+        return None
 
     def run(self, datastore: Any, options: Dict[str, Any], log) -> Dict[str, Any]:
         from lib.training import train_segmenter_from_datastore
