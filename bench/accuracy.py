@@ -434,14 +434,7 @@ def merge_results(paths: list[Path], out_dir: Path, name: str, plot: bool = True
     if len({r["dataset"] for r in parts}) != 1:
         raise SystemExit(f"cannot merge results of different datasets: {sorted({r['dataset'] for r in parts})}")
     result = dict(parts[0])
-    runs, seen = [], set()
-    for part in parts:
-        for run in part["runs"]:
-            key = (run["method"], run["labeled_fraction"], run["seed"])
-            if key in seen:
-                raise SystemExit(f"{key} appears in more than one of {[str(p) for p in paths]}")
-            seen.add(key)
-            runs.append(run)
+    runs = common.concat_runs(parts, paths)
     seeds = sorted({r["seed"] for r in runs})
     result.update(name=name, runs=runs, results=aggregate(runs), acceptance=acceptance(result["dataset"], aggregate(runs)),
                   command=" ; ".join(r["command"] for r in parts),

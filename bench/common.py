@@ -209,3 +209,16 @@ def plot_label_efficiency(result: dict, path: str | os.PathLike) -> Path:
     out = savefig(fig, path)
     plt.close(fig)
     return out
+
+
+def concat_runs(parts: list[dict], paths: list) -> list[dict]:
+    """The runs of several result files of one plan, each (method, budget, seed) exactly once."""
+    runs, seen = [], set()
+    for part in parts:
+        for run in part["runs"]:
+            key = (run["method"], run["labeled_fraction"], run["seed"])
+            if key in seen:
+                raise SystemExit(f"{key} appears in more than one of {[str(p) for p in paths]}")
+            seen.add(key)
+            runs.append(run)
+    return runs

@@ -265,14 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
 def merge_results(paths: list[Path], out_dir: Path, name: str, plot: bool = True) -> dict:
     """One result from several runs of the same plan: runs concatenated ((encoder, budget, seed) once), re-aggregated."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    runs, seen = [], set()
-    for part in parts:
-        for run in part["runs"]:
-            key = (run["method"], run["labeled_fraction"], run["seed"])
-            if key in seen:
-                raise SystemExit(f"{key} appears in more than one of {[str(p) for p in paths]}")
-            seen.add(key)
-            runs.append(run)
+    runs = common.concat_runs(parts, paths)
     order = list(dict.fromkeys(r["method"] for r in runs))  # the order the encoders ran in
     result = dict(parts[0])
     result.update(name=name, runs=runs, results=aggregate(runs, order), command=" ; ".join(r["command"] for r in parts),
