@@ -184,13 +184,16 @@ def test_the_default_text_path_starts_closed_and_falls_back():
     assert FusionConfig().text_residual == "zero" and TrainConfig().text_fallback is True
 
 
-@pytest.mark.parametrize("residual, with_val, reason", [("plain", True, "does not start as the no_text network"),
-                                                        ("zero", False, "no validation split")])
-def test_text_fallback_is_skipped_where_it_cannot_work(tmp_path, tiny_dataset, tiny_backbone, caplog, residual,
-                                                       with_val, reason):
+@pytest.mark.parametrize("residual, with_val, continued, reason", [
+    ("plain", True, False, "does not start as the no_text network"),
+    ("zero", False, False, "no validation split"),
+    ("zero", True, True, "continued training keeps the choice")])
+def test_text_fallback_is_skipped_where_it_cannot_work(tmp_path, tiny_dataset, tiny_backbone, tiny_model, caplog,
+                                                       residual, with_val, continued, reason):
     """A 'plain' residual (older models retrained, the reference's fusion) is not the no_text network at
     the start, and without a validation split nothing can choose between the phases: the text then trains
-    from epoch 1, for `epochs` epochs, and the log says why (this used to be a ValueError for 'plain')."""
+    from epoch 1, for `epochs` epochs, and the log says why (this used to be a ValueError for 'plain').
+    Continued training (the server retraining its served model) keeps the text the served model learned."""
     import logging
 
     from fasttextdiff.config import TrainConfig
@@ -198,12 +201,15 @@ def test_text_fallback_is_skipped_where_it_cannot_work(tmp_path, tiny_dataset, t
     from fasttextdiff.train import train_segmenter
 
     splits = load_lvit(tiny_dataset)
+    segmenter = SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2, text_residual=residual))
+    if continued:  # the session's tiny model, built with the reference fusion: the same architecture
+        segmenter = FastTextDiffModel.load(tiny_model)[0].config
     with caplog.at_level(logging.INFO, logger="fasttextdiff.train"):
         metrics = train_segmenter(
             splits["train"], tmp_path / "m", backbone_dir=tiny_backbone, text_config=TextConfig(),
-            segmenter_config=SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2, text_residual=residual)),
-            train_config=TrainConfig(epochs=1, batch_size=4, text_fallback=True),
-            val_samples=splits["val"] if with_val else None, progress=False)
+            segmenter_config=segmenter, train_config=TrainConfig(epochs=1, batch_size=4, text_fallback=True),
+            val_samples=splits["val"] if with_val else None, progress=False,
+            init_dir=tiny_model if continued else None)
     assert metrics["epochs"] == 1 and "text_fallback" not in metrics
     assert "text_fallback skipped" in caplog.text and reason in caplog.text
 
@@ -229,6 +235,9 @@ def test_server_conf_text_residual_defaults_to_the_library_and_is_checked():
 
         assert AppConf.from_conf({}).text_residual == "zero" == FusionConfig().text_residual
         assert AppConf.from_conf({"text_residual": "plain"}).text_residual == "plain"
+        # the first build may use the fallback; off by default because it doubles that build's time
+        assert AppConf.from_conf({}).text_fallback is False
+        assert AppConf.from_conf({"text_fallback": "true"}).text_fallback is True
         with pytest.raises(ValueError, match="--conf text_residual must be one of plain, zero, gate"):
             AppConf.from_conf({"text_residual": "open"})
     finally:
