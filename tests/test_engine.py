@@ -53,10 +53,10 @@ def test_two_processes_pretrain_and_train_to_the_same_metrics_files_as_one(tmp_p
                               encoding="utf-8", errors="replace", timeout=400, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
-    bb1, bb2 = (json.loads((d / "bb" / "metrics.json").read_text()) for d in (one, two))
+    bb1, bb2 = (json.loads((d / "bb" / "metrics.json").read_text(encoding="utf-8")) for d in (one, two))
     assert _shape(bb1) == _shape(bb2) and (bb1["world_size"], bb2["world_size"]) == (1, 2)
     assert bb1["steps"] == bb2["steps"] == 2
-    m1, m2 = (json.loads((d / "m" / MODEL_CONFIG_FILE).read_text())["metrics"] for d in (one, two))
+    m1, m2 = (json.loads((d / "m" / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))["metrics"] for d in (one, two))
     assert m2.pop("ddp_weights_identical") is True  # the one key only several processes have
     assert _shape(m1) == _shape(m2) and (m1["world_size"], m2["world_size"]) == (1, 2)
     assert m1["epochs"] == m2["epochs"] == 2 and m1["test"]["n"] == m2["test"]["n"] == 4  # every test image, once

@@ -91,14 +91,14 @@ def _start_and_kill_training(data: Path, backbone: Path, out: Path, min_epoch: i
         def saved():
             if proc.poll() is not None:
                 raise AssertionError(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
-            return state.is_file() and json.loads(state.read_text())["epoch"] >= min_epoch
+            return state.is_file() and json.loads(state.read_text(encoding="utf-8"))["epoch"] >= min_epoch
 
         wait_for(saved, 120, 0.1, "the training to save its resume state")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     assert proc.returncode == -signal.SIGKILL
-    return int(json.loads(state.read_text())["epoch"])
+    return int(json.loads(state.read_text(encoding="utf-8"))["epoch"])
 
 
 def test_sigkilled_training_keeps_the_published_model_and_resumes_only_on_the_same_data(
@@ -327,7 +327,7 @@ def _wait_epochs(server: SubprocessServer, n: int) -> dict:
 
 
 def _datastore_objects(studies: Path) -> dict:
-    objects = json.loads((studies / "datastore_v2.json").read_text())["objects"]
+    objects = json.loads((studies / "datastore_v2.json").read_text(encoding="utf-8"))["objects"]
     return {k: {"labels": sorted(t for t in v["labels"] if t != "uncertainty"), "text": v["image"]["info"].get("text")}
             for k, v in objects.items()}
 
@@ -425,7 +425,7 @@ def test_two_processes_writing_the_datastore_lose_no_update(fault_server):
             assert r.status_code == 200, r.text
         sent += 1
     assert proc.wait(60) == 0
-    objects = json.loads((fault_server.studies / "datastore_v2.json").read_text())["objects"]
+    objects = json.loads((fault_server.studies / "datastore_v2.json").read_text(encoding="utf-8"))["objects"]
     for image in ids:
         info = objects[image]["image"]["info"]
         assert info.get("other_process") == 9, (image, info)
@@ -454,7 +454,7 @@ def test_server_killed_while_training_restarts_without_a_stuck_running_state(fau
     identity = _info(url)["fasttextdiff"]["model_identity"]
     os.killpg(fault_server.proc.pid, signal.SIGKILL)  # the server and its training child, no cleanup
     fault_server.proc.wait(30)
-    raw = json.loads((fault_server.root / "state" / "train_stats_fasttextdiff.json").read_text())
+    raw = json.loads((fault_server.root / "state" / "train_stats_fasttextdiff.json").read_text(encoding="utf-8"))
     assert raw["status"] == "RUNNING"  # what the dead run left on disk
 
     again = SubprocessServer(fault_server.studies, dict(fault_server.conf), fault_server.root / "server2.log")

@@ -76,7 +76,7 @@ def test_interrupted_training_resumes_and_keeps_old_model(tmp_path, tiny_dataset
                         segmenter_config=SEG, train_config=resumed_cfg, progress=False,
                         log=stop_after_second_epoch, val_samples=splits["val"])
     assert (out / WEIGHTS_FILE).read_bytes() == before  # the published model is untouched
-    state = json.loads((tmp_path / f"m{RESUME_DIR_SUFFIX}" / "state.json").read_text())
+    state = json.loads((tmp_path / f"m{RESUME_DIR_SUFFIX}" / "state.json").read_text(encoding="utf-8"))
     assert state["epoch"] == 1  # the interrupt came before epoch 2 was saved
 
     seen = []
