@@ -81,7 +81,7 @@ def _train_in_process(data: Path, backbone: Path, out: Path, epochs: int) -> dic
                            train_config=TrainConfig(epochs=epochs, batch_size=4, lr=1e-3), progress=False)
 
 
-def _start_and_kill_training(data: Path, backbone: Path, out: Path, min_epoch: int = 2) -> int:
+def _start_and_kill_training(data: Path, backbone: Path, out: Path, min_epoch: int = 1) -> int:
     """Start a long training in its own process, SIGKILL it once it has saved `min_epoch` epochs."""
     state = out.with_name(out.name + ".resume") / "state.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "lib"), os.environ.get("PYTHONPATH", "")]))
@@ -178,7 +178,7 @@ def test_corrupt_resume_state_starts_over(tiny_dataset, tiny_backbone, tmp_path,
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset, data)
     out = tmp_path / "model"
-    _start_and_kill_training(data, tiny_backbone, out, min_epoch=1)
+    _start_and_kill_training(data, tiny_backbone, out)
     _truncate(out.with_name("model.resume") / "state.safetensors")
     with caplog.at_level(logging.INFO, logger="fasttextdiff.train"):
         metrics = _train_in_process(data, tiny_backbone, out, epochs=1)
