@@ -399,7 +399,7 @@ def test_sigkill_of_a_server_training_run_keeps_model_and_datastore_then_resumes
     assert _info(url)["fasttextdiff"]["model_identity"] != identity
 
 
-def test_two_processes_writing_the_datastore_lose_no_update(fault_server):
+def test_two_processes_writing_the_datastore_lose_no_update(fault_server, tmp_path):
     """The server (HTTP) and another process (the app's datastore class, as MONAI Label's task
     subprocesses use it) update image infos at the same time: every write survives."""
     import requests
@@ -409,34 +409,48 @@ def test_two_processes_writing_the_datastore_lose_no_update(fault_server):
     if fault_server.proc.poll() is not None:
         pytest.skip("the module's server was stopped by an earlier test")
     ids = sorted(_datastore_objects(fault_server.studies))
+    raced = tmp_path / "raced"
+    # one process for the race and the late writes after it (its start-up is most of its time)
     script = textwrap.dedent(f"""
-        import sys
+        import pathlib, sys
         sys.path.insert(0, {str(APP_DIR)!r})
         from lib.datastore import FastTextDiffDatastore
         ds = FastTextDiffDatastore({str(fault_server.studies)!r}, extensions=["*.png", "*.nii.gz"], auto_reload=False)
+        print("ready", flush=True)
         for i in range({rounds}):
             for image in {ids!r}:
                 ds.update_image_info_internal(image, {{"other_process": i}})
+        pathlib.Path({str(raced)!r}).touch()
+        sys.stdin.readline()  # the test has read the file: now the late writes
+        for image in {ids!r}:
+            ds.update_image_info_internal(image, {{"late_write": -1}})
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(REPO / "lib")))
-    sent = 0
-    while proc.poll() is None or sent < rounds:
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(REPO / "lib")),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", "the writing process did not start"
+        sent = 0
+        while not raced.exists() or sent < rounds:  # HTTP writes for as long as the other process writes
+            assert proc.poll() is None, f"the writing process exited with {proc.returncode}"
+            for image in ids:
+                r = requests.put(f"{fault_server.url}/datastore/image/info?image={image}",
+                                 files={"info": (None, json.dumps({"from_http": sent}))}, timeout=30)
+                assert r.status_code == 200, r.text
+            sent += 1
+        objects = json.loads((fault_server.studies / "datastore_v2.json").read_text(encoding="utf-8"))["objects"]
         for image in ids:
-            r = requests.put(f"{fault_server.url}/datastore/image/info?image={image}",
-                             files={"info": (None, json.dumps({"from_http": sent}))}, timeout=30)
-            assert r.status_code == 200, r.text
-        sent += 1
-    assert proc.wait(60) == 0
-    objects = json.loads((fault_server.studies / "datastore_v2.json").read_text(encoding="utf-8"))["objects"]
-    for image in ids:
-        info = objects[image]["image"]["info"]
-        assert info.get("other_process") == rounds - 1, (image, info)
-        assert info.get("from_http") == sent - 1, (image, info)
+            info = objects[image]["image"]["info"]
+            assert info.get("other_process") == rounds - 1, (image, info)
+            assert info.get("from_http") == sent - 1, (image, info)
 
-    # and the server sees another process's writes without writing anything itself (auto-reload)
-    late = script.replace(f"for i in range({rounds}):", "for i in [-1]:").replace('"other_process"', '"late_write"')
-    assert subprocess.run([sys.executable, "-c", late], env=dict(os.environ, PYTHONPATH=str(REPO / "lib")),
-                          timeout=120).returncode == 0
+        # and the server sees another process's writes without writing anything itself (auto-reload)
+        proc.stdin.write("late\n")
+        proc.stdin.flush()
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
 
     def server_sees_them():
         return all(requests.get(f"{fault_server.url}/datastore/image/info?image={image}", timeout=30).json()
