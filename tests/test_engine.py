@@ -1,5 +1,6 @@
-"""The training engine on several processes: `accelerate launch` (CPU, gloo) writes what one process writes,
-and the JSON jobs the server's train tasks launch on several GPUs run the same way."""
+"""The training engine on several processes: `accelerate launch` (CPU, gloo) writes what one process writes
+(backbone pretraining, segmenter training, text pretraining), and the JSON jobs the server's train tasks
+launch on several GPUs run the same way."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from fasttextdiff.devices import resolve_device
 LIB = str(Path(__file__).resolve().parents[1] / "lib")
 BACKBONE = ["--image-size", "32", "--widths", "8,16", "--timesteps", "50,150", "--epochs", "1", "--max-steps", "2",
             "--batch-size", "4"]
+TEXT = ["--corpus", "iu-xray", "--init", "tiny", "--steps", "4", "--max-seq-len", "32", "--batch-size", "4", "--hidden", "32",
+        "--layers", "2", "--tokenizer", "minilm", "--max-notes", "150", "--device", "cpu"]
 SEGMENTER = ["--epochs", "2", "--batch-size", "2", "--fusion-dim", "16", "--heads", "2", "--head-channels", "8"]
 
 
@@ -56,8 +59,9 @@ for args in json.loads(sys.argv[1]):
 
 @pytest.fixture(scope="module")
 def one_and_two_processes(tmp_path_factory, tiny_dataset, accelerate_launch):
-    """pretrain-backbone then train, on one process (in this one) and on two under `accelerate launch`;
-    (one, two, the launch's stdout). Shared by the tests below: each launch costs several process start-ups."""
+    """pretrain-backbone then train, on one process (in this one) and on two under `accelerate launch`, where
+    pretrain-text follows; (one, two, the launch's stdout). Shared by the tests below: each launch costs several
+    process start-ups."""
     root = tmp_path_factory.mktemp("engine")
     one, two = root / "one", root / "two"
     assert cli(["pretrain-backbone", "--data", str(tiny_dataset), "--out", str(one / "bb"), *BACKBONE]) == 0
@@ -67,7 +71,8 @@ def one_and_two_processes(tmp_path_factory, tiny_dataset, accelerate_launch):
     (root / "run_commands.py").write_text(_RUN_COMMANDS, encoding="utf-8")
     commands = [["pretrain-backbone", "--data", str(tiny_dataset), "--out", str(two / "bb"), *BACKBONE],
                 ["train", "--data", str(tiny_dataset), "--backbone", str(two / "bb"), "--out", str(two / "m"),
-                 *SEGMENTER]]
+                 *SEGMENTER],
+                ["pretrain-text", "--out", str(two / "text"), *TEXT]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([LIB, str(root)])}
     proc = subprocess.run([*accelerate_launch(2), "run_commands", json.dumps(commands)], capture_output=True,
                           env=env, encoding="utf-8", errors="replace", timeout=400, cwd=root)
@@ -91,11 +96,27 @@ def test_two_cpu_processes_train_together_with_identical_weights(one_and_two_pro
     """(Was in test_train.py: it shares the launch above.) Each rank prints its own result."""
     _, two, stdout = one_and_two_processes
     outputs = [json.loads(chunk) for chunk in _json_objects(stdout)]
-    assert len(outputs) == 4  # pretrain-backbone and train, once per rank
+    assert len(outputs) == 4  # pretrain-backbone and train, once per rank (pretrain-text prints a sentence)
     trained = [o for o in outputs if "ddp_weights_identical" in o]
     assert len(trained) == 2  # one train result per rank
     assert all(o["world_size"] == 2 and o["ddp_weights_identical"] is True for o in trained)
     assert (two / "m" / WEIGHTS_FILE).is_file()
+
+
+@pytest.mark.slow
+def test_ddp_text_pretraining_under_accelerate_launch_with_gloo(one_and_two_processes):
+    """(Was in test_text_pretrain.py: it shares the launch above.) Two CPU processes (gloo): both train,
+    the main process writes one loadable encoder."""
+    from fasttextdiff.config import TextConfig
+    from fasttextdiff.text import TextEncoder
+
+    _, two, stdout = one_and_two_processes
+    out = two / "text"
+    assert "held-out masked-token perplexity" in stdout
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4
+    assert metrics["tokens"] == 4 * 4 * 32 * 2  # both ranks' blocks are counted
+    assert TextEncoder(TextConfig(encoder=str(out))).hidden_size == 32
 
 
 def _json_objects(text: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""Corpus readers on fixtures in the published layouts, and masked-LM adaptation on real IU reports."""
+"""Corpus readers on fixtures in the published layouts, and masked-LM adaptation on real IU reports
+(on two processes under accelerate launch: tests/test_engine.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import csv
 import gzip
 import io
 import json
-import os
 import tarfile
 
 import pytest
@@ -197,22 +197,3 @@ def test_cli_arguments_run(tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
     settings = json.loads((tmp_path / "cli" / "metrics.json").read_text(encoding="utf-8"))["settings"]
     assert settings["tokenizer"] == "minilm" and settings["steps"] == 3
-
-
-@pytest.mark.slow
-def test_ddp_under_accelerate_launch_with_gloo(tmp_path, accelerate_launch):
-    """Two CPU processes (gloo): both train, the main process writes one loadable encoder."""
-    import subprocess
-    from pathlib import Path
-
-    out = tmp_path / "ddp"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "lib"), OMP_NUM_THREADS="1")
-    cmd = [*accelerate_launch(2), "fasttextdiff.text_pretrain", "--corpus", "iu-xray", "--init", "tiny", "--out", str(out),
-           "--steps", "4", "--max-seq-len", "32", "--batch-size", "4", "--hidden", "32", "--layers", "2",
-           "--tokenizer", "minilm", "--max-notes", "150", "--device", "cpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    assert metrics["world_size"] == 2 and metrics["steps"] == 4
-    assert metrics["tokens"] == 4 * 4 * 32 * 2  # both ranks' blocks are counted
-    assert TextEncoder(TextConfig(encoder=str(out))).hidden_size == 32
