@@ -118,10 +118,11 @@ def _entries(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")} if folder.exists() else set()
 
 
-# MONAI Label appends every server's log to <app>/logs/app.log (servers other test workers run at the
-# same time included), creating the folder and file when missing: their existence, size and times are
-# not compared. Any other change in the app folder, a new file in logs/ included, still counts.
-_SHARED_APP_LOG = {"logs", str(Path("logs") / "app.log")}
+# `monailabel start_server` creates the empty folders model/, logs/ and bin/ in the app folder when missing
+# and appends every server's log to logs/app.log (servers other test workers run at the same time
+# included): those four entries' existence, size and times are not compared. Any other change in the app
+# folder, a file in model/ or bin/ or a new file in logs/ included, still counts.
+_SHARED_APP_LOG = {"model", "logs", "bin", str(Path("logs") / "app.log")}
 
 
 def _app_tree() -> dict:
