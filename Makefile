@@ -34,11 +34,14 @@ $(STAMP): requirements.txt requirements-viewer.txt requirements-data.txt pyproje
 system-deps: $(STAMP)
 	$(PY) -m fasttextdiff.viewer.system --install
 
+# Test files run in parallel on TEST_WORKERS processes (pytest-xdist); a file's tests stay on one
+# worker so its module fixtures (servers, models) are built once.
+TEST_WORKERS ?= 2
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q -p no:cacheprovider --timeout 600 tests
+	$(PY) -m pytest -q -p no:cacheprovider --timeout 600 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -x -m "not slow" tests
+	$(PY) -m pytest -q -x -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	$(VENV)/bin/fasttextdiff demo --out runs/demo

@@ -801,8 +801,10 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"command": command, "quick": args.quick, "machine": common.machine_info(), "notes": NOTES}
     result["matmul"] = None
-    matmul_start = matmul_rate(repeats=10 if args.quick else 20)
-    conv_start = conv_rate(repeats=10 if args.quick else 20)
+    # machine rates: best of 20 calls (10 quick); the --tiny smoke test only checks they are measured
+    rate_repeats = 2 if args.tiny else 10 if args.quick else 20
+    matmul_start = matmul_rate(repeats=rate_repeats)
+    conv_start = conv_rate(repeats=rate_repeats)
     specs = TINY_TRAIN if args.tiny else QUICK_TRAIN if args.quick else TRAIN_CONFIGS
     if args.only_issue14:
         return run_issue14(args, result, conv_start, matmul_start)
@@ -828,17 +830,17 @@ def main(argv: list[str] | None = None) -> dict:
             result["fast"] = fast_inference_section(work, args.quick, args.device, args.infer_threads)
             result["fast_2d"] = fast_2d_latency(work, args.device, args.infer_threads, repeats=4 if args.quick else 10)
         common.write_json(args.out / "speed.partial.json", result)
-        conv_fast = conv_rate(repeats=10 if args.quick else 20)  # at --infer-threads (set by the sections above)
+        conv_fast = conv_rate(repeats=rate_repeats)  # at --infer-threads (set by the sections above)
         result["truncation"] = truncation_flops(*(() if not args.tiny else (32, (8, 16, 16), (0, 1))))
         result["conv_bf16"] = conv_rate_low_precision()
         if not args.skip_dice and not args.tiny:
             result["dice_check"] = dice_check(work, args.device, args.infer_threads)
         common.set_threads(args.threads)
-    matmul_end = matmul_rate(repeats=10 if args.quick else 20)
+    matmul_end = matmul_rate(repeats=rate_repeats)
     # the machine's rate is the best it showed (other jobs only ever slow it down)
     result["matmul"] = max(matmul_start, matmul_end, key=lambda m: m["gflops_best"])
     result["matmul_runs"] = {"start": matmul_start, "end": matmul_end}
-    conv_end = conv_rate(repeats=10 if args.quick else 20)
+    conv_end = conv_rate(repeats=rate_repeats)
     result["conv"] = max(conv_start, conv_end, key=lambda m: m["gflops_best"])
     inf = result["inference"]
     # the floor uses the best rate the machine showed, matmul or convolution (see conv_rate)

@@ -76,3 +76,15 @@ def tiny_model(tmp_path_factory, tiny_dataset, tiny_backbone) -> Path:
                     train_config=TrainConfig(epochs=1, batch_size=4, lr=1e-3), val_samples=splits["val"],
                     progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def pristine_tiny_model_root(tmp_path_factory) -> Path:
+    """One tiny published model root (versions/ + current) per test process, built from seed-1 tiny studies
+    by the app's workflows. Never served as is: `tiny_model_root` and `shared_tiny_model_root` hand out
+    copies (a server may publish into its model root)."""
+    from server_fixtures import build_tiny_model, make_tiny_studies
+
+    studies = make_tiny_studies(tmp_path_factory.mktemp("pristine-model-studies") / "demo", seed=1)
+    return build_tiny_model(studies, tmp_path_factory.mktemp("pristine-model") / "root")
+

@@ -306,9 +306,9 @@ def tiny_studies(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_model_root(tmp_path_factory) -> Path:
-    studies = make_tiny_studies(tmp_path_factory.mktemp("model-studies") / "demo", seed=1)
-    return build_tiny_model(studies, tmp_path_factory.mktemp("model") / "root")
+def tiny_model_root(tmp_path_factory, pristine_tiny_model_root) -> Path:
+    """This module's own copy of the tiny model (tests/conftest.py builds it once per test process)."""
+    return shutil.copytree(pristine_tiny_model_root, tmp_path_factory.mktemp("model") / "root", symlinks=True)
 
 
 @contextlib.contextmanager

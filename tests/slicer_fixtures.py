@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +27,7 @@ MODULE_DIR = REPO / "slicer_module" / "ReportSegment"
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
-from tests.server_fixtures import TINY_CONF, SubprocessServer, build_tiny_model, make_tiny_studies  # noqa: E402
+from tests.server_fixtures import TINY_CONF, SubprocessServer, make_tiny_studies  # noqa: E402
 
 #: The test volume: 32 x 32 x 6 voxels (x, y, z), like the tiny server's 32 px images.
 VOLUME_SIZE = (32, 32, 6)
@@ -134,9 +135,10 @@ def headless_slicer() -> Iterator[HeadlessSlicer]:
 
 
 @pytest.fixture(scope="session")
-def shared_tiny_model_root(tmp_path_factory) -> Path:
-    studies = make_tiny_studies(tmp_path_factory.mktemp("shared-model-studies") / "demo", seed=1)
-    return build_tiny_model(studies, tmp_path_factory.mktemp("shared-model") / "root")
+def shared_tiny_model_root(tmp_path_factory, pristine_tiny_model_root) -> Path:
+    """A copy of the tiny model (tests/conftest.py builds it once per test process) for these servers."""
+    return Path(shutil.copytree(pristine_tiny_model_root, tmp_path_factory.mktemp("shared-model") / "root",
+                                symlinks=True))
 
 
 @pytest.fixture(scope="session")

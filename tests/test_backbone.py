@@ -197,7 +197,7 @@ def test_save_over_existing_dir_replaces_weights_and_keeps_other_entries(tmp_pat
     loaded = DiffusionBackbone.from_pretrained(out)
     assert loaded.config.noise_seed == 9
     assert torch.equal(loaded.unet.conv_in.weight, second.unet.conv_in.weight)
-    assert (out / "checkpoint" / "marker.txt").read_text() == "keep me"
+    assert (out / "checkpoint" / "marker.txt").read_text(encoding="utf-8") == "keep me"
     (out / "checkpoint.tmp-0123456789ab").mkdir()  # left by an interrupted checkpoint save
     first.save_pretrained(out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -469,7 +469,7 @@ def test_stop_event_stops_after_the_current_step_and_saves(tmp_path):
         images(8), tiny_config(), tmp_path / "bb", epochs=50, batch_size=2, progress=False, log=log, stop_event=stop
     )
     assert result["stopped"] and result["steps"] == 2
-    state = json.loads((tmp_path / "bb" / "checkpoint" / "state.json").read_text())
+    state = json.loads((tmp_path / "bb" / "checkpoint" / "state.json").read_text(encoding="utf-8"))
     assert state["step"] == 2
     DiffusionBackbone.from_pretrained(tmp_path / "bb")
 

@@ -27,7 +27,7 @@ def _finite(x) -> bool:
 
 
 def _check_accuracy(path: Path, dataset: str) -> dict:
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     assert data["dataset"] == dataset and data["complete"] is True
     methods = {r["method"] for r in data["results"]}
     assert methods == {"fasttextdiff", "no_text", "bert_text", "unet"}
@@ -66,7 +66,7 @@ def test_accuracy_user_lvit_path(tmp_path):
     root = make_lvit_dataset(tmp_path / "lvit", variant="standard", n_train=6, n_val=2, n_test=2, size=32, seed=1)
     accuracy.main(TINY_ACCURACY + ["--dataset", "lvit", "--path", str(root), "--size", "32", "--budgets", "0.5",
                                    "--methods", "fasttextdiff", "unet", "--name", "mine", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "accuracy_mine.json").read_text())
+    data = json.loads((tmp_path / "accuracy_mine.json").read_text(encoding="utf-8"))
     assert data["dataset"] == "lvit" and data["split_sizes"] == [6, 2, 2]
     assert {r["method"] for r in data["results"]} == {"fasttextdiff", "unet"}
     assert all(_finite(r["dice_mean"]) for r in data["results"])
@@ -76,7 +76,7 @@ def test_nuclei_tiles_do_not_overlap(tmp_path):
     import nuclei
 
     root = nuclei.make_nuclei_dataset(tmp_path / "tiles", tile=128)
-    record = json.loads((root / "tiles.json").read_text())
+    record = json.loads((root / "tiles.json").read_text(encoding="utf-8"))
     cells = [(t["row"], t["col"]) for t in record["tiles"]]
     assert len(cells) == len(set(cells)) == 16
     assert {t["split"] for t in record["tiles"]} == {"train", "val", "test"}
@@ -87,7 +87,7 @@ def test_speed_smallest(tmp_path):
     import speed
 
     speed.main(["--tiny", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "speed.json").read_text())
+    data = json.loads((tmp_path / "speed.json").read_text(encoding="utf-8"))
     for key in ("train_speedup_vs_textdiff_style", "infer_speedup_vs_iterative"):
         assert _finite(data[key]) and data[key] > 0, key
     assert _finite(data["matmul"]["gflops_best"])

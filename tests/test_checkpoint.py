@@ -21,10 +21,10 @@ def test_publish_swaps_current_and_prunes(tmp_path):
     root = tmp_path / "models"
     first = _version(tmp_path, root, "1")
     assert resolve_model_dir(root) == first.resolve()
-    assert (resolve_model_dir(root) / "weights.txt").read_text() == "1"
+    assert (resolve_model_dir(root) / "weights.txt").read_text(encoding="utf-8") == "1"
     _version(tmp_path, root, "2")
     third = _version(tmp_path, root, "3")
-    assert (resolve_model_dir(root) / "weights.txt").read_text() == "3"
+    assert (resolve_model_dir(root) / "weights.txt").read_text(encoding="utf-8") == "3"
     assert resolve_model_dir(root) == third.resolve()
     assert len(list((root / "versions").iterdir())) == 2 and not first.exists()
     assert resolve_model_dir(tmp_path / "plain") == tmp_path / "plain"  # not a root: the path itself
@@ -36,7 +36,7 @@ def test_replace_dir_swaps_a_whole_directory(tmp_path):
         staging = staging_dir(target)
         (staging / "f").write_text(text)
         replace_dir(staging, target)
-    assert (target / "f").read_text() == "new"
+    assert (target / "f").read_text(encoding="utf-8") == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging or old copies left
 
 

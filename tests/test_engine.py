@@ -1,5 +1,6 @@
-"""The training engine on several processes: `accelerate launch` (CPU, gloo) writes what one process writes,
-and the JSON jobs the server's train tasks launch on several GPUs run the same way."""
+"""The training engine on several processes: `accelerate launch` (CPU, gloo) writes what one process writes
+(backbone pretraining, segmenter training, text pretraining), and the JSON jobs the server's train tasks
+launch on several GPUs run the same way."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import torch
 
 from fasttextdiff.cli import main as cli
 from fasttextdiff.config import MODEL_CONFIG_FILE
+from fasttextdiff.model import WEIGHTS_FILE
 from fasttextdiff.devices import resolve_device
 
 LIB = str(Path(__file__).resolve().parents[1] / "lib")
 BACKBONE = ["--image-size", "32", "--widths", "8,16", "--timesteps", "50,150", "--epochs", "1", "--max-steps", "2",
             "--batch-size", "4"]
+TEXT = ["--corpus", "iu-xray", "--init", "tiny", "--steps", "4", "--max-seq-len", "32", "--batch-size", "4", "--hidden", "32",
+        "--layers", "2", "--tokenizer", "minilm", "--max-notes", "150", "--device", "cpu"]
 SEGMENTER = ["--epochs", "2", "--batch-size", "2", "--fusion-dim", "16", "--heads", "2", "--head-channels", "8"]
 
 
@@ -38,29 +42,95 @@ def test_one_device_choice_for_library_cli_and_server():
         assert resolve_device("cuda:1") == torch.device("cpu")
 
 
-@pytest.mark.slow
-def test_two_processes_pretrain_and_train_to_the_same_metrics_files_as_one(tmp_path, tiny_dataset, accelerate_launch):
-    one, two = tmp_path / "one", tmp_path / "two"
+# One launched job runs both commands, as a user's script would: one set of process start-ups for
+# both steps. `accelerate launch -m` takes one module, so this file is that module.
+_RUN_COMMANDS = """# fasttextdiff CLI commands one after another in this (launched) process
+import json
+import sys
+
+from fasttextdiff.cli import main
+
+for args in json.loads(sys.argv[1]):
+    code = main(args)
+    if code:
+        sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(tmp_path_factory, tiny_dataset, accelerate_launch):
+    """pretrain-backbone then train, on one process (in this one) and on two under `accelerate launch`, where
+    pretrain-text follows; (one, two, the launch's stdout). Shared by the tests below: each launch costs several
+    process start-ups."""
+    root = tmp_path_factory.mktemp("engine")
+    one, two = root / "one", root / "two"
     assert cli(["pretrain-backbone", "--data", str(tiny_dataset), "--out", str(one / "bb"), *BACKBONE]) == 0
     assert cli(["train", "--data", str(tiny_dataset), "--backbone", str(one / "bb"), "--out", str(one / "m"),
                 *SEGMENTER]) == 0
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": LIB}
-    for args in (["pretrain-backbone", "--data", str(tiny_dataset), "--out", str(two / "bb"), *BACKBONE],
-                 ["train", "--data", str(tiny_dataset), "--backbone", str(two / "bb"), "--out", str(two / "m"),
-                  *SEGMENTER]):
-        proc = subprocess.run([*accelerate_launch(2), "fasttextdiff.cli", *args], capture_output=True, env=env,
-                              encoding="utf-8", errors="replace", timeout=400, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    (root / "run_commands.py").write_text(_RUN_COMMANDS, encoding="utf-8")
+    commands = [["pretrain-backbone", "--data", str(tiny_dataset), "--out", str(two / "bb"), *BACKBONE],
+                ["train", "--data", str(tiny_dataset), "--backbone", str(two / "bb"), "--out", str(two / "m"),
+                 *SEGMENTER],
+                ["pretrain-text", "--out", str(two / "text"), *TEXT]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([LIB, str(root)])}
+    proc = subprocess.run([*accelerate_launch(2), "run_commands", json.dumps(commands)], capture_output=True,
+                          env=env, encoding="utf-8", errors="replace", timeout=400, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return one, two, proc.stdout
 
-    bb1, bb2 = (json.loads((d / "bb" / "metrics.json").read_text()) for d in (one, two))
+
+@pytest.mark.slow
+def test_two_processes_pretrain_and_train_to_the_same_metrics_files_as_one(one_and_two_processes):
+    one, two, _ = one_and_two_processes
+    bb1, bb2 = (json.loads((d / "bb" / "metrics.json").read_text(encoding="utf-8")) for d in (one, two))
     assert _shape(bb1) == _shape(bb2) and (bb1["world_size"], bb2["world_size"]) == (1, 2)
     assert bb1["steps"] == bb2["steps"] == 2
-    m1, m2 = (json.loads((d / "m" / MODEL_CONFIG_FILE).read_text())["metrics"] for d in (one, two))
+    m1, m2 = (json.loads((d / "m" / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))["metrics"] for d in (one, two))
     assert m2.pop("ddp_weights_identical") is True  # the one key only several processes have
     assert _shape(m1) == _shape(m2) and (m1["world_size"], m2["world_size"]) == (1, 2)
     assert m1["test"]["n"] == m2["test"]["n"] == 4  # every test image, once
     assert m1["epochs"] == m2["epochs"] == 4  # --epochs 2 image-only, then 2 with the report (text_fallback)
+
+
+def test_two_cpu_processes_train_together_with_identical_weights(one_and_two_processes):
+    """(Was in test_train.py: it shares the launch above.) Each rank prints its own result."""
+    _, two, stdout = one_and_two_processes
+    outputs = [json.loads(chunk) for chunk in _json_objects(stdout)]
+    assert len(outputs) == 4  # pretrain-backbone and train, once per rank (pretrain-text prints a sentence)
+    trained = [o for o in outputs if "ddp_weights_identical" in o]
+    assert len(trained) == 2  # one train result per rank
+    assert all(o["world_size"] == 2 and o["ddp_weights_identical"] is True for o in trained)
+    assert (two / "m" / WEIGHTS_FILE).is_file()
+
+
+@pytest.mark.slow
+def test_ddp_text_pretraining_under_accelerate_launch_with_gloo(one_and_two_processes):
+    """(Was in test_text_pretrain.py: it shares the launch above.) Two CPU processes (gloo): both train,
+    the main process writes one loadable encoder."""
+    from fasttextdiff.config import TextConfig
+    from fasttextdiff.text import TextEncoder
+
+    _, two, stdout = one_and_two_processes
+    out = two / "text"
+    assert "held-out masked-token perplexity" in stdout
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4
+    assert metrics["tokens"] == 4 * 4 * 32 * 2  # both ranks' blocks are counted
+    assert TextEncoder(TextConfig(encoder=str(out))).hidden_size == 32
+
+
+def _json_objects(text: str) -> list[str]:
+    objects, depth, start = [], 0, None
+    for i, ch in enumerate(text):
+        if ch == "{":
+            depth += 1
+            start = i if depth == 1 else start
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                objects.append(text[start:i + 1])
+    return objects
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ def test_without_cuda_there_is_nothing_to_check(tmp_path):
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "no CUDA device" in proc.stdout and "nothing to check" in proc.stdout
-    record = json.loads(out.read_text())
+    record = json.loads(out.read_text(encoding="utf-8"))
     assert record["cuda"] is False
     assert {r["check"] for r in record["rows"]} >= {"train-bf16", "train-fp16", "text-attention", "multi-gpu",
                                                     "server-volume", "speed-features"}
@@ -33,5 +33,5 @@ def test_without_cuda_there_is_nothing_to_check(tmp_path):
 
 
 def test_the_makefile_target_runs_the_script():
-    makefile = (REPO / "Makefile").read_text()
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
     assert "\ngpu-check: $(STAMP)\n\t$(PY) bench/gpu_check.py\n" in makefile

@@ -34,7 +34,7 @@ def test_lvit_layout_imports_images_masks_and_table_reports(tmp_path, capsys):
     out = tmp_path / "studies"
     code, text, _ = _run(capsys, "import-studies", src, "--out", out, "--json", tmp_path / "s.json")
     assert code == 0 and "imported 6 case(s)" in text and "6 with a report, 6 with a label" in text
-    summary = json.loads((tmp_path / "s.json").read_text())
+    summary = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
     assert summary["kind"] == "lvit" and not summary["skipped"]
     sample = load_split(src, "train")[0]
     image_id = summary["imported"][0]["id"]
@@ -81,13 +81,13 @@ def test_folder_with_reports_masks_dicom_series_and_bad_files(tmp_path, capsys):
     out = tmp_path / "studies"
     code, text, _ = _run(capsys, "import-studies", src, "--out", out, "--json", tmp_path / "s.json")
     assert code == 0, text
-    summary = json.loads((tmp_path / "s.json").read_text())
+    summary = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
     imported = {c["id"]: c for c in summary["imported"]}
     assert set(imported) == {"xray_1", "series_a"}
     assert imported["xray_1"]["label"] and imported["xray_1"]["report"]
     assert imported["series_a"]["volume"] and (out / "series_a.nii.gz").is_file()
     assert read_image(out / "series_a.nii.gz").array.shape == (3, 24, 20)
-    assert (out / "series_a.txt").read_text() == "Nodule in the right upper lobe."
+    assert (out / "series_a.txt").read_text(encoding="utf-8") == "Nodule in the right upper lobe."
     skipped = {s["source"]: s["reason"] for s in summary["skipped"]}
     assert "has shape (3, 16, 16), the image (4, 16, 16)" in skipped["ct.nii.gz"]  # a mask of another size
     assert "notes.png is not an image" in skipped["notes.png"]
@@ -110,7 +110,7 @@ def test_csv_and_xlsx_tables(tmp_path, capsys):
     pd.DataFrame(rows).to_csv(src / "cases.csv", index=False)
     code, text, _ = _run(capsys, "import-studies", src / "cases.csv", "--out", tmp_path / "s1")
     assert code == 0 and "imported 1 case(s)" in text and "skipped missing.png" in text and "does not exist" in text
-    assert (tmp_path / "s1" / "a.tif").is_file() and (tmp_path / "s1" / "a.txt").read_text() == "Right lung lesion."
+    assert (tmp_path / "s1" / "a.tif").is_file() and (tmp_path / "s1" / "a.txt").read_text(encoding="utf-8") == "Right lung lesion."
     np.testing.assert_array_equal(read_image(tmp_path / "s1" / "labels" / "final" / "a.nii.gz").array, mask)
     pd.DataFrame(rows[:1]).to_excel(src / "cases.xlsx", index=False)
     code, text, _ = _run(capsys, "import-studies", src / "cases.xlsx", "--out", tmp_path / "s2")

@@ -144,7 +144,7 @@ def test_train_with_a_preset_on_the_converted_adm_then_segment(tmp_path, paper_a
                            "--preset", "paper-monuseg", "--image-size", "32", "--epochs", "1",
                            "--text-max-tokens", "10", *TINY_HEAD)
     assert code == 0, err
-    record = json.loads((model / "fasttextdiff.json").read_text())
+    record = json.loads((model / "fasttextdiff.json").read_text(encoding="utf-8"))
     assert record["backbone"]["feature_taps"] == [6, 8, 12, 16] and record["backbone"]["image_size"] == 32
     assert record["train"]["epochs"] == 1 and record["train"]["lr"] == 1e-4
     assert record["text"]["max_length"] == 10
@@ -174,14 +174,14 @@ def test_reproduce_end_to_end_then_resumes(tmp_path, paper_adm, tiny_dataset, ca
     code, stdout, err = run_cli(capsys, *argv)
     first_run = time.perf_counter() - started
     assert code == 0, err
-    result = json.loads((out / "results.json").read_text())
+    result = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert [(row["labeled"], row["labeled_images"], row["test_images"]) for row in result["table"]] == [(0.5, 4, 4), (1.0, 8, 4)]
     for row in result["table"]:
         assert 0 <= row["dice"] <= 100 and 0 <= row["iou"] <= row["dice"] + 1e-9
         assert row["seconds_per_epoch"] > 0 and row["inference_ms_per_image"] > 0
     assert result["settings"]["backbone_overrides"] == {"feature_taps": [4, 6, 8, 12], "timesteps": [50, 150, 250],
                                                         "image_size": 32}
-    table = (out / "results.md").read_text()
+    table = (out / "results.md").read_text(encoding="utf-8")
     assert "| LViT (published) | 100% | 83.66 | 75.11 |" in table and "| U-Net (published) | 100% | 79.02 | – |" in table
     assert "| FastTextDiff (this run) | 50% (4 images) |" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -194,7 +194,7 @@ def test_reproduce_end_to_end_then_resumes(tmp_path, paper_adm, tiny_dataset, ca
     assert code == 0, err
     assert stdout.count("done before, skipped") == 2
     assert weights.stat().st_mtime_ns == before
-    assert json.loads((out / "results.json").read_text())["table"] == result["table"]
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["table"] == result["table"]
     assert time.perf_counter() - started < first_run
     print(f"reproduce, tiny scale: first run {first_run:.1f} s")
 

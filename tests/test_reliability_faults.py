@@ -81,7 +81,7 @@ def _train_in_process(data: Path, backbone: Path, out: Path, epochs: int) -> dic
                            train_config=TrainConfig(epochs=epochs, batch_size=4, lr=1e-3), progress=False)
 
 
-def _start_and_kill_training(data: Path, backbone: Path, out: Path, min_epoch: int = 2) -> int:
+def _start_and_kill_training(data: Path, backbone: Path, out: Path, min_epoch: int = 1) -> int:
     """Start a long training in its own process, SIGKILL it once it has saved `min_epoch` epochs."""
     state = out.with_name(out.name + ".resume") / "state.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "lib"), os.environ.get("PYTHONPATH", "")]))
@@ -91,14 +91,14 @@ def _start_and_kill_training(data: Path, backbone: Path, out: Path, min_epoch: i
         def saved():
             if proc.poll() is not None:
                 raise AssertionError(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
-            return state.is_file() and json.loads(state.read_text())["epoch"] >= min_epoch
+            return state.is_file() and json.loads(state.read_text(encoding="utf-8"))["epoch"] >= min_epoch
 
         wait_for(saved, 120, 0.1, "the training to save its resume state")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     assert proc.returncode == -signal.SIGKILL
-    return int(json.loads(state.read_text())["epoch"])
+    return int(json.loads(state.read_text(encoding="utf-8"))["epoch"])
 
 
 def test_sigkilled_training_keeps_the_published_model_and_resumes_only_on_the_same_data(
@@ -178,7 +178,7 @@ def test_corrupt_resume_state_starts_over(tiny_dataset, tiny_backbone, tmp_path,
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset, data)
     out = tmp_path / "model"
-    _start_and_kill_training(data, tiny_backbone, out, min_epoch=1)
+    _start_and_kill_training(data, tiny_backbone, out)
     _truncate(out.with_name("model.resume") / "state.safetensors")
     with caplog.at_level(logging.INFO, logger="fasttextdiff.train"):
         metrics = _train_in_process(data, tiny_backbone, out, epochs=1)
@@ -327,7 +327,7 @@ def _wait_epochs(server: SubprocessServer, n: int) -> dict:
 
 
 def _datastore_objects(studies: Path) -> dict:
-    objects = json.loads((studies / "datastore_v2.json").read_text())["objects"]
+    objects = json.loads((studies / "datastore_v2.json").read_text(encoding="utf-8"))["objects"]
     return {k: {"labels": sorted(t for t in v["labels"] if t != "uncertainty"), "text": v["image"]["info"].get("text")}
             for k, v in objects.items()}
 
@@ -399,42 +399,58 @@ def test_sigkill_of_a_server_training_run_keeps_model_and_datastore_then_resumes
     assert _info(url)["fasttextdiff"]["model_identity"] != identity
 
 
-def test_two_processes_writing_the_datastore_lose_no_update(fault_server):
+def test_two_processes_writing_the_datastore_lose_no_update(fault_server, tmp_path):
     """The server (HTTP) and another process (the app's datastore class, as MONAI Label's task
     subprocesses use it) update image infos at the same time: every write survives."""
     import requests
 
+    rounds = 3  # each round writes every image from both sides; a lost update shows in any round
+
     if fault_server.proc.poll() is not None:
         pytest.skip("the module's server was stopped by an earlier test")
     ids = sorted(_datastore_objects(fault_server.studies))
+    raced = tmp_path / "raced"
+    # one process for the race and the late writes after it (its start-up is most of its time)
     script = textwrap.dedent(f"""
-        import sys
+        import pathlib, sys
         sys.path.insert(0, {str(APP_DIR)!r})
         from lib.datastore import FastTextDiffDatastore
         ds = FastTextDiffDatastore({str(fault_server.studies)!r}, extensions=["*.png", "*.nii.gz"], auto_reload=False)
-        for i in range(10):
+        print("ready", flush=True)
+        for i in range({rounds}):
             for image in {ids!r}:
                 ds.update_image_info_internal(image, {{"other_process": i}})
+        pathlib.Path({str(raced)!r}).touch()
+        sys.stdin.readline()  # the test has read the file: now the late writes
+        for image in {ids!r}:
+            ds.update_image_info_internal(image, {{"late_write": -1}})
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(REPO / "lib")))
-    sent = 0
-    while proc.poll() is None or sent < 10:
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(REPO / "lib")),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", "the writing process did not start"
+        sent = 0
+        while not raced.exists() or sent < rounds:  # HTTP writes for as long as the other process writes
+            assert proc.poll() is None, f"the writing process exited with {proc.returncode}"
+            for image in ids:
+                r = requests.put(f"{fault_server.url}/datastore/image/info?image={image}",
+                                 files={"info": (None, json.dumps({"from_http": sent}))}, timeout=30)
+                assert r.status_code == 200, r.text
+            sent += 1
+        objects = json.loads((fault_server.studies / "datastore_v2.json").read_text(encoding="utf-8"))["objects"]
         for image in ids:
-            r = requests.put(f"{fault_server.url}/datastore/image/info?image={image}",
-                             files={"info": (None, json.dumps({"from_http": sent}))}, timeout=30)
-            assert r.status_code == 200, r.text
-        sent += 1
-    assert proc.wait(60) == 0
-    objects = json.loads((fault_server.studies / "datastore_v2.json").read_text())["objects"]
-    for image in ids:
-        info = objects[image]["image"]["info"]
-        assert info.get("other_process") == 9, (image, info)
-        assert info.get("from_http") == sent - 1, (image, info)
+            info = objects[image]["image"]["info"]
+            assert info.get("other_process") == rounds - 1, (image, info)
+            assert info.get("from_http") == sent - 1, (image, info)
 
-    # and the server sees another process's writes without writing anything itself (auto-reload)
-    late = script.replace("for i in range(10):", "for i in [-1]:").replace('"other_process"', '"late_write"')
-    assert subprocess.run([sys.executable, "-c", late], env=dict(os.environ, PYTHONPATH=str(REPO / "lib")),
-                          timeout=120).returncode == 0
+        # and the server sees another process's writes without writing anything itself (auto-reload)
+        proc.stdin.write("late\n")
+        proc.stdin.flush()
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
 
     def server_sees_them():
         return all(requests.get(f"{fault_server.url}/datastore/image/info?image={image}", timeout=30).json()
@@ -454,7 +470,7 @@ def test_server_killed_while_training_restarts_without_a_stuck_running_state(fau
     identity = _info(url)["fasttextdiff"]["model_identity"]
     os.killpg(fault_server.proc.pid, signal.SIGKILL)  # the server and its training child, no cleanup
     fault_server.proc.wait(30)
-    raw = json.loads((fault_server.root / "state" / "train_stats_fasttextdiff.json").read_text())
+    raw = json.loads((fault_server.root / "state" / "train_stats_fasttextdiff.json").read_text(encoding="utf-8"))
     assert raw["status"] == "RUNNING"  # what the dead run left on disk
 
     again = SubprocessServer(fault_server.studies, dict(fault_server.conf), fault_server.root / "server2.log")

@@ -45,7 +45,7 @@ def _reason(response) -> str:
 
 def _normal(reason: str) -> str:
     """Reasons without the random temp-file names and folders, for the docs table."""
-    reason = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/]+/", "", reason)
+    reason = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/(popen-gw\d+/)?[^/]+/", "", reason)  # (xdist: a folder per worker)
     reason = re.sub(r"/[^\s'\"]*/(tmp[\w-]+)", "…/<upload>", reason)
     reason = re.sub(r"tmp[a-z0-9_]{6,}", "<upload>", reason)
     return reason

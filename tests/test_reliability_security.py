@@ -65,10 +65,10 @@ def test_the_app_refuses_to_start_on_all_interfaces_without_auth(tmp_path, monke
 
 
 def test_make_serve_and_the_docs_bind_loopback():
-    makefile = (REPO / "Makefile").read_text()
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
     assert "HOST ?= 127.0.0.1" in makefile and "--host $(HOST)" in makefile
     for doc in ("docs/SERVER.md", "docs/RELIABILITY.md"):
-        text = (REPO / doc).read_text()
+        text = (REPO / doc).read_text(encoding="utf-8")
         for line in text.splitlines():
             if "start_server" in line and "--host" in line:
                 assert "--host 127.0.0.1" in line or "MONAI_LABEL_AUTH_ENABLE" in text, (doc, line)
@@ -101,7 +101,7 @@ def test_report_text_is_redacted_from_any_logger_that_reaches_the_server_log(tmp
         root.removeHandler(handler)
         root.setLevel(old_level)
         handler.close()
-    written = log_file.read_text()
+    written = log_file.read_text(encoding="utf-8")
     assert written.count("<report: ") == 3, written
     assert "Mustermann" not in written
 

@@ -32,8 +32,9 @@ def _post_infer(url: str, image: str):
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("subprocess")
     studies = make_tiny_studies(root / "studies", seed=3)
-    # enough backbone epochs that the build is still running when the server first answers
-    conf = dict(TINY_CONF, backbone_epochs="100", state_dir=str(root / "state"))
+    # the build is still running when the server first answers: backbone pretraining is unbounded in
+    # epochs and stops at its share of the time budget (half: 10 s), whatever the machine's speed
+    conf = dict(TINY_CONF, backbone_epochs="100000", prepare_budget_s="20", state_dir=str(root / "state"))
     srv = SubprocessServer(studies, conf, root / "server.log").start()
     srv.state = root / "state"
     yield srv

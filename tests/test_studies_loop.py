@@ -61,7 +61,7 @@ def server(source, tmp_path_factory):
     studies = tmp_path_factory.mktemp("studies") / "mine"
     assert main(["import-studies", str(source["dir"]), "--out", str(studies),
                  "--json", str(studies.parent / "import.json")]) == 0
-    summary = json.loads((studies.parent / "import.json").read_text())
+    summary = json.loads((studies.parent / "import.json").read_text(encoding="utf-8"))
     assert sorted(c["id"] for c in summary["imported"]) == sorted(source["cases"])
     assert all(c["report"] and not c["label"] and c["volume"] for c in summary["imported"])
     assert [s["source"] for s in summary["skipped"]] == ["notes.png"]
@@ -108,7 +108,7 @@ def test_import_then_label_then_train_answers_each_step(server, source):
     status, stats = http_json(server, "POST", f"/train/{MODEL}?run_sync=true", {"max_epochs": 3})
     assert status == 200 and stats["status"] == "DONE", stats
     result = stats["result"]
-    split = json.loads((state / "validation_split.json").read_text())["val"]
+    split = json.loads((state / "validation_split.json").read_text(encoding="utf-8"))["val"]
     assert result["val_images"] == split == ["chest_0"] or result["val_images"] == split == ["chest_1"]
     assert result["continued_from"], result
     served_before = result["served_val_dice_before"]
@@ -131,7 +131,7 @@ def test_worse_training_keeps_the_served_model(server, source):
     Dice is below the served model's, so nothing is published and the stats say why."""
     client = server.client()
     state = server.studies / ".fasttextdiff"
-    val = json.loads((state / "validation_split.json").read_text())["val"]
+    val = json.loads((state / "validation_split.json").read_text(encoding="utf-8"))["val"]
     served_dir = Path(client.info()["fasttextdiff"]["model"]["model_dir"])
     served_val = client.info()["models"][MODEL]["val_dice"]
     assert served_val > 0.05, "the served model must have something to lose"
@@ -195,7 +195,7 @@ def test_validation_split_is_kept_as_labels_grow(tmp_path):
         ids.append(f"img{n}")
         _, val, _ = split_labeled(ids, tmp_path)
         assert first in val and len(val) == max(1, round(0.2 * len(ids)))
-    assert json.loads((tmp_path / "validation_split.json").read_text())["val"] == val
+    assert json.loads((tmp_path / "validation_split.json").read_text(encoding="utf-8"))["val"] == val
 
 
 def test_512px_ct_is_modelled_at_128px_with_the_lung_window(tmp_path):
@@ -228,7 +228,7 @@ def test_512px_ct_is_modelled_at_128px_with_the_lung_window(tmp_path):
         assert model["body_crop"] is True  # enabled; this body fills > 90 % of the frame, so no box is cut
         choice = model["geometry_choice"]
         assert choice["native_size"] == 512 and "CPU default 128 px" in choice["size_reason"]
-        record = json.loads((Path(info["fasttextdiff"]["model"]["model_dir"]) / "fasttextdiff.json").read_text())
+        record = json.loads((Path(info["fasttextdiff"]["model"]["model_dir"]) / "fasttextdiff.json").read_text(encoding="utf-8"))
         assert record["backbone"]["image_size"] == 128 and record["backbone"]["window"] == [-600.0, 1500.0]
         assert record["backbone"]["body_crop"] is True
     finally:
