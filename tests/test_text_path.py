@@ -165,10 +165,14 @@ def _train(tiny_dataset, tiny_backbone, out, use_text, fallback, epochs=2):
 
 def test_text_fallback_first_trains_exactly_the_no_text_network(tmp_path, tiny_dataset, tiny_backbone):
     plain = _train(tiny_dataset, tiny_backbone, tmp_path / "plain", use_text=False, fallback=False)
+    text = _train(tiny_dataset, tiny_backbone, tmp_path / "text", use_text=True, fallback=False)
     both = _train(tiny_dataset, tiny_backbone, tmp_path / "both", use_text=True, fallback=True)
     assert [h["epoch"] for h in both["history"]] == [1, 2, 3, 4]  # 2 image-only epochs, then 2 with the text
     # the image-only phase is the no_text run, to the last bit: same losses, same validation scores
     assert both["history"][:2] == plain["history"]
+    # the text phase is a fresh run from the same start (not a continuation of the image-only fit): it is
+    # the run without the fallback, to the last bit
+    assert [{**h, "epoch": h["epoch"] - 2} for h in both["history"][2:]] == text["history"]
     assert both["text_fallback"] in ("image", "text")
     if both["text_fallback"] == "image":  # validation preferred the image-only model: it is the no_text model
         assert both["best_epoch"] <= 2 and both["test"] == plain["test"]

@@ -8,9 +8,12 @@ kill; it runs on the shared training engine, so `accelerate launch` trains data-
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import json
 import logging
+import random
 import shutil
 import tempfile
 import threading
@@ -228,6 +231,13 @@ def train_segmenter(
     start_epoch, best, history, best_state = _resume(engine, resume_dir, model, optimizer, generator,
                                                      total_epochs, fingerprint)
 
+    # text_fallback's second phase is a fresh run with the report: it starts from these weights, not from
+    # the image-only phase's last epoch, which has already fitted the labels without the text (measured:
+    # the text then never opened on the text-necessary set, and validation kept the image-only model)
+    initial = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()} if image_first else None
+    initial_optimizer = copy.deepcopy(optimizer.state_dict()) if image_first else None
+    initial_rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(), generator.get_state())
+
     n_params = sum(p.numel() for p in trainable)
     if engine.is_main:
         log_.info("training %d parameters on %d labeled images (%s x %d), epochs %d..%d", n_params, len(labeled),
@@ -236,6 +246,13 @@ def train_segmenter(
                           initial=start_epoch, total=total_epochs)
     model.train()
     for epoch in bar:
+        if image_first and epoch == train_config.epochs:  # the text phase: the same run as without the fallback
+            model.load_state_dict(initial, strict=False)
+            optimizer.load_state_dict(initial_optimizer)
+            torch.set_rng_state(initial_rng[0])
+            np.random.set_state(initial_rng[1])
+            random.setstate(initial_rng[2])
+            generator.set_state(initial_rng[3])
         loader.set_epoch(epoch)  # also the dataset's augmentation epoch
         model.fusion.text_enabled = not image_first or epoch >= train_config.epochs
         losses = []
@@ -302,7 +319,7 @@ def train_segmenter(
 def text_fallback_applies(segmenter_config: SegmenterConfig, train_config: TrainConfig, has_val: bool,
                           continued: bool = False) -> bool:
     """TrainConfig.text_fallback (issue 16): `epochs` image-only (text residual off), then `epochs` with the
-    text. It needs a validation split to choose between the two and a text path that starts closed; a
+    text from the same initial weights (two runs in one; validation keeps the better). It needs a validation split to choose between the two and a text path that starts closed; a
     "plain" residual (models from before the option, the reference's fusion) trains its text from epoch 1."""
     if not (train_config.text_fallback and segmenter_config.use_text):
         return False
