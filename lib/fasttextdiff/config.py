@@ -253,7 +253,8 @@ class TrainConfig(JsonConfig):
     num_workers: int = 0
     val_every: int = 1
     # A text path that only helps (issue 16), on by default: train `epochs` with the text residual off --
-    # exactly the no_text network -- then `epochs` more with it on; validation keeps the better checkpoint,
+    # exactly the no_text network -- then `epochs` with it on, restarted from the same initial weights (the
+    # run without the fallback); validation keeps the better checkpoint of the two,
     # so a report that does not help leaves the image-only model (history then has 2 x epochs entries).
     # Takes effect only with a validation split to choose on and a text path that starts closed
     # (FusionConfig.text_residual "zero"/"gate"); otherwise the text trains from the first epoch.
