@@ -9,7 +9,9 @@ then each round
   1. the scoring method `fasttextdiff_uncertainty` scores the unlabeled images whose model or report
      changed (only for the strategies that read scores: `uncertainty`, `report_mismatch`), timed;
   2. the strategy is asked k times for the next image, and each offered image is labeled by saving
-     its ground-truth mask through the datastore (`save_label(..., "final")`), as a client would;
+     its ground-truth mask through the datastore (`save_label(..., "final")`), as a client would
+     (the server's scoring would run in the background meanwhile; here it ran just before, so the
+     scores are those of the current model either way);
   3. fusion + head train on the datastore's labeled images and reports (`lib.training.labeled_samples`),
      continuing from the served model (`train_segmenter(..., init_dir=<served model>)`), and the result
      is published as the new served model;
@@ -55,20 +57,22 @@ SCORED = ("uncertainty", "report_mismatch")  # strategies that read the scoring 
 @dataclass(frozen=True)
 class Plan:
     size: int = 64
-    pool: int = 48  # training images the strategies choose from (text-necessary; nuclei has 32 tiles)
-    n_val: int = 16
-    n_test: int = 32
+    pool: int = 40  # training images the strategies choose from (text-necessary; nuclei has 32 tiles)
+    n_val: int = 8
+    n_test: int = 24
     widths: tuple[int, ...] = (16, 32, 64)
     timesteps: tuple[int, ...] = (50, 150, 250)
-    pretrain_steps: int = 150
+    pretrain_steps: int = 100
     pretrain_batch: int = 8
     seed_labels: int = 4
     per_round: int = 4
     rounds: int = 3
-    initial_steps: int = 240  # optimiser steps of the seed model (as bench/accuracy.py's min_steps)
-    round_steps: int = 60  # optimiser steps of each continued training
-    val_checks: int = 5
-    batch_size: int = 8
+    initial_steps: int = 120  # optimiser steps of the seed model
+    round_steps: int = 40  # optimiser steps of each continued training
+    val_checks: int = 2  # validations per training (each is a backbone forward of every validation image)
+    # 4, not the library's 8: with a handful of labels every epoch would be one step, and a training's
+    # fixed cost per epoch (checkpoint, validation) would dominate the seconds
+    batch_size: int = 4
     lr: float = 1e-3
     fusion_dim: int = 32
     n_noise: int = 2  # noise draws of the scoring method (the server's default is max(2, n_noise=4))
@@ -77,9 +81,11 @@ class Plan:
     strategies: tuple[str, ...] = STRATEGIES
 
 
+# --quick: sized to finish in < 15 min on 2 shared cores (measured: see bench/README.md)
 QUICK = Plan()
-FULL = Plan(pool=96, n_val=32, n_test=64, pretrain_steps=400, seed_labels=4, per_round=4, rounds=6,
-            round_steps=80, n_noise=4, seeds=(0, 1, 2))
+# the full run: 3 seeds, 5 rounds, a 32-image test split, the server's 4 noise draws; same pool, validation
+# split and backbone settings as --quick, so that a --work folder of a --quick run lends it its backbones
+FULL = Plan(n_test=32, rounds=5, n_noise=4, seeds=(0, 1, 2))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,22 +428,22 @@ def parse_args(argv):
         epilog="example: python bench/active_learning.py --quick   |   "
                "python bench/active_learning.py --datasets nuclei --strategies random uncertainty --seeds 0 1 2")
     p.add_argument("--quick", action="store_true",
-                   help="tiny run (< 15 min on 2 cores): 48-image pool, 3 rounds of 4 labels, 1 seed")
+                   help="tiny run (< 15 min on 2 cores): 40-image pool, 3 rounds of 4 labels, 1 seed")
     p.add_argument("--datasets", nargs="+", metavar="NAME", help=f"datasets to run (default all: {' '.join(DATASETS)})")
     p.add_argument("--strategies", nargs="+", metavar="NAME",
                    help=f"strategies to compare (default all: {' '.join(STRATEGIES)}); labels_to_match_random needs random")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (seed labels, training, random picks); default 0 (quick) or 0 1 2")
-    p.add_argument("--rounds", type=int, help="annotation rounds after the seed labels (default 3 quick, 6 full)")
+    p.add_argument("--rounds", type=int, help="annotation rounds after the seed labels (default 3 quick, 5 full)")
     p.add_argument("--per-round", type=int, help="images labeled per round, k strategy calls (default 4)")
     p.add_argument("--seed-labels", type=int, help="images labeled before the first round (default 4)")
-    p.add_argument("--pool", type=int, help="text-necessary training pool size (default 48 quick, 96 full; nuclei has 32 tiles)")
-    p.add_argument("--n-val", type=int, help="text-necessary validation images (chooses each round's best epoch)")
-    p.add_argument("--n-test", type=int, help="text-necessary test images (scored after every round)")
+    p.add_argument("--pool", type=int, help="text-necessary training pool size (default 40; nuclei has 32 tiles)")
+    p.add_argument("--n-val", type=int, help="text-necessary validation images (choose each round's best epoch; default 8)")
+    p.add_argument("--n-test", type=int, help="text-necessary test images (scored after every round; default 24 quick, 32 full)")
     p.add_argument("--size", type=int, help="image size in px (default 64; nuclei tiles must divide 512)")
     p.add_argument("--widths", type=int, nargs="+", help="backbone U-Net widths (default 16 32 64)")
-    p.add_argument("--pretrain-steps", type=int, help="backbone pretraining steps per dataset (default 150 quick, 400 full)")
-    p.add_argument("--initial-steps", type=int, help="optimiser steps of the seed model (default 240)")
-    p.add_argument("--round-steps", type=int, help="optimiser steps of each round's continued training (default 60 quick, 80 full)")
+    p.add_argument("--pretrain-steps", type=int, help="backbone pretraining steps per dataset (default 100)")
+    p.add_argument("--initial-steps", type=int, help="optimiser steps of the seed model (default 120)")
+    p.add_argument("--round-steps", type=int, help="optimiser steps of each round's continued training (default 40)")
     p.add_argument("--n-noise", type=int, help="noise draws of the uncertainty scoring (default 2 quick, 4 full)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data set (default 0)")
     p.add_argument("--work", type=Path, help="work folder, kept (backbones are reused from it); default a temporary one")
@@ -474,8 +480,45 @@ def main(argv: list[str] | None = None) -> dict:
         return _run(args, plan, Path(tmp), command, name)
 
 
-def _run(args, plan: Plan, work: Path, command: str, name: str) -> dict:
+def prepare_context(dataset: str, plan: Plan, work: Path, args, result: dict) -> dict:
+    """One dataset's splits, pretrained backbone and 0/1 label files; its entry in `result`."""
+    dwork = work / dataset
+    dwork.mkdir(parents=True, exist_ok=True)
+    splits, window, description = prepare_dataset(dataset, plan, dwork, args.data_seed)
+    pool = splits["train"]
+    if plan.seed_labels + plan.rounds * plan.per_round > len(pool):
+        raise SystemExit(f"error: {dataset}: {plan.seed_labels} seed labels + {plan.rounds} x {plan.per_round} "
+                         f"exceed the pool of {len(pool)} images")
+    backbone, pretrain_s, reused = backbone_for(dataset, splits, plan, window, dwork, args.device)
+    result["datasets"][dataset] = {
+        "description": description, "split_sizes": [len(pool), len(splits["val"]), len(splits["test"])],
+        "pretrain_seconds": round(pretrain_s, 1), "backbone_reused": reused, "seed_models": {}, "runs": [],
+        "summary": {}}
+    return {"plan": plan, "work": dwork, "pool": pool, "splits": splits, "labels": binary_labels(pool, dwork / "labels01"),
+            "dataset": dataset, "backbone": backbone, "device": args.device, "text_cache": dwork / "text_cache",
+            "keep": args.keep_runs, "seed_ids": {}, "seed_models": {}, "seed_dice": {}}
+
+
+def seed_model(ctx: dict, d: dict, seed: int, device) -> None:
+    """The model every strategy of this seed starts from: trained from scratch on the seed labels."""
     import numpy as np
+
+    plan, pool = ctx["plan"], ctx["pool"]
+    seed_ids = sorted(np.random.default_rng(seed).choice(sorted(ctx["labels"]), plan.seed_labels, replace=False).tolist())
+    by_id = {Path(s.image).name.rsplit(".", 1)[0]: s for s in pool}
+    out = ctx["work"] / "seed-models" / f"s{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    metrics = train([by_id[i] for i in seed_ids], out, ctx["backbone"], plan, plan.initial_steps, seed,
+                    ctx["splits"]["val"], device, ctx["text_cache"], init_dir=None)
+    ctx["seed_ids"][seed], ctx["seed_models"][seed] = seed_ids, out
+    ctx["seed_dice"][seed] = test_dice(out, ctx["splits"]["test"], device)
+    d["seed_models"][str(seed)] = {"images": seed_ids, "dice": ctx["seed_dice"][seed],
+                                   "val_dice": metrics.get("best_val_dice"),
+                                   "train_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _run(args, plan: Plan, work: Path, command: str, name: str) -> dict:
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -483,44 +526,18 @@ def _run(args, plan: Plan, work: Path, command: str, name: str) -> dict:
               "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(plan).items()},
               "datasets": {}, "complete": False}
     total = len(plan.datasets) * len(plan.seeds) * len(plan.strategies) * plan.rounds
+    contexts = {}
     with tqdm(total=total, desc="active learning rounds", disable=args.no_progress, file=sys.stdout) as bar:
-        for dataset in plan.datasets:
-            dwork = work / dataset
-            dwork.mkdir(parents=True, exist_ok=True)
-            dplan = plan
-            splits, window, description = prepare_dataset(dataset, dplan, dwork, args.data_seed)
-            pool = splits["train"]
-            if plan.seed_labels + plan.rounds * plan.per_round > len(pool):
-                raise SystemExit(f"error: {dataset}: {plan.seed_labels} seed labels + {plan.rounds} x {plan.per_round} "
-                                 f"exceed the pool of {len(pool)} images")
-            bar.set_postfix_str(f"{dataset}: pretraining the backbone")
-            backbone, pretrain_s, reused = backbone_for(dataset, splits, dplan, window, dwork, args.device)
-            labels = binary_labels(pool, dwork / "labels01")
-            ids = sorted(labels)
-            ctx = {"plan": dplan, "work": dwork, "pool": pool, "splits": splits, "labels": labels, "dataset": dataset,
-                   "backbone": backbone, "device": args.device, "text_cache": dwork / "text_cache",
-                   "keep": args.keep_runs, "seed_ids": {}, "seed_models": {}, "seed_dice": {}}
-            d = result["datasets"][dataset] = {
-                "description": description, "split_sizes": [len(pool), len(splits["val"]), len(splits["test"])],
-                "pretrain_seconds": round(pretrain_s, 1), "backbone_reused": reused, "seed_models": {}, "runs": [],
-                "summary": {}}
-            for seed in plan.seeds:
-                seed_ids = sorted(np.random.default_rng(seed).choice(ids, plan.seed_labels, replace=False).tolist())
-                by_id = {Path(s.image).name.rsplit(".", 1)[0]: s for s in pool}
+        for dataset in plan.datasets:  # data and backbones first: a run stopped early still has every dataset
+            bar.set_postfix_str(f"{dataset}: data and backbone")
+            contexts[dataset] = prepare_context(dataset, plan, work, args, result)
+        for seed in plan.seeds:  # seeds outermost: partial results cover every dataset and strategy
+            for dataset in plan.datasets:
+                ctx, d = contexts[dataset], result["datasets"][dataset]
                 bar.set_postfix_str(f"{dataset} s{seed}: seed model")
-                out = dwork / "seed-models" / f"s{seed}"
-                shutil.rmtree(out, ignore_errors=True)
-                t0 = time.perf_counter()
-                metrics = train([by_id[i] for i in seed_ids], out, backbone, dplan, plan.initial_steps, seed,
-                                splits["val"], args.device, ctx["text_cache"], init_dir=None)
-                ctx["seed_ids"][seed], ctx["seed_models"][seed] = seed_ids, out
-                ctx["seed_dice"][seed] = test_dice(out, splits["test"], args.device)
-                d["seed_models"][str(seed)] = {"images": seed_ids, "dice": ctx["seed_dice"][seed],
-                                               "val_dice": metrics.get("best_val_dice"),
-                                               "train_seconds": round(time.perf_counter() - t0, 1)}
+                seed_model(ctx, d, seed, args.device)
                 for strategy in plan.strategies:
-                    run = run_strategy(strategy, seed, ctx, bar)
-                    d["runs"].append(run)
+                    d["runs"].append(run_strategy(strategy, seed, ctx, bar))
                     d["summary"] = summarize(d["runs"], plan.strategies)
                     result["seconds"] = round(time.perf_counter() - started, 1)
                     result["loadavg_end"] = common.loadavg()
