@@ -20,8 +20,8 @@ centroid (patient right = image left; lung thirds of the synthetic anatomy: the 
 17-83 % of the image height), the coverage and the 3x3 cell of the foreground's centre of mass.
 Volumes are compared on the count alone (3D components): regions and clusters are 2D frontal terms.
 
-`report_mismatch` is the mean of the terms both sides have, each in [0, 1]: count (0 inside the
-named range, else the relative distance to it, capped at 1), regions (1 - Jaccard of named vs found),
+`report_mismatch` is the mean of the terms both sides have, each in [0, 1]: count (0 when the mask's
+count range, see `mask_findings`, meets the named range, else the relative gap, capped at 1), regions (1 - Jaccard of named vs found),
 cluster (grid distance / 2) and coverage (band distance / 2). Torch-free; numpy + scipy only.
 """
 
