@@ -288,10 +288,13 @@ def labels_to_reach(labels: list[int], dice: list[float], target: float) -> int 
 
 
 def summarize(runs: list[dict], strategies) -> dict:
-    """Per strategy: the mean curve over seeds, per-seed curves, final Dice, labels_to_match_random, scoring cost."""
+    """Per strategy: the mean curve over seeds, per-seed curves, final Dice, labels_to_match_random, scoring cost.
+
+    Only seeds that every strategy finished count, so that a stopped run compares like with like."""
     out: dict = {}
+    done = set.intersection(*({r["seed"] for r in runs if r["strategy"] == s} for s in strategies)) if runs else set()
     for strategy in strategies:
-        group = [r for r in runs if r["strategy"] == strategy]
+        group = [r for r in runs if r["strategy"] == strategy and r["seed"] in done]
         if not group:
             continue
         labels = [p["labels"] for p in group[0]["curve"]]
@@ -316,20 +319,29 @@ def summarize(runs: list[dict], strategies) -> dict:
     return out
 
 
+def _ordered(result: dict) -> list[str]:
+    """The datasets in the plan's order (the JSON is written with sorted keys)."""
+    return [d for d in result["plan"]["datasets"] if d in result["datasets"]]
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# Active learning: Dice versus labels, per strategy", "",
              f"Command: `{result['command']}`  ",
              f"Machine: {m['cpu']}, {m['torch_threads']} torch thread(s), load average at start {m['loadavg_start']}, "
              f"at end {result.get('loadavg_end')}; wall time {result['seconds'] / 60:.1f} min"
-             + (" (`--quick`)." if result["quick"] else "."), "",
+             + (" (`--quick`)." if result["quick"] else ".")
+             + ("" if result.get("complete") else " **Stopped before the end: the tables use the seeds every strategy "
+                "finished.**"), "",
              f"Seeds {result['plan']['seeds']}; {result['plan']['seed_labels']} seed labels, then "
              f"{result['plan']['rounds']} rounds of {result['plan']['per_round']} labels; continued training "
              f"{result['plan']['round_steps']} steps per round; scoring with {result['plan']['n_noise']} noise draws.", ""]
-    for dataset, d in result["datasets"].items():
+    for dataset in _ordered(result):
+        d = result["datasets"][dataset]
         summary = d["summary"]
         strategies = list(summary)
-        lines += [f"## {dataset}", "", f"{d['description']}; pool/val/test = {d['split_sizes']}; backbone "
+        seeds_used = summary[strategies[0]]["seeds"] if strategies else []
+        lines += [f"## {dataset}", "", f"{d['description']}; pool/val/test = {d['split_sizes']}; seeds {seeds_used}; backbone "
                   + ("reused from --work" if d["backbone_reused"] else f"pretrained in {d['pretrain_seconds']:.0f} s")
                   + ".", "", "Test Dice, mean ± std over seeds:", ""]
         labels = summary[strategies[0]]["labels"]
@@ -356,7 +368,7 @@ def plot(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = list(result["datasets"])
+    datasets = _ordered(result)
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for strategy, s in result["datasets"][dataset]["summary"].items():
@@ -367,7 +379,8 @@ def plot(result: dict, path: Path) -> Path:
             if len(s["seeds"]) > 1:
                 ax.fill_between(s["labels"], lo, hi, color=line.get_color(), alpha=0.12)
         ax.set_xlabel("labeled images")
-        ax.set_ylabel(f"test Dice (mean over {len(result['plan']['seeds'])} seed(s))")
+        seeds = next(iter(result["datasets"][dataset]["summary"].values()), {}).get("seeds", [])
+        ax.set_ylabel(f"test Dice (mean over {len(seeds)} seed(s))")
         ax.set_title(dataset)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
@@ -460,8 +473,12 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.render:
+    if args.render:  # summaries are recomputed from the runs: a stopped run's JSON is rendered on complete seeds
         result = json.loads(args.render.read_text())
+        strategies = result["plan"]["strategies"]
+        for d in result["datasets"].values():
+            d["summary"] = summarize(d["runs"], strategies)
+        result["recommended_default"], result["recommendation_reason"] = recommend(result["datasets"])
         write_outputs(result, args.render.parent, args.render.stem, with_plot=not args.no_plot)
         return result
     common.set_threads(args.threads)

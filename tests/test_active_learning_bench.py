@@ -42,6 +42,9 @@ def test_active_learning_smallest(tmp_path):
     assert summary["report_mismatch"]["images_scored"] == 6 + 4  # every unlabeled image, each round (new model)
     assert data["recommended_default"] == "random"  # one dataset cannot justify another default
     assert (tmp_path / "out" / "al.md").is_file()
+    (tmp_path / "out" / "al.md").unlink()
+    again = active_learning.main(["--render", str(tmp_path / "out" / "al.json"), "--no-plot"])  # from the runs alone
+    assert again["datasets"]["text-necessary"]["summary"] == summary and (tmp_path / "out" / "al.md").is_file()
 
     # the labels went in through the app's datastore: its record and its label files
     sys.path.insert(0, str(BENCH.parent / "monailabel_app"))
