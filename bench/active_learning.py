@@ -311,11 +311,12 @@ def summarize(runs: list[dict], strategies) -> dict:
                          "images_skipped_as_current": sum(p["skipped"] for p in scored) if scored else None}
     if "random" in out:
         target = out["random"]["final_dice_mean"]
-        budget = out["random"]["labels"][-1]
-        for strategy, s in out.items():
+        for s in out.values():
             s["labels_to_match_random"] = labels_to_reach(s["labels"], s["dice_mean"], target)
+        random_needs = out["random"]["labels_to_match_random"]  # the budget, or less where random's curve peaked early
+        for strategy, s in out.items():
             s["beats_random"] = bool(strategy != "random" and s["labels_to_match_random"] is not None
-                                     and s["labels_to_match_random"] < budget and s["final_dice_mean"] > target)
+                                     and s["labels_to_match_random"] < random_needs and s["final_dice_mean"] > target)
     return out
 
 
@@ -356,7 +357,7 @@ def markdown(result: dict) -> str:
                                          "scoring s/image"], rows, ["---", "---:", "---:", "---", "---:"]), ""]
     lines += ["`labels_to_match_random`: the first label count at which the strategy's mean curve reaches the mean "
               "Dice `random` has with the whole budget (empty: never). `beats random`: it gets there with fewer "
-              "labels than the budget and ends above random.", "",
+              "labels than random itself first does, and ends above random.", "",
               f"Default next_sample strategy these numbers support: **{result['recommended_default']}** "
               f"({result['recommendation_reason']})"]
     return "\n".join(lines) + "\n"
