@@ -98,6 +98,7 @@ def prepare_dataset(dataset: str, plan: Plan, work: Path, data_seed: int):
     from fasttextdiff.data.synthetic import make_lvit_dataset
     from fasttextdiff.workflows import load_lvit
 
+    shutil.rmtree(work / "data", ignore_errors=True)  # a kept --work may hold other split sizes: never mix them
     if dataset == "text-necessary":
         root = make_lvit_dataset(work / "data", variant="text-necessary", n_train=plan.pool, n_val=plan.n_val,
                                  n_test=plan.n_test, size=plan.size, seed=data_seed)
