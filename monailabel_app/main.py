@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 class FastTextDiffApp(MONAILabelApp):
-    """One model (`fasttextdiff`), two train tasks, three strategies, one scoring method."""
+    """One model (`fasttextdiff`), two train tasks, four strategies, one scoring method."""
 
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
         redact.install()

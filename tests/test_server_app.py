@@ -50,7 +50,7 @@ def test_info_lists_tasks_and_text_option(inprocess_server):
     info = inprocess_server.client().info()
     assert info["models"][MODEL]["config"]["text"] == ""
     assert set(info["trainers"]) == {MODEL, "backbone"}
-    assert {"random", "first", "uncertainty"} <= set(info["strategies"])
+    assert {"random", "first", "uncertainty", "report_mismatch"} <= set(info["strategies"])
     assert "fasttextdiff_uncertainty" in info["scoring"]
     assert info["fasttextdiff"]["model"]["state"] == "ready"
     assert info["fasttextdiff"]["conf"]["image_size"] == 32

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict
 from monailabel.tasks.activelearning.first import First
 
 from lib.activelearning.random import LeastRecentRandom
+from lib.activelearning.report_mismatch import ReportMismatchStrategy
 from lib.activelearning.uncertainty import UncertaintyStrategy
 from lib.configs.app_conf import AppConf
 from lib.infers.fasttextdiff import FastTextDiffInfer
@@ -36,7 +37,8 @@ class FastTextDiffConfig:
         return {NAME: FastTextDiffTrain(self.conf, self.paths), "backbone": BackbonePretrain(self.conf, self.paths)}
 
     def strategies(self) -> Dict[str, Any]:
-        return {"uncertainty": UncertaintyStrategy(self.manager), "random": LeastRecentRandom(), "first": First()}
+        return {"uncertainty": UncertaintyStrategy(self.manager), "report_mismatch": ReportMismatchStrategy(self.manager),
+                "random": LeastRecentRandom(), "first": First()}
 
     def scoring_methods(self) -> Dict[str, Any]:
         return {SCORING: ReportUncertaintyScoring(self.manager, max(2, self.conf.n_noise))}

@@ -38,6 +38,19 @@ def text_sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def score_entry(result: Any, text: str, identity: str | None, n_noise: int) -> Dict[str, Any]:
+    """The image info kept under SCORE_KEY after a segmentation with the stored report: the mean
+    uncertainty (`score`, strategy `uncertainty`) and how far the mask disagrees with the report
+    (`report_mismatch`, strategy `report_mismatch`; None when the report names no findings), tagged
+    with the model and text they were made from so that scoring redoes only what changed."""
+    from fasttextdiff.report_findings import report_mismatch
+
+    summary = result.summary
+    return {"score": summary.get("uncertainty_mean"), "report_mismatch": report_mismatch(text, result.mask),
+            "model": identity, "text_sha": text_sha(text), "n_noise": n_noise,
+            "per_label": summary.get("uncertainty_per_label"), "ts": int(time.time())}
+
+
 class FastTextDiffInfer(InferTask):
     """Segment one image with its report; see the module docstring for the text rule."""
 
@@ -138,9 +151,7 @@ class FastTextDiffInfer(InferTask):
                 os.unlink(unc_file)
         if image_id and ds is not None and source == "datastore" and hasattr(ds, "update_image_info_internal"):
             # the same number the scoring method computes: keep it, so scoring skips this image
-            ds.update_image_info_internal(image_id, {SCORE_KEY: {
-                "score": summary.get("uncertainty_mean"), "model": identity, "text_sha": text_sha(text),
-                "n_noise": n_noise, "ts": int(time.time())}})
+            ds.update_image_info_internal(image_id, {SCORE_KEY: score_entry(result, text, identity, n_noise)})
         t_write = time.time() - t0
 
         labels = summary.get("labels") or {n: i for i, n in enumerate(segmenter.labels, start=1)}

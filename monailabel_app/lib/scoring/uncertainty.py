@@ -3,8 +3,10 @@
 MONAI Label's epistemic scoring calls infer without the report, which measures a different
 model than the one users get. This method segments each unlabeled image with its stored text and
 keeps the mean uncertainty in the image info (`fasttextdiff_uncertainty`: score, model identity,
-text hash). It is incremental: an image whose score was made by the current model from the
-current text is skipped, so scoring after every saved label costs only the new work.
+text hash), and from the same segmentation how far the mask disagrees with the report
+(`report_mismatch`, `fasttextdiff.report_findings`; strategy `report_mismatch`). It is incremental:
+an image whose score was made by the current model from the current text is skipped (a labeled
+image is not scored at all), so scoring after every saved label costs only the new work.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Dict
 
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from lib.infers.fasttextdiff import SCORE_KEY, text_sha
+from lib.infers.fasttextdiff import SCORE_KEY, score_entry, text_sha
 from lib.model_manager import ModelManager
 from lib.validation import check_int
 
@@ -76,9 +78,8 @@ class ReportUncertaintyScoring(ScoringMethod):
                 failed[image_id] = f"{type(exc).__name__}: {exc}"
                 logger.warning("scoring %s failed: %s", image_id, failed[image_id])
                 continue
-            score = float(result.summary["uncertainty_mean"])
-            entry = {"score": score, "model": identity, "text_sha": text_sha(text), "n_noise": n_noise,
-                     "per_label": result.summary.get("uncertainty_per_label"), "ts": int(time.time())}
+            entry = score_entry(result, text, identity, n_noise)
+            score = float(entry["score"])
             if hasattr(datastore, "update_image_info_internal"):
                 datastore.update_image_info_internal(image_id, {SCORE_KEY: entry})
             else:
