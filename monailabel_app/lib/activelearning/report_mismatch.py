@@ -21,9 +21,8 @@ from typing import Any, Dict, Sequence
 
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.infers.fasttextdiff import SCORE_KEY
 from lib.model_manager import ModelManager
-from lib.scoring.uncertainty import score_is_current
+from lib.scoring.uncertainty import scored_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +56,9 @@ class ReportMismatchStrategy(Strategy):
         self.manager = manager
 
     def __call__(self, request: Dict[str, Any], datastore: Any) -> Dict[str, Any] | None:
-        images = sorted(datastore.get_unlabeled_images())
+        images, current, stale = scored_candidates(datastore, self.manager.paths.model_identity())
         if not images:
             return None
-        identity = self.manager.paths.model_identity()
-        current, stale = [], []
-        for image_id in images:
-            info = datastore.get_image_info(image_id)
-            entry = info.get(SCORE_KEY)
-            if not isinstance(entry, dict) or not isinstance(entry.get("score"), (int, float)):
-                continue
-            mismatch = entry.get("report_mismatch")
-            mismatch = float(mismatch) if isinstance(mismatch, (int, float)) else None
-            (current if score_is_current(info, identity) else stale).append((image_id, float(entry["score"]), mismatch))
         pool = current or stale
         if not pool:
             logger.info("report_mismatch strategy: no scores yet; offering the first unlabeled image")

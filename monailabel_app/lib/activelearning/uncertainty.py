@@ -15,9 +15,8 @@ from typing import Any, Dict
 
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.infers.fasttextdiff import SCORE_KEY
 from lib.model_manager import ModelManager
-from lib.scoring.uncertainty import score_is_current
+from lib.scoring.uncertainty import scored_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -28,22 +27,14 @@ class UncertaintyStrategy(Strategy):
         self.manager = manager
 
     def __call__(self, request: Dict[str, Any], datastore: Any) -> Dict[str, Any] | None:
-        images = sorted(datastore.get_unlabeled_images())
+        images, current, stale = scored_candidates(datastore, self.manager.paths.model_identity())
         if not images:
             return None
-        identity = self.manager.paths.model_identity()
-        current, stale = [], []
-        for image_id in images:
-            info = datastore.get_image_info(image_id)
-            entry = info.get(SCORE_KEY)
-            if not isinstance(entry, dict) or not isinstance(entry.get("score"), (int, float)):
-                continue
-            (current if score_is_current(info, identity) else stale).append((float(entry["score"]), image_id))
         pool = current or stale
         if not pool:
             logger.info("uncertainty strategy: no scores yet; offering the first unlabeled image")
             return {"id": images[0], "fallback": "first"}
-        score, image_id = max(pool)
+        image_id, score, _ = max(pool, key=lambda c: (c[1], c[0]))
         logger.info("uncertainty strategy: %s (score %.5f, %s, %d candidates)", image_id, score,
                     "current" if current else "stale", len(pool))
         return {"id": image_id, "uncertainty": score, "score_current": bool(current)}

@@ -30,6 +30,22 @@ def score_is_current(info: Dict[str, Any], identity: str | None) -> bool:
                 and entry.get("text_sha") == text_sha(str(info.get("text") or "")))
 
 
+def scored_candidates(datastore: Any, identity: str | None) -> tuple[list[str], list[tuple], list[tuple]]:
+    """(unlabeled ids, current, stale): each scored unlabeled image as (id, uncertainty, report mismatch or
+    None), split by whether its score came from the current model and report. The strategies' one read."""
+    images = sorted(datastore.get_unlabeled_images())
+    current, stale = [], []
+    for image_id in images:
+        info = datastore.get_image_info(image_id)
+        entry = info.get(SCORE_KEY)
+        if not isinstance(entry, dict) or not isinstance(entry.get("score"), (int, float)):
+            continue
+        mismatch = entry.get("report_mismatch")
+        mismatch = float(mismatch) if isinstance(mismatch, (int, float)) else None
+        (current if score_is_current(info, identity) else stale).append((image_id, float(entry["score"]), mismatch))
+    return images, current, stale
+
+
 def stale_images(datastore: Any, identity: str | None) -> list[str]:
     return sorted(i for i in datastore.get_unlabeled_images() if not score_is_current(datastore.get_image_info(i), identity))
 
