@@ -228,15 +228,15 @@ def train_segmenter(
                                   backbone.config.to_dict() if backbone_overrides else None, init_dir)
     image_first = text_fallback_applies(segmenter_config, train_config, val_loader is not None, init_dir is not None)
     total_epochs = train_config.epochs * (2 if image_first else 1)
-    start_epoch, best, history, best_state = _resume(engine, resume_dir, model, optimizer, generator,
-                                                     total_epochs, fingerprint)
-
     # text_fallback's second phase is a fresh run with the report: it starts from these weights, not from
     # the image-only phase's last epoch, which has already fitted the labels without the text (measured:
-    # the text then never opened on the text-necessary set, and validation kept the image-only model)
+    # the text then never opened on the text-necessary set, and validation kept the image-only model). Taken
+    # before a resume loads anything, so a resumed run restarts its text phase from the same start.
     initial = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()} if image_first else None
     initial_optimizer = copy.deepcopy(optimizer.state_dict()) if image_first else None
     initial_rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(), generator.get_state())
+    start_epoch, best, history, best_state = _resume(engine, resume_dir, model, optimizer, generator,
+                                                     total_epochs, fingerprint)
 
     n_params = sum(p.numel() for p in trainable)
     if engine.is_main:
