@@ -68,6 +68,7 @@ def minilm_path() -> Path:
 def machine_info() -> dict:
     info = {
         "cpu": _cpu_name(),
+        "cpu_isa": cpu_isa(),
         "machine": platform.machine(),
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -83,6 +84,23 @@ def machine_info() -> dict:
     except Exception:  # psutil is optional here
         pass
     return info
+
+
+def cpu_isa() -> str:
+    """The vector extensions the CPU exposes (/proc/cpuinfo flags) and torch's kernel level: what bf16/VNNI
+    claims can be checked against."""
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = [f for f in line.split(":", 1)[1].split()
+                         if f.startswith(("avx", "amx")) or f in ("fma", "f16c") or "vnni" in f or "bf16" in f]
+                break
+    except OSError:
+        pass
+    level = next((ln.split(":", 1)[1].strip() for ln in torch.__config__.show().splitlines()
+                  if "CPU capability usage" in ln), "unknown")
+    return f"flags {' '.join(sorted(flags)) or 'unknown'}; torch kernels {level}"
 
 
 def _cpu_name() -> str:

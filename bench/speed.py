@@ -407,6 +407,66 @@ def fast_inference_section(work: Path, quick: bool, device, threads_fast: int, s
                                                        if depth != volume_shape[0] else "")}
 
 
+def floor_breakdown(model, x, states, rate_gflops: float, repeats: int = 3) -> dict:
+    """Where the 2D forward's time goes: convolutions by kernel (timed by hooks, one thread) and the rest.
+
+    Why: the floor counts every FLOP at the best rate measured on one op (a large 3x3 convolution, for
+    which oneDNN runs a Winograd-style algorithm: it counts more FLOPs than it executes, so that rate is
+    above this CPU's direct-FMA peak). 1x1 convolutions, attention and the FLOP-free ops (norms,
+    activations, resampling, copies) cannot reach it; this measures how much of the latency they are.
+    """
+    import torch
+
+    kinds: dict[str, dict] = {}
+    stack = []
+
+    def pre(module, inputs):
+        stack.append(time.perf_counter())
+
+    def post(module, inputs, output):
+        seconds = time.perf_counter() - stack.pop()
+        kh, kw = module.kernel_size
+        kind = f"conv {kh}x{kw}" + (f" stride {module.stride[0]}" if module.stride[0] != 1 else "")
+        n, _, h, w = output.shape
+        flops = 2 * n * module.out_channels * h * w * (module.in_channels // module.groups) * kh * kw
+        entry = kinds.setdefault(kind, {"seconds": 0.0, "gflop": 0.0, "calls": 0})
+        entry["seconds"] += seconds
+        entry["gflop"] += flops / 1e9
+        entry["calls"] += 1
+
+    from fasttextdiff.fast_inference import set_memory_format
+
+    set_memory_format(model, True)  # as the library's fast path runs
+    x = x.contiguous(memory_format=torch.channels_last)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    handles = [h for m in convs for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    best = None
+    try:
+        with torch.inference_mode():
+            model(x, states.states, states.mask)  # warm-up
+            for _ in range(repeats):
+                kinds.clear()
+                t0 = time.perf_counter()
+                model(x, states.states, states.mask)
+                total = time.perf_counter() - t0
+                if best is None or total < best[0]:
+                    best = (total, {k: dict(v) for k, v in kinds.items()})
+    finally:
+        for h in handles:
+            h.remove()
+    total, kinds = best
+    conv_s = sum(v["seconds"] for v in kinds.values())
+    conv_gflop = sum(v["gflop"] for v in kinds.values())
+    for v in kinds.values():
+        v["gflops_per_s"] = v["gflop"] / v["seconds"] if v["seconds"] else None
+    floor = conv_gflop / rate_gflops
+    # every convolution at the best measured rate, everything else as it runs now (eager PyTorch)
+    bound = floor + (total - conv_s)
+    return {"forward_s": total, "conv_s": conv_s, "other_s": total - conv_s, "conv_gflop": conv_gflop,
+            "by_kind": kinds, "rate_gflops": rate_gflops, "conv_floor_s": floor,
+            "best_case_over_floor": bound / floor}
+
+
 def fast_2d_latency(work: Path, device, threads: int, size: int = 256, repeats: int = 4) -> dict:
     """2D 256 px latency of the library default with and without uncertainty (fresh report per call)."""
     import torch
@@ -543,6 +603,22 @@ def fast_markdown(result: dict) -> list[str]:
                                    [[r["configuration"], r["threads"], r["min_s"], r["seconds_per_slice"],
                                      r["speedup_vs_reference"]] for r in fast["ablation"]],
                                    ["---", "---:", "---:", "---:", "---:"]), "", f"Note: {fast['note']}.", ""]
+    fb = result.get("floor_breakdown")
+    if fb:
+        lines += ["### Where the 2D forward's time goes (one thread, channels_last, convolutions timed by hooks)", "",
+                  common.markdown_table(["part", "seconds", "GFLOP", "GFLOP/s"],
+                                        [[k, v["seconds"], v["gflop"], v["gflops_per_s"]] for k, v in fb["by_kind"].items()]
+                                        + [["everything else (norms, activations, attention, resampling, copies)",
+                                            fb["other_s"], None, None], ["whole forward", fb["forward_s"], None, None]],
+                                        ["---", "---:", "---:", "---:"]), "",
+                  f"Convolutions at the best measured rate ({fb['rate_gflops']:.0f} GFLOP/s) would take "
+                  f"{fb['conv_floor_s']:.3f} s; with the rest as it runs now the forward would be "
+                  f"{fb['best_case_over_floor']:.2f}x that floor. CPU: {result.get('cpu_isa')}"
+                  + (" (no AVX-512, so no native BF16 or VNNI)" if "avx512" not in str(result.get("cpu_isa")) else "")
+                  + (f". The best 3x3 rate is above the large-matmul rate ({result['matmul']['gflops_best']:.0f} "
+                     "GFLOP/s, about the direct-FMA peak): oneDNN runs such convolutions with fewer multiplies than "
+                     "the FLOP count assumes (Winograd-style), which the other ops cannot."
+                     if fb["rate_gflops"] > result["matmul"]["gflops_best"] else "."), ""]
     tr = result.get("truncation")
     if tr:
         lines += ["### The truncated backbone forward (features() stops after the last tapped up-block)", "",
@@ -744,6 +820,9 @@ def run_issue14(args, result: dict, conv_start: dict, matmul_start: dict) -> dic
         with torch.inference_mode():
             result["inference"] = {"flops": {"model_forward_per_image": flops_of(
                 lambda: seg.model(x, states.states, states.mask))}}
+        torch.set_num_threads(1)  # the floor's rate is the one-thread convolution rate
+        result["floor_breakdown"] = floor_breakdown(seg.model, x, states, result["conv"]["gflops_best"])
+        result["cpu_isa"] = common.cpu_isa()
         result["truncation"] = truncation_flops(*(() if not tiny else (32, (8, 16, 16), (0, 1))))
         result["conv_bf16"] = conv_rate_low_precision()
         common.set_threads(args.threads)
@@ -831,6 +910,9 @@ def main(argv: list[str] | None = None) -> dict:
             result["fast_2d"] = fast_2d_latency(work, args.device, args.infer_threads, repeats=4 if args.quick else 10)
         common.write_json(args.out / "speed.partial.json", result)
         conv_fast = conv_rate(repeats=rate_repeats)  # at --infer-threads (set by the sections above)
+        torch.set_num_threads(1)  # the floor's rate is the one-thread convolution rate
+        result["floor_breakdown"] = floor_breakdown(seg.model, x, states, result["conv"]["gflops_best"])
+        result["cpu_isa"] = common.cpu_isa()
         result["truncation"] = truncation_flops(*(() if not args.tiny else (32, (8, 16, 16), (0, 1))))
         result["conv_bf16"] = conv_rate_low_precision()
         if not args.skip_dice and not args.tiny:

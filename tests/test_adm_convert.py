@@ -8,6 +8,8 @@ so the tiny models here are 32/64 channels wide at 32 px.
 
 from __future__ import annotations
 
+import json
+
 import math
 from pathlib import Path
 
@@ -464,8 +466,12 @@ def test_train_and_segment_on_a_converted_adm_backbone(tmp_path, tiny_checkpoint
     model = tmp_path / "model"
     code, _, err = run_cli(capsys, "train", "--data", tiny_dataset, "--backbone", backbone, "--out", model,
                            "--epochs", "1", "--batch-size", "4", "--fusion-dim", "16", "--heads", "2",
-                           "--head-channels", "8", "--device", "cpu")
+                           "--head-channels", "8", "--device", "cpu", "--text-focus", "Opacity in the lung.",
+                           "--text-focus-sentences", "2")
     assert code == 0, err
+    # the focus travels with the model: segment reads reports the way training did
+    reference = json.loads((model / "text_encoder.json").read_text())["config"]
+    assert (reference["focus"], reference["focus_sentences"]) == ("Opacity in the lung.", 2)
     image = sorted((tiny_dataset / "Test_Folder" / "img").iterdir())[0]
     code, stdout, err = run_cli(capsys, "segment", image, "--report", "Unilateral pulmonary infection, one infected "
                                 "area, upper left lung.", "--model", model, "--out", tmp_path / "mask.png",

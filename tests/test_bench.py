@@ -107,17 +107,21 @@ def test_text_encoders_smallest(tmp_path):
     text_encoders.main(["--quick", "--seeds", "0", "--budgets", "0.25", "--size", "32", "--n-train", "8",
                         "--n-val", "2", "--n-test", "2", "--pretrain-steps", "2", "--epochs", "1", "--min-steps", "0",
                         "--widths", "8", "16", "--fusion-dim", "8", "--adapt-steps", "2", "--no-plot",
-                        "--encoders", "no_text", "tiny_random", "tiny_adapted", "minilm", "minilm_trunc10",
+                        "--encoders", "no_text", "tiny_random", "tiny_adapted_focus", "minilm_focus", "minilm_trunc10",
                         "--out", str(tmp_path)])
     data = json.loads((tmp_path / "text_encoders_quick.json").read_text())
     assert data["dataset"] == "clinical-reports" and data["complete"] is True
-    assert [r["method"] for r in data["results"]] == ["no_text", "tiny_random", "tiny_adapted", "minilm",
+    assert [r["method"] for r in data["results"]] == ["no_text", "tiny_random", "tiny_adapted_focus", "minilm_focus",
                                                       "minilm_trunc10"]
     assert all(_finite(r["dice_mean"]) and 0 <= r["dice_mean"] <= 1 for r in data["results"])
-    mlm = data["encoders"]["tiny_adapted"]["mlm"]
+    mlm = data["encoders"]["tiny_adapted_focus"]["mlm"]
     assert mlm["steps"] == 2 and _finite(mlm["perplexity_after"])
     claims = {c["encoder"] for c in data["acceptance"]["checks"]}
-    assert {"tiny_random", "tiny_adapted", "minilm"} <= claims
+    assert {"tiny_random", "tiny_adapted_focus", "minilm_focus"} <= claims
+    # how often each focus encoder's kept sentences still name the lesions, per split
+    kept = data["focus_lesion_kept"]
+    assert set(kept) == {"tiny_adapted_focus", "minilm_focus"} and all(0 <= v <= 1 for k in kept.values()
+                                                                        for v in k.values())
     assert (tmp_path / "text_encoders_quick.md").read_text().count("minilm_trunc10") >= 2
 
     # seeds run side by side are merged afterwards; the same run twice is refused

@@ -295,3 +295,32 @@ def test_real_minilm_weights_encode_and_chunk():
         "The invoice total is due on Friday."))
     cos = torch.nn.functional.cosine_similarity
     assert cos(a, b, dim=0) > cos(a, c, dim=0)
+
+
+def test_split_sentences_keeps_sections_and_joins_list_numbers():
+    from fasttextdiff.text import split_sentences
+
+    text = ("EXAMINATION: Chest PA and lateral.\nFINDINGS: Heart size normal. RUL consolidation.\n"
+            "IMPRESSION: 1. Pneumonia in the RUL. 2. No effusion.")
+    assert split_sentences(text) == ["EXAMINATION: Chest PA and lateral.", "FINDINGS: Heart size normal.",
+                                     "RUL consolidation.", "IMPRESSION: 1.", "Pneumonia in the RUL.",
+                                     "2. No effusion."]
+    assert split_sentences("   \n ") == [] and split_sentences("Clear.") == ["Clear."]
+
+
+def test_focus_keeps_the_sentences_nearest_the_finding_in_report_order():
+    """Real MiniLM weights: the sentence about the opacity survives among organ findings it resembles least."""
+    focus = "Airspace opacity or consolidation in the right or left lung."
+    enc = TextEncoder(TextConfig(encoder=str(minilm_dir()), focus=focus, focus_sentences=3))
+    plain = TextEncoder(TextConfig(encoder=str(minilm_dir())))
+    assert enc.identity != plain.identity
+    report = ("EXAMINATION: Chest PA and lateral. FINDINGS: The heart size is within normal limits. "
+              "Degenerative changes of the thoracic spine. There is patchy opacity in the right apex. "
+              "The XXXX are intact. IMPRESSION: Right apical opacity, likely pneumonia.")
+    kept = enc.focused(report)
+    assert kept == ("EXAMINATION: Chest PA and lateral. There is patchy opacity in the right apex. "
+                    "IMPRESSION: Right apical opacity, likely pneumonia.")  # heart, spine and bones dropped
+    torch.testing.assert_close(enc.encode([report]).states, plain.encode([kept]).states)
+    assert enc.focused("Opacity in the RUL.") == "Opacity in the RUL."  # short reports stay whole
+    with pytest.raises(ValueError, match="focus"):
+        TextConfig(encoder="tiny", focus="  ")

@@ -242,6 +242,9 @@ def test_server_conf_text_residual_defaults_to_the_library_and_is_checked():
         # the first build may use the fallback; off by default because it doubles that build's time
         assert AppConf.from_conf({}).text_fallback is False
         assert AppConf.from_conf({"text_fallback": "true"}).text_fallback is True
+        # report focus for long reports: off ("" = the whole report) unless named
+        assert AppConf.from_conf({}).text_focus == ""
+        assert AppConf.from_conf({"text_focus": "Lung opacity."}).text_focus == "Lung opacity."
         with pytest.raises(ValueError, match="--conf text_residual must be one of plain, zero, gate"):
             AppConf.from_conf({"text_residual": "open"})
     finally:

@@ -16,8 +16,8 @@ import warnings
 from pathlib import Path
 
 from . import environment  # noqa: F401 - offline unless the user opts in (see README), before torch loads
-from .config import (TEXT_RESIDUALS, BackboneConfig, FusionConfig, PretrainConfig, SegmenterConfig, TextConfig,
-                     TrainConfig)
+from .config import (TEXT_RESIDUALS, BackboneConfig, FusionConfig, PretrainConfig, SegmenterConfig,
+                     TextConfig, TrainConfig)
 from .errors import FastTextDiffError
 
 # MONAI's import emits FutureWarnings about torch.jit that users can do nothing about.
@@ -89,6 +89,11 @@ def add_text_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-max-tokens", "--max-text-tokens", dest="max_text_tokens", type=int,
                    help="truncate reports to this many tokens, special tokens included (default: the encoder's "
                         "whole context; 10 reproduces the reference's truncation)")
+    p.add_argument("--text-focus", metavar="DESCRIPTION",
+                   help="long reports: keep only the sentences nearest this description of the finding "
+                        "(e.g. 'Airspace opacity or consolidation in the right or left lung.')")
+    p.add_argument("--text-focus-sentences", type=int, default=TextConfig.focus_sentences,
+                   help=f"sentences --text-focus keeps (default {TextConfig.focus_sentences})")
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,8 +134,9 @@ def cmd_pretrain_backbone(args) -> int:
     return 0
 
 
-def _text_config(args):
-    return TextConfig(encoder=args.text_encoder, max_length=args.max_text_tokens)
+def text_config_from_args(args) -> TextConfig:
+    return TextConfig(encoder=args.text_encoder, max_length=args.max_text_tokens,
+                      focus=args.text_focus, focus_sentences=args.text_focus_sentences)
 
 
 def train_settings(args) -> tuple[TrainConfig, dict]:
@@ -167,7 +173,7 @@ def cmd_train(args) -> int:
                           fusion=FusionConfig(dim=args.fusion_dim, heads=args.heads, shared=not args.per_scale,
                                               text_residual=args.text_residual))
     train_cfg, overrides = train_settings(args)
-    metrics = train_segmenter(splits["train"], args.out, backbone_dir=args.backbone, text_config=_text_config(args),
+    metrics = train_segmenter(splits["train"], args.out, backbone_dir=args.backbone, text_config=text_config_from_args(args),
                               segmenter_config=seg, train_config=train_cfg, val_samples=splits.get("val"),
                               test_samples=splits.get("test"), device=args.device, backbone_overrides=overrides)
     metrics.pop("history", None)

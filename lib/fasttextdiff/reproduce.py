@@ -237,7 +237,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def add_reproduce_arguments(p) -> None:
-    from .cli import _indices, add_text_arguments
+    from .cli import _indices, add_text_arguments, text_config_from_args
 
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="whose paper preset and anchors to use")
     p.add_argument("--data", required=True, type=Path, help="the dataset's LViT-layout root (Train/Val/Test_Folder)")
@@ -271,7 +271,7 @@ def run_reproduce(args) -> int:
     train_config, overrides = train_settings(args)
     segmenter = SegmenterConfig(head_channels=args.head_channels,
                                 fusion=FusionConfig(dim=args.fusion_dim, heads=args.heads))
-    text = TextConfig(encoder=args.text_encoder, max_length=args.max_text_tokens)
+    text = text_config_from_args(args)
     result = reproduce(args.dataset, args.data, args.backbone, args.out, text_config=text, segmenter_config=segmenter,
                        train_config=train_config, backbone_overrides=overrides, labeled=args.labeled_fraction,
                        seeds=args.seeds, device=args.device, report=print)

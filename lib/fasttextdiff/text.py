@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import warnings
@@ -287,6 +288,7 @@ class TextEncoder:
         self.max_batch_size = max_batch_size
         self._model_lock = threading.Lock()
         self._cache_lock = threading.RLock()
+        self._focus_vector: torch.Tensor | None = None
         self.stats = {"memory_hits": 0, "disk_hits": 0, "computed": 0, "truncated": 0, "chunked": 0}
 
     # ---------------------------------------------------------------- loading
@@ -338,6 +340,8 @@ class TextEncoder:
             "chunk_overlap": self.config.chunk_overlap if self.long_text == "chunk" else None,
             "lower": bool(getattr(self.tokenizer, "do_lower_case", False)),
         }
+        if self.config.focus is not None:  # identities without focus stay as they were (caches, saved models)
+            record["focus"] = [self.config.focus, self.config.focus_sentences]
         return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
     def _special_ids(self) -> list[Any]:
@@ -400,6 +404,13 @@ class TextEncoder:
         starts = list(range(0, len(ids) - self.config.chunk_overlap, stride))
         return [self._with_specials(ids[s : s + self._capacity]) for s in starts]
 
+    def _sentence_window(self, sentence: str) -> list[int]:
+        ids = self.tokenizer(sentence, add_special_tokens=False, return_attention_mask=False,
+                             return_token_type_ids=False)["input_ids"]
+        if len(ids) > self._capacity:
+            self.stats["truncated"] += 1
+        return self._with_specials(ids[: self._capacity])
+
     def _with_specials(self, ids: list[int]) -> list[int]:
         return self._prefix + list(ids) + self._suffix
 
@@ -419,21 +430,44 @@ class TextEncoder:
         return torch.cat(parts, 0)
 
     def _compute(self, texts: list[str]) -> list[torch.Tensor]:
+        if self.config.focus is not None:
+            texts = [self.focused(t) for t in texts]
         windows = [self._windows(t) for t in texts]
-        flat = [(i, w) for i, ws in enumerate(windows) for w in ws]
-        results: list[torch.Tensor | None] = [None] * len(flat)
-        order = sorted(range(len(flat)), key=lambda j: len(flat[j][1]))
-        for bucket in _buckets(order, [len(flat[j][1]) for j in range(len(flat))],
-                               self.max_batch_tokens, self.max_batch_size):
-            seqs = [flat[j][1] for j in bucket]
-            states = self._forward(seqs)
-            for j, seq, st in zip(bucket, seqs, states):
-                results[j] = st[: len(seq)]
         per_text: list[list[torch.Tensor]] = [[] for _ in texts]
-        for (i, _), st in zip(flat, results):
+        flat = [(i, w) for i, ws in enumerate(windows) for w in ws]
+        for (i, _), st in zip(flat, self._run_windows([w for _, w in flat])):
             per_text[i].append(st)
         self.stats["computed"] += len(texts)
         return [self._merge_windows(parts) for parts in per_text]
+
+    def _run_windows(self, seqs: list[list[int]]) -> list[torch.Tensor]:
+        """Each id sequence's states, computed in length-sorted buckets."""
+        results: list[torch.Tensor | None] = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda j: len(seqs[j]))
+        for bucket in _buckets(order, [len(s) for s in seqs], self.max_batch_tokens, self.max_batch_size):
+            states = self._forward([seqs[j] for j in bucket])
+            for j, st in zip(bucket, states):
+                results[j] = st[: len(seqs[j])]
+        return results
+
+    def _sentence_vectors(self, sentences: list[str]) -> torch.Tensor:
+        """(n, D) unit-length mean states (specials included, as sentence-transformers pools), one sentence
+        per forward row."""
+        states = self._run_windows([self._sentence_window(s) for s in sentences])
+        vectors = torch.stack([st.mean(0) for st in states])
+        return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def focused(self, text: str) -> str:
+        """The report cut to its `focus_sentences` sentences nearest the focus description, in report order."""
+        sentences = split_sentences(text)
+        keep = self.config.focus_sentences
+        if len(sentences) <= keep:
+            return text
+        if self._focus_vector is None:
+            self._focus_vector = self._sentence_vectors([self.config.focus])[0]
+        scores = self._sentence_vectors(sentences) @ self._focus_vector
+        chosen = sorted(scores.topk(keep).indices.tolist())
+        return " ".join(sentences[i] for i in chosen)
 
     def _forward(self, seqs: list[list[int]]) -> torch.Tensor:
         length = max(len(s) for s in seqs)
@@ -586,6 +620,27 @@ class TextEncoder:
 
 # --------------------------------------------------------------------------------------------
 # plain functions used above
+
+
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?;])\s+|\s*\n\s*")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences and lines of a report; a piece of one word (a list number "1.") joins the next."""
+    out: list[str] = []
+    carry = ""
+    for piece in _SENTENCE_BREAK.split(text):
+        piece = f"{carry} {piece.strip()}".strip()
+        if not piece:
+            continue
+        if len(piece.split()) < 2:
+            carry = piece
+            continue
+        out.append(piece)
+        carry = ""
+    if carry:
+        out.append(carry)
+    return out
 
 
 def _states_sha256(states: torch.Tensor) -> str:

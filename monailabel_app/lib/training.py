@@ -242,7 +242,7 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
     served = paths.served_model_dir()
     seg_config = SegmenterConfig(num_classes=len(conf.labels) + 1, labels=conf.labels,
                                  fusion=FusionConfig(text_residual=conf.text_residual))
-    text_config = TextConfig(encoder=conf.text_encoder)
+    text_config = TextConfig(encoder=conf.text_encoder, focus=conf.text_focus.strip() or None)
     if served is not None:  # keep the served model's architecture and encoder when retraining
         record = json.loads((served / MODEL_CONFIG_FILE).read_text())
         seg_config = SegmenterConfig.from_dict(record["segmenter"])

@@ -42,6 +42,9 @@ class AppConf:
     # how the report joins the image path in a newly built model: "zero" starts as the image-only
     # network (the library default), "plain" as the reference's fusion, "gate" (docs/TEXT.md)
     text_residual: str = FusionConfig.text_residual
+    # for a newly built model with long reports: attend only to the report sentences nearest this description of
+    # the finding (TextConfig.focus, e.g. "Airspace opacity or consolidation in the right or left lung."); "" = all
+    text_focus: str = ""
     # text_fallback for the first model built from the studies (continued training never uses it): epochs
     # image-only, then epochs with the report, validation keeps the better; it doubles the first build's time
     text_fallback: bool = False
