@@ -249,3 +249,29 @@ def test_server_conf_text_residual_defaults_to_the_library_and_is_checked():
             AppConf.from_conf({"text_residual": "open"})
     finally:
         sys.path.remove(str(APP_DIR))
+
+
+def test_cross_attention_matches_the_module_it_replaces():
+    """The fusion's attention runs through scaled_dot_product_attention with a broadcast padding mask;
+    values and gradients equal nn.MultiheadAttention's own forward on the same parameters."""
+    from torch import nn
+
+    from fasttextdiff.fusion import cross_attention
+
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(32, 4, batch_first=True)
+    query = torch.randn(3, 50, 32, requires_grad=True)
+    kv = torch.randn(3, 7, 32)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[2, 1:] = False  # one real token
+    ours = cross_attention(attn, query, kv, mask, training=False)
+    (grad_ours,) = torch.autograd.grad(ours.square().sum(), query)
+    theirs, _ = attn(query, kv, kv, key_padding_mask=~mask, need_weights=False)
+    (grad_theirs,) = torch.autograd.grad(theirs.square().sum(), query)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(grad_ours, grad_theirs)
+    # padding carries no weight: changing padded keys changes nothing
+    kv2 = kv.clone()
+    kv2[1, 4:] = 100.0
+    torch.testing.assert_close(cross_attention(attn, query, kv2, mask, training=False), ours)
