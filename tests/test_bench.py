@@ -95,6 +95,11 @@ def test_speed_smallest(tmp_path):
     assert all(isinstance(v, int) and v > 0 for v in flops.values())
     assert _finite(data["inference"]["volume"]["ours_n_noise_1"]["min_s"])
     assert data["gpu"]["measured"] in (True, False)
+    # where the 2D forward's time goes: convolutions by kernel plus the rest add up to the forward
+    fb = data["floor_breakdown"]
+    assert fb["conv_s"] > 0 and fb["other_s"] >= 0 and abs(fb["conv_s"] + fb["other_s"] - fb["forward_s"]) < 1e-6
+    assert fb["best_case_over_floor"] >= 1 and "conv 3x3" in fb["by_kind"] and data["cpu_isa"]
+    assert data["ct_volume_seconds_n_noise_2_draws"] > 0
     assert (tmp_path / "speed.md").is_file() and (tmp_path / "speed.png").is_file()
 
 
