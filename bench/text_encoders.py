@@ -145,6 +145,50 @@ def focus_recall(configs: dict, splits: dict) -> dict:
     return out
 
 
+def region_probe(splits: dict, train_sizes=(32, 128)) -> dict:
+    """Can the named regions be read from frozen MiniLM states by a linear model trained on a few reports?
+
+    Per lung region, a logistic regression (scikit-learn) on one vector per report: the mean or the max of
+    its token states, or the mean state of the sentence that names the lesions alone (an oracle choice of
+    sentence). Scored on the validation (training phrasings) and test (held-out phrasings) reports against
+    the majority-class rate.
+    """
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from fasttextdiff.config import TextConfig
+    from fasttextdiff.data.clinical_reports import PLACES, regions_named
+    from fasttextdiff.text import TextEncoder, minilm_dir, split_sentences
+
+    regions = list(PLACES["train"])
+    encoder = TextEncoder(TextConfig(encoder=str(minilm_dir())))
+
+    def vector(text: str, reading: str) -> np.ndarray:
+        if reading == "lesion_sentence":
+            text = next((x for x in split_sentences(text) if regions_named(x)), "")
+        states = encoder.encode([text]).states[0]
+        return (states.max(0).values if reading == "token_max" else states.mean(0)).numpy()
+
+    def targets(samples) -> np.ndarray:
+        return np.array([[r in regions_named(s.text) for r in regions] for s in samples])
+
+    out = {"regions": regions, "encoder": "all-MiniLM-L6-v2 (frozen)", "readings": {}}
+    for reading in ("token_mean", "token_max", "lesion_sentence"):
+        rows = {}
+        for n in train_sizes:
+            train = splits["train"][:n]
+            x_train, y_train = np.stack([vector(s.text, reading) for s in train]), targets(train)
+            for split in ("val", "test"):
+                x, y = np.stack([vector(s.text, reading) for s in splits[split]]), targets(splits[split])
+                acc = [float((LogisticRegression(max_iter=3000).fit(x_train, y_train[:, k]).predict(x) == y[:, k]).mean())
+                       for k in range(len(regions)) if len(set(y_train[:, k])) > 1]
+                rows[f"{split}_{n}_reports"] = {"accuracy": float(np.mean(acc)) if acc else None,
+                                                "majority": float(np.maximum(y.mean(0), 1 - y.mean(0)).mean())}
+        out["readings"][reading] = rows
+        print(f"[text_encoders] probe {reading}: {rows}", flush=True)
+    return out
+
+
 def aggregate(runs: list[dict], order: list[str]) -> list[dict]:
     out = []
     for name in order:
@@ -263,6 +307,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--encoder-dir", type=Path, help="keep/reuse the adapted encoders here (default WORK/encoders): "
                    "processes that run the seeds side by side share one MLM run")
     p.add_argument("--prepare-only", action="store_true", help="only build the encoders (--encoder-dir), no training")
+    p.add_argument("--probe", action="store_true",
+                   help="only the linear probe: which regions a report names, from frozen MiniLM states "
+                        "(-> --out/text_probe.json)")
     p.add_argument("--focus-recall", action="store_true",
                    help="only measure, per focus encoder, how often the kept sentences name the lesions "
                         "(-> --out/text_focus_recall.json)")
@@ -331,6 +378,10 @@ def _run(args, plan, work: Path, command: str, name: str) -> dict:
     root = make_lvit_dataset(work / "data", variant="clinical-reports", n_train=plan.n_train, n_val=plan.n_val,
                              n_test=plan.n_test, size=plan.size, seed=args.data_seed)
     splits = load_lvit(root)
+    if args.probe:
+        out = {"command": command, **region_probe(splits)}
+        common.write_json(args.out / "text_probe.json", out)
+        return out
     if args.encoder_dir:
         args.encoder_dir.mkdir(parents=True, exist_ok=True)
         if not (work / "encoders").exists():

@@ -138,6 +138,23 @@ def test_text_encoders_smallest(tmp_path):
                             "--no-plot"])
 
 
+def test_text_encoders_region_probe_and_focus_recall(tmp_path):
+    """The two diagnostics behind the README's clinical-reports statement, on a few real MiniLM encodings."""
+    import text_encoders
+
+    small = ["--quick", "--size", "32", "--n-train", "12", "--n-val", "4", "--n-test", "4", "--out", str(tmp_path)]
+    probe = text_encoders.main(small + ["--probe"])
+    saved = json.loads((tmp_path / "text_probe.json").read_text())
+    assert saved["readings"].keys() == probe["readings"].keys() == {"token_mean", "token_max", "lesion_sentence"}
+    for rows in saved["readings"].values():
+        assert {"val_32_reports", "test_128_reports"} <= set(rows)
+        assert all(r["accuracy"] is None or 0 <= r["accuracy"] <= 1 for r in rows.values())
+        assert all(0.5 <= r["majority"] <= 1 for r in rows.values())
+    recall = text_encoders.main(small + ["--focus-recall", "--encoders", "minilm_focus"])
+    assert set(recall["lesion_kept"]["minilm_focus"]) == {"val", "test"}
+    assert all(0 <= v <= 1 for v in recall["lesion_kept"]["minilm_focus"].values())
+
+
 def test_accuracy_merges_seeds_run_side_by_side_and_checks_no_text(tmp_path):
     """Issue 16's check on nuclei (fasttextdiff >= no_text - 0.005 at every budget) over seeds that ran in
     separate processes, merged afterwards."""
