@@ -237,7 +237,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def add_reproduce_arguments(p) -> None:
-    from .cli import _indices, add_text_arguments, text_config_from_args
+    from .cli import _indices, add_text_arguments
 
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="whose paper preset and anchors to use")
     p.add_argument("--data", required=True, type=Path, help="the dataset's LViT-layout root (Train/Val/Test_Folder)")
@@ -263,7 +263,7 @@ def add_reproduce_arguments(p) -> None:
 
 
 def run_reproduce(args) -> int:
-    from .cli import train_settings
+    from .cli import text_config_from_args, train_settings
     from .config import FusionConfig
 
     args.preset, args.labeled_fraction = f"paper-{args.dataset}", args.labeled
