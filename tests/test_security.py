@@ -538,8 +538,12 @@ def test_run_sync_work_leaves_info_answering_within_a_second(world):
             time.sleep(0.05)
         thread.join()
         assert result["response"].status_code == 200, result["response"].text
-        assert result["seconds"] > 1.0, f"{route} took {result['seconds']:.2f}s: too short to show a stall"
-        assert len(latencies) >= 3 and max(latencies) < 1.0, (route, result["seconds"], latencies)
+        # /info/ stalled behind the job would wait about as long as the job: it must answer in under half of it
+        # (and under a second); the job must be long enough for that to tell (the 32-draw scoring of the tiny
+        # model takes 0.9-2 s here)
+        assert result["seconds"] > 0.5, f"{route} took {result['seconds']:.2f}s: too short to show a stall"
+        assert len(latencies) >= 3 and max(latencies) < min(1.0, result["seconds"] / 2), (
+            route, result["seconds"], latencies)
         world.fuzz.setdefault("info_during_run_sync", []).append(
             (route.split("?")[0], round(result["seconds"], 1), round(max(latencies), 3), len(latencies)))
 
