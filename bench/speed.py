@@ -479,6 +479,16 @@ def breakdown_of_saved_model(model_dir: Path, device, size: int, rate_gflops: fl
     return floor_breakdown(seg.model, x, seg.encoder.encode(["one infected area, lower left lung"]), rate_gflops)
 
 
+def hardware_rows(result: dict, model_dir: Path, device, size: int, rate_gflops: float, tiny: bool) -> None:
+    """Where the forward's time goes against the floor, the CPU's vector ISA, the truncated forward's saving
+    and the reduced-precision rate: the evidence behind the goals the hardware decides."""
+    common.set_threads(1)  # the floor's rate is the one-thread convolution rate
+    result["floor_breakdown"] = breakdown_of_saved_model(model_dir, device, size, rate_gflops)
+    result["cpu_isa"] = common.cpu_isa()
+    result["truncation"] = truncation_flops(*(() if not tiny else (32, (8, 16, 16), (0, 1))))
+    result["conv_bf16"] = conv_rate_low_precision()
+
+
 def fast_2d_latency(work: Path, device, threads: int, size: int = 256, repeats: int = 4) -> dict:
     """2D 256 px latency of the library default with and without uncertainty (fresh report per call)."""
     import torch
@@ -847,12 +857,7 @@ def run_issue14(args, result: dict, conv_start: dict, matmul_start: dict) -> dic
         with torch.inference_mode():
             result["inference"] = {"flops": {"model_forward_per_image": flops_of(
                 lambda: seg.model(x, states.states, states.mask))}}
-        torch.set_num_threads(1)  # the floor's rate is the one-thread convolution rate
-        result["floor_breakdown"] = breakdown_of_saved_model(work / "model_infer", args.device, size,
-                                                             result["conv"]["gflops_best"])
-        result["cpu_isa"] = common.cpu_isa()
-        result["truncation"] = truncation_flops(*(() if not tiny else (32, (8, 16, 16), (0, 1))))
-        result["conv_bf16"] = conv_rate_low_precision()
+        hardware_rows(result, work / "model_infer", args.device, size, result["conv"]["gflops_best"], tiny)
         common.set_threads(args.threads)
     t = result["training"]
     result["train_speedup_vs_textdiff_style_256px"] = t.get("256px_taps_to_128", {}).get("speedup")
@@ -938,12 +943,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["fast_2d"] = fast_2d_latency(work, args.device, args.infer_threads, repeats=4 if args.quick else 10)
         common.write_json(args.out / "speed.partial.json", result)
         conv_fast = conv_rate(repeats=rate_repeats)  # at --infer-threads (set by the sections above)
-        common.set_threads(1)  # the floor's rate is the one-thread convolution rate
-        result["floor_breakdown"] = breakdown_of_saved_model(work / "model_infer", args.device, 32 if args.tiny else 256,
-                                                             conv_start["gflops_best"])
-        result["cpu_isa"] = common.cpu_isa()
-        result["truncation"] = truncation_flops(*(() if not args.tiny else (32, (8, 16, 16), (0, 1))))
-        result["conv_bf16"] = conv_rate_low_precision()
+        hardware_rows(result, work / "model_infer", args.device, 32 if args.tiny else 256, conv_start["gflops_best"],
+                      args.tiny)
         if not args.skip_dice and not args.tiny:
             result["dice_check"] = dice_check(work, args.device, args.infer_threads)
         common.set_threads(args.threads)
