@@ -22,6 +22,9 @@ export PYTHONUTF8 := 1
 setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-viewer.txt requirements-data.txt pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ "$$free" -lt 12 ]; then \
+		echo "warning: $$free GiB free on this disk; the environment takes about 10 GiB (torch's CUDA build," \
+		     "which also runs on the CPU, and its libraries): pip stops with 'No space left on device' if it runs out" >&2; fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	$(PY) -m pip install -q -r requirements.txt -r requirements-viewer.txt

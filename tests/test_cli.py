@@ -183,3 +183,13 @@ def test_every_option_has_a_help_line_and_argument_errors_come_before_heavy_impo
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["2", "False", "False"], done.stdout + done.stderr
     assert "expected one argument" in done.stderr
+
+
+def test_focus_sentences_without_focus_is_refused_before_anything_is_written(tmp_path, capsys):
+    """`--text-focus-sentences` alone would be silently ignored (the whole report is read): refuse it."""
+    out = tmp_path / "model"
+    code = main(["train", "--data", str(tmp_path / "no-data"), "--backbone", str(tmp_path / "no-backbone"),
+                 "--out", str(out), "--text-focus-sentences", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--text-focus DESCRIPTION" in err and "Traceback" not in err
+    assert not out.exists()

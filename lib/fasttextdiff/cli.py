@@ -92,8 +92,8 @@ def add_text_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-focus", metavar="DESCRIPTION",
                    help="long reports: keep only the sentences nearest this description of the finding "
                         "(e.g. 'Airspace opacity or consolidation in the right or left lung.')")
-    p.add_argument("--text-focus-sentences", type=int, default=TextConfig.focus_sentences,
-                   help=f"sentences --text-focus keeps (default {TextConfig.focus_sentences})")
+    p.add_argument("--text-focus-sentences", type=int,
+                   help=f"sentences --text-focus keeps (default {TextConfig.focus_sentences}; only with --text-focus)")
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,8 +135,12 @@ def cmd_pretrain_backbone(args) -> int:
 
 
 def text_config_from_args(args) -> TextConfig:
+    if args.text_focus_sentences is not None and args.text_focus is None:
+        raise FastTextDiffError("--text-focus-sentences sets how many sentences --text-focus keeps; "
+                                "pass --text-focus DESCRIPTION too (or drop --text-focus-sentences)")
+    sentences = TextConfig.focus_sentences if args.text_focus_sentences is None else args.text_focus_sentences
     return TextConfig(encoder=args.text_encoder, max_length=args.max_text_tokens,
-                      focus=args.text_focus, focus_sentences=args.text_focus_sentences)
+                      focus=args.text_focus, focus_sentences=sentences)
 
 
 def train_settings(args) -> tuple[TrainConfig, dict]:
@@ -168,12 +172,13 @@ def cmd_train(args) -> int:
     from .train import train_segmenter
     from .workflows import load_lvit
 
+    text_config = text_config_from_args(args)  # flag combinations refused before the data is read
     splits = load_lvit(args.data)
     seg = SegmenterConfig(use_text=not args.no_text, head_channels=args.head_channels,
                           fusion=FusionConfig(dim=args.fusion_dim, heads=args.heads, shared=not args.per_scale,
                                               text_residual=args.text_residual))
     train_cfg, overrides = train_settings(args)
-    metrics = train_segmenter(splits["train"], args.out, backbone_dir=args.backbone, text_config=text_config_from_args(args),
+    metrics = train_segmenter(splits["train"], args.out, backbone_dir=args.backbone, text_config=text_config,
                               segmenter_config=seg, train_config=train_cfg, val_samples=splits.get("val"),
                               test_samples=splits.get("test"), device=args.device, backbone_overrides=overrides)
     metrics.pop("history", None)
