@@ -189,6 +189,70 @@ def region_probe(splits: dict, train_sizes=(32, 128)) -> dict:
     return out
 
 
+def place_phrases(configs: dict, splits: dict) -> dict:
+    """Does an encoder know that a held-out place phrase ("right basilar region") names the same place as a
+    training one ("right lower lobe")? Each held-out phrase (bilateral merges included) is given the regions
+    of its nearest training phrase: by cosine of the phrases' mean-pooled states per encoder, and by shared
+    words (Jaccard; ties split evenly) as a reader that knows no synonyms. Scored per phrase, and per test
+    report: the share of reports whose every held-out place phrase is read right. That share bounds how
+    much of the report's information any reader built on those states can use on the test split."""
+    import re
+
+    import numpy as np
+
+    from fasttextdiff.data.clinical_reports import BILATERAL, PLACES
+    from fasttextdiff.text import TextEncoder
+
+    def bank(name: str) -> list[tuple[str, frozenset]]:
+        rows = [(p, frozenset({r})) for r, phrases in PLACES[name].items() for p in phrases]
+        return rows + [(p, frozenset({f"{lvl} right", f"{lvl} left"})) for lvl, phrases in BILATERAL[name].items()
+                       for p in phrases]
+
+    train, heldout = bank("train"), bank("heldout")
+    words = lambda t: set(re.findall(r"[a-z]+", t.lower()))  # noqa: E731
+
+    def lexical(phrase: str) -> dict:  # region set -> share of the vote
+        scores = [len(words(phrase) & words(p)) / len(words(phrase) | words(p)) for p, _ in train]
+        best = [train[i][1] for i, sc in enumerate(scores) if sc == max(scores) and sc > 0]
+        return {r: best.count(r) / len(best) for r in set(best)}
+
+    readers = {"shared words (no synonyms known)": lexical}
+    whole_phrase = {name.removesuffix("_focus"): replace(config, focus=None) for name, config in configs.items()
+                    if config is not None and not name.endswith("trunc10")}  # a phrase is read whole, no focus
+    for name, config in whole_phrase.items():
+        encoder = TextEncoder(config)
+
+        def pooled(texts: list[str], encoder=encoder) -> np.ndarray:
+            batch = encoder.encode(texts)
+            m = batch.mask.float().unsqueeze(-1)
+            v = ((batch.states * m).sum(1) / m.sum(1)).numpy()
+            return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+        reference = pooled([p for p, _ in train])
+
+        def nearest(phrase: str, reference=reference, pooled=pooled) -> dict:
+            return {train[int(np.argmax(reference @ pooled([phrase])[0]))][1]: 1.0}
+
+        readers[name] = nearest
+    out = {"train_phrases": len(train), "heldout_phrases": len(heldout), "readers": {}}
+    tests = [s.text.lower() for s in splits.get("test", [])]
+    for reader_name, read in readers.items():
+        credit = {p: read(p).get(regions, 0.0) for p, regions in heldout}
+        per_report = []
+        for text in tests:
+            used = [p for p, _ in heldout if re.search(rf"(?<![\w-]){re.escape(p.lower())}(?![\w-])", text)]
+            if used:
+                per_report.append(float(np.prod([credit[p] for p in used])))
+        out["readers"][reader_name] = {
+            "phrases_read_right": round(sum(credit.values()), 2), "phrase_accuracy": sum(credit.values()) / len(heldout),
+            "test_reports_read_right": float(np.mean(per_report)) if per_report else None,
+            "test_reports_with_a_place": len(per_report),
+            "wrong": sorted(p for p, c in credit.items() if c < 1)}
+        print(f"[text_encoders] place phrases, {reader_name}: {sum(credit.values()):.1f}/{len(heldout)} phrases, "
+              f"{out['readers'][reader_name]['test_reports_read_right']} of test reports", flush=True)
+    return out
+
+
 def aggregate(runs: list[dict], order: list[str]) -> list[dict]:
     out = []
     for name in order:
@@ -313,6 +377,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--focus-recall", action="store_true",
                    help="only measure, per focus encoder, how often the kept sentences name the lesions "
                         "(-> --out/text_focus_recall.json)")
+    p.add_argument("--place-phrases", action="store_true",
+                   help="only ask each encoder (and a shared-words reader) which training place phrase each "
+                        "held-out one is nearest (-> --out/text_place_phrases.json)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--render", type=Path, metavar="JSON", help="only rewrite .md/.png next to a results JSON")
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
@@ -390,6 +457,10 @@ def _run(args, plan, work: Path, command: str, name: str) -> dict:
     if args.prepare_only:
         print(json.dumps(encoders, indent=2))
         return {"encoders": encoders}
+    if args.place_phrases:
+        out = {"command": command, **place_phrases(configs, splits)}
+        common.write_json(args.out / "text_place_phrases.json", out)
+        return out
     recall = focus_recall(configs, splits)
     if args.focus_recall:
         out = {"command": command, "focus": FOCUS, "kept_sentences": 3, "lesion_kept": recall,

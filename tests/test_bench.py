@@ -153,6 +153,14 @@ def test_text_encoders_region_probe_and_focus_recall(tmp_path):
     recall = text_encoders.main(small + ["--focus-recall", "--encoders", "minilm_focus"])
     assert set(recall["lesion_kept"]["minilm_focus"]) == {"val", "test"}
     assert all(0 <= v <= 1 for v in recall["lesion_kept"]["minilm_focus"].values())
+    places = text_encoders.main(small + ["--place-phrases", "--encoders", "minilm_focus", "tiny_random"])
+    readers = json.loads((tmp_path / "text_place_phrases.json").read_text())["readers"]
+    assert set(readers) == set(places["readers"]) == {"shared words (no synonyms known)", "minilm", "tiny_random"}
+    for reader in readers.values():
+        assert 0 <= reader["phrase_accuracy"] <= 1 and reader["test_reports_with_a_place"] >= 1
+        assert len(reader["wrong"]) >= places["heldout_phrases"] - reader["phrases_read_right"] - 1e-9
+    # "apical right lung" shares no word with any training phrase of the upper right lung but "right"
+    assert "apical right lung" in readers["shared words (no synonyms known)"]["wrong"]
 
 
 def test_accuracy_merges_seeds_run_side_by_side_and_checks_no_text(tmp_path):
