@@ -100,6 +100,10 @@ def test_speed_smallest(tmp_path):
     assert fb["conv_s"] > 0 and fb["other_s"] >= 0 and abs(fb["conv_s"] + fb["other_s"] - fb["forward_s"]) < 1e-6
     assert fb["best_case_over_floor"] >= 1 and "conv 3x3" in fb["by_kind"] and data["cpu_isa"]
     assert data["ct_volume_seconds_n_noise_2_draws"] > 0
+    # the paper's tapping stops the forward before the full-resolution decoder: fewer FLOPs per image
+    paper = data["fast"]["paper_taps_model"]
+    assert 0 < paper["model_forward_flops_per_image"] < flops["model_forward_per_image"]
+    assert data["ct_volume_seconds_with_uncertainty_paper_taps"] > 0
     assert (tmp_path / "speed.md").is_file() and (tmp_path / "speed.png").is_file()
 
 
