@@ -496,12 +496,18 @@ def floor_breakdown(model, x, states, rate_gflops: float, repeats: int = 3) -> d
     conv_gflop = sum(v["gflop"] for v in kinds.values())
     for v in kinds.values():
         v["gflops_per_s"] = v["gflop"] / v["seconds"] if v["seconds"] else None
-    floor = conv_gflop / rate_gflops
+    return rebase_breakdown({"forward_s": total, "conv_s": conv_s, "other_s": total - conv_s, "conv_gflop": conv_gflop,
+                             "by_kind": kinds}, rate_gflops)
+
+
+def rebase_breakdown(fb: dict, rate_gflops: float) -> dict:
+    """The breakdown's floor at the best one-thread rate the run showed: the rate given, or a convolution kind's
+    own rate inside the forward if that was higher (a machine whose speed drifts during a long run)."""
+    rate = max([rate_gflops] + [v["gflops_per_s"] for v in fb["by_kind"].values() if v.get("gflops_per_s")])
+    floor = fb["conv_gflop"] / rate
     # every convolution at the best measured rate, everything else as it runs now (eager PyTorch)
-    bound = floor + (total - conv_s)
-    return {"forward_s": total, "conv_s": conv_s, "other_s": total - conv_s, "conv_gflop": conv_gflop,
-            "by_kind": kinds, "rate_gflops": rate_gflops, "conv_floor_s": floor,
-            "best_case_over_floor": bound / floor}
+    fb.update(rate_gflops=rate, conv_floor_s=floor, best_case_over_floor=(floor + fb["other_s"]) / floor)
+    return fb
 
 
 def breakdown_of_saved_model(model_dir: Path, device, size: int, rate_gflops: float) -> dict:
@@ -646,6 +652,8 @@ def headline_fast(result: dict) -> None:
     # slice-wise at the model's size: each slice is one 2D forward per draw
     result["ct_volume_floor_s_per_draw"] = fast["volume_shape"][0] * floor
     result["latency_over_floor_2d"] = f2d["n_noise_1"]["min_s"] / floor
+    if result.get("floor_breakdown"):  # measured mid-run: rebase on the best one-thread rate of the whole run
+        rebase_breakdown(result["floor_breakdown"], result["conv"]["gflops_best"])
     if paper:
         result["ct_volume_floor_s_per_draw_paper_taps"] = (fast["volume_shape"][0] * paper["model_forward_flops_per_image"]
                                                           / (rate * 1e9))
@@ -835,8 +843,9 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     inf = result["inference"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    names = ["ours n=1", "ours n=4", "DDIM 50", "MedSegDiff 1000\n(extrapolated)", "floor (ours)"]
+    volume = (result.get("fast") or {}).get("volume")
+    fig, axes = plt.subplots(1, 3 if volume else 2, figsize=(17 if volume else 12, 4.5))
+    names = ["ours n=1", "ours n=4", "DDIM 50", "MedSegDiff 1000\n(extrapolated)", "floor\n(ours)"]
     vals = [inf["ours_2d_n_noise_1"]["min_s"], inf["ours_2d_n_noise_4"]["min_s"], inf["iterative_ddim_50"]["min_s"],
             inf["medsegdiff_1000_steps_s (extrapolated)"], result["floor"]["ours_2d_floor_s"]]
     axes[0].bar(names, vals, color=["C0", "C0", "C1", "C1", "C7"])
@@ -845,12 +854,22 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set_title("Inference latency")
     labels, ips = [], []
     for name, t in result["training"].items():
-        labels += [f"ours {name}", f"TextDiff-style {name}"]
+        short = name.replace("_taps_to_128", "\npaper taps")
+        labels += [f"ours\n{short}", f"TextDiff-\nstyle\n{short}"]
         ips += [t["ours"]["images_per_s"], t["textdiff_style"]["full_report"]["images_per_s"]]
     axes[1].bar(labels, ips, color=["C0", "C1"] * len(result["training"]))
     axes[1].set_yscale("log")
     axes[1].set_ylabel("training images/s (log)")
     axes[1].set_title("Training throughput")
+    if volume:
+        rows = [("4 draws", "draws_n_noise_4", "C0"), ("2 draws", "draws_n_noise_2", "C0"),
+                ("softmax,\n1 draw", "softmax_one_draw", "C0"), ("2 draws,\npaper taps", "paper_taps_draws_n_noise_2", "C2")]
+        rows = [r for r in rows if r[1] in volume]
+        axes[2].bar([r[0] for r in rows], [volume[r[1]]["min_s"] for r in rows], color=[r[2] for r in rows])
+        axes[2].axhline(GOALS["ct_volume_seconds_with_uncertainty"], color="C3", linestyle="--", label="goal (30 s)")
+        axes[2].set_ylabel("seconds, 48x512x512 CT with uncertainty")
+        axes[2].set_title(f"Volume, fast path ({result['fast']['threads']} threads)")
+        axes[2].legend(fontsize=8)
     for ax in axes:
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(f"FastTextDiff speed on {result['machine']['cpu']} ({result['machine']['torch_threads']} thread(s))")
@@ -940,6 +959,24 @@ def run_issue14(args, result: dict, conv_start: dict, matmul_start: dict) -> dic
     return result
 
 
+def in_run_order(result: dict) -> dict:
+    """A reloaded result's tables back in the order the run wrote them (the JSON is saved with sorted keys)."""
+    order = list(TRAIN_CONFIGS)
+    result["training"] = dict(sorted(result["training"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order
+                                     else len(order)))
+    for tr in result["training"].values():
+        tr["textdiff_style"] = dict(sorted(tr["textdiff_style"].items(), key=lambda kv: kv[0] != "full_report"))
+    dc = result.get("dice_check")
+    if dc:
+        rows = ("reference_n1", "fast_n1", "reference_n4", "fast_n4", "fast_n2", "fast_softmax")
+        for key in ("dice", "seconds", "uncertainty_spearman_vs_reference_n4"):
+            dc[key] = dict(sorted(dc[key].items(), key=lambda kv: rows.index(kv[0]) if kv[0] in rows else len(rows)))
+    fb = result.get("floor_breakdown")
+    if fb:
+        fb["by_kind"] = dict(sorted(fb["by_kind"].items(), key=lambda kv: -kv[1]["gflop"]))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Speed benchmark (issue 4).")
     p.add_argument("--quick", action="store_true")
@@ -958,7 +995,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--volume-depth", type=int, default=None,
                    help="measure the volume on this many slices and scale to 48 (only with --only-issue14; busy machines)")
     p.add_argument("--slab", type=int, default=4, help="slices in the ablation slab (the first is air)")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only recompute the derived figures and rewrite speed.md/.png next to a speed.json (no timing)")
     args = p.parse_args(argv)
+    if args.render:
+        result = in_run_order(json.loads(args.render.read_text(encoding="utf-8")))
+        headline_fast(result)
+        common.write_json(args.render, result)
+        common.write_text(args.render.with_suffix(".md"), markdown(result))
+        plot(result, args.render.with_suffix(".png"))
+        return result
     common.set_threads(args.threads)
     command = "python bench/speed.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
