@@ -104,6 +104,13 @@ def test_speed_smallest(tmp_path):
     paper = data["fast"]["paper_taps_model"]
     assert 0 < paper["model_forward_flops_per_image"] < flops["model_forward_per_image"]
     assert data["ct_volume_seconds_with_uncertainty_paper_taps"] > 0
+    # the breakdown's floor uses the best one-thread rate the run showed, its own convolutions' included
+    assert fb["rate_gflops"] >= max(v["gflops_per_s"] for v in fb["by_kind"].values() if v["gflops_per_s"])
+    # --render recomputes the derived figures from the JSON alone and rewrites the report
+    (tmp_path / "speed.md").unlink()
+    rendered = speed.main(["--render", str(tmp_path / "speed.json")])
+    assert rendered["goals"] == data["goals"] and list(rendered["training"]) == list(speed.TINY_TRAIN)
+    assert "paper's tapping" in (tmp_path / "speed.md").read_text(encoding="utf-8")
     assert (tmp_path / "speed.md").is_file() and (tmp_path / "speed.png").is_file()
 
 
@@ -165,6 +172,14 @@ def test_text_encoders_region_probe_and_focus_recall(tmp_path):
         assert len(reader["wrong"]) >= places["heldout_phrases"] - reader["phrases_read_right"] - 1e-9
     # "apical right lung" shares no word with any training phrase of the upper right lung but "right"
     assert "apical right lung" in readers["shared words (no synonyms known)"]["wrong"]
+    # a local encoder folder (the clinical model a user has) joins the comparison under its own label
+    from fasttextdiff.text import minilm_dir
+
+    made = text_encoders.main(small + ["--prepare-only", "--encoders", f"clinical={minilm_dir()}"])
+    assert str(minilm_dir()) in made["encoders"]["clinical"]["encoder"]
+    for bad in (f"clinical={tmp_path}", f"minilm={minilm_dir()}"):
+        with pytest.raises(SystemExit, match="LABEL=DIR|not a model folder"):
+            text_encoders.main(small + ["--prepare-only", "--encoders", bad])
 
 
 def test_accuracy_merges_seeds_run_side_by_side_and_checks_no_text(tmp_path):
