@@ -602,9 +602,19 @@ def dice_check(work: Path, device, threads: int) -> dict:
         t0 = time.perf_counter()
         runs[label] = evaluate_model(seg, test, n_noise=n_noise, progress=False)
         runs[label]["seconds"] = time.perf_counter() - t0
+    # the bar's own noise: the reference n_noise 4 ranking from four other draws (noise seeds base+4 .. base+7)
+    config = seg.model.backbone.config
+    base = config.noise_seed
+    config.noise_seed, seg.options = base + 4, InferenceOptions.reference()
+    try:
+        t0 = time.perf_counter()
+        runs["reference_n4_other_draws"] = evaluate_model(seg, test, n_noise=4, progress=False)
+        runs["reference_n4_other_draws"]["seconds"] = time.perf_counter() - t0
+    finally:
+        config.noise_seed = base
     ref_unc = [r["uncertainty_mean"] for r in runs["reference_n4"]["per_image"]]
     ranking = {label: spearman(ref_unc, [r["uncertainty_mean"] for r in runs[label]["per_image"]])
-               for label in ("fast_n4", "fast_n2", "fast_softmax")}
+               for label in ("fast_n4", "fast_n2", "fast_softmax", "reference_n4_other_draws")}
     dice = {label: r["dice_mean"] for label, r in runs.items()}
     return {"dataset": described, "split": "test", "n_test": len(test), "labeled_fraction": fraction,
             "epochs": epochs, "dice": dice, "seconds": {k: r["seconds"] for k, r in runs.items()},
@@ -968,7 +978,7 @@ def in_run_order(result: dict) -> dict:
         tr["textdiff_style"] = dict(sorted(tr["textdiff_style"].items(), key=lambda kv: kv[0] != "full_report"))
     dc = result.get("dice_check")
     if dc:
-        rows = ("reference_n1", "fast_n1", "reference_n4", "fast_n4", "fast_n2", "fast_softmax")
+        rows = ("reference_n1", "fast_n1", "reference_n4", "fast_n4", "fast_n2", "fast_softmax", "reference_n4_other_draws")
         for key in ("dice", "seconds", "uncertainty_spearman_vs_reference_n4"):
             dc[key] = dict(sorted(dc[key].items(), key=lambda kv: rows.index(kv[0]) if kv[0] in rows else len(rows)))
     fb = result.get("floor_breakdown")
@@ -995,6 +1005,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--volume-depth", type=int, default=None,
                    help="measure the volume on this many slices and scale to 48 (only with --only-issue14; busy machines)")
     p.add_argument("--slab", type=int, default=4, help="slices in the ablation slab (the first is air)")
+    p.add_argument("--only-dice-check", action="store_true",
+                   help="only the Dice / uncertainty-ranking check (-> --out/speed_dice_check.json)")
     p.add_argument("--render", type=Path, metavar="JSON",
                    help="only recompute the derived figures and rewrite speed.md/.png next to a speed.json (no timing)")
     args = p.parse_args(argv)
@@ -1018,6 +1030,13 @@ def main(argv: list[str] | None = None) -> dict:
     specs = TINY_TRAIN if args.tiny else QUICK_TRAIN if args.quick else TRAIN_CONFIGS
     if args.only_issue14:
         return run_issue14(args, result, conv_start, matmul_start)
+    if args.only_dice_check:
+        with tempfile.TemporaryDirectory(prefix="bench-speed-dice-") as tmp:
+            result["dice_check"] = dice_check(Path(tmp), args.device, args.infer_threads)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        common.write_json(args.out / "speed_dice_check.json", result)
+        print(json.dumps(result["dice_check"], indent=2))
+        return result
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
         work = Path(tmp)
         result["training"] = {}
