@@ -223,16 +223,20 @@ def place_phrases(regions: list[str], rng: np.random.Generator, phrasing: str) -
     return [phrases[i] for i in order]
 
 
+def mentions(text: str, phrase: str) -> bool:
+    """`phrase` occurs in `text` as whole words, any case ("RUL" is not found inside "RULE")."""
+    return re.search(rf"(?<![\w-]){re.escape(phrase.lower())}(?![\w-])", text.lower()) is not None
+
+
 def regions_named(text: str) -> set[str]:
     """Every region whose place phrase (either bank, bilateral merges included) occurs in `text`."""
     found = set()
-    low = text.lower()
     for bank in PHRASINGS:
         for region, phrases in PLACES[bank].items():
-            if any(re.search(rf"(?<![\w-]){re.escape(p.lower())}(?![\w-])", low) for p in phrases):
+            if any(mentions(text, p) for p in phrases):
                 found.add(region)
         for level, phrases in BILATERAL[bank].items():
-            if any(re.search(rf"(?<![\w-]){re.escape(p.lower())}(?![\w-])", low) for p in phrases):
+            if any(mentions(text, p) for p in phrases):
                 found |= {f"{level} right", f"{level} left"}
     return found
 
