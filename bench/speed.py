@@ -46,6 +46,7 @@ TRAIN_CONFIGS = {
     "256px_taps_to_128": (256, PAPER_TAPS, 64, 16, 10, 16, (0, 1, 2)),
 }
 TINY_TRAIN = {"64px": (32, (8, 16), 8, 4, 2, 2, ())}  # smoke test only
+PAPER_TAPS_MODEL = (PAPER_TAPS, (0, 1, 2))  # (widths, up-blocks tapped): features up to 1/2 resolution
 TINY_PAPER_TAPS = ((8, 16, 16), (0, 1))  # smoke test only
 QUICK_TRAIN = {"64px": (64, (16, 32, 64), 32, 64, 40, 32, ()), "256px": (256, INFER_WIDTHS, 64, 8, 10, 8, ()),
                "256px_taps_to_128": (256, PAPER_TAPS, 64, 8, 10, 8, (0, 1, 2))}
@@ -358,7 +359,7 @@ def demo_volume(depth: int, size: int, air_slices: int, rng) -> "np.ndarray":
 
 def fast_inference_section(work: Path, quick: bool, device, threads_fast: int, size: int = 256, widths=INFER_WIDTHS,
                            volume_shape=(48, 512, 512), mini_depth: int = 4, measured_depth: int | None = None,
-                           repeats: int | None = None, paper_taps=(PAPER_TAPS, (0, 1, 2)),
+                           repeats: int | None = None, paper_taps=PAPER_TAPS_MODEL,
                            paper_taps_depth: int = 12) -> dict:
     """Ablation on a small CT-like slab (one air slice), then the full volume with uncertainty, fast path."""
     import torch
@@ -399,15 +400,13 @@ def fast_inference_section(work: Path, quick: bool, device, threads_fast: int, s
                                  ("softmax_one_draw", 1, "softmax")):
         seg.options = InferenceOptions(uncertainty=kind)
         timing = common.time_calls(lambda: seg.segment(volume, report, n_noise=n_noise), repeats=1, warmup=0)
-        scale = volume_shape[0] / depth  # slice-wise: linear in the depth
-        vol[label] = {**timing, "measured_depth": depth, "min_s": timing["min_s"] * scale,
-                      "median_s": timing["median_s"] * scale, "measured_s": timing["min_s"]}
+        vol[label] = scaled_to_depth(timing, depth, volume_shape[0])
         print(f"[speed] volume {volume_shape} uncertainty {label}: {vol[label]['min_s']:.1f} s", flush=True)
     seg.options = InferenceOptions()
     paper = paper_taps_volume(work, device, size, paper_taps, volume_shape, report, spacing, origin, direction,
                               min(depth, paper_taps_depth), rng)
     vol["paper_taps_draws_n_noise_2"] = paper.pop("timing")
-    return {"paper_taps_model": paper,"ablation": rows, "ablation_slab": [mini_depth, *volume_shape[1:]], "ablation_n_noise": 4,
+    return {"paper_taps_model": paper, "ablation": rows, "ablation_slab": [mini_depth, *volume_shape[1:]], "ablation_n_noise": 4,
             "volume": vol, "volume_shape": list(volume_shape), "threads": threads_fast,
             "native_low_precision": str(native_low_precision(seg.device)),
             "note": "every volume slice holds body (a chest slab), so air skipping saves nothing there; the slab's "
@@ -416,32 +415,48 @@ def fast_inference_section(work: Path, quick: bool, device, threads_fast: int, s
                                                        if depth != volume_shape[0] else "")}
 
 
+def scaled_to_depth(timing: dict, measured: int, full: int) -> dict:
+    """A volume timed on `measured` slices, scaled to `full` (slice-wise inference is linear in the depth)."""
+    scale = full / measured
+    return {**timing, "measured_depth": measured, "min_s": timing["min_s"] * scale,
+            "median_s": timing["median_s"] * scale, "measured_s": timing["min_s"]}
+
+
+def forward_inputs(seg, size: int, report: str = "one infected area, lower left lung") -> tuple:
+    """(image batch of one, encoded report) for timing or counting one 2D forward of a loaded Segmenter."""
+    import torch
+
+    return torch.zeros(1, seg.model.backbone.config.in_channels, size, size), seg.encoder.encode([report])
+
+
+def forward_flops(seg, size: int) -> int:
+    import torch
+
+    x, states = forward_inputs(seg, size)
+    with torch.inference_mode():
+        return flops_of(lambda: seg.model(x, states.states, states.mask))
+
+
 def paper_taps_volume(work: Path, device, size: int, paper_taps, volume_shape, report: str, spacing, origin, direction,
                       depth: int, rng) -> dict:
     """The volume with 2-draw uncertainty on the paper's tapping: a 5-level backbone read up to 1/2 resolution,
     so `features()` stops before the full-resolution decoder (the truncated forward). Measured on `depth`
     slices and scaled to the volume's (slice-wise inference is linear in the depth)."""
-    import torch
-
     from fasttextdiff.data.io import Image
     from fasttextdiff.infer import Segmenter
 
     widths, taps = paper_taps
     model_dir = build_inference_model(work, device, size, widths, feature_blocks=taps, name="model_infer_paper_taps")
     seg = Segmenter.load(model_dir, device=device, n_noise=2, batch_size=16)
-    x = torch.zeros(1, seg.model.backbone.config.in_channels, size, size)
-    states = seg.encoder.encode([report])
-    with torch.inference_mode():
-        flops = flops_of(lambda: seg.model(x, states.states, states.mask))
+    flops = forward_flops(seg, size)
     slab = Image(demo_volume(2, volume_shape[1], 0, rng), spacing, origin, direction, True)
     seg.segment(slab, report, n_noise=1)  # warm-up
     volume = Image(demo_volume(depth, volume_shape[1], 0, rng), spacing, origin, direction, True)
-    timing = common.time_calls(lambda: seg.segment(volume, report, n_noise=2), repeats=1, warmup=0)
-    scale = volume_shape[0] / depth
-    print(f"[speed] volume {volume_shape} paper taps, 2 draws: {timing['min_s'] * scale:.1f} s", flush=True)
+    timing = scaled_to_depth(common.time_calls(lambda: seg.segment(volume, report, n_noise=2), repeats=1, warmup=0),
+                             depth, volume_shape[0])
+    print(f"[speed] volume {volume_shape} paper taps, 2 draws: {timing['min_s']:.1f} s", flush=True)
     return {"widths": list(widths), "feature_blocks": list(taps), "model_forward_flops_per_image": flops,
-            "timing": {**timing, "measured_depth": depth, "min_s": timing["min_s"] * scale,
-                       "median_s": timing["median_s"] * scale, "measured_s": timing["min_s"]}}
+            "timing": timing}
 
 
 def floor_breakdown(model, x, states, rate_gflops: float, repeats: int = 3) -> dict:
@@ -512,13 +527,10 @@ def rebase_breakdown(fb: dict, rate_gflops: float) -> dict:
 
 def breakdown_of_saved_model(model_dir: Path, device, size: int, rate_gflops: float) -> dict:
     """`floor_breakdown` of the benchmark's inference model, loaded fresh (its own memory format)."""
-    import torch
-
     from fasttextdiff.infer import Segmenter
 
     seg = Segmenter.load(model_dir, device=device)
-    x = torch.zeros(1, seg.model.backbone.config.in_channels, size, size)
-    return floor_breakdown(seg.model, x, seg.encoder.encode(["one infected area, lower left lung"]), rate_gflops)
+    return floor_breakdown(seg.model, *forward_inputs(seg, size), rate_gflops)
 
 
 def hardware_rows(result: dict, model_dir: Path, device, size: int, rate_gflops: float, tiny: bool) -> None:
@@ -527,7 +539,7 @@ def hardware_rows(result: dict, model_dir: Path, device, size: int, rate_gflops:
     common.set_threads(1)  # the floor's rate is the one-thread convolution rate
     result["floor_breakdown"] = breakdown_of_saved_model(model_dir, device, size, rate_gflops)
     result["cpu_isa"] = common.cpu_isa()
-    result["truncation"] = truncation_flops(*(() if not tiny else (32, (8, 16, 16), (0, 1))))
+    result["truncation"] = truncation_flops(*(() if not tiny else (32, *TINY_PAPER_TAPS)))
     result["conv_bf16"] = conv_rate_low_precision()
 
 
@@ -903,8 +915,6 @@ NOTES = [
 
 def run_issue14(args, result: dict, conv_start: dict, matmul_start: dict) -> dict:
     """The issue-14 rows alone (a shorter run for a busy machine); the full run reports them too."""
-    import torch
-
     from fasttextdiff.infer import Segmenter
 
     started = time.perf_counter()
@@ -928,16 +938,12 @@ def run_issue14(args, result: dict, conv_start: dict, matmul_start: dict) -> dic
         result["fast"] = fast_inference_section(work, args.quick, args.device, args.infer_threads, size=size,
                                                 widths=widths, volume_shape=vshape, mini_depth=2 if tiny else args.slab,
                                                 measured_depth=args.volume_depth, repeats=1 if args.quick else None,
-                                                paper_taps=TINY_PAPER_TAPS if tiny else (PAPER_TAPS, (0, 1, 2)))
+                                                paper_taps=TINY_PAPER_TAPS if tiny else PAPER_TAPS_MODEL)
         common.write_json(partial, result)
         result["fast_2d"] = fast_2d_latency(work, args.device, args.infer_threads, size=size, repeats=1 if tiny else 2)
         result["conv_fast_threads"] = conv_rate(repeats=10)
         seg = Segmenter.load(work / "model_infer", device=args.device)
-        x = torch.zeros(1, seg.model.backbone.config.in_channels, size, size)
-        states = seg.encoder.encode(["one infected area, lower left lung"])
-        with torch.inference_mode():
-            result["inference"] = {"flops": {"model_forward_per_image": flops_of(
-                lambda: seg.model(x, states.states, states.mask))}}
+        result["inference"] = {"flops": {"model_forward_per_image": forward_flops(seg, size)}}
         hardware_rows(result, work / "model_infer", args.device, size, result["conv"]["gflops_best"], tiny)
         common.set_threads(args.threads)
     t = result["training"]
