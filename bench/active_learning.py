@@ -9,7 +9,7 @@ then each round
   1. the scoring method `fasttextdiff_uncertainty` scores the unlabeled images whose model or report
      changed (only for the strategies that read scores: `uncertainty`, `report_mismatch`), timed;
   2. the strategy is asked k times for the next image, and each offered image is labeled by saving
-     its ground-truth mask through the datastore (`save_label(..., "final")`), as a client would
+     its ground-truth mask through the datastore (`save_human_label(..., "final")`), as a client would
      (the server's scoring would run in the background meanwhile; here it ran just before, so the
      scores are those of the current model either way);
   3. fusion + head train on the datastore's labeled images and reports (`lib.training.labeled_samples`),
@@ -205,7 +205,7 @@ class AppLoop:
         self.scoring_name = SCORING
 
     def submit(self, image_id: str, label: Path) -> None:
-        self.datastore.save_label(image_id, str(label), "final", {})
+        self.datastore.save_human_label(image_id, str(label), "final", {})
 
     def publish(self, model_dir: Path, copy: bool = False) -> Path:
         from fasttextdiff.atomic import publish

@@ -72,7 +72,7 @@ class FastTextDiffApp(MONAILabelApp):
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
             max_text_bytes=self.app_conf.max_text_bytes,
-            detached_dir=os.path.join(self.paths.state, "labels-moved-aside"),
+            history_dir=os.path.join(self.paths.state, "label-history"),
         )
         if not settings.MONAI_LABEL_DATASTORE_READ_ONLY:
             datastore.read_report_files()  # `<id>.txt` beside an image without a report
@@ -141,6 +141,7 @@ class FastTextDiffApp(MONAILabelApp):
                        body_crop=bool(backbone.get("window")) and backbone.get("body_crop", True))  # crop only with a HU window
             out["intensity"] = f"HU window center {backbone['window'][0]:g}, width {backbone['window'][1]:g}" \
                 if backbone.get("window") else "percentiles 0.5/99.5 per image"
+        out["inference"] = self.manager.inference_settings()  # precision + device the numbers come from
         geometry = read_geometry(self.paths.state)
         if geometry:
             out["geometry_choice"] = geometry

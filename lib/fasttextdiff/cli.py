@@ -190,13 +190,29 @@ def cmd_evaluate(args) -> int:
     from .atomic import atomic_write_json
     from .data.lvit import load_split
     from .evaluate import evaluate_model
+    from .fast_inference import InferenceOptions
+    from .infer import Segmenter
 
-    result = evaluate_model(args.model, load_split(args.data, args.split), device=args.device, n_noise=args.n_noise)
+    segmenter = Segmenter.load(args.model, device=args.device, n_noise=args.n_noise,
+                               options=InferenceOptions(**_precision_option(args)))
+    result = evaluate_model(segmenter, load_split(args.data, args.split), n_noise=args.n_noise)
+    result["inference"] = segmenter.inference_settings
     if args.json:
         atomic_write_json(args.json, result)
     summary = {k: v for k, v in result.items() if k != "per_image"}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _precision_option(args) -> dict:
+    """--precision when given (it wins over FASTTEXTDIFF_PRECISION); else nothing, so the variable decides."""
+    return {"precision": args.precision} if getattr(args, "precision", None) else {}
+
+
+def add_precision_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="inference precision (default: $FASTTEXTDIFF_PRECISION, else auto = bf16/fp16 only where the "
+                        "hardware has it natively); bf16 runs on any CPU (emulated, slower) to reproduce a bf16 host")
 
 
 def read_report_arg(report: str | None, report_file: str | None) -> str:
@@ -218,7 +234,7 @@ def cmd_segment(args) -> int:
     from .fast_inference import InferenceOptions
 
     segmenter = Segmenter.load(args.model, device=args.device, n_noise=args.n_noise,
-                               options=InferenceOptions(uncertainty=args.uncertainty_estimate))
+                               options=InferenceOptions(uncertainty=args.uncertainty_estimate, **_precision_option(args)))
     if not text.strip():
         print("warning: empty report: segmenting with the encoder's empty-text embedding", file=sys.stderr)
     # the user's own file on their own machine: a detached header (.nhdr, .mhd + .raw) may name its data file
@@ -230,7 +246,7 @@ def cmd_segment(args) -> int:
         index = write_overlay(result.image, result.mask, args.overlay)
         shown = {"overlay": str(args.overlay), **({"overlay_slice": index} if index is not None else {})}
     print(json.dumps({"mask": str(args.out), "uncertainty": str(args.uncertainty) if args.uncertainty else None,
-                      **shown, **result.summary}, indent=2))
+                      **shown, **result.summary, "inference": segmenter.inference_settings}, indent=2))
     return 0
 
 
@@ -285,6 +301,9 @@ LAZY_COMMANDS = {  # name: (module, add-arguments function, run function, help, 
                   "train and evaluate the paper's settings for a dataset and table them beside the published results",
                   "fasttextdiff reproduce --dataset qata --data /data/QaTa-COV19 --backbone runs/adm256 "
                   "--text-encoder /models/clinical-modernbert --out runs/reproduce-qata --device cuda"),
+    "label-history": (".label_client", "add_label_history_arguments", "run_label_history",
+                      "list and restore the kept versions of a person's labels on a server",
+                      "fasttextdiff label-history --server http://127.0.0.1:8000 --image ct_000 --tag final"),
     "viewer": (".viewer.cli", "add_viewer_arguments", "run_viewer",
                "the web annotation viewer (trame-slicer) for a server, on 127.0.0.1",
                "fasttextdiff viewer --server http://127.0.0.1:8000 --port 8080"),
@@ -385,6 +404,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--n-noise", type=int, default=1, help="noise draws averaged per image")
     p.add_argument("--json", type=Path, help="write all figures, per image too, to this file")
     p.add_argument("--device", help=DEVICE_HELP)
+    add_precision_argument(p)
 
     p = add("segment", cmd_segment, "segment a 2D image or 3D volume, conditioned on its report",
             'fasttextdiff segment ct.nii.gz --report-file report.txt --model runs/model --out mask.nii.gz')
@@ -403,6 +423,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--uncertainty-estimate", choices=("draws", "softmax"), default="draws",
                    help="draws: spread over the n-noise draws; softmax: one draw, sqrt(p(1-p)) (n-noise times cheaper)")
     p.add_argument("--device", help=DEVICE_HELP)
+    add_precision_argument(p)
 
     p = add("bench", cmd_bench, "run a built-in benchmark (ablation: text vs no_text on the text-necessary set)",
             "fasttextdiff bench ablation --quick --json bench/results/ablation.json")

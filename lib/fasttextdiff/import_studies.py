@@ -13,8 +13,9 @@ Sources:
 Written: `STUDIES/<id>.<ext>` (a DICOM series or a format the datastore does not list becomes
 `<id>.nii.gz`), `STUDIES/<id>.txt` (the report; the server reads it into the image info on start)
 and `STUDIES/labels/final/<id>.<ext>` (the mask). Every image and mask is read first; what cannot
-be used is skipped with the reason, never half-written. Ids already in the studies folder are
-skipped, so an import can be repeated to add new cases.
+be used is skipped with the reason, never half-written. Ids already in the studies folder (an
+image, a report, or a label under any tag, compared case-insensitively as macOS and Windows would)
+are skipped, so an import can be repeated to add new cases and never replaces a person's files.
 """
 
 from __future__ import annotations
@@ -172,8 +173,9 @@ def _import_case(case: Case, out: Path, taken: set[str]) -> dict:
     from .errors import FastTextDiffError
 
     image_id = safe_id(case.name)
-    if image_id in taken:
-        raise ValueError(f"id {image_id!r} is already in the studies folder")
+    if image_id.lower() in taken:
+        raise ValueError(f"id {image_id!r} is already in the studies folder (an image, report or label of that "
+                         "name); nothing of it was changed")
     if not case.source.exists():
         raise ValueError(f"{case.source} does not exist")
     try:
@@ -214,9 +216,22 @@ def _import_case(case: Case, out: Path, taken: set[str]) -> dict:
             atomic_copy(case.mask, label_dir / f"{image_id}{mask_ext}")
     if report:
         atomic_write_bytes(out / f"{image_id}.txt", report.encode("utf-8"))
-    taken.add(image_id)
+    taken.add(image_id.lower())
     return {"id": image_id, "source": str(case.source), "report": bool(report), "label": mask is not None,
             "volume": bool(image.is_volume)}
+
+
+def taken_ids(out: Path) -> set[str]:
+    """The ids (lower case) that already have an image, a report or a label in the studies folder `out`."""
+    def ids(folder: Path, suffixes: tuple) -> set[str]:
+        return {_stem(p).lower() for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(suffixes)} \
+            if folder.is_dir() else set()
+
+    taken = ids(out, STUDIES_EXTENSIONS + (".txt",))
+    labels = out / "labels"
+    for tag in labels.iterdir() if labels.is_dir() else ():
+        taken |= ids(tag, STUDIES_EXTENSIONS)
+    return taken
 
 
 def import_studies(src: str | Path, out: str | Path, progress: bool = True) -> dict:
@@ -231,7 +246,7 @@ def import_studies(src: str | Path, out: str | Path, progress: bool = True) -> d
     if not cases and not skipped:
         raise ValueError(f"{src} holds no images to import")
     out.mkdir(parents=True, exist_ok=True)
-    taken = {_stem(p) for p in out.iterdir() if p.is_file() and p.name.lower().endswith(STUDIES_EXTENSIONS)}
+    taken = taken_ids(out)
     imported = []
     for case in tqdm(cases, desc="import studies", disable=not progress, unit="case"):
         try:

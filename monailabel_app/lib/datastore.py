@@ -16,11 +16,20 @@ writes of the server's threads (threaded /infer saves uncertainty maps and score
 loop saves labels); the file lock of MONAI Label orders them with other processes.
 
 An upload to an existing id is refused (409) unless the client asks to replace it. A replacement
-removes the old image file (whatever its extension), keeps the report unless a new one is given,
-and, under the same lock and before the datastore record changes, moves every label file of that
-id whose shape no longer fits out of the studies folder (into the app's state folder; deleted
-when the datastore has none): MONAI Label's auto-reload watcher would otherwise attach them to
-the new image again. Removals update the record at once, so no listed image or label is missing.
+keeps the old image file in the label history (whatever its extension), keeps the report unless a
+new one is given, and, under the same lock and before the datastore record changes, moves every
+label file of that id whose shape no longer fits out of the studies folder: MONAI Label's
+auto-reload watcher would otherwise attach them to the new image again. Removals update the
+record at once, so no listed image or label is missing.
+
+Nothing a person saved is lost (lib/label_history.py). Labels have two owners: the model writes
+only the machine tags (`original`, `uncertainty`; `save_label`, the method MONAI Label's own infer
+and batch infer call, and `store_label`), a person every other tag (`save_human_label`, behind
+`PUT /datastore/label`). A human label that is replaced, deleted, or no longer fits a replaced
+image moves to the label history first, and can be restored from there. Tags are one canonical
+(lower) case; a label is one file per image and tag (saving another format replaces the old file
+in the same step, never leaves twins). Upper-case extensions (`CT.NII.GZ`, `IMG.DCM`) are the
+same formats as their lower-case twins and are stored under the lower-case name.
 """
 
 from __future__ import annotations
@@ -41,8 +50,9 @@ from fasttextdiff.atomic import atomic_copy, atomic_write_bytes
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore
 
-from lib.validation import (bad_request, check_image_id, check_int, check_json_value, check_label_tag, check_text,
-                            without_folders)
+from lib.label_history import IMAGE_KIND, LabelHistory
+from lib.validation import (MACHINE_TAGS, bad_request, check_human_tag, check_image_id, check_int, check_json_value,
+                            check_label_tag, check_machine_tag, check_text, without_folders)
 
 logger = logging.getLogger(__name__)
 _internal: contextvars.ContextVar[bool] = contextvars.ContextVar("fasttextdiff_internal", default=False)
@@ -58,15 +68,21 @@ IMAGE_EXTENSIONS = ("*.nii.gz", "*.nii", "*.nrrd", "*.mha", "*.png", "*.jpg", "*
                     "*.dcm")
 
 
+def _canonical(tag: Any) -> Any:
+    return tag.lower() if isinstance(tag, str) else tag
+
+
 class FastTextDiffDatastore(LocalDatastore):
     """A LocalDatastore with input checks; report text lives in image info `text`."""
 
-    def __init__(self, *args: Any, max_text_bytes: int = 65536, detached_dir: str | None = None, **kwargs: Any):
+    def __init__(self, datastore_path: str, *args: Any, max_text_bytes: int = 65536, history_dir: str | None = None,
+                 **kwargs: Any):
         self.max_text_bytes = max_text_bytes
         self.max_info_bytes = max(4 * max_text_bytes, 256 * 1024)  # one image's or label's info, as JSON
-        self.detached_dir = detached_dir  # where label files that no longer fit a replaced image go
+        # replaced and deleted human labels (and images); by default in the studies' hidden state folder
+        self.history = LabelHistory(history_dir or os.path.join(datastore_path, ".fasttextdiff", "label-history"))
         self._mutex = threading.RLock()
-        super().__init__(*args, **kwargs)
+        super().__init__(datastore_path, *args, **kwargs)
         handler = getattr(self, "_handler", None)
         if handler is not None:  # auto-reload: files now arrive by rename, which the stock handler ignores
             handler.on_moved = self._on_moved_event
@@ -201,6 +217,18 @@ class FastTextDiffDatastore(LocalDatastore):
         except Exception as exc:  # noqa: BLE001 - any reader failure is a bad upload, not a server bug
             raise bad_request(415, f"cannot read the {what}: {type(exc).__name__}: {without_folders(str(exc))}") from exc
 
+    def _to_id(self, file: str) -> tuple:
+        """(id, extension) of a file name, the extension matched in any case and returned in lower case
+        (MONAI Label's own match is case-sensitive and replaces the extension anywhere in the name)."""
+        lower = file.lower()
+        for ext in sorted((e.replace("*", "") for e in self._extensions), key=len, reverse=True):
+            if lower.endswith(ext):
+                return file[: -len(ext)], ext
+        return super()._to_id(file)
+
+    def _supported(self, filename: str) -> bool:
+        return any(filename.lower().endswith(e.replace("*", "")) for e in self._extensions)
+
     @staticmethod
     def _label_shape(image) -> tuple:
         """The shape a label of `image` must have (a colour image's labels have no channel axis)."""
@@ -238,7 +266,7 @@ class FastTextDiffDatastore(LocalDatastore):
         one (see the module doc). Returns {"image": id} plus, for a replacement, what happened."""
         id_from_file, ext = self._to_id(os.path.basename(image_filename))
         image_id = check_image_id(image_id or id_from_file)
-        if not any(image_filename.endswith(e.replace("*", "")) for e in self._extensions):
+        if not self._supported(image_filename):
             raise bad_request(415, f"unsupported image file type {ext!r} ({os.path.basename(image_filename)!r}); "
                                    f"supported: {', '.join(e.replace('*', '') for e in self._extensions)} "
                                    "or a .zip of one DICOM series")
@@ -259,11 +287,14 @@ class FastTextDiffDatastore(LocalDatastore):
             from monailabel.datastore.local import ImageLabelModel
 
             try:
+                for old in self._files_of(self._datastore.image_path(), image_id) if previous is not None else []:
+                    self.history.keep(old, IMAGE_KIND, image_id, "replaced by an upload", info=previous.image.info,
+                                      move=False)  # removed below once the new image is in place
                 kept, moved = self._settle_labels(image_id, new_shape) if previous is not None else ({}, [])
                 atomic_copy(image_filename, dest)
                 for stale in self._files_of(self._datastore.image_path(), image_id):
                     if os.path.realpath(stale) != dest:
-                        os.unlink(stale)  # the replaced image under another extension
+                        os.unlink(stale)  # an image file of this id under another extension, not in the record
                 info = dict(info, ts=int(time.time()), name=name)
                 record = ImageLabelModel(image=DataModel(info=info, ext=ext))
                 record.labels.update(kept)
@@ -285,21 +316,20 @@ class FastTextDiffDatastore(LocalDatastore):
         """The files in `folder` that MONAI Label would take for `image_id` (any known extension)."""
         if not os.path.isdir(folder):
             return []
-        suffixes = tuple(e.replace("*", "") for e in self._extensions)
         return [entry.path for entry in os.scandir(folder)
-                if entry.is_file() and entry.name.endswith(suffixes) and self._to_id(entry.name)[0] == image_id]
+                if entry.is_file() and self._supported(entry.name) and self._to_id(entry.name)[0] == image_id]
 
     def _settle_labels(self, image_id: str, new_shape: tuple) -> tuple[Dict[str, DataModel], list]:
         """Before a replaced image's record changes (caller holds the locks): keep each label file of
-        `image_id` that fits `new_shape`, move the others out of the studies folder. Returns the kept
-        labels' records and a list of what was moved where."""
+        `image_id` that fits `new_shape`, move the others out of the studies folder (human labels into
+        the label history, the model's output deleted). Returns the kept labels' records and a list of
+        what was moved where."""
         labels_dir = self._datastore.label_path(None)
         obj = self._datastore.objects.get(image_id)
         kept: Dict[str, DataModel] = {}
         moved = []
         tags = [t for t in os.listdir(labels_dir) if os.path.isdir(os.path.join(labels_dir, t))] \
             if os.path.isdir(labels_dir) else []
-        stamp = time.strftime("%Y%m%d-%H%M%S")
         for tag in sorted(tags):
             for path in self._files_of(os.path.join(labels_dir, tag), image_id):
                 fits = False
@@ -316,23 +346,44 @@ class FastTextDiffDatastore(LocalDatastore):
                     _, ext = self._to_id(os.path.basename(path))
                     kept[tag] = DataModel(info={"ts": int(time.time()), "name": os.path.basename(path)}, ext=ext)
                     continue
-                if tag == UNCERTAINTY_TAG or not self.detached_dir:
+                if tag in MACHINE_TAGS:
                     os.unlink(path)
                     moved.append({"tag": tag, "file": os.path.basename(path), "to": None})
                     continue
-                target = Path(self.detached_dir) / f"{image_id}-{stamp}" / tag / os.path.basename(path)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(path, target)
-                moved.append({"tag": tag, "file": os.path.basename(path), "to": str(target)})
-                logger.info("moved label %s/%s aside to %s: it does not fit the replaced image", tag,
-                            os.path.basename(path), target)
+                kept_version = self.history.keep(path, tag, image_id, "does not fit the replaced image",
+                                                 info=record.info if record is not None else None)
+                target = self.history.root / tag / image_id / kept_version["version"] / kept_version["file"]
+                moved.append({"tag": tag, "file": os.path.basename(path), "to": str(target),
+                              "version": kept_version["version"]})
+                logger.info("kept label %s/%s in the label history (version %s): it does not fit the replaced image",
+                            tag, os.path.basename(path), kept_version["version"])
         return kept, moved
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+        """MONAI Label's API, which its infer and batch infer call with the model's output: only machine
+        tags (a 400 for any other, `final` included). A person's label goes through save_human_label."""
+        label_tag = check_machine_tag(label_tag)
+        label_info = self._checked_label(image_id, label_filename, label_tag, label_info)
+        return self._store(image_id, label_filename, label_tag, label_info, who=None)
+
+    def save_human_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any] | None,
+                         who: str | None = None) -> str:
+        """A label a person saved (`PUT /datastore/label`): any tag but the machine ones. The label it
+        replaces is kept in the label history."""
+        label_tag = check_human_tag(label_tag)
+        label_info = self._checked_label(image_id, label_filename, label_tag, label_info)
+        if who:
+            label_info = dict(label_info, user=who)
+        return self._store(image_id, label_filename, label_tag, label_info, who=who)
+
+    def _checked_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Any) -> Dict[str, Any]:
+        """The label's params, checked, once the label is known to fit its image (else 4xx)."""
         check_image_id(image_id)
-        check_label_tag(label_tag)
         if not self.has_image(image_id):
             raise bad_request(404, f"image {image_id!r} is not in the datastore")
+        if not self._supported(os.path.basename(label_filename)):
+            raise bad_request(415, f"unsupported label file type ({os.path.basename(label_filename)!r}); supported: "
+                                   f"{', '.join(e.replace('*', '') for e in self._extensions)}")
         if label_info is not None and not isinstance(label_info, dict):
             raise bad_request(400, "label params must be a JSON object")
         label_info = check_json_value(dict(label_info or {}), "label params")
@@ -347,23 +398,39 @@ class FastTextDiffDatastore(LocalDatastore):
         if label_shape != image_shape:
             raise bad_request(422, f"label {os.path.basename(label_filename)!r} has shape {label_shape}, which does not "
                                    f"match image {image_id!r} of shape {image_shape}")
-        return self.store_label(image_id, label_filename, label_tag, label_info)
+        return label_info
 
     def store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any] | None) -> str:
-        """MONAI Label's save_label, written atomically (the previous label survives a failed write)."""
+        """The model's own output file (unchecked: the app made it), under a machine tag only."""
+        return self._store(image_id, label_filename, check_machine_tag(label_tag), label_info, who=None)
+
+    def _store(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any] | None,
+               who: str | None) -> str:
+        """Write the label atomically as the one file of (image, tag). A human tag's previous file(s) are
+        copied to the label history first; other-format twins are removed only once the new file is in
+        place, so a failed write (507 on a full disk) leaves the previous label as it was."""
         _, label_ext = self._to_id(os.path.basename(label_filename))
         label_path = self._datastore.label_path(label_tag)
         name = self._filename(image_id, label_ext)
         dest = os.path.join(label_path, name)
+        human = label_tag not in MACHINE_TAGS
         with self._mutex, FileLock(self._lock_file):
             self._reload_locked()
             obj = self._datastore.objects.get(image_id)
             if obj is None:
                 raise bad_request(404, f"image {image_id!r} is not in the datastore")
             previous = obj.labels.get(label_tag)
+            olds = self._files_of(label_path, image_id)
             try:
+                if human:
+                    for old in olds:
+                        self.history.keep(old, label_tag, image_id, "replaced", who=who,
+                                          info=previous.info if previous is not None else None, move=False)
                 os.makedirs(label_path, exist_ok=True)
                 atomic_copy(label_filename, dest)
+                for twin in olds:  # the same label in another format: gone with the write, kept above if human
+                    if os.path.realpath(twin) != os.path.realpath(dest):
+                        self._unlink(twin)
                 info = dict(label_info or {}, ts=int(time.time()), name=name)
                 obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
                 self._update_datastore_file(lock=False)
@@ -373,8 +440,48 @@ class FastTextDiffDatastore(LocalDatastore):
                 else:
                     obj.labels.pop(label_tag, None)
                 raise self._storage_error(exc, f"label {label_tag!r} of {image_id!r}") from exc
-        logger.info("saved label %s of %s", label_tag, image_id)
+        logger.info("saved label %s of %s%s", label_tag, image_id, f" (by {who})" if who else "")
         return image_id
+
+    def label_history(self, image_id: str, label_tag: str | None = None) -> Dict[str, Any]:
+        """The kept versions of an image's labels (one tag, or every tag), newest first."""
+        check_image_id(image_id)
+        tags = [check_label_tag(label_tag)] if label_tag is not None else self.history.tags(image_id)
+        return {"image": image_id, "versions": {tag: self.history.versions(tag, image_id) for tag in tags}}
+
+    def restore_label(self, image_id: str, label_tag: str, version: str, who: str | None = None) -> Dict[str, Any]:
+        """Save a kept version again as the current label (the label it replaces is kept in turn)."""
+        import tempfile
+
+        check_image_id(image_id)
+        label_tag = check_human_tag(label_tag)
+        try:
+            path, record = self.history.file_of(label_tag, image_id, version)
+        except KeyError:
+            raise bad_request(404, f"no kept version {str(version)[:40]!r} of label {label_tag!r} of {image_id!r}; "
+                                   f"list them with GET /datastore/label/history?image={image_id}") from None
+        with tempfile.TemporaryDirectory(prefix="fasttextdiff-restore-") as folder:
+            copy = os.path.join(folder, image_id + record["ext"])
+            shutil.copyfile(path, copy)  # the kept version stays in the history
+            info = {k: v for k, v in record.get("info", {}).items() if k not in _RESERVED_LABEL}
+            info["restored_from"] = version
+            self._checked_label(image_id, copy, label_tag, info)
+            self._store(image_id, copy, label_tag, info, who=who)
+        logger.info("restored label %s of %s from version %s", label_tag, image_id, version)
+        return {"image": image_id, "tag": label_tag, "restored": version}
+
+    # reads take a tag in any case, as writes do
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        return super().get_label_uri(label_id, _canonical(label_tag))
+
+    def get_label_info(self, label_id: str, label_tag: str) -> Dict[str, Any]:
+        return super().get_label_info(label_id, _canonical(label_tag))
+
+    def get_labeled_images(self, label_tag=None, labels=None):
+        return super().get_labeled_images(_canonical(label_tag), labels)
+
+    def get_unlabeled_images(self, label_tag=None, labels=None):
+        return super().get_unlabeled_images(_canonical(label_tag), labels)
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         if not self.has_image(image_id):
@@ -432,9 +539,10 @@ class FastTextDiffDatastore(LocalDatastore):
         finally:
             _internal.reset(token)
 
-    def remove_image(self, image_id: str) -> None:
+    def remove_image(self, image_id: str, who: str | None = None) -> None:
         """The image, its labels and its record, removed together (MONAI Label's own removal left the
-        record to the file watcher, so the datastore briefly listed files that were gone)."""
+        record to the file watcher, so the datastore briefly listed files that were gone). The image and
+        its human labels are kept in the label history."""
         if not self.has_image(image_id):
             raise bad_request(404, f"image {str(image_id)[:80]!r} is not in the datastore")
         with self._mutex, FileLock(self._lock_file):
@@ -443,20 +551,32 @@ class FastTextDiffDatastore(LocalDatastore):
             if obj is None:
                 raise bad_request(404, f"image {str(image_id)[:80]!r} is not in the datastore")
             for tag, label in obj.labels.items():
-                self._unlink(os.path.join(self._datastore.label_path(tag), self._filename(image_id, label.ext)))
-            self._unlink(os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext)))
+                self._drop_label(image_id, tag, label, "image deleted", who)
+            image_file = os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext))
+            if os.path.isfile(image_file):
+                self.history.keep(image_file, IMAGE_KIND, image_id, "image deleted", who=who, info=obj.image.info)
             self._datastore.objects.pop(image_id, None)
             self._update_datastore_file(lock=False)
         logger.info("removed image %s and its labels", image_id)
 
-    def remove_label(self, label_id: str, label_tag: str) -> None:
-        check_label_tag(label_tag)
+    def remove_label(self, label_id: str, label_tag: str, who: str | None = None) -> None:
+        """DELETE /datastore/label: a human label moves to the label history (restorable), the model's
+        output is deleted."""
+        label_tag = check_label_tag(label_tag)
         with self._mutex, FileLock(self._lock_file):
             self._reload_locked()
             obj, label = self._existing_label(label_id, label_tag)
-            self._unlink(os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext)))
+            self._drop_label(label_id, label_tag, label, "deleted", who)
             obj.labels.pop(label_tag, None)
             self._update_datastore_file(lock=False)
+
+    def _drop_label(self, image_id: str, tag: str, label: DataModel, reason: str, who: str | None) -> None:
+        """Every file of (image, tag) out of the studies folder: kept if a person made it (caller holds the locks)."""
+        for path in self._files_of(self._datastore.label_path(tag), image_id):
+            if tag in MACHINE_TAGS:
+                self._unlink(path)
+            else:
+                self.history.keep(path, tag, image_id, reason, who=who, info=label.info)
 
     def _existing_label(self, label_id: str, label_tag: str):
         """(image record, label record) of a stored label, or a 404; call with the lock held."""
@@ -474,7 +594,7 @@ class FastTextDiffDatastore(LocalDatastore):
             pass
 
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
-        check_label_tag(label_tag)
+        label_tag = check_label_tag(label_tag)
         if not isinstance(info, dict):
             raise bad_request(400, f"label info must be a JSON object, got {type(info).__name__}")
         info = check_json_value(dict(info), "label info")

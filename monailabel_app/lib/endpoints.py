@@ -51,8 +51,8 @@ from monailabel.utils.others.generic import get_mime_type
 from lib.origin import REQUEST_ORIGIN, REQUEST_UPLOAD
 from lib import uploads
 from lib.uploads import ARCHIVE_SUFFIXES, extract_archive, is_archive_name, save_upload, upload_folder
-from lib.validation import (bad_request, check_int, check_json_value, check_label_tag, check_session_id,
-                            parse_json_object)
+from lib.validation import (bad_request, check_human_tag, check_image_id, check_int, check_json_value,
+                            check_label_tag, check_machine_tag, check_session_id, parse_json_object)
 
 logger = logging.getLogger(__name__)
 
@@ -176,17 +176,62 @@ def _series_from_archive(archive: Path, folder: Path) -> Path:
     return write_image(folder / f"{stem}.nii.gz", volume.array, like=volume)
 
 
+def _who(user: Any) -> Optional[str]:
+    return getattr(user, "username", None) or None
+
+
+def _local_datastore():
+    datastore = app_instance().datastore()
+    if not hasattr(datastore, "save_human_label"):
+        raise bad_request(404, "this server's studies are not a local folder: labels are kept by its DICOMweb server")
+    return datastore
+
+
 def save_label(image: str, params: str = Form("{}"), tag: str = DefaultLabelTag.FINAL.value,
                label: UploadFile = File(...), user: User = ANNOTATOR):
+    """A person's label (any tag but the model's `original`/`uncertainty`); the one it replaces is kept
+    in the label history."""
     save_params = parse_json_object(params, "params")
-    tag = tag or DefaultLabelTag.FINAL.value
+    tag = check_human_tag(tag or DefaultLabelTag.FINAL.value)
     instance = app_instance()
+    datastore = _local_datastore()
     with upload_folder() as folder:
         path = save_upload(label, folder, "label")
-        label_id = instance.datastore().save_label(image, str(path), tag, save_params)
+        label_id = datastore.save_human_label(image, str(path), tag, save_params, who=_who(user))
     res = instance.on_save_label(image, label_id) or {}
-    res.update({"image": image, "label": label_id})
+    res.update({"image": image, "label": label_id, "tag": tag})
     return res
+
+
+def remove_label(id: str, tag: str, user: User = ADMIN):  # noqa: A002 - MONAI Label's parameter name
+    """MONAI Label's DELETE /datastore/label: a person's label moves to the label history."""
+    _local_datastore().remove_label(id, tag, who=_who(user))
+    return {}
+
+
+def remove_image(id: str, user: User = ADMIN):  # noqa: A002 - MONAI Label's parameter name
+    """MONAI Label's DELETE /datastore/image: the image and its human labels move to the label history."""
+    _local_datastore().remove_image(id, who=_who(user))
+    return {}
+
+
+def label_history(image: str, tag: Optional[str] = None, user: User = USER):
+    """The kept versions of an image's labels (replaced, deleted, or no longer fitting), newest first."""
+    datastore = _local_datastore()
+    if not datastore.has_image(check_image_id(image)) and not datastore.history.tags(image):
+        raise bad_request(404, f"image {image!r} is not in the datastore and has no kept labels")
+    return datastore.label_history(image, tag)
+
+
+def restore_label(image: str, version: str, tag: str = DefaultLabelTag.FINAL.value, user: User = ANNOTATOR):
+    """Make a kept version the current label again; the label it replaces is kept in turn."""
+    instance = app_instance()
+    datastore = _local_datastore()
+    if not datastore.has_image(check_image_id(image)):
+        raise bad_request(404, f"image {image!r} is not in the datastore (upload it again, then restore its label)")
+    result = datastore.restore_label(image, tag, version, who=_who(user))
+    instance.on_save_label(image, image)
+    return result
 
 
 def check_image(image: str, check_sum: Optional[str] = None, user: User = USER):
@@ -292,6 +337,7 @@ def batch_infer_run(model: str, images: Optional[BatchInferImageType] = BatchInf
     _known("model", model, app_instance().info().get("models", {}))
     body = _body(params, "batch infer") if params is not None else dict(_BATCH_DEFAULTS)
     _no_override(body, model=model, images=images)
+    body["label_tag"] = check_machine_tag(body.get("label_tag") or DefaultLabelTag.ORIGINAL.value)
     return _run_task(lambda: ml_batch_infer.run(model, images, body, run_sync), "batch inference", "/batch/infer")
 
 
@@ -353,7 +399,7 @@ def next_sample(strategy: str, params: Optional[dict] = None, user: User = USER)
     if client_id is not None and not (isinstance(client_id, str) and len(client_id) <= 200):
         raise bad_request(400, "client_id must be a string of at most 200 characters")
     if body.get("label_tag") is not None:
-        check_label_tag(body["label_tag"])
+        body["label_tag"] = check_label_tag(body["label_tag"])
     labels = body.get("labels")
     if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
         raise bad_request(400, "labels must be a list of label names")
@@ -495,6 +541,8 @@ REPLACEMENTS = {
     ("PUT", "/datastore/image"): add_image,
     ("PUT", "/datastore/"): add_image,
     ("PUT", "/datastore/label"): save_label,
+    ("DELETE", "/datastore/label"): remove_label,
+    ("DELETE", "/datastore/image"): remove_image,
     ("HEAD", "/datastore/image"): check_image,
     ("GET", "/datastore/dataset"): download_dataset,
     ("POST", "/infer/{model}"): run_inference,
@@ -515,6 +563,12 @@ REPLACEMENTS = {
     ("GET", "/ohif/{path:path}"): get_ohif,
     ("POST", "/reload"): no_reload,
 }
+# routes MONAI Label does not have: (method, path without the API prefix, function, summary)
+ADDITIONS = [
+    ("GET", "/datastore/label/history", label_history,
+     "The kept versions of an image's labels (a saved label never destroys the one it replaces)"),
+    ("POST", "/datastore/label/restore", restore_label, "Make a kept version of a label the current one again"),
+]
 for _op in ("wado", "qido", "stow", ""):
     for _method in ("GET", "POST"):
         REPLACEMENTS[(_method, f"/proxy/dicom/{_op + '/' if _op else ''}{{path:path}}")] = _proxy(_op)

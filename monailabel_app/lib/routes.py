@@ -377,6 +377,25 @@ def _walk(router: Any, threaded_infer: bool, seen: set[int]) -> int:
     return count
 
 
+def _add_routes(app: Any) -> int:
+    """The app's routes that MONAI Label lacks (`lib/endpoints.ADDITIONS`), guarded like the others."""
+    from monailabel.config import settings
+
+    from lib import endpoints
+
+    prefix = settings.MONAI_LABEL_API_STR or ""
+    present = {(m, r.path) for r in app.router.routes if isinstance(r, APIRoute) for m in r.methods}
+    fresh = APIRouter(route_class=GuardedRoute, dependency_overrides_provider=app)
+    for method, path, endpoint, summary in endpoints.ADDITIONS:
+        if (method, prefix + path) not in present:
+            fresh.add_api_route(prefix + path, _guard(endpoint), methods=[method], summary=summary,
+                                tags=["Datastore"], name=endpoint.__name__)
+    app.router.routes.extend(fresh.routes)
+    if fresh.routes and hasattr(app.router, "_mark_routes_changed"):
+        app.router._mark_routes_changed()
+    return len(fresh.routes)
+
+
 def harden(app: Any, threaded_infer: bool = True, max_body_bytes: int | None = None) -> int:
     """Re-register MONAI Label's routes on `app` (monailabel.app.app); returns how many. Idempotent."""
     from lib import uploads
@@ -384,6 +403,7 @@ def harden(app: Any, threaded_infer: bool = True, max_body_bytes: int | None = N
     if max_body_bytes is not None:
         uploads.MAX_BODY_BYTES[0] = int(max_body_bytes)
     count = _walk(app.router, threaded_infer, set())
+    count += _add_routes(app)
     app.openapi_schema = None
     logger.info("FastTextDiff: %d MONAI Label routes re-registered (checked input, slow work in threads)", count)
     return count

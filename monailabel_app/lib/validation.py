@@ -34,10 +34,33 @@ def check_image_id(image_id: Any) -> str:
     return image_id
 
 
+# tags that hold the model's output; every other tag holds labels a person saved
+MACHINE_TAGS = ("original", "uncertainty")
+
+
 def check_label_tag(tag: Any) -> str:
-    """Label tags become folder names under labels/."""
+    """Label tags become folder names under labels/: one canonical (lower) case, so `FINAL` is `final`
+    on every file system (on a case-insensitive one they would be the same folder anyway)."""
     if not isinstance(tag, str) or not _TAG.fullmatch(tag):
         raise bad_request(400, f"invalid label tag {str(tag)[:40]!r}: use letters, digits, '_' or '-'")
+    return tag.lower()
+
+
+def check_machine_tag(tag: Any) -> str:
+    """Where the model may write: never a tag that holds a person's labels."""
+    tag = check_label_tag(tag)
+    if tag not in MACHINE_TAGS:
+        raise bad_request(400, f"the model's output is saved only under the tags {list(MACHINE_TAGS)}, not {tag!r}: "
+                               f"{tag!r} holds labels a person saved, and a prediction would replace them")
+    return tag
+
+
+def check_human_tag(tag: Any) -> str:
+    """Where a person's label may be saved: not a tag that holds the model's output."""
+    tag = check_label_tag(tag)
+    if tag in MACHINE_TAGS:
+        raise bad_request(400, f"tag {tag!r} holds the model's output and cannot be saved by hand; save a reviewed "
+                               "label with tag 'final' (or another tag of your own)")
     return tag
 
 

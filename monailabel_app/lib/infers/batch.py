@@ -1,8 +1,9 @@
 """Batch inference (`/batch/infer/fasttextdiff`): every chosen datastore image with its stored report.
 
 MONAI Label's BatchInferTask does the looping and saves each result as a label (tag `original`
-by default); this subclass refuses unknown models up front, keeps one worker on CPU (threads would
-only fight over the same cores) and logs progress as `k / n`.
+by default); this subclass refuses unknown models and tags that hold a person's labels (`final`,
+in any case: predictions would replace them) up front, keeps one worker on CPU (threads would only
+fight over the same cores) and logs progress as `k / n`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Callable, Dict
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 
-from lib.validation import bad_request, check_label_tag
+from lib.validation import bad_request, check_machine_tag
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class FastTextDiffBatchInfer(BatchInferTask):
         if model not in self._models():
             raise bad_request(404, f"unknown model {str(model)[:40]!r}; available: {sorted(self._models())}")
         request = dict(request)
-        request["label_tag"] = check_label_tag(request.get("label_tag") or DefaultLabelTag.ORIGINAL.value)
+        request["label_tag"] = check_machine_tag(request.get("label_tag") or DefaultLabelTag.ORIGINAL.value)
         request.pop("text", None)  # each image uses its own stored report
         if not torch.cuda.is_available():
             request["max_workers"] = 1

@@ -143,8 +143,7 @@ class FastTextDiffInfer(InferTask):
             try:
                 write_image(unc_file, result.uncertainty.astype("float32"), like=image)
                 # unchecked (we made this file ourselves), atomic and serialised with the other writes
-                store = getattr(ds, "store_label", None) or ds.save_label
-                store(image_id, unc_file, UNCERTAINTY_TAG, {"model": identity, "kind": "uncertainty"})
+                ds.store_label(image_id, unc_file, UNCERTAINTY_TAG, {"model": identity, "kind": "uncertainty"})
                 uncertainty_info["map"] = {"label": image_id, "tag": UNCERTAINTY_TAG,
                                            "url": f"/datastore/label?label={image_id}&tag={UNCERTAINTY_TAG}"}
             finally:
