@@ -62,7 +62,7 @@ def _set_scores(app, scores: dict, identity: str | None):
 def _take(app, strategy: str) -> str:
     """One next_sample, then the offered image is labeled through the datastore, as a client does."""
     choice = app["strategies"][strategy]({"strategy": strategy}, app["ds"])
-    app["ds"].save_label(choice["id"], str(app["labels"][choice["id"]]), "final", {})
+    app["ds"].save_human_label(choice["id"], str(app["labels"][choice["id"]]), "final", {})
     return choice["id"]
 
 
@@ -119,6 +119,6 @@ def test_scoring_keeps_the_mismatch_beside_the_uncertainty_incrementally(app):
     again = scoring({"method": app["scoring_name"]}, ds)
     assert again["scored"] == 0 and again["skipped"] == 4  # nothing changed: nothing rescored
     ds.update_image_info("case_a", {"text": "Unilateral pulmonary infection, one infected area, upper left lung."})
-    ds.save_label("case_b", str(app["labels"]["case_b"]), "final", {})  # labeled: no longer scored
+    ds.save_human_label("case_b", str(app["labels"]["case_b"]), "final", {})  # labeled: no longer scored
     third = scoring({"method": app["scoring_name"]}, ds)
     assert third["scored"] == 1 and third["skipped"] == 2 and set(third["scores"]) == {"case_a"}  # the changed report
