@@ -3,8 +3,10 @@ request parameters, path-traversal ids and tags, and the answer each must get.
 
 The tests (`tests/test_reliability_*.py`) run every case against the real server, the CLI or the
 library and assert the expected answer; the table in docs/RELIABILITY.md is generated from these
-same lists (`python tests/reliability_cases.py --markdown`, or updated by the tests themselves
-with the responses they observed).
+same lists with the answers a run observed: `python tests/reliability_cases.py --update-doc` runs
+tests/test_reliability_inputs.py, collects the answers and rewrites the table. The tests never write
+the doc: they compare it with what they observed and fail when it is stale
+(`--markdown` prints the cases with their expected answers only).
 
 Each crafted file is built small: a "20000 x 20000" image is a valid header with a few bytes of
 pixel data (a lying header), never 400 MB of pixels.
@@ -502,38 +504,62 @@ TRAVERSAL_TAGS = ["../../x", "../final", "/abs", "a/b", "..", ".hidden"]
 # ---------------------------------------------------------------------------------------------
 # the table
 
-def markdown(observed: dict[str, tuple[int, str]] | None = None) -> str:
-    """The docs table: every case, the expected status and (when given) the observed reason."""
+# rows the tests add beside the case lists: (where, input, expected status)
+EXTRA_ROWS: list[tuple[str, str, int]] = [
+    ("upload image", "streamed (chunked) body over the upload limit", 413),
+    ("upload image", "body over the upload limit (Content-Length)", 413),
+]
+
+
+def row_key(group: str, name: str) -> str:
+    """The key of one table row in the observed answers."""
+    return f"{group}: {name}"
+
+
+def table_row(group: str, name: str, status: int | str, reason: str) -> str:
+    """One line of the docs table, as `markdown` writes it."""
+    reason = str(reason).replace("|", "\\|").replace("\n", " ")
+    return f"| {group} | {name} | {status} | {reason[:160]} |"
+
+
+def row_cases() -> list[tuple[str, str, int | str, tuple[str, ...]]]:
+    """Every row of the table in order: (where, input, expected status, words of the expected reason)."""
+    rows: list[tuple[str, str, int | str, tuple[str, ...]]] = []
+    rows += [("upload image", c.name, c.expect, c.upload_words or c.words) for c in FILE_CASES]
+    rows += [("infer on an uploaded file", c.name, c.expect, c.words) for c in FILE_CASES]
+    rows += [("CLI `fasttextdiff segment`", c.name, "exit 2", c.words) for c in FILE_CASES]
+    rows += [("upload format", c.name, 200, ()) for c in FORMAT_CASES]
+    rows += [("re-upload", c.name, c.expect, c.words) for c in REUPLOAD_CASES]
+    rows += [("report text (PUT /datastore/image/info)", c.name, c.expect, c.words) for c in TEXT_CASES]
+    rows += [(f"{c.route} params", f"{c.name}: `{json.dumps(c.params)[:60]}`", c.expect, c.words) for c in PARAM_CASES]
+    rows += [("image id (upload)", f"`{i!r}`", 400, ("invalid image id",)) for i in TRAVERSAL_IDS]
+    rows += [("label tag (save label)", f"`{t!r}`", 400, ("invalid label tag",)) for t in TRAVERSAL_TAGS]
+    rows += [(group, name, status, ()) for group, name, status in EXTRA_ROWS]
+    return rows
+
+
+def markdown(observed: dict[str, tuple[int | str, str]] | None = None) -> str:
+    """The docs table: every case, the expected status and (when given) the observed status and reason."""
     observed = observed or {}
-
-    def row(group: str, name: str, expect: int | str, words) -> str:
-        status, reason = observed.get(f"{group}: {name}", (expect, "; ".join(f"… {w} …" for w in words) or "—"))
-        reason = str(reason).replace("|", "\\|").replace("\n", " ")
-        return f"| {group} | {name} | {status} | {reason[:160]} |"
-
     lines = ["| where | input | status | response |", "|---|---|---|---|"]
-    for c in FILE_CASES:
-        lines.append(row("upload image", c.name, c.expect, c.upload_words or c.words))
-    for c in FILE_CASES:
-        lines.append(row("infer on an uploaded file", c.name, c.expect, c.words))
-    for c in FILE_CASES:
-        lines.append(row("CLI `fasttextdiff segment`", c.name, "exit 2", c.words))
-    for c in FORMAT_CASES:
-        lines.append(row("upload format", c.name, 200, ()))
-    for c in REUPLOAD_CASES:
-        lines.append(row("re-upload", c.name, c.expect, c.words))
-    for c in TEXT_CASES:
-        lines.append(row("report text (PUT /datastore/image/info)", c.name, c.expect, c.words))
-    for c in PARAM_CASES:
-        lines.append(row(f"{c.route} params", f"{c.name}: `{json.dumps(c.params)[:60]}`", c.expect, c.words))
-    for i in TRAVERSAL_IDS:
-        lines.append(row("image id (upload)", f"`{i!r}`", 400, ("invalid image id",)))
-    for t in TRAVERSAL_TAGS:
-        lines.append(row("label tag (save label)", f"`{t!r}`", 400, ("invalid label tag",)))
+    for group, name, expect, words in row_cases():
+        status, reason = observed.get(row_key(group, name), (expect, "; ".join(f"… {w} …" for w in words) or "—"))
+        lines.append(table_row(group, name, status, reason))
     return "\n".join(lines) + "\n"
 
 
 BEGIN, END = "<!-- reliability-cases:begin -->", "<!-- reliability-cases:end -->"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "RELIABILITY.md"
+UPDATE_COMMAND = ".venv/bin/python tests/reliability_cases.py --update-doc"
+OBSERVED_ENV = "FASTTEXTDIFF_RELIABILITY_OBSERVED"  # set by --update-doc: where the tests put their answers
+
+
+def doc_table(doc: Path = DOC) -> list[str]:
+    """The lines of the generated table in `doc` (between the markers)."""
+    text = doc.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        return []
+    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n").splitlines()
 
 
 def update_doc(doc: Path, table: str) -> bool:
@@ -550,11 +576,45 @@ def update_doc(doc: Path, table: str) -> bool:
     return False
 
 
+def update_doc_from_a_run(doc: Path = DOC, pytest_args: list[str] | None = None) -> int:
+    """Run tests/test_reliability_inputs.py, collect the answers it observed and write them into `doc`'s
+    table. Nothing is written when a test fails or a row was not observed."""
+    import os
+    import subprocess
+    import tempfile
+
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="reliability-observed-") as folder:
+        out = Path(folder) / "observed.json"
+        env = dict(os.environ, **{OBSERVED_ENV: str(out)})
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_reliability_inputs.py",
+               *(pytest_args or [])]
+        print("running", " ".join(cmd), flush=True)
+        done = subprocess.run(cmd, cwd=repo, env=env)
+        if done.returncode != 0:
+            print(f"error: the tests failed (exit {done.returncode}); {doc} is left as it was", file=sys.stderr)
+            return 1
+        observed = {k: tuple(v) for k, v in json.loads(out.read_text(encoding="utf-8")).items()} if out.exists() else {}
+    missing = [row_key(g, n) for g, n, _, _ in row_cases() if row_key(g, n) not in observed]
+    if missing:
+        print(f"error: {len(missing)} row(s) were not observed (first: {missing[0]!r}); {doc} is left as it was",
+              file=sys.stderr)
+        return 1
+    changed = update_doc(doc, markdown(observed))
+    print(f"{doc}: {'table updated' if changed else 'already up to date'} ({len(observed)} observed rows)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="print the case table (expected answers)")
     parser.add_argument("--write-files", type=Path, help="write every crafted file into this folder")
+    parser.add_argument("--update-doc", action="store_true",
+                        help="run tests/test_reliability_inputs.py and write the answers it observed into "
+                             "docs/RELIABILITY.md (the tests themselves only compare)")
     args = parser.parse_args(argv)
+    if args.update_doc:
+        return update_doc_from_a_run()
     if args.write_files:
         args.write_files.mkdir(parents=True, exist_ok=True)
         for c in FILE_CASES:
