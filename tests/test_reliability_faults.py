@@ -2,13 +2,19 @@
 pickle bombs, a full disk on label save, two processes writing the datastore at once.
 
 Everything is real: training runs in its own process and gets SIGKILL, the server is
-`monailabel start_server` on 127.0.0.1 (its process group is SIGKILLed and started again), a
-full disk is a small tmpfs mounted for the test (skipped where mounting is not permitted).
+`monailabel start_server` on 127.0.0.1 (its process group is SIGKILLed and started again). A full
+disk is made two ways: everywhere, by making every write into the studies folder fail with ENOSPC at
+the OS-call boundary (the writes go to /dev/full, which answers every write(2) with ENOSPC); and,
+where the tests may mount (root), by filling a small real tmpfs.
 """
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -390,12 +396,23 @@ def test_sigkill_of_a_server_training_run_keeps_model_and_datastore_then_resumes
     r = requests.post(f"{url}/infer/fasttextdiff?image=cxr_000&output=json", timeout=120)
     assert r.status_code == 200, r.text
 
+    # The resume state on disk holds the last epoch whose state was saved. The stats record an epoch
+    # just before its state is saved, so a kill between the two leaves the state one epoch behind the
+    # stats: the state on disk, not the stats, says where the next run must start.
+    saved_epoch = json.loads((fault_server.root / "state" / "work" / "segmenter-run.resume" / "state.json")
+                             .read_text(encoding="utf-8"))["epoch"]
+    assert killed_epochs - 1 <= saved_epoch <= killed_epochs and saved_epoch >= 1, (saved_epoch, killed_epochs)
+    log_before = len(fault_server.log_tail(10**8))
+
     # the next run picks up where the killed one stopped, finishes and publishes
     r = requests.post(f"{url}/train/fasttextdiff", json={"max_epochs": killed_epochs + 1}, timeout=30)
     assert r.status_code == 200, r.text
     wait_for(lambda: _train_stats(url).get("status") == "DONE", 180, 0.5, "the resumed training to finish")
-    assert f"resuming training from epoch {killed_epochs}" in fault_server.log_tail(200_000) or \
-        "resuming training from epoch" in fault_server.log_tail(200_000)
+    resumed = re.findall(r"resuming training from epoch (\d+)", fault_server.log_tail(10**8)[log_before:])
+    assert resumed == [str(saved_epoch)], f"expected one resume from epoch {saved_epoch}, the log says {resumed}"
+    history = _train_stats(url)["history"]  # this run's epochs only: the first is the one after the saved state
+    total = history[-1].get("epochs_total", killed_epochs + 1) if history else killed_epochs + 1
+    assert [h["epoch"] for h in history] == list(range(saved_epoch + 1, total + 1)), history
     assert _info(url)["fasttextdiff"]["model_identity"] != identity
 
 
@@ -498,15 +515,135 @@ def test_server_killed_while_training_restarts_without_a_stuck_running_state(fau
 
 
 # ------------------------------------------------------------------------------ disk full
-@pytest.fixture()
-def tmpfs(tmp_path):
+@contextlib.contextmanager
+def full_disk_under(folder: Path):
+    """While the block runs, `folder` behaves like a directory on a full disk, for every thread of this
+    process (the in-process server's): a file opened there for writing is created (or truncated) as
+    usual, but its descriptor is pointed at /dev/full, so every write(2) to it fails with ENOSPC, and
+    sendfile(2), copy_file_range(2) and fsync(2) on files there fail with ENOSPC too. Reads, renames,
+    deletions and every other folder work. Patched: `open`, `io.open`, `os.open`, `os.write`,
+    `os.sendfile`, `os.copy_file_range`, `os.fsync` (what Python's file writes and copies call)."""
+    root = os.path.realpath(folder) + os.sep
+    full_fd = os.open("/dev/full", os.O_WRONLY)
+    saved = {name: getattr(os, name) for name in ("open", "write", "sendfile", "copy_file_range", "fsync")
+             if hasattr(os, name)}
+    real_open, real_io_open = builtins.open, io.open
+
+    def inside(path) -> bool:
+        try:
+            return os.path.realpath(os.fspath(path)).startswith(root)
+        except (TypeError, ValueError):
+            return False
+
+    def fd_inside(fd) -> bool:
+        try:
+            fd = fd if isinstance(fd, int) else fd.fileno()
+            return os.readlink(f"/proc/self/fd/{fd}").startswith(root)
+        except (AttributeError, OSError, ValueError):
+            return False
+
+    def to_dev_full(fd: int) -> int:
+        os.dup2(full_fd, fd, inheritable=False)
+        return fd
+
+    def enospc(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def patched_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if not isinstance(file, int) and any(c in mode for c in "wax+") and inside(file):
+            to_dev_full(handle.fileno())
+        return handle
+
+    def patched_io_open(file, mode="r", *args, **kwargs):
+        handle = real_io_open(file, mode, *args, **kwargs)
+        if not isinstance(file, int) and any(c in mode for c in "wax+") and inside(file):
+            to_dev_full(handle.fileno())
+        return handle
+
+    def patched_os_open(path, flags, *args, **kwargs):
+        fd = saved["open"](path, flags, *args, **kwargs)
+        if flags & (os.O_WRONLY | os.O_RDWR) and inside(path):
+            to_dev_full(fd)
+        return fd
+
+    def guarded(name, fd_args):
+        real = saved[name]
+
+        def call(*args, **kwargs):
+            if any(fd_inside(args[i]) for i in fd_args if i < len(args)):
+                enospc()
+            return real(*args, **kwargs)
+
+        return call
+
+    builtins.open, io.open, os.open = patched_open, patched_io_open, patched_os_open
+    os.write = guarded("write", (0,))
+    os.sendfile = guarded("sendfile", (0,))
+    os.fsync = guarded("fsync", (0,))
+    if "copy_file_range" in saved:
+        os.copy_file_range = guarded("copy_file_range", (1,))
+    try:
+        yield
+    finally:
+        builtins.open, io.open = real_open, real_io_open
+        for name, real in saved.items():
+            setattr(os, name, real)
+        os.close(full_fd)
+
+
+def test_full_disk_injection_fails_writes_only_under_its_folder(tmp_path):
+    """The injection itself: writes under the folder fail with ENOSPC (and a truncating open truncates),
+    reads, renames and other folders work, and everything is as before once the block ends."""
+    import shutil as sh
+
+    inside, outside = tmp_path / "full", tmp_path / "free"
+    inside.mkdir()
+    outside.mkdir()
+    (inside / "old.bin").write_bytes(b"old")
+    (outside / "src.bin").write_bytes(b"x" * 10000)
+    with full_disk_under(inside):
+        for write in (lambda: (inside / "a.bin").write_bytes(b"data"),
+                      lambda: sh.copyfile(outside / "src.bin", inside / "b.bin"),
+                      lambda: os.write(os.open(inside / "c.bin", os.O_WRONLY | os.O_CREAT), b"data")):
+            with pytest.raises(OSError) as caught:
+                write()
+            assert caught.value.errno == errno.ENOSPC
+        assert (inside / "old.bin").read_bytes() == b"old"
+        os.replace(inside / "old.bin", inside / "renamed.bin")
+        (outside / "ok.bin").write_bytes(b"fine")
+        sh.copyfile(outside / "src.bin", outside / "copy.bin")
+    assert (outside / "copy.bin").read_bytes() == b"x" * 10000 and (outside / "ok.bin").read_bytes() == b"fine"
+    (inside / "a.bin").write_bytes(b"data")
+    assert (inside / "a.bin").read_bytes() == b"data"
+
+
+@pytest.fixture(params=["injected", "tmpfs"])
+def full_disk(request, tmp_path):
+    """(folder to put the studies in, a context manager during which that disk is full). `injected`
+    runs everywhere; `tmpfs` (a real 2 MB tmpfs filled with a file) needs the right to mount (root)."""
+    if request.param == "injected":
+        folder = tmp_path / "disk"
+        folder.mkdir()
+        yield folder, lambda: full_disk_under(folder)
+        return
     mount = tmp_path / "tmpfs"
     mount.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {done.stderr.decode().strip()}")
+        pytest.skip(f"cannot mount a tmpfs to fill (needs root; the `injected` variant ran): "
+                    f"{done.stderr.decode().strip()}")
+
+    @contextlib.contextmanager
+    def filled():
+        filler = _fill(mount)
+        try:
+            yield
+        finally:
+            filler.unlink()
+
     try:
-        yield mount
+        yield mount, filled
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
@@ -540,14 +677,15 @@ def _fill(mount: Path) -> Path:
     return filler
 
 
-def test_disk_full_on_label_save_keeps_the_previous_label(tmpfs, tiny_model_root, tmp_path):
+def test_disk_full_on_label_save_keeps_the_previous_label(full_disk, tiny_model_root, tmp_path):
     """The new label (9 kB) is larger than the page the old one (<1 kB) frees: MONAI Label's own
     copy-over-the-old-file would leave a truncated label here; the app answers 507 and keeps it."""
     import requests
 
     from reliability_cases import png_bytes
 
-    studies = make_tiny_studies(tmpfs / "studies", n_2d=3, n_3d=0, n_labeled=1, seed=6)
+    disk, disk_full = full_disk
+    studies = make_tiny_studies(disk / "studies", n_2d=3, n_3d=0, n_labeled=1, seed=6)
     conf = dict(TINY_CONF, model_dir=str(tiny_model_root), prepare_default_model="false",
                 state_dir=str(tmp_path / "state"))
     server = InProcessServer(studies, conf).start()
@@ -564,22 +702,23 @@ def test_disk_full_on_label_save_keeps_the_previous_label(tmpfs, tiny_model_root
         assert stored.read_bytes() == first.read_bytes()
         datastore_before = (studies / "datastore_v2.json").read_bytes()
 
-        filler = _fill(tmpfs)
         second = _label_nrrd(tmp_path / "second.nrrd", side, 2)
         assert second.stat().st_size > 2 * 4096 > first.stat().st_size
-        r = requests.put(f"{url}/datastore/label?image={image}&tag=final",
-                         files={"label": ("l.nrrd", second.read_bytes())}, timeout=60)
-        assert r.status_code == 507, r.text
-        assert "No space left" in r.json()["detail"] and "previous version is unchanged" in r.json()["detail"]
-        assert stored.read_bytes() == first.read_bytes(), "the previous label was damaged"
-        assert (studies / "datastore_v2.json").read_bytes() == datastore_before
-        r = requests.put(f"{url}/datastore/image?image=late_upload", files={"file": ("x.png", png_bytes(64, 64))},
-                         timeout=60)
-        assert r.status_code == 507, r.text
-        assert not list(studies.rglob("*.partial")) and not (studies / "late_upload.png").exists()
-        assert "late_upload" not in server.client().datastore()["objects"]
+        with disk_full():
+            r = requests.put(f"{url}/datastore/label?image={image}&tag=final",
+                             files={"label": ("l.nrrd", second.read_bytes())}, timeout=60)
+            assert r.status_code == 507, r.text
+            assert "No space left" in r.json()["detail"] and "previous version is unchanged" in r.json()["detail"]
+            assert stored.read_bytes() == first.read_bytes(), "the previous label was damaged"
+            assert (studies / "datastore_v2.json").read_bytes() == datastore_before
+            r = requests.put(f"{url}/datastore/image?image=late_upload", files={"file": ("x.png", png_bytes(64, 64))},
+                             timeout=60)
+            assert r.status_code == 507, r.text
+            assert not list(studies.rglob("*.partial")) and not (studies / "late_upload.png").exists()
+            assert "late_upload" not in server.client().datastore()["objects"]
+            assert (studies / "datastore_v2.json").read_bytes() == datastore_before
 
-        filler.unlink()  # space again: the same save now succeeds
+        # space again: the same save now succeeds
         r = requests.put(f"{url}/datastore/label?image={image}&tag=final",
                          files={"label": ("l.nrrd", second.read_bytes())}, timeout=60)
         assert r.status_code == 200, r.text
