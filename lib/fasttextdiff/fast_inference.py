@@ -14,6 +14,13 @@ What the fast path changes, and why the result stays the model's:
 - channels_last memory format for the convolutions, `torch.inference_mode`, and reduced-precision
   autocast only where the hardware runs it natively (bf16 on CPUs with AVX512-BF16/AMX, fp16 on CUDA).
 
+Precision is one switch for the library, the CLI, the server and the benchmarks: `InferenceOptions.precision`
+defaults to the environment variable FASTTEXTDIFF_PRECISION (auto|fp32|bf16|fp16, unset = auto), and an
+explicit precision in code (or the CLI's --precision) wins over it. `auto` depends on the hardware, so
+results differ between machines by the dtype's rounding; forcing `bf16` (emulated where the CPU lacks it,
+slower but the same numbers) or `fp32` makes any machine reproduce another's. fp16 on a CPU is torch's CPU
+autocast (native with AVX512-FP16/AMX-FP16, emulated elsewhere); `auto` never picks it there.
+
 Features cannot be reused across draws: the noise enters at the input of a non-linear U-Net, so each
 draw needs its own forward. `uncertainty="softmax"` is the cheap alternative: one draw, and the
 Bernoulli std sqrt(p(1-p)) of the foreground probability instead of the spread over draws.
@@ -22,16 +29,33 @@ Bernoulli std sqrt(p(1-p)) of the foreground probability instead of the spread o
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+import functools
+import os
+import warnings
+from dataclasses import dataclass, field, replace
 
 import torch
 from monai.inferers import SliceInferer
 
 from .model import FastTextDiffModel
 
-__all__ = ["InferenceOptions", "predict_slices", "native_low_precision", "resolve_precision", "air_slices"]
+__all__ = ["InferenceOptions", "predict_slices", "native_low_precision", "resolve_precision", "air_slices",
+           "precision_from_env", "precision_record", "PRECISION_ENV", "PRECISIONS"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_ENV = "FASTTEXTDIFF_PRECISION"
+_DTYPE_NAMES = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def precision_from_env() -> str:
+    """The precision FASTTEXTDIFF_PRECISION asks for ("auto" when unset or empty): the default of every
+    `InferenceOptions`, so one exported variable reaches the library, CLI, server and benchmarks alike."""
+    raw = os.environ.get(PRECISION_ENV, "")
+    value = raw.strip().lower() or "auto"
+    if value not in PRECISIONS:
+        raise ValueError(f"environment variable {PRECISION_ENV} must be one of {', '.join(PRECISIONS)} "
+                         f"(or unset, which means auto), got {raw!r}")
+    return value
 UNCERTAINTY_KINDS = ("draws", "softmax")
 
 
@@ -39,7 +63,8 @@ UNCERTAINTY_KINDS = ("draws", "softmax")
 class InferenceOptions:
     batch_draws: bool = True  # the n_noise draws in the same backbone forward as the timesteps
     channels_last: bool = True  # NHWC convolutions (oneDNN/cuDNN's native layout)
-    precision: str = "auto"  # auto = bf16/fp16 only where the hardware has it natively, else fp32
+    # auto = bf16/fp16 only where the hardware has it natively, else fp32; default: $FASTTEXTDIFF_PRECISION
+    precision: str = field(default_factory=precision_from_env)
     skip_air: bool = True  # slices that are all air skip the network
     max_batch_items: int = 12  # backbone items (slices x draws x timesteps) per forward: bounds activation memory
     uncertainty: str = "draws"  # "draws": std over the n_noise draws; "softmax": one draw, sqrt(p(1-p))
@@ -75,13 +100,60 @@ def native_low_precision(device: torch.device) -> torch.dtype | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def autocast_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this torch build autocasts to `dtype` on `device_type`. Builds without it warn and run fp32
+    (CPU fp16 in old torch) or raise (bf16 on pre-Ampere GPUs): either way the precision asked for is not
+    the one used, so `resolve_precision` says so instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.autocast(device_type, dtype=dtype):
+                return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == dtype
+        except (RuntimeError, ValueError, AssertionError):
+            return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device` (None = plain fp32)."""
+    """The autocast dtype for `precision` on `device` (None = plain fp32); ValueError where torch cannot
+    autocast to it there (never a silent fp32 that reports itself as reduced precision)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
     if precision == "fp32":
         return None
     if precision == "auto":
         return native_low_precision(device)
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if not autocast_supported(device.type, dtype):
+        raise ValueError(f"precision {precision!r} (the precision option or {PRECISION_ENV}) is not available on "
+                         f"{device.type} with torch {torch.__version__}: its autocast has no {dtype}; use fp32 or auto")
+    return dtype
+
+
+def is_native(dtype: torch.dtype | None, device: torch.device) -> bool:
+    """Whether `device` computes `dtype` in hardware (fp32 always; emulated bf16/fp16 on a CPU is many times slower)."""
+    device = torch.device(device)
+    if dtype is None or dtype == torch.float32 or device.type == "cuda":
+        return True
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    try:
+        return bool(check and getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def precision_record(precision: str | None, device: torch.device | str) -> dict:
+    """What a run computes in, for `/info` and the benchmark JSON: the setting, the dtype it resolves to on
+    `device`, whether that is native there, and the variable's value (numbers from two machines compare
+    only at the same compute dtype)."""
+    precision = precision_from_env() if precision is None else precision
+    device = torch.device(device)
+    dtype = resolve_precision(precision, device)
+    return {"precision": precision, "compute_dtype": _DTYPE_NAMES[dtype], "native": is_native(dtype, device),
+            "device": str(device), "precision_env": os.environ.get(PRECISION_ENV) or None}
 
 
 def air_slices(x: torch.Tensor, tolerance: float = 0.02) -> torch.Tensor:

@@ -22,7 +22,7 @@ from .data.io import Image, read_image, write_image
 from .data.preprocess import to_model_input, to_original_grid
 from .devices import resolve_device
 from .errors import ReportError
-from .fast_inference import InferenceOptions, predict_slices
+from .fast_inference import InferenceOptions, precision_record, predict_slices, resolve_precision
 from .model import FastTextDiffModel
 from .text import TextEncoder
 
@@ -58,6 +58,7 @@ class Segmenter:
                  options: InferenceOptions | None = None):
         self.model = model
         self.options = options or InferenceOptions()  # the speed measures (fast_inference); reference() = none
+        resolve_precision(self.options.precision, device)  # a precision this device/torch cannot run fails at load
         self.record = record
         self.encoder = encoder
         self.model_dir = model_dir
@@ -82,6 +83,11 @@ class Segmenter:
             if encoder.hidden_size != model.text_dim:
                 raise ReportError(f"text encoder width {encoder.hidden_size} does not match the model's {model.text_dim}")
         return cls(model, record, encoder, model_dir, device, n_noise=n_noise, batch_size=batch_size, options=options)
+
+    @property
+    def inference_settings(self) -> dict:
+        """The precision and device this segmenter computes in (what `/info` and the benchmarks record)."""
+        return precision_record(self.options.precision, self.device)
 
     @property
     def labels(self) -> list[str]:
