@@ -382,8 +382,9 @@ class FastTextDiffDatastore(LocalDatastore):
         if not self.has_image(image_id):
             raise bad_request(404, f"image {image_id!r} is not in the datastore")
         if not self._supported(os.path.basename(label_filename)):
-            raise bad_request(415, f"unsupported label file type ({os.path.basename(label_filename)!r}); supported: "
-                                   f"{', '.join(e.replace('*', '') for e in self._extensions)}")
+            name = os.path.basename(label_filename)
+            raise bad_request(415, f"unsupported image file type {name[name.find('.'):]!r} for a label ({name!r}); "
+                                   f"supported: {', '.join(e.replace('*', '') for e in self._extensions)}")
         if label_info is not None and not isinstance(label_info, dict):
             raise bad_request(400, "label params must be a JSON object")
         label_info = check_json_value(dict(label_info or {}), "label params")

@@ -177,7 +177,8 @@ def _series_from_archive(archive: Path, folder: Path) -> Path:
 
 
 def _who(user: Any) -> Optional[str]:
-    return getattr(user, "username", None) or None
+    """Who made a change, when authentication says who (without it MONAI Label calls everyone 'admin')."""
+    return (getattr(user, "username", None) or None) if settings.MONAI_LABEL_AUTH_ENABLE else None
 
 
 def _local_datastore():
@@ -543,6 +544,7 @@ REPLACEMENTS = {
     ("PUT", "/datastore/label"): save_label,
     ("DELETE", "/datastore/label"): remove_label,
     ("DELETE", "/datastore/image"): remove_image,
+    ("DELETE", "/datastore/"): remove_image,
     ("HEAD", "/datastore/image"): check_image,
     ("GET", "/datastore/dataset"): download_dataset,
     ("POST", "/infer/{model}"): run_inference,
