@@ -312,3 +312,14 @@ def test_import_into_an_existing_studies_folder_never_replaces_a_file(tmp_path):
     assert sorted(s["source"] for s in summary["skipped"]) == ["case1.png", "case2.png"]
     assert all("already in the studies folder" in s["reason"] for s in summary["skipped"])
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_replaced_report_is_kept(server):
+    image_id = _a_2d_image(server, labeled=False)
+    before = server.client().datastore()["objects"][image_id]["image"]["info"]["text"]
+    r = requests.put(f"{server.url}/datastore/image/info", params={"image": image_id},
+                     data={"info": json.dumps({"text": "Unilateral pulmonary infection, one infected area, upper left lung."})},
+                     timeout=30)
+    assert r.status_code == 200, r.text
+    history = requests.get(f"{server.url}/datastore/label/history", params={"image": image_id}, timeout=30).json()
+    assert history["reports"][0]["text"] == before and history["reports"][0]["reason"] == "replaced"

@@ -50,7 +50,7 @@ from fasttextdiff.atomic import atomic_copy, atomic_write_bytes
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore
 
-from lib.label_history import IMAGE_KIND, LabelHistory
+from lib.label_history import IMAGE_KIND, REPORT_KIND, LabelHistory
 from lib.validation import (MACHINE_TAGS, bad_request, check_human_tag, check_image_id, check_int, check_json_value,
                             check_label_tag, check_machine_tag, check_text, without_folders)
 
@@ -445,10 +445,15 @@ class FastTextDiffDatastore(LocalDatastore):
         return image_id
 
     def label_history(self, image_id: str, label_tag: str | None = None) -> Dict[str, Any]:
-        """The kept versions of an image's labels (one tag, or every tag), newest first."""
+        """The kept versions of an image's labels (one tag, or every tag) and its replaced reports, newest first."""
         check_image_id(image_id)
         tags = [check_label_tag(label_tag)] if label_tag is not None else self.history.tags(image_id)
-        return {"image": image_id, "versions": {tag: self.history.versions(tag, image_id) for tag in tags}}
+        reports = []
+        for record in self.history.versions(REPORT_KIND, image_id):
+            path, _ = self.history.file_of(REPORT_KIND, image_id, record["version"])
+            reports.append(dict(record, text=path.read_text(encoding="utf-8", errors="replace")))
+        return {"image": image_id, "versions": {tag: self.history.versions(tag, image_id) for tag in tags},
+                "reports": reports}
 
     def restore_label(self, image_id: str, label_tag: str, version: str, who: str | None = None) -> Dict[str, Any]:
         """Save a kept version again as the current label (the label it replaces is kept in turn)."""
@@ -499,6 +504,9 @@ class FastTextDiffDatastore(LocalDatastore):
                 self._check_info_size(dict(previous, **checked), f"info of image {str(image_id)[:80]!r}")
             obj.image.info.update(checked)
             try:
+                old_text = previous.get(TEXT_KEY)
+                if TEXT_KEY in checked and old_text and old_text != checked[TEXT_KEY]:  # a person's report, kept
+                    self.history.keep_bytes(str(old_text).encode("utf-8"), ".txt", REPORT_KIND, image_id, "replaced")
                 self._update_datastore_file(lock=False)
             except OSError as exc:
                 obj.image.info.clear()

@@ -9,8 +9,9 @@ moves here with who replaced it, when, why and the label info it had:
 
 `version` sorts by time (`20261207T221800123456-1a2b3c`). Restoring a version saves it again
 through the datastore, so the label it replaces is kept too and nothing is ever lost. Replaced and
-deleted images are kept the same way under the pseudo-tag `_image` (not a valid tag, so no label
-folder can collide with it); they can be listed, not restored over HTTP.
+deleted images are kept the same way under the pseudo-tag `_image`, and replaced report texts under
+`_report` (not valid tags, so no label folder can collide with them); they can be listed, not
+restored over HTTP.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, Dict, List
 from fasttextdiff.atomic import atomic_write_json
 
 IMAGE_KIND = "_image"
+REPORT_KIND = "_report"
 _VERSION = re.compile(r"[0-9]{8}T[0-9]{12}-[0-9a-f]{6}")
 RECORD = "version.json"
 
@@ -58,8 +60,8 @@ class LabelHistory:
         folder.mkdir(parents=True, exist_ok=False)
         name = path.name
         ext = name[len(image_id):] if name.startswith(image_id) else "".join(path.suffixes)
-        record = {"version": version, "tag": kind, "image": image_id, "file": f"label{ext}" if kind != IMAGE_KIND
-                  else f"image{ext}", "ext": ext, "reason": reason, "replaced_by": who,
+        record = {"version": version, "tag": kind, "image": image_id, "ext": ext,
+                  "file": (kind.lstrip("_") if kind.startswith("_") else "label") + ext, "reason": reason, "replaced_by": who,
                   "replaced_ts": int(time.time()), "info": dict(info or {}), "bytes": path.stat().st_size}
         try:
             atomic_write_json(folder / RECORD, record)
@@ -71,6 +73,17 @@ class LabelHistory:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         return record
+
+    def keep_bytes(self, data: bytes, ext: str, kind: str, image_id: str, reason: str,
+                   who: str | None = None) -> Dict[str, Any]:
+        """Keep content that lives in no file of its own (a report in the image info)."""
+        import tempfile
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=".keep-") as folder:
+            path = Path(folder) / f"{image_id}{ext}"
+            path.write_bytes(data)
+            return self.keep(path, kind, image_id, reason, who=who)
 
     def versions(self, kind: str, image_id: str) -> List[Dict[str, Any]]:
         """Kept versions of one label, newest first."""
@@ -93,7 +106,7 @@ class LabelHistory:
         """The tags with kept versions for `image_id`."""
         if not self.root.is_dir():
             return []
-        return sorted(t.name for t in self.root.iterdir() if t.name != IMAGE_KIND and (t / image_id).is_dir()
+        return sorted(t.name for t in self.root.iterdir() if not t.name.startswith(("_", ".")) and (t / image_id).is_dir()
                       and self.versions(t.name, image_id))
 
     def file_of(self, kind: str, image_id: str, version: str) -> tuple[Path, Dict[str, Any]]:
