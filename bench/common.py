@@ -65,10 +65,12 @@ def minilm_path() -> Path:
     return Path(minilm_dir())
 
 
-def machine_info() -> dict:
+def machine_info(device: Any = None, precision: str | None = None) -> dict:
+    """The machine and how inference runs on it (`inference_record`): every benchmark JSON carries this."""
     info = {
         "cpu": _cpu_name(),
         "cpu_isa": cpu_isa(),
+        "inference": inference_record(device, precision),
         "machine": platform.machine(),
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -86,21 +88,33 @@ def machine_info() -> dict:
     return info
 
 
-def cpu_isa() -> str:
-    """The vector extensions the CPU exposes (/proc/cpuinfo flags) and torch's kernel level: what bf16/VNNI
-    claims can be checked against."""
-    flags: list[str] = []
+def cpu_flags() -> list[str]:
+    """The CPU's vector extensions (/proc/cpuinfo flags: AVX*, AMX*, FMA, F16C, VNNI, BF16), sorted; [] where unknown."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                flags = [f for f in line.split(":", 1)[1].split()
-                         if f.startswith(("avx", "amx")) or f in ("fma", "f16c") or "vnni" in f or "bf16" in f]
-                break
+                return sorted(f for f in line.split(":", 1)[1].split()
+                              if f.startswith(("avx", "amx")) or f in ("fma", "f16c") or "vnni" in f or "bf16" in f)
     except OSError:
         pass
+    return []
+
+
+def cpu_isa() -> str:
+    """The vector extensions the CPU exposes (/proc/cpuinfo flags) and torch's kernel level: what bf16/VNNI
+    claims can be checked against."""
     level = next((ln.split(":", 1)[1].strip() for ln in torch.__config__.show().splitlines()
                   if "CPU capability usage" in ln), "unknown")
-    return f"flags {' '.join(sorted(flags)) or 'unknown'}; torch kernels {level}"
+    return f"flags {' '.join(cpu_flags()) or 'unknown'}; torch kernels {level}"
+
+
+def inference_record(device: Any = None, precision: str | None = None) -> dict:
+    """Precision and device a benchmark's inference runs in (`precision=None`: FASTTEXTDIFF_PRECISION, else
+    auto) and the CPU's vector extensions that `auto` depends on: figures compare only at the same compute dtype."""
+    from fasttextdiff.devices import resolve_device
+    from fasttextdiff.fast_inference import precision_record
+
+    return {**precision_record(precision, resolve_device(device)), "cpu_flags": cpu_flags()}
 
 
 def _cpu_name() -> str:

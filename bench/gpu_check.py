@@ -379,7 +379,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def not_measured(reason: str) -> dict:
-    return {"cuda": False, "reason": reason, "rows": [{"check": c, "status": "not measured"} for c in CHECKS]}
+    return {"cuda": False, "reason": reason, "machine": common.machine_info("cpu"),
+            "rows": [{"check": c, "status": "not measured"} for c in CHECKS]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             common.write_json(args.json, not_measured(reason))
         return 0
     device = torch.device(args.device if torch.cuda.is_available() else "cpu")
-    info = common.machine_info()
+    info = common.machine_info(device)  # with the library's inference precision on it (FASTTEXTDIFF_PRECISION)
     info.update(gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0,
                 cuda_version=torch.version.cuda, flash_attn=importlib.util.find_spec("flash_attn") is not None)
     print(f"gpu-check on {info.get('cuda') or 'CPU (--allow-cpu: tiny sizes, figures mean nothing)'}", flush=True)

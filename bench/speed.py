@@ -409,6 +409,7 @@ def fast_inference_section(work: Path, quick: bool, device, threads_fast: int, s
     return {"paper_taps_model": paper, "ablation": rows, "ablation_slab": [mini_depth, *volume_shape[1:]], "ablation_n_noise": 4,
             "volume": vol, "volume_shape": list(volume_shape), "threads": threads_fast,
             "native_low_precision": str(native_low_precision(seg.device)),
+            "precision": seg.inference_settings,  # what the rows above ran in (FASTTEXTDIFF_PRECISION, else auto)
             "note": "every volume slice holds body (a chest slab), so air skipping saves nothing there; the slab's "
                     "first slice is air to show it" + (f"; the volume was measured on {depth} of its {volume_shape[0]} "
                                                        "slices and scaled linearly (slice-wise inference)"
@@ -628,7 +629,9 @@ def dice_check(work: Path, device, threads: int) -> dict:
     ranking = {label: spearman(ref_unc, [r["uncertainty_mean"] for r in runs[label]["per_image"]])
                for label in ("fast_n4", "fast_n2", "fast_softmax", "reference_n4_other_draws")}
     dice = {label: r["dice_mean"] for label, r in runs.items()}
+    seg.options = InferenceOptions()
     return {"dataset": described, "split": "test", "n_test": len(test), "labeled_fraction": fraction,
+            "fast_precision": seg.inference_settings, "reference_precision": "fp32",
             "epochs": epochs, "dice": dice, "seconds": {k: r["seconds"] for k, r in runs.items()},
             "dice_drop_n1": dice["reference_n1"] - dice["fast_n1"], "dice_drop_n4": dice["reference_n4"] - dice["fast_n4"],
             "uncertainty_spearman_vs_reference_n4": ranking}
@@ -689,6 +692,16 @@ def headline_fast(result: dict) -> None:
                                                            "met": result["dice_drop_with_optimisations"] <= 0.01}
 
 
+def _precision_clause(fast: dict) -> str:
+    """What the fast rows computed in: from the run's own record (older JSON without one: the rule as it was)."""
+    rec = fast.get("precision")
+    if not rec:
+        return "so `precision='auto'` stays fp32 here (bf16 only where oneDNN has it natively, fp16 on CUDA)."
+    return (f"The fast-path rows ran with precision {rec['precision']!r} on {rec['device']}: {rec['compute_dtype']}"
+            f"{'' if rec['native'] else ' (emulated)'} (FASTTEXTDIFF_PRECISION={rec.get('precision_env') or 'unset'}; "
+            "auto = bf16 only where oneDNN has it natively, fp16 on CUDA).")
+
+
 def fast_markdown(result: dict) -> list[str]:
     fast, f2d = result["fast"], result["fast_2d"]
     lines = ["## Issue 14 goals (fast inference path, " + f"{fast['threads']} thread(s))", "",
@@ -715,7 +728,7 @@ def fast_markdown(result: dict) -> list[str]:
              f"{fast['volume_shape'][0]} slices. "
              f"Native reduced precision on this device: {fast['native_low_precision']}; the 3x3 convolution under bf16 "
              f"autocast runs at {result['conv_bf16']['gflops_best']:.2f} GFLOP/s vs "
-             f"{result['conv_bf16']['fp32_same_shape_gflops_best']:.0f} in fp32 (same shape), so `precision='auto'` stays fp32 here (bf16 only where oneDNN has it natively, fp16 on CUDA).", "",
+             f"{result['conv_bf16']['fp32_same_shape_gflops_best']:.0f} in fp32 (same shape), " + _precision_clause(fast), "",
              f"### Ablation (slab {fast['ablation_slab']}, n_noise {fast['ablation_n_noise']}, best of the repeats)", "",
              common.markdown_table(["configuration", "threads", "seconds", "s/slice", "x reference"],
                                    [[r["configuration"], r["threads"], r["min_s"], r["seconds_per_slice"],
@@ -1027,7 +1040,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python bench/speed.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"command": command, "quick": args.quick, "machine": common.machine_info(), "notes": NOTES}
+    result = {"command": command, "quick": args.quick, "machine": common.machine_info(args.device), "notes": NOTES}
     result["matmul"] = None
     # machine rates: best of 20 calls (10 quick); the --tiny smoke test only checks they are measured
     rate_repeats = 2 if args.tiny else 10 if args.quick else 20

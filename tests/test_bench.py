@@ -83,6 +83,29 @@ def test_nuclei_tiles_do_not_overlap(tmp_path):
     assert all(t["report"].startswith("Fluorescence microscopy tile") for t in record["tiles"])
 
 
+def test_benchmark_json_records_precision_device_and_cpu_flags(monkeypatch):
+    """Every benchmark JSON carries `machine` (common.machine_info): the precision and device inference ran in
+    and the CPU's vector extensions that `auto` depends on, so figures from two machines compare (issue 23)."""
+    import platform
+
+    import common
+    import gpu_check
+    from fasttextdiff.fast_inference import PRECISION_ENV
+
+    monkeypatch.setenv(PRECISION_ENV, "bf16")
+    inference = common.machine_info("cpu")["inference"]
+    assert inference["precision"] == inference["compute_dtype"] == inference["precision_env"] == "bf16"
+    assert inference["device"] == "cpu" and isinstance(inference["native"], bool)
+    assert inference["cpu_flags"] == common.cpu_flags() and all(isinstance(f, str) for f in inference["cpu_flags"])
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert any(f.startswith("avx") for f in inference["cpu_flags"])
+    assert common.inference_record("cpu", "fp32")["compute_dtype"] == "fp32"  # a benchmark's explicit choice wins
+    assert gpu_check.not_measured("no CUDA")["machine"]["inference"]["device"] == "cpu"
+    monkeypatch.setenv(PRECISION_ENV, "fp64")
+    with pytest.raises(ValueError, match=PRECISION_ENV):
+        common.machine_info()
+
+
 def test_speed_smallest(tmp_path):
     import speed
 
@@ -95,6 +118,8 @@ def test_speed_smallest(tmp_path):
     assert all(isinstance(v, int) and v > 0 for v in flops.values())
     assert _finite(data["inference"]["volume"]["ours_n_noise_1"]["min_s"])
     assert data["gpu"]["measured"] in (True, False)
+    assert data["machine"]["inference"]["device"] == data["fast"]["precision"]["device"]
+    assert data["fast"]["precision"]["compute_dtype"] in ("fp32", "bf16", "fp16")
     # where the 2D forward's time goes: convolutions by kernel plus the rest add up to the forward
     fb = data["floor_breakdown"]
     assert fb["conv_s"] > 0 and fb["other_s"] >= 0 and abs(fb["conv_s"] + fb["other_s"] - fb["forward_s"]) < 1e-6
@@ -111,6 +136,7 @@ def test_speed_smallest(tmp_path):
     rendered = speed.main(["--render", str(tmp_path / "speed.json")])
     assert rendered["goals"] == data["goals"] and list(rendered["training"]) == list(speed.TINY_TRAIN)
     assert "paper's tapping" in (tmp_path / "speed.md").read_text(encoding="utf-8")
+    assert "The fast-path rows ran with precision" in (tmp_path / "speed.md").read_text(encoding="utf-8")
     assert (tmp_path / "speed.md").is_file() and (tmp_path / "speed.png").is_file()
 
 

@@ -109,7 +109,18 @@ class ModelManager:
         self._segmenter: Any = None
         self._identity: str | None = None
         self.status: dict[str, Any] = {"state": "unknown", "message": ""}
+        self.inference_settings()  # a bad FASTTEXTDIFF_PRECISION stops the start with its sentence, not a request
         self.refresh_status()
+
+    def inference_settings(self) -> dict[str, Any]:
+        """Precision and device of inference, for `/info`: the loaded segmenter's, else what a load would use now
+        (FASTTEXTDIFF_PRECISION and --conf device), so a client can tell which numbers it gets."""
+        from fasttextdiff.fast_inference import precision_record
+
+        segmenter = self._segmenter
+        if segmenter is not None:
+            return segmenter.inference_settings
+        return precision_record(None, resolve_device(self.conf.device))
 
     def refresh_status(self) -> dict[str, Any]:
         """The state as it is now: a model published by a train task (another process) shows as ready at
