@@ -6,15 +6,29 @@ ModernBERT), just small enough to build in seconds on two CPU cores.
 
 from __future__ import annotations
 
+import getpass
 import os
+import tempfile
 from pathlib import Path
 
 import fasttextdiff.environment  # noqa: F401 - offline, passive OpenMP: before torch loads
 import pytest
 import torch
+from hypothesis import configuration as hypothesis_configuration
+from hypothesis import settings as hypothesis_settings
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine threads fight.
 torch.set_num_threads(1)
+
+# Hypothesis keeps its files (its example database, and the unicode tables `st.text()` caches even with
+# `database=None`) in `./.hypothesis` unless told otherwise: not in the checkout. A per-user folder in the
+# temp folder, kept between runs (the tables are a cache); no example database (the fuzz is derandomized).
+HYPOTHESIS_HOME = Path(os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY")
+                       or Path(tempfile.gettempdir()) / f"fasttextdiff-hypothesis-{getpass.getuser()}")
+os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = str(HYPOTHESIS_HOME)  # subprocesses too
+hypothesis_configuration.set_hypothesis_home_dir(HYPOTHESIS_HOME)
+hypothesis_settings.register_profile("fasttextdiff", database=None)
+hypothesis_settings.load_profile("fasttextdiff")
 
 
 @pytest.fixture(scope="session")
