@@ -52,11 +52,14 @@ demo: $(STAMP)
 demo-studies: $(STAMP)
 	@test -d $(STUDIES) || $(VENV)/bin/fasttextdiff demo-studies --out $(STUDIES)
 
-# MONAI Label's launcher runs `python` from PATH: point it at the venv's interpreter.
+# MONAI Label's launcher runs `python` from PATH: point it at the venv's interpreter. Without --log_config,
+# each start would leave a copy of MONAI Label's logging config (tmp*.json) in the temp folder.
+SERVE_LOG_CONFIG := $(abspath monailabel_app/logs/logging.json)
 serve: $(STAMP) demo-studies
+	@$(PY) monailabel_app/lib/log_config.py $(SERVE_LOG_CONFIG) >/dev/null
 	PATH="$(abspath $(VENV))/bin:$$PATH" MONAILABEL_PYEXE="$(abspath $(PY))" \
 		$(VENV)/bin/monailabel start_server --app monailabel_app --studies $(STUDIES) \
-		--host $(HOST) --port $(PORT) $(CONF)
+		--host $(HOST) --port $(PORT) --log_config $(SERVE_LOG_CONFIG) $(CONF)
 
 # The web annotation viewer for a running server (`make serve` in another terminal); 127.0.0.1 only.
 SERVER ?= http://127.0.0.1:8000
