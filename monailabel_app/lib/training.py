@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -58,17 +59,59 @@ def _volume_slices(image_path: str, label_path: str, out_dir: Path, image_id: st
     return samples
 
 
-def labeled_samples(datastore: Any, work: Path, ids: list[str] | None = None) -> list:
+SLICES_PREFIX = "slices-"
+
+
+def new_slice_dir(work: Path) -> Path:
+    """A scratch folder name for one run's volume slices: `slices-<pid>-<ns>` (the pid tells whether its
+    run can still be going: `remove_stale_slice_dirs`). Not created here."""
+    return Path(work) / f"{SLICES_PREFIX}{os.getpid()}-{time.time_ns()}"
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there: keep the folder
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_slice_dirs(work: Path) -> list[Path]:
+    """Remove the slice folders of runs whose process is gone (a server or train task killed mid-run
+    cannot clean up after itself); a folder of a live process (this one included) stays. Returns the removed."""
+    removed = []
+    for folder in sorted(Path(work).glob(f"{SLICES_PREFIX}*")):
+        parts = folder.name[len(SLICES_PREFIX):].split("-")
+        pid = int(parts[0]) if len(parts) == 2 and parts[0].isdigit() else None  # `slices-<ns>`: older code's
+        if pid is not None and _process_alive(pid):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    if removed:
+        logger.info("removed %d slice folder(s) left by runs that were killed: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
+
+
+def labeled_samples(datastore: Any, work: Path, ids: list[str] | None = None,
+                    slice_dir: Path | None = None) -> list:
     """Training samples (image, final label, report text) from the datastore (only `ids` when given).
 
     MONAI Label's datalist carries no image info, so the report is added here from the image's
     info `text` (the trainer's pre-processing step); images without a report train with "".
+    Labeled volumes become 2D slices in `slice_dir` (default: a new `new_slice_dir(work)`), created only
+    when there is a volume: the caller removes it when the run ends.
     """
     from fasttextdiff.data.io import is_volume_path
     from fasttextdiff.data.lvit import Sample
 
-    slice_dir = work / f"slices-{time.time_ns()}"
-    slice_dir.mkdir(parents=True, exist_ok=True)
+    slice_dir = Path(slice_dir) if slice_dir is not None else new_slice_dir(work)
     samples = []
     for image_id in sorted(datastore.get_labeled_images() if ids is None else ids):
         image_path = datastore.get_image_uri(image_id)
@@ -77,6 +120,7 @@ def labeled_samples(datastore: Any, work: Path, ids: list[str] | None = None) ->
             continue
         text = str(datastore.get_image_info(image_id).get(TEXT_KEY) or "")
         if is_volume_path(image_path):
+            slice_dir.mkdir(parents=True, exist_ok=True)
             samples += _volume_slices(image_path, label_path, slice_dir, image_id, text)
         else:
             samples.append(Sample(image=Path(image_path), mask=Path(label_path), text=text, name=image_id))
@@ -235,23 +279,25 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
     if not labeled_ids:
         raise ValueError("no image in the datastore has a final label yet: save at least one label, then train")
     train_ids, val_ids, held_out = split_labeled(labeled_ids, paths.state)
-    samples = labeled_samples(datastore, paths.work, train_ids)
-    val_samples = labeled_samples(datastore, paths.work, val_ids)
-    if not samples:
-        raise ValueError("no labeled image could be read for training (see the server log)")
-    served = paths.served_model_dir()
-    seg_config = SegmenterConfig(num_classes=len(conf.labels) + 1, labels=conf.labels,
-                                 fusion=FusionConfig(text_residual=conf.text_residual))
-    text_config = TextConfig(encoder=conf.text_encoder, focus=conf.text_focus.strip() or None)
-    if served is not None:  # keep the served model's architecture and encoder when retraining
-        record = json.loads((served / MODEL_CONFIG_FILE).read_text())
-        seg_config = SegmenterConfig.from_dict(record["segmenter"])
-        text_config = TextConfig.from_dict(record["text"])
-    train_config = TrainConfig(epochs=epochs, batch_size=min(batch_size, len(samples)), lr=lr, seed=conf.seed,
-                               num_workers=0, text_fallback=conf.text_fallback)
-    out_dir = paths.work / "segmenter-run"
-    served_val = None
+    remove_stale_slice_dirs(paths.work)
+    slice_dir = new_slice_dir(paths.work)  # this run's volume slices, removed on every way out of it
     try:
+        samples = labeled_samples(datastore, paths.work, train_ids, slice_dir=slice_dir)
+        val_samples = labeled_samples(datastore, paths.work, val_ids, slice_dir=slice_dir)
+        if not samples:
+            raise ValueError("no labeled image could be read for training (see the server log)")
+        served = paths.served_model_dir()
+        seg_config = SegmenterConfig(num_classes=len(conf.labels) + 1, labels=conf.labels,
+                                     fusion=FusionConfig(text_residual=conf.text_residual))
+        text_config = TextConfig(encoder=conf.text_encoder, focus=conf.text_focus.strip() or None)
+        if served is not None:  # keep the served model's architecture and encoder when retraining
+            record = json.loads((served / MODEL_CONFIG_FILE).read_text())
+            seg_config = SegmenterConfig.from_dict(record["segmenter"])
+            text_config = TextConfig.from_dict(record["text"])
+        train_config = TrainConfig(epochs=epochs, batch_size=min(batch_size, len(samples)), lr=lr, seed=conf.seed,
+                                   num_workers=0, text_fallback=conf.text_fallback)
+        out_dir = paths.work / "segmenter-run"
+        served_val = None
         if served is not None and val_samples:
             served_val = validate_model_dir(served, val_samples, device=device, text_cache_dir=paths.text_cache)["dice"]
             logger.info("served model: validation Dice %.4f on %d validation images", served_val, len(val_ids))
@@ -269,8 +315,7 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
             job["init_dir"] = None
             metrics = _run(job, paths, num_processes, gpu_ids, log, stop_event)
     finally:
-        for p in paths.work.glob("slices-*"):
-            shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(slice_dir, ignore_errors=True)
     history = metrics.pop("history", None) or []
     new_val = metrics.get("best_val_dice")
     split = {"val_images": val_ids, "train_images": train_ids, "held_out": held_out,
