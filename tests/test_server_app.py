@@ -2,7 +2,8 @@
 
 One server per module: it builds its default model from tiny demo studies on start, then every
 test talks to it over HTTP with `monailabel.client.MONAILabelClient` (or raw HTTP where the client
-has no call, e.g. scoring and batch infer).
+has no call, e.g. scoring). Batch infer is tested in test_server_batch_infer.py, on a model whose
+masks are not empty.
 """
 
 from __future__ import annotations
@@ -182,17 +183,6 @@ def test_next_sample_uncertainty_returns_unlabeled_image_with_report(inprocess_s
     assert sample["uncertainty"] == pytest.approx(max(scores.values()))
     for strategy in ("random", "first"):
         assert client.next_sample(strategy, {})["id"] in scores
-
-
-def test_batch_infer_saves_original_labels(inprocess_server):
-    status, res = http_json(inprocess_server, "POST", f"/batch/infer/{MODEL}?images=unlabeled&run_sync=true",
-                        {"device": "cpu", "label_tag": "original", "max_workers": 1})
-    assert status == 200, res
-    objects = inprocess_server.client().datastore()["objects"]
-    unlabeled = [k for k, v in objects.items() if "final" not in v["labels"]]
-    assert set(res) == set(unlabeled)
-    for image_id in unlabeled:
-        assert "original" in objects[image_id]["labels"], image_id
 
 
 def test_info_answers_quickly_during_a_volume_infer(inprocess_server, tmp_path):
