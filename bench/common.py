@@ -26,7 +26,9 @@ if str(ROOT / "lib") not in sys.path:
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-import fasttextdiff.environment  # noqa: E402,F401 - offline, passive OpenMP: before torch loads
+from fasttextdiff.environment import apply_process_defaults  # noqa: E402
+
+apply_process_defaults()  # offline, passive OpenMP: before torch loads
 import torch  # noqa: E402
 
 from fasttextdiff.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402

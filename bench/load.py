@@ -42,7 +42,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "lib") not in sys.path:
     sys.path.insert(0, str(ROOT / "lib"))
-import fasttextdiff.environment  # noqa: E402,F401 - offline, passive OpenMP
+from fasttextdiff.environment import apply_process_defaults  # noqa: E402
+
+apply_process_defaults()  # offline, passive OpenMP
 
 MODEL = "fasttextdiff"
 TEXTS = [

@@ -20,7 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import fasttextdiff.environment  # noqa: F401 - offline, passive OpenMP: before torch loads
+from fasttextdiff.environment import apply_process_defaults  # noqa: E402
+
+apply_process_defaults()  # offline, passive OpenMP: before torch loads
 import torch
 
 from fasttextdiff.ablation import QUICK

@@ -31,7 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-import fasttextdiff.environment  # noqa: E402,F401 - offline, passive OpenMP: before torch loads
+from fasttextdiff.environment import apply_process_defaults  # noqa: E402
+
+apply_process_defaults()  # offline, passive OpenMP: before torch loads
 import torch  # noqa: E402
 
 from fasttextdiff.config import TextConfig  # noqa: E402

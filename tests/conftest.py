@@ -11,7 +11,9 @@ import os
 import tempfile
 from pathlib import Path
 
-import fasttextdiff.environment  # noqa: F401 - offline, passive OpenMP: before torch loads
+from fasttextdiff.environment import apply_process_defaults
+
+apply_process_defaults()  # offline, passive OpenMP: before torch loads
 import pytest
 import torch
 from hypothesis import configuration as hypothesis_configuration

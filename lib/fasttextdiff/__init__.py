@@ -4,6 +4,4 @@ A frozen denoising U-Net gives multi-scale image features; the report's token st
 or any Hugging Face encoder) steer them through cross-modal attention; a small head segments.
 """
 
-from . import environment  # noqa: F401 - offline and passive-OpenMP defaults before torch loads
-
 __version__ = "0.1.0"

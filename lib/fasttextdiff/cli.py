@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import environment  # noqa: F401 - offline unless the user opts in (see README), before torch loads
+from .environment import apply_process_defaults
 from .config import (TEXT_RESIDUALS, BackboneConfig, FusionConfig, PretrainConfig, SegmenterConfig,
                      TextConfig, TrainConfig)
 from .errors import FastTextDiffError
@@ -464,6 +464,7 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_process_defaults()  # offline unless the user opts in (see README), before torch loads
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(only=_command_of(argv) or "")
     args = parser.parse_args(argv)

@@ -1,5 +1,6 @@
-"""Process environment defaults, applied on import: the CLI, the app, the benchmarks and the tests
-import this before torch loads; a value the user exported wins.
+"""Process environment defaults, set by the entry points (the CLI, the server app, the benchmarks and
+the tests call `apply_process_defaults()` before torch loads); importing the library changes nothing.
+A value the user exported wins.
 
 Hubs offline unless the user opts in (README); no tokenizer threads across forks (DataLoader
 workers, ``accelerate launch``); passive OpenMP: spinning threads make torch ~10x slower whenever
@@ -15,5 +16,12 @@ DEFAULTS = {
     "OMP_WAIT_POLICY": "PASSIVE",
 }
 
-for _name, _value in DEFAULTS.items():
-    os.environ.setdefault(_name, _value)
+
+def apply_process_defaults() -> dict[str, str]:
+    """Set each default the user has not exported; returns the ones set now."""
+    applied = {}
+    for name, value in DEFAULTS.items():
+        if name not in os.environ:
+            os.environ[name] = value
+            applied[name] = value
+    return applied

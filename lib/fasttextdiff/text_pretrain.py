@@ -571,4 +571,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from .environment import apply_process_defaults
+
+    apply_process_defaults()
     raise SystemExit(main())
