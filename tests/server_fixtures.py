@@ -8,8 +8,16 @@ Import the fixtures into a test module (or a conftest) with
 * `build_tiny_model(studies, out)` — a ready model publish root built from the studies with the
   app's own training workflows, for `--conf model_dir`.
 * `InProcessServer` — the real `monailabel.app` FastAPI app served by uvicorn in a thread on a
-  free 127.0.0.1 port (MONAI Label's client needs a socket), plus a `TestClient` on the same app.
-* `SubprocessServer` — `monailabel start_server ... --host 127.0.0.1` as a child process.
+  127.0.0.1 socket bound to port 0 (the kernel picks a free port: no race with other test
+  processes; MONAI Label's client needs a socket), plus a `TestClient` on the same app.
+* `SubprocessServer` — `monailabel start_server ... --host 127.0.0.1` as a child process, on a free
+  port; a start that loses the port to another process (EADDRINUSE) is retried on another one.
+
+The servers run the app's default configuration (the default text fusion included): a test about
+another setting passes it as `--conf`. Every server leaves nothing in the temp folder: its MONAI
+Label clients' result folders are removed when it stops, and `monailabel start_server` gets a
+logging config in the server's own log folder (without `--log_config`, MONAI Label writes a
+`tmp*.json` into the temp folder on every start and never removes it).
 
 Module-scoped pytest fixtures at the end: `tiny_studies`, `tiny_model_root`, `inprocess_server`,
 `subprocess_server`. Everything is real; nothing is mocked.
@@ -49,16 +57,54 @@ TINY_CONF: dict[str, str] = {
     "batch_size": "4",
     "pretrain_slices_per_volume": "2",
     "device": "cpu",
-    # the reference fusion: a text path that starts closed (the default, "zero") hardly opens in 2 epochs,
-    # and the server tests check that another report changes the mask of these 2-epoch models
-    "text_residual": "plain",
+    # no "text_residual": the servers under test run the default fusion ("zero"), as users get it
 }
 
 
 def free_port() -> int:
+    """A port that was free a moment ago. Another process may take it before the caller binds it:
+    `InProcessServer` binds port 0 itself instead, `SubprocessServer` retries on EADDRINUSE."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def bound_socket() -> socket.socket:
+    """A 127.0.0.1 TCP socket bound to a port the kernel chose (uvicorn listens on it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def monailabel_log_config(out: Path, app_dir: Path = APP_DIR) -> Path:
+    """MONAI Label's own logging config for `start_server`, written to `out` (pass it as --log_config).
+
+    Without --log_config, `monailabel start_server` copies its default config into a new
+    `tempfile.NamedTemporaryFile(suffix=".json").name` on every start and never removes it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_ftd_log_config", APP_DIR / "lib" / "log_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_log_config(out, app_dir)
+
+
+class _ClientFolders:
+    """Result folders for MONAI Label clients, all under one folder that `remove()` deletes."""
+
+    def __init__(self) -> None:
+        self.root: Path | None = None
+
+    def new(self) -> str:
+        if self.root is None:
+            self.root = Path(tempfile.mkdtemp(prefix="mlclient-"))
+        return tempfile.mkdtemp(dir=self.root)
+
+    def remove(self) -> None:
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
 
 
 def make_tiny_studies(out: Path, n_2d: int = 6, n_3d: int = 1, n_labeled: int = 3, seed: int = 0) -> Path:
@@ -114,6 +160,8 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "cond
             value = predicate()
             if value:
                 return value
+        except _ServerExited:
+            raise  # the server process is gone: waiting longer cannot help
         except Exception as exc:  # noqa: BLE001 - retried until the deadline
             last_exc = exc
         time.sleep(interval)
@@ -156,10 +204,12 @@ class InProcessServer:
 
     studies: Path
     conf: dict[str, str]
-    port: int = field(default_factory=free_port)
+    port: int = 0  # set by start(): the port the kernel gave the server's socket
     _server: Any = None
     _thread: threading.Thread | None = None
+    _socket: socket.socket | None = None
     _saved_env: dict[str, str | None] = field(default_factory=dict)
+    _clients: _ClientFolders = field(default_factory=_ClientFolders)
 
     @property
     def url(self) -> str:
@@ -170,6 +220,8 @@ class InProcessServer:
         from monailabel.config import settings
         from monailabel.interfaces.utils.app import clear_cache
 
+        self._socket = bound_socket()
+        self.port = self._socket.getsockname()[1]
         env = _server_env(self.studies, self.conf, self.port)
         for key in ("MONAI_LABEL_APP_DIR", "MONAI_LABEL_STUDIES", "MONAI_LABEL_APP_CONF", "MONAI_LABEL_SERVER_PORT",
                     "PYTHONPATH"):
@@ -185,7 +237,8 @@ class InProcessServer:
         config = uvicorn.Config(monailabel.app.app, host="127.0.0.1", port=self.port, log_level="warning",
                                 lifespan="on")
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="uvicorn-test", daemon=True)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
+                                        name="uvicorn-test", daemon=True)
         self._thread.start()
         wait_for(lambda: _get_json(f"{self.url}/info/"), timeout, 0.3, "the in-process server")
         return self
@@ -203,7 +256,7 @@ class InProcessServer:
         the response is sent."""
         from monailabel.client import MONAILabelClient
 
-        return MONAILabelClient(self.url, tmpdir=tempfile.mkdtemp(prefix="mlclient-"))
+        return MONAILabelClient(self.url, tmpdir=self._clients.new())
 
     def test_client(self):
         """A FastAPI TestClient on the same app (no lifespan: the uvicorn thread already ran it)."""
@@ -224,11 +277,27 @@ class InProcessServer:
         except Exception:  # noqa: BLE001
             pass
         clear_cache()
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        self._clients.remove()
         for key, value in self._saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class _ServerExited(Exception):
+    def __init__(self, returncode: int):
+        super().__init__(returncode)
+        self.returncode = returncode
+
+
+def _port_taken(log: str) -> bool:
+    """uvicorn's message when the port is taken: `[Errno 98] error while attempting to bind on address
+    ('127.0.0.1', P): address already in use`."""
+    return "address already in use" in log.lower() or "errno 98" in log.lower()
 
 
 @dataclass
@@ -240,6 +309,12 @@ class SubprocessServer:
     log_path: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    _clients: _ClientFolders = field(default_factory=_ClientFolders)
+
+    @property
+    def log_config(self) -> Path:
+        """The logging config this server's `start_server` reads (beside its log)."""
+        return self.log_path.with_name(self.log_path.name + ".logging.json")
 
     @property
     def url(self) -> str:
@@ -247,30 +322,45 @@ class SubprocessServer:
 
     def command(self) -> list[str]:
         exe = Path(sys.executable).with_name("monailabel")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        monailabel_log_config(self.log_config)
         cmd = [str(exe), "start_server", "--app", str(APP_DIR), "--studies", str(self.studies),
-               "--host", "127.0.0.1", "--port", str(self.port)]
+               "--host", "127.0.0.1", "--port", str(self.port), "--log_config", str(self.log_config)]
         for key, value in self.conf.items():
             cmd += ["--conf", key, str(value)]
         return cmd
 
-    def start(self, timeout: float = 180.0) -> "SubprocessServer":
-        env = _server_env(self.studies, self.conf, self.port)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=str(REPO), start_new_session=True)
+    def start(self, timeout: float = 180.0, attempts: int = 5) -> "SubprocessServer":
+        """Start and wait until this server answers. `free_port()` checks then the child binds: another
+        process can take the port in between. The child then exits with EADDRINUSE and the start is
+        retried on another port; and `/info` counts only once this child's uvicorn has said that it
+        listens on the port (another process's server on that port must not pass for this one)."""
+        for attempt in range(1, attempts + 1):
+            env = _server_env(self.studies, self.conf, self.port)
+            cmd = self.command()
+            self._log = open(self.log_path, "wb")
+            self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                         cwd=str(REPO), start_new_session=True)
+            listening = f"Uvicorn running on {self.url}"
 
-        def up():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_tail()}")
-            return _get_json(f"{self.url}/info/")
+            def up():
+                if self.proc.poll() is not None:
+                    raise _ServerExited(self.proc.returncode)
+                return listening in self.log_tail(10**7) and _get_json(f"{self.url}/info/")
 
-        try:
-            wait_for(up, timeout, 0.5, f"monailabel start_server on port {self.port}")
-        except BaseException:
-            self.stop()
-            raise
-        return self
+            try:
+                wait_for(up, timeout, 0.5, f"monailabel start_server on port {self.port}")
+                return self
+            except _ServerExited as exc:
+                self.stop()
+                if attempt < attempts and _port_taken(self.log_tail(10**7)):
+                    self.port = free_port()
+                    continue
+                raise RuntimeError(f"server exited with {exc.returncode}: {self.log_tail()}") from None
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def log_tail(self, n: int = 4000) -> str:
         try:
@@ -281,10 +371,12 @@ class SubprocessServer:
     def client(self):
         from monailabel.client import MONAILabelClient
 
-        return MONAILabelClient(self.url, tmpdir=tempfile.mkdtemp(prefix="mlclient-"))
+        return MONAILabelClient(self.url, tmpdir=self._clients.new())
 
     def stop(self) -> None:
-        """SIGTERM the server's own process group (it and the training subprocesses it started)."""
+        """SIGTERM the server's own process group (it and the training subprocesses it started); remove its
+        clients' result folders."""
+        self._clients.remove()
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
