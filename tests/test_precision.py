@@ -31,8 +31,7 @@ REDUCED = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # A softmax probability through a few conv/attention layers: each rounds at ~eps/2 relative; a handful of eps
 # bounds the sum. Probabilities are in [0, 1], so the tolerance is absolute.
 PROBABILITY_EPS = 8
-# Per-image mean uncertainty: two images whose fp32 values differ by more than this many eps (relative) must
-# keep their order under reduced precision (closer pairs are ties at that dtype).
+# Per-image mean uncertainty (what active learning ranks by) moves by at most this many eps of the largest one.
 RANKING_EPS = 8
 
 
@@ -174,12 +173,10 @@ def test_reduced_precision_keeps_the_mask_and_the_uncertainty_ranking(trained, f
 
     a = np.array([r.summary["uncertainty_mean"] for r in fp32_results])
     b = np.array([r.summary["uncertainty_mean"] for r in results])
+    shift = RANKING_EPS * eps(precision) * a.max()
+    assert np.abs(b - a).max() <= shift, (precision, np.abs(b - a).max(), shift)
     assert spearmanr(a, b).statistic >= 0.9  # the active-learning bar (bench/speed.py RANK_AGREEMENT_MIN)
-    tol = RANKING_EPS * eps(precision)
-    for i in range(len(a)):
-        for j in range(len(a)):
-            if a[i] - a[j] > tol * max(a[i], a[j]):  # apart by more than the dtype can blur: same order
-                assert b[i] > b[j], (precision, i, j, a[i], a[j], b[i], b[j])
+    assert a[b.argmax()] >= a.max() - 2 * shift  # the image picked next is the fp32 pick or ties with it
 
 
 def test_forced_bf16_runs_where_the_cpu_has_no_bf16():

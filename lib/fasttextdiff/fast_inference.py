@@ -40,10 +40,11 @@ from monai.inferers import SliceInferer
 from .model import FastTextDiffModel
 
 __all__ = ["InferenceOptions", "predict_slices", "native_low_precision", "resolve_precision", "air_slices",
-           "precision_from_env", "precision_record", "PRECISION_ENV", "PRECISIONS"]
+           "precision_from_env", "precision_record", "is_native", "autocast_supported", "PRECISION_ENV", "PRECISIONS"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_ENV = "FASTTEXTDIFF_PRECISION"
+UNCERTAINTY_KINDS = ("draws", "softmax")
 _DTYPE_NAMES = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -56,7 +57,6 @@ def precision_from_env() -> str:
         raise ValueError(f"environment variable {PRECISION_ENV} must be one of {', '.join(PRECISIONS)} "
                          f"(or unset, which means auto), got {raw!r}")
     return value
-UNCERTAINTY_KINDS = ("draws", "softmax")
 
 
 @dataclass(frozen=True)
