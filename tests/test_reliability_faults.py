@@ -700,6 +700,7 @@ def test_disk_full_on_label_save_keeps_the_previous_label(full_disk, tiny_model_
         assert r.status_code == 200, r.text
         stored = studies / "labels" / "final" / f"{image}.nrrd"
         assert stored.read_bytes() == first.read_bytes()
+        server.app.wait_for_background(60)  # a saved label starts background scoring, which writes image info
         datastore_before = (studies / "datastore_v2.json").read_bytes()
 
         second = _label_nrrd(tmp_path / "second.nrrd", side, 2)
