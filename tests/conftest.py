@@ -104,3 +104,15 @@ def pristine_tiny_model_root(tmp_path_factory) -> Path:
     studies = make_tiny_studies(tmp_path_factory.mktemp("pristine-model-studies") / "demo", seed=1)
     return build_tiny_model(studies, tmp_path_factory.mktemp("pristine-model") / "root")
 
+
+@pytest.fixture(scope="session")
+def pristine_marking_tiny_model_root(tmp_path_factory) -> Path:
+    """Like `pristine_tiny_model_root`, with the reference fusion (`text_residual` "plain"): a 2-epoch tiny model
+    with the default fusion (a text path that starts closed) marks no pixel of the test images, and a test of what
+    happens to a mask on its way (Slicer's segment geometry, an edit and its round trip) needs a mask that is not
+    empty. The fusion is incidental there; the server tests run the default."""
+    from server_fixtures import build_tiny_model, make_tiny_studies
+
+    studies = make_tiny_studies(tmp_path_factory.mktemp("marking-model-studies") / "demo", seed=1)
+    return build_tiny_model(studies, tmp_path_factory.mktemp("marking-model") / "root", {"text_residual": "plain"})
+

@@ -135,9 +135,10 @@ def headless_slicer() -> Iterator[HeadlessSlicer]:
 
 
 @pytest.fixture(scope="session")
-def shared_tiny_model_root(tmp_path_factory, pristine_tiny_model_root) -> Path:
-    """A copy of the tiny model (tests/conftest.py builds it once per test process) for these servers."""
-    return Path(shutil.copytree(pristine_tiny_model_root, tmp_path_factory.mktemp("shared-model") / "root",
+def shared_tiny_model_root(tmp_path_factory, pristine_marking_tiny_model_root) -> Path:
+    """A copy of the tiny model that marks pixels (tests/conftest.py builds it once per test process) for these
+    servers: the Slicer tests follow a mask through segments, edits and saves, which an empty mask cannot show."""
+    return Path(shutil.copytree(pristine_marking_tiny_model_root, tmp_path_factory.mktemp("shared-model") / "root",
                                 symlinks=True))
 
 
