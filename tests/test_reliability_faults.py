@@ -338,9 +338,11 @@ def _datastore_objects(studies: Path) -> dict:
             for k, v in objects.items()}
 
 
-@pytest.fixture(scope="module")
-def fault_server(tmp_path_factory, tiny_model_root):
-    root = tmp_path_factory.mktemp("faults")
+def start_fault_server(root: Path, tiny_model_root: Path) -> SubprocessServer:
+    """A `monailabel start_server` on its own studies and model copy, with a secret in its environment and a
+    redacted report already logged (the log tests read both)."""
+    import requests
+
     studies = make_tiny_studies(root / "studies", seed=5)
     model_root = root / "model_root"
     shutil.copytree(tiny_model_root, model_root, symlinks=True)
@@ -352,16 +354,25 @@ def fault_server(tmp_path_factory, tiny_model_root):
     finally:
         os.environ.pop("MONAI_LABEL_DICOMWEB_PASSWORD", None)
     server.root, server.model_root = root, model_root
-    import requests
+    try:
+        labeled = sorted(k for k, v in _datastore_objects(studies).items() if "final" in v["labels"])[0]
+        r = requests.put(f"{server.url}/datastore/image/info?image={labeled}",
+                         files={"info": (None, json.dumps({"text": SECRET_REPORT}))}, timeout=30)
+        r.raise_for_status()
+        # MONAI Label logs whole infer requests at INFO: the report in them must be redacted
+        r = requests.post(f"{server.url}/infer/fasttextdiff?image={labeled}&output=json",
+                          files={"params": (None, json.dumps({"text": SECRET_REPORT, "n_noise": 1}))}, timeout=120)
+        r.raise_for_status()
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
-    labeled = sorted(k for k, v in _datastore_objects(studies).items() if "final" in v["labels"])[0]
-    r = requests.put(f"{server.url}/datastore/image/info?image={labeled}",
-                     files={"info": (None, json.dumps({"text": SECRET_REPORT}))}, timeout=30)
-    r.raise_for_status()
-    # MONAI Label logs whole infer requests at INFO: the report in them must be redacted
-    r = requests.post(f"{server.url}/infer/fasttextdiff?image={labeled}&output=json",
-                      files={"params": (None, json.dumps({"text": SECRET_REPORT, "n_noise": 1}))}, timeout=120)
-    r.raise_for_status()
+
+@pytest.fixture(scope="module")
+def fault_server(tmp_path_factory, tiny_model_root):
+    """Shared by the tests that keep it running; the test that kills a server starts its own."""
+    server = start_fault_server(tmp_path_factory.mktemp("faults"), tiny_model_root)
     try:
         yield server
     finally:
@@ -423,8 +434,7 @@ def test_two_processes_writing_the_datastore_lose_no_update(fault_server, tmp_pa
 
     rounds = 3  # each round writes every image from both sides; a lost update shows in any round
 
-    if fault_server.proc.poll() is not None:
-        pytest.skip("the module's server was stopped by an earlier test")
+    assert fault_server.proc.poll() is None, "no test stops the module's server"
     ids = sorted(_datastore_objects(fault_server.studies))
     raced = tmp_path / "raced"
     # one process for the race and the late writes after it (its start-up is most of its time)
@@ -476,9 +486,10 @@ def test_two_processes_writing_the_datastore_lose_no_update(fault_server, tmp_pa
     wait_for(server_sees_them, 20, 0.5, "the server to reload the other process's writes")
 
 
-def test_server_killed_while_training_restarts_without_a_stuck_running_state(fault_server):
+def test_server_killed_while_training_restarts_without_a_stuck_running_state(tiny_model_root, tmp_path):
     import requests
 
+    fault_server = start_fault_server(tmp_path, tiny_model_root)  # its own: this test kills it
     url = fault_server.url
     r = requests.post(f"{url}/train/fasttextdiff", json={"max_epochs": 5000}, timeout=30)
     assert r.status_code == 200, r.text
@@ -512,6 +523,7 @@ def test_server_killed_while_training_restarts_without_a_stuck_running_state(fau
         assert SECRET_PASSWORD not in logs, "a secret reached the server log"
     finally:
         again.stop()
+        fault_server.stop()
 
 
 # ------------------------------------------------------------------------------ disk full
