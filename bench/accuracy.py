@@ -81,7 +81,7 @@ class Plan:
     text_fallback: bool | None = None  # TrainConfig.text_fallback for the text methods
 
 
-# QUICK follows fasttextdiff.ablation.QUICK (64 px, widths 16/32/64, 150 pretraining steps, 40 epochs) on a
+# QUICK follows fasttextdiff.experiments.ablation.QUICK (64 px, widths 16/32/64, 150 pretraining steps, 40 epochs) on a
 # 128-image training split, so its 50 % point trains on as many images as the ablation (64). With 64 training
 # images, 10 % is 6 images: too few for the text branch to learn six location words (validation Dice 0.50 with
 # text vs 0.46 without, training loss 0.06 - memorised; longer training did not change it).
@@ -125,7 +125,7 @@ def prepare_data(args, plan: Plan, work: Path) -> tuple[Path, Plan, tuple | None
 
 def pretrain(root: Path, splits: dict, plan: Plan, window, work: Path, device) -> tuple[Path, float]:
     from fasttextdiff.config import BackboneConfig
-    from fasttextdiff.workflows import pretrain_backbone_on_files
+    from fasttextdiff.training.workflows import pretrain_backbone_on_files
 
     cfg = BackboneConfig(image_size=plan.size, block_out_channels=plan.widths, timesteps=plan.timesteps,
                          window=window, noise_seed=0)
@@ -153,8 +153,8 @@ def run_fasttextdiff(method: str, splits, backbone_dir: Path, plan: Plan, fracti
     """`text_config` overrides the method's encoder (bench/text_encoders.py compares several)."""
     from fasttextdiff.config import SegmenterConfig, TextConfig, TrainConfig
     from fasttextdiff.data.dataset import select_labeled
-    from fasttextdiff.evaluate import evaluate_model
-    from fasttextdiff.train import train_segmenter
+    from fasttextdiff.inference.evaluate import evaluate_model
+    from fasttextdiff.training.segmenter import train_segmenter
 
     encoder = str(common.minilm_path()) if method == "bert_text" else "tiny"
     text_config = text_config or TextConfig(encoder=encoder)
@@ -448,7 +448,7 @@ def merge_results(paths: list[Path], out_dir: Path, name: str, plot: bool = True
 
 
 def _run(args, plan: Plan, work: Path, command: str, name: str) -> dict:
-    from fasttextdiff.workflows import load_lvit
+    from fasttextdiff.training.workflows import load_lvit
 
     started = time.perf_counter()
     machine = common.machine_info()

@@ -96,7 +96,7 @@ FULL = Plan(n_test=32, rounds=5, n_noise=4, seeds=(0, 1, 2))
 def prepare_dataset(dataset: str, plan: Plan, work: Path, data_seed: int):
     """-> (splits with the pool as 'train', intensity window, description)."""
     from fasttextdiff.data.synthetic import make_lvit_dataset
-    from fasttextdiff.workflows import load_lvit
+    from fasttextdiff.training.workflows import load_lvit
 
     shutil.rmtree(work / "data", ignore_errors=True)  # a kept --work may hold other split sizes: never mix them
     if dataset == "text-necessary":
@@ -141,7 +141,7 @@ def train(samples, out: Path, backbone: Path, plan: Plan, steps: int, seed: int,
           init_dir: Path | None) -> dict:
     """The library's training, as the server's train task calls it (continuing from `init_dir`)."""
     from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
-    from fasttextdiff.train import train_segmenter
+    from fasttextdiff.training.segmenter import train_segmenter
 
     epochs = epochs_for(steps, len(samples), plan.batch_size)
     config = TrainConfig(epochs=epochs, batch_size=plan.batch_size, lr=plan.lr, seed=seed,
@@ -153,7 +153,7 @@ def train(samples, out: Path, backbone: Path, plan: Plan, steps: int, seed: int,
 
 
 def test_dice(model_dir: Path, test, device) -> float:
-    from fasttextdiff.evaluate import evaluate_model
+    from fasttextdiff.inference.evaluate import evaluate_model
 
     return float(evaluate_model(model_dir, test, device=device, n_noise=1, progress=False)["dice_mean"])
 
@@ -208,7 +208,7 @@ class AppLoop:
         self.datastore.save_human_label(image_id, str(label), "final", {})
 
     def publish(self, model_dir: Path, copy: bool = False) -> Path:
-        from fasttextdiff.atomic import publish
+        from fasttextdiff.utils.atomic import publish
 
         staging = self.paths.work / f"publish-{time.time_ns()}"
         staging.parent.mkdir(parents=True, exist_ok=True)
@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_outputs(result, args.render.parent, args.render.stem, with_plot=not args.no_plot)
         return result
     common.set_threads(args.threads)
-    from fasttextdiff.cli import _quiet_third_party
+    from fasttextdiff.commands.main import _quiet_third_party
 
     _quiet_third_party()  # transformers' per-load bars would drown the round bar
     plan = build_plan(args)

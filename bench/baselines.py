@@ -28,7 +28,7 @@ from fasttextdiff.data.dataset import SegmentationDataset, select_labeled
 from fasttextdiff.data.io import read_image
 from fasttextdiff.data.lvit import Sample
 from fasttextdiff.data.preprocess import mask_to_labels, to_model_input, to_original_grid
-from fasttextdiff.metrics import dice_iou
+from fasttextdiff.utils.metrics import dice_iou
 
 
 # ------------------------------------------------------------------------------------------------

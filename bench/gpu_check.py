@@ -77,7 +77,7 @@ class Context:
 
     def backbone(self) -> Path:
         if self.backbone_dir is None:
-            from fasttextdiff.backbone import DiffusionBackbone
+            from fasttextdiff.models.backbone import DiffusionBackbone
             from fasttextdiff.config import BackboneConfig
 
             self.backbone_dir = self.work / "backbone"
@@ -97,8 +97,8 @@ class Context:
 
 
 def check_train_autocast(ctx: Context, dtype: torch.dtype) -> dict:
-    from fasttextdiff.backbone import load_backbone
-    from fasttextdiff.model import FastTextDiffModel
+    from fasttextdiff.models.backbone import load_backbone
+    from fasttextdiff.models.segmenter import FastTextDiffModel
     from monai.losses import DiceCELoss
 
     if ctx.device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
@@ -133,9 +133,9 @@ def check_train_autocast(ctx: Context, dtype: torch.dtype) -> dict:
 
 
 def check_train_engine(ctx: Context) -> dict:
-    from fasttextdiff.engine import default_mixed_precision
-    from fasttextdiff.train import train_segmenter
-    from fasttextdiff.workflows import load_lvit
+    from fasttextdiff.training.engine import default_mixed_precision
+    from fasttextdiff.training.segmenter import train_segmenter
+    from fasttextdiff.training.workflows import load_lvit
 
     splits = load_lvit(ctx.dataset())
     ctx.model_dir = ctx.work / "model"
@@ -148,8 +148,8 @@ def check_train_engine(ctx: Context) -> dict:
 
 
 def check_infer_autocast(ctx: Context) -> dict:
-    from fasttextdiff.model import FastTextDiffModel
-    from fasttextdiff.text import TextEncoder
+    from fasttextdiff.models.segmenter import FastTextDiffModel
+    from fasttextdiff.text.encoder import TextEncoder
     from fasttextdiff.config import TextConfig
 
     if ctx.model_dir is None:
@@ -179,7 +179,7 @@ def check_infer_autocast(ctx: Context) -> dict:
 def check_text_attention(ctx: Context) -> dict:
     from transformers import AutoModel
 
-    from fasttextdiff.text import build_tiny_encoder, minilm_dir
+    from fasttextdiff.text.encoder import build_tiny_encoder, minilm_dir
 
     if ctx.device.type != "cuda":
         status = {"status": "skipped", "detail": "FlashAttention 2 runs on CUDA only (sdpa timed)"}
@@ -212,7 +212,7 @@ def check_text_attention(ctx: Context) -> dict:
 
 
 def check_multi_gpu(ctx: Context) -> dict:
-    from fasttextdiff.workflows import launch_job, load_lvit
+    from fasttextdiff.training.workflows import launch_job, load_lvit
 
     n = torch.cuda.device_count() if ctx.device.type == "cuda" else 0
     if n < 2:
@@ -269,8 +269,8 @@ def _paper_backbone(ctx: Context):
     """ADM-256-uncond at full size (random weights: speed does not depend on them) with the QaTa taps."""
     from diffusers import UNet2DModel
 
-    from fasttextdiff.adm import ADM_PRESETS, PAPER_TAPS, parse_adm_flags, unet_config
-    from fasttextdiff.backbone import DiffusionBackbone
+    from fasttextdiff.conversion.adm import ADM_PRESETS, PAPER_TAPS, parse_adm_flags, unet_config
+    from fasttextdiff.models.backbone import DiffusionBackbone
     from fasttextdiff.config import BackboneConfig
 
     text = ADM_PRESETS["adm-256-uncond"] + (" --image_size 32 --channel_mult 1,1,2,2,4,4 --num_channels 32 --num_head_channels 32"
@@ -285,7 +285,7 @@ def _paper_backbone(ctx: Context):
 
 def check_speed(ctx: Context) -> list[tuple[str, dict]]:
     from fasttextdiff.config import FusionConfig, SegmenterConfig
-    from fasttextdiff.model import FastTextDiffModel
+    from fasttextdiff.models.segmenter import FastTextDiffModel
 
     backbone = _paper_backbone(ctx)
     size, batch = backbone.config.image_size, 8

@@ -42,7 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "lib") not in sys.path:
     sys.path.insert(0, str(ROOT / "lib"))
-from fasttextdiff.environment import apply_process_defaults  # noqa: E402
+from fasttextdiff.utils.environment import apply_process_defaults  # noqa: E402
 
 apply_process_defaults()  # offline, passive OpenMP
 
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         result["server_started"] = {"studies": str(args.start), "conf": dict(args.conf)}
     text = json.dumps(result, indent=2)
     if args.json:
-        from fasttextdiff.atomic import atomic_write_bytes
+        from fasttextdiff.utils.atomic import atomic_write_bytes
 
         atomic_write_bytes(args.json, (text + "\n").encode("utf-8"))
     print(text)

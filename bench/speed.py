@@ -92,7 +92,7 @@ def conv_rate_low_precision(repeats: int = 3) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from fasttextdiff.fast_inference import native_low_precision
+    from fasttextdiff.inference.batched import native_low_precision
 
     x, w = torch.randn(2, 64, 32, 32), torch.randn(64, 64, 3, 3)  # small: emulated bf16 is ~100x slower
     flops = 2 * 9 * 64 * 64 * 32 * 32 * 2
@@ -111,7 +111,7 @@ def truncation_flops(size: int = 256, widths=PAPER_TAPS, taps=(0, 1, 2)) -> dict
     whole U-Net on the same three-timestep batch, for the paper's taps and for all blocks tapped."""
     import torch
 
-    from fasttextdiff.backbone import DiffusionBackbone
+    from fasttextdiff.models.backbone import DiffusionBackbone
     from fasttextdiff.config import BackboneConfig
 
     out = {}
@@ -137,14 +137,14 @@ def train_comparison(name: str, spec, work: Path, device, rounds: int = 1) -> di
     import torch
 
     import baselines
-    from fasttextdiff.backbone import DiffusionBackbone
+    from fasttextdiff.models.backbone import DiffusionBackbone
     from fasttextdiff.config import BackboneConfig, FusionConfig, SegmenterConfig, TextConfig, TrainConfig
     from fasttextdiff.data.synthetic import make_lvit_dataset
-    from fasttextdiff.devices import resolve_device
-    from fasttextdiff.model import FastTextDiffModel
-    from fasttextdiff.workflows import load_lvit
-    from fasttextdiff.text import TextEncoder
-    from fasttextdiff.train import train_segmenter
+    from fasttextdiff.utils.devices import resolve_device
+    from fasttextdiff.models.segmenter import FastTextDiffModel
+    from fasttextdiff.training.workflows import load_lvit
+    from fasttextdiff.text.encoder import TextEncoder
+    from fasttextdiff.training.segmenter import train_segmenter
 
     size, widths, fusion_dim, n_images, epochs, ref_images, feature_blocks = spec
     root = make_lvit_dataset(work / f"data_{name}", variant="text-necessary", n_train=n_images, n_val=0, n_test=0,
@@ -219,11 +219,11 @@ def train_comparison(name: str, spec, work: Path, device, rounds: int = 1) -> di
 def build_inference_model(work: Path, device, size: int = 256, widths=INFER_WIDTHS, feature_blocks=(),
                           name: str = "model_infer") -> Path:
     """A 256 px FastTextDiff model directory through the public path (random backbone: speed only)."""
-    from fasttextdiff.backbone import DiffusionBackbone
+    from fasttextdiff.models.backbone import DiffusionBackbone
     from fasttextdiff.config import BackboneConfig, FusionConfig, SegmenterConfig, TextConfig, TrainConfig
     from fasttextdiff.data.synthetic import make_lvit_dataset
-    from fasttextdiff.workflows import load_lvit
-    from fasttextdiff.train import train_segmenter
+    from fasttextdiff.training.workflows import load_lvit
+    from fasttextdiff.training.segmenter import train_segmenter
 
     root = make_lvit_dataset(work / "data_infer", variant="standard", n_train=2, n_val=0, n_test=0, size=max(32, size), seed=0)
     backbone = work / f"bb_{name}"
@@ -242,7 +242,7 @@ def inference_comparison(work: Path, quick: bool, device, size: int = 256, width
     import baselines
     from fasttextdiff.data.io import Image
     from fasttextdiff.data.preprocess import to_model_input
-    from fasttextdiff.infer import Segmenter
+    from fasttextdiff.inference.pipeline import Segmenter
 
     model_dir = build_inference_model(work, device, size, widths)
     seg = Segmenter.load(model_dir, device=device, n_noise=1, batch_size=16)
@@ -365,8 +365,8 @@ def fast_inference_section(work: Path, quick: bool, device, threads_fast: int, s
     import torch
 
     from fasttextdiff.data.io import Image
-    from fasttextdiff.fast_inference import InferenceOptions, native_low_precision
-    from fasttextdiff.infer import Segmenter
+    from fasttextdiff.inference.batched import InferenceOptions, native_low_precision
+    from fasttextdiff.inference.pipeline import Segmenter
 
     model_dir = work / "model_infer"
     if not model_dir.is_dir():
@@ -444,7 +444,7 @@ def paper_taps_volume(work: Path, device, size: int, paper_taps, volume_shape, r
     so `features()` stops before the full-resolution decoder (the truncated forward). Measured on `depth`
     slices and scaled to the volume's (slice-wise inference is linear in the depth)."""
     from fasttextdiff.data.io import Image
-    from fasttextdiff.infer import Segmenter
+    from fasttextdiff.inference.pipeline import Segmenter
 
     widths, taps = paper_taps
     model_dir = build_inference_model(work, device, size, widths, feature_blocks=taps, name="model_infer_paper_taps")
@@ -487,7 +487,7 @@ def floor_breakdown(model, x, states, rate_gflops: float, repeats: int = 3) -> d
         entry["gflop"] += flops / 1e9
         entry["calls"] += 1
 
-    from fasttextdiff.fast_inference import set_memory_format
+    from fasttextdiff.inference.batched import set_memory_format
 
     set_memory_format(model, True)  # as the library's fast path runs
     x = x.contiguous(memory_format=torch.channels_last)
@@ -528,7 +528,7 @@ def rebase_breakdown(fb: dict, rate_gflops: float) -> dict:
 
 def breakdown_of_saved_model(model_dir: Path, device, size: int, rate_gflops: float) -> dict:
     """`floor_breakdown` of the benchmark's inference model, loaded fresh (its own memory format)."""
-    from fasttextdiff.infer import Segmenter
+    from fasttextdiff.inference.pipeline import Segmenter
 
     seg = Segmenter.load(model_dir, device=device)
     return floor_breakdown(seg.model, *forward_inputs(seg, size), rate_gflops)
@@ -549,8 +549,8 @@ def fast_2d_latency(work: Path, device, threads: int, size: int = 256, repeats: 
     import torch
 
     from fasttextdiff.data.io import Image
-    from fasttextdiff.fast_inference import InferenceOptions
-    from fasttextdiff.infer import Segmenter
+    from fasttextdiff.inference.batched import InferenceOptions
+    from fasttextdiff.inference.pipeline import Segmenter
 
     torch.set_num_threads(threads)
     seg = Segmenter.load(work / "model_infer", device=device, n_noise=4, batch_size=16)
@@ -582,12 +582,12 @@ def dice_check(work: Path, device, threads: int) -> dict:
     import torch
 
     import accuracy
-    from fasttextdiff.evaluate import evaluate_model
-    from fasttextdiff.fast_inference import InferenceOptions
-    from fasttextdiff.infer import Segmenter
+    from fasttextdiff.inference.evaluate import evaluate_model
+    from fasttextdiff.inference.batched import InferenceOptions
+    from fasttextdiff.inference.pipeline import Segmenter
     from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
-    from fasttextdiff.train import train_segmenter
-    from fasttextdiff.workflows import load_lvit
+    from fasttextdiff.training.segmenter import train_segmenter
+    from fasttextdiff.training.workflows import load_lvit
 
     torch.set_num_threads(threads)
     plan = accuracy.QUICK
@@ -928,7 +928,7 @@ NOTES = [
 
 def run_issue14(args, result: dict, conv_start: dict, matmul_start: dict) -> dict:
     """The issue-14 rows alone (a shorter run for a busy machine); the full run reports them too."""
-    from fasttextdiff.infer import Segmenter
+    from fasttextdiff.inference.pipeline import Segmenter
 
     started = time.perf_counter()
     result["conv"], result["matmul"] = conv_start, matmul_start

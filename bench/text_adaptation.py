@@ -20,19 +20,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from fasttextdiff.environment import apply_process_defaults  # noqa: E402
+from fasttextdiff.utils.environment import apply_process_defaults  # noqa: E402
 
 apply_process_defaults()  # offline, passive OpenMP: before torch loads
 import torch
 
-from fasttextdiff.ablation import QUICK
-from fasttextdiff.atomic import atomic_write_bytes, atomic_write_json
+from fasttextdiff.experiments.ablation import QUICK
+from fasttextdiff.utils.atomic import atomic_write_bytes, atomic_write_json
 from fasttextdiff.config import BackboneConfig, FusionConfig, SegmenterConfig, TextConfig, TrainConfig
 from fasttextdiff.data.synthetic import make_lvit_dataset
-from fasttextdiff.evaluate import evaluate_model
-from fasttextdiff.workflows import load_lvit, lvit_image_paths, pretrain_backbone_on_files
-from fasttextdiff.text_pretrain import pretrain_text
-from fasttextdiff.train import train_segmenter
+from fasttextdiff.inference.evaluate import evaluate_model
+from fasttextdiff.training.workflows import load_lvit, lvit_image_paths, pretrain_backbone_on_files
+from fasttextdiff.training.text_mlm import pretrain_text
+from fasttextdiff.training.segmenter import train_segmenter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -61,7 +61,7 @@ ADAPT_STEPS_LONG = 960
 
 def adapt(init: str, out: Path, steps: int, **options) -> dict:
     """`fasttextdiff pretrain-text --corpus iu-xray --quick --init INIT` with the given overrides."""
-    from fasttextdiff.text_pretrain import pretrain_text
+    from fasttextdiff.training.text_mlm import pretrain_text
 
     metrics = pretrain_text("iu-xray", None, init, out, quick=True, resume=False, progress=False, steps=steps,
                             lr=2e-3, **options)
@@ -74,7 +74,7 @@ def prepare_encoders(names: list[str], work: Path, adapt_steps: int, adapt_steps
     `work`/encoders (an earlier run's, or --encoder-dir) are reused: runs split over processes share them.
     `local`: {label: model folder} given as LABEL=DIR on the command line."""
     from fasttextdiff.config import TextConfig
-    from fasttextdiff.text import build_tiny_encoder, default_tiny_dir, minilm_dir
+    from fasttextdiff.text.encoder import build_tiny_encoder, default_tiny_dir, minilm_dir
 
     configs, info = {}, {}
     tiny = str(default_tiny_dir())
@@ -136,7 +136,7 @@ def focus_recall(configs: dict, splits: dict) -> dict:
     """Per focus encoder and split: the share of reports whose kept sentences still name a labeled region
     (the findings sentence or the impression's restatement; negations name a side only, never a region)."""
     from fasttextdiff.data.clinical_reports import regions_named
-    from fasttextdiff.text import TextEncoder
+    from fasttextdiff.text.encoder import TextEncoder
 
     out = {}
     for name, config in configs.items():
@@ -162,7 +162,7 @@ def region_probe(splits: dict, train_sizes=(32, 128)) -> dict:
 
     from fasttextdiff.config import TextConfig
     from fasttextdiff.data.clinical_reports import PLACES, regions_named
-    from fasttextdiff.text import TextEncoder, minilm_dir, split_sentences
+    from fasttextdiff.text.encoder import TextEncoder, minilm_dir, split_sentences
 
     regions = list(PLACES["train"])
     encoder = TextEncoder(TextConfig(encoder=str(minilm_dir())))
@@ -205,7 +205,7 @@ def place_phrases(configs: dict, splits: dict) -> dict:
     import numpy as np
 
     from fasttextdiff.data.clinical_reports import BILATERAL, PLACES, mentions
-    from fasttextdiff.text import TextEncoder
+    from fasttextdiff.text.encoder import TextEncoder
 
     def bank(name: str) -> list[tuple[str, frozenset]]:
         rows = [(p, frozenset({r})) for r, phrases in PLACES[name].items() for p in phrases]
@@ -461,7 +461,7 @@ def merge_results(paths: list[Path], out_dir: Path, name: str, plot: bool = True
 def _run(args, plan, work: Path, command: str, name: str) -> dict:
     from fasttextdiff.config import TrainConfig
     from fasttextdiff.data.synthetic import make_lvit_dataset
-    from fasttextdiff.workflows import load_lvit
+    from fasttextdiff.training.workflows import load_lvit
 
     started = time.perf_counter()
     machine = common.machine_info()

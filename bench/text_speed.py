@@ -31,14 +31,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from fasttextdiff.environment import apply_process_defaults  # noqa: E402
+from fasttextdiff.utils.environment import apply_process_defaults  # noqa: E402
 
 apply_process_defaults()  # offline, passive OpenMP: before torch loads
 import torch  # noqa: E402
 
 from fasttextdiff.config import TextConfig  # noqa: E402
-from fasttextdiff.corpora import iter_iu_xray  # noqa: E402
-from fasttextdiff.text import TextEncoder, build_tiny_encoder, minilm_dir, resolve_attn_implementation  # noqa: E402
+from fasttextdiff.data.corpora import iter_iu_xray  # noqa: E402
+from fasttextdiff.text.encoder import TextEncoder, build_tiny_encoder, minilm_dir, resolve_attn_implementation  # noqa: E402
 
 
 def build_bert(out: Path, hidden: int, layers: int, heads: int) -> Path:

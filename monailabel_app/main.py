@@ -19,7 +19,7 @@ if _APP_DIR not in sys.path:  # `lib.*` must be this app's lib, also in MONAI La
     sys.path.insert(0, _APP_DIR)
 if sys.path.count(_APP_DIR) < 2:  # MONAI Label removes one copy after loading main.py; keep one for later imports of `lib.*`
     sys.path.append(_APP_DIR)
-from fasttextdiff.environment import apply_process_defaults  # noqa: E402
+from fasttextdiff.utils.environment import apply_process_defaults  # noqa: E402
 
 apply_process_defaults()  # offline and passive-OpenMP defaults, before torch loads
 

@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from fasttextdiff.environment import apply_process_defaults
+from fasttextdiff.utils.environment import apply_process_defaults
 
 apply_process_defaults()  # offline, passive OpenMP: before torch loads
 import pytest
@@ -70,7 +70,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory, tiny_dataset) -> Path:
     from fasttextdiff.config import BackboneConfig
-    from fasttextdiff.workflows import lvit_image_paths, pretrain_backbone_on_files
+    from fasttextdiff.training.workflows import lvit_image_paths, pretrain_backbone_on_files
 
     out = tmp_path_factory.mktemp("backbone") / "backbone"
     cfg = BackboneConfig(image_size=32, block_out_channels=(8, 16), timesteps=(50, 150))
@@ -82,8 +82,8 @@ def tiny_backbone(tmp_path_factory, tiny_dataset) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_dataset, tiny_backbone) -> Path:
     from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
-    from fasttextdiff.workflows import load_lvit
-    from fasttextdiff.train import train_segmenter
+    from fasttextdiff.training.workflows import load_lvit
+    from fasttextdiff.training.segmenter import train_segmenter
 
     splits = load_lvit(tiny_dataset)
     out = tmp_path_factory.mktemp("model") / "model"

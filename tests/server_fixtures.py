@@ -108,7 +108,7 @@ class _ClientFolders:
 
 
 def make_tiny_studies(out: Path, n_2d: int = 6, n_3d: int = 1, n_labeled: int = 3, seed: int = 0) -> Path:
-    from fasttextdiff.studies import make_demo_studies
+    from fasttextdiff.data.demo_studies import make_demo_studies
 
     make_demo_studies(out, n_2d=n_2d, n_3d=n_3d, size=32, n_labeled=n_labeled, n_labeled_3d=min(1, n_3d),
                       volume_size=32, volume_slices=6, seed=seed)

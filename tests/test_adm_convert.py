@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 
-from fasttextdiff.adm import (
+from fasttextdiff.conversion.adm import (
     ADM_PRESETS,
     PAPER_TAPS,
     adm_layout,
@@ -29,8 +29,8 @@ from fasttextdiff.adm import (
     parse_adm_flags,
     unet_config,
 )
-from fasttextdiff.backbone import BACKBONE_CONFIG_NAME, UNET_WEIGHTS_NAME, load_backbone
-from fasttextdiff.cli import main
+from fasttextdiff.models.backbone import BACKBONE_CONFIG_NAME, UNET_WEIGHTS_NAME, load_backbone
+from fasttextdiff.commands.main import main
 
 TINY = ("--image_size 32 --num_channels 32 --channel_mult 1,2 --num_res_blocks 1 --attention_resolutions 16 "
         "--num_head_channels 16 --resblock_updown True --use_scale_shift_norm True --learn_sigma True")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from fasttextdiff.backbone import BACKBONE_CONFIG_NAME, UNET_WEIGHTS_NAME, DiffusionBackbone
-from fasttextdiff.backbone_pretrain import pretrain_backbone
+from fasttextdiff.models.backbone import BACKBONE_CONFIG_NAME, UNET_WEIGHTS_NAME, DiffusionBackbone
+from fasttextdiff.training.backbone import pretrain_backbone
 from fasttextdiff.config import BackboneConfig
-from fasttextdiff.errors import CheckpointError, FastTextDiffError, ModelNotFoundError
+from fasttextdiff.utils.errors import CheckpointError, FastTextDiffError, ModelNotFoundError
 
 SIZE = 32
 

@@ -90,7 +90,7 @@ def test_benchmark_json_records_precision_device_and_cpu_flags(monkeypatch):
 
     import common
     import gpu_check
-    from fasttextdiff.fast_inference import PRECISION_ENV
+    from fasttextdiff.inference.batched import PRECISION_ENV
 
     monkeypatch.setenv(PRECISION_ENV, "bf16")
     inference = common.machine_info("cpu")["inference"]
@@ -199,7 +199,7 @@ def test_text_encoders_region_probe_and_focus_recall(tmp_path):
     # "apical right lung" shares no word with any training phrase of the upper right lung but "right"
     assert "apical right lung" in readers["shared words (no synonyms known)"]["wrong"]
     # a local encoder folder (the clinical model a user has) joins the comparison under its own label
-    from fasttextdiff.text import minilm_dir
+    from fasttextdiff.text.encoder import minilm_dir
 
     made = text_encoders.main(small + ["--prepare-only", "--encoders", f"clinical={minilm_dir()}"])
     assert str(minilm_dir()) in made["encoders"]["clinical"]["encoder"]

@@ -126,7 +126,7 @@ def test_training_dataset_crops_image_and_mask_alike(tmp_path):
 def test_segmenter_returns_full_grid_with_background_outside_the_box(tiny_model):
     """The real Segmenter, probed with a HU window: outputs cover the whole volume, and outside the
     body box the mask is background, class 0 certain and the uncertainty 0."""
-    from fasttextdiff.infer import Segmenter
+    from fasttextdiff.inference.pipeline import Segmenter
 
     segmenter = Segmenter.load(tiny_model, device="cpu", n_noise=2)
     backbone = segmenter.model.backbone

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fasttextdiff.atomic import publish, replace_dir, resolve_model_dir, staging_dir
-from fasttextdiff.checkpoint import (load_optimizer_state, load_training_state, optimizer_state_tensors,
+from fasttextdiff.utils.atomic import publish, replace_dir, resolve_model_dir, staging_dir
+from fasttextdiff.utils.checkpoint import (load_optimizer_state, load_training_state, optimizer_state_tensors,
                                      save_training_state)
-from fasttextdiff.errors import CheckpointError
+from fasttextdiff.utils.errors import CheckpointError
 
 
 def _version(tmp_path, root, text):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fasttextdiff.cli import main
+from fasttextdiff.commands.main import main
 
 
 def package_file(package: str, *parts: str) -> Path:
@@ -168,7 +168,7 @@ def test_every_option_has_a_help_line_and_argument_errors_come_before_heavy_impo
     importing torch or MONAI (a fresh interpreter, so nothing is imported already)."""
     import argparse
 
-    from fasttextdiff import cli
+    from fasttextdiff.commands import main as cli
 
     parser = cli.build_parser()  # every command, lazily imported ones included
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
@@ -176,7 +176,7 @@ def test_every_option_has_a_help_line_and_argument_errors_come_before_heavy_impo
                for action in sub._actions
                if not isinstance(action, argparse._HelpAction) and not action.help and action.dest != "func"]
     assert not missing, f"options without a --help description: {missing}"
-    probe = ("import sys, fasttextdiff.cli as c\n"
+    probe = ("import sys, fasttextdiff.commands.main as c\n"
              "code = 0\n"
              "try:\n    c.main(['train', '--data'])\nexcept SystemExit as e:\n    code = e.code\n"
              "print(code, 'torch' in sys.modules, 'monai' in sys.modules)\n")

@@ -28,7 +28,7 @@ N_REPORTS = 300
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from fasttextdiff.text import minilm_dir
+    from fasttextdiff.text.encoder import minilm_dir
 
     return AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
 

@@ -18,7 +18,7 @@ from PIL import Image as PILImage
 
 from fasttextdiff.data.io import Image, is_volume_path, read_image, supported_extensions, write_image
 from fasttextdiff.data.preprocess import mask_to_labels, to_model_input, to_original_grid
-from fasttextdiff.errors import FastTextDiffError, ImageReadError
+from fasttextdiff.utils.errors import FastTextDiffError, ImageReadError
 
 
 def _package_file(package: str, *parts: str) -> Path:

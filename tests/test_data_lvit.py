@@ -13,7 +13,7 @@ from PIL import Image as PILImage
 from fasttextdiff.data.dataset import SegmentationDataset, select_labeled
 from fasttextdiff.data.lvit import DatasetLayoutError, Sample, load_split, read_text_table, split_folder_name
 from fasttextdiff.data.synthetic import write_text_table
-from fasttextdiff.errors import FastTextDiffError
+from fasttextdiff.utils.errors import FastTextDiffError
 
 
 def _square_case(size: int, top: int, left: int, side: int, rgb: bool = False) -> tuple[np.ndarray, np.ndarray]:

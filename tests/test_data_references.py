@@ -17,7 +17,7 @@ import pytest
 import reliability_cases as cases
 from fasttextdiff.data.io import read_image
 from fasttextdiff.data.references import check_self_contained
-from fasttextdiff.errors import ImageReadError
+from fasttextdiff.utils.errors import ImageReadError
 from server_fixtures import OpenWatch
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fasttextdiff.cli import main as cli
+from fasttextdiff.commands.main import main as cli
 from fasttextdiff.config import MODEL_CONFIG_FILE
-from fasttextdiff.model import WEIGHTS_FILE
-from fasttextdiff.devices import resolve_device
+from fasttextdiff.models.segmenter import WEIGHTS_FILE
+from fasttextdiff.utils.devices import resolve_device
 
 LIB = str(Path(__file__).resolve().parents[1] / "lib")
 BACKBONE = ["--image-size", "32", "--widths", "8,16", "--timesteps", "50,150", "--epochs", "1", "--max-steps", "2",
@@ -48,7 +48,7 @@ _RUN_COMMANDS = """# fasttextdiff CLI commands one after another in this (launch
 import json
 import sys
 
-from fasttextdiff.cli import main
+from fasttextdiff.commands.main import main
 
 for args in json.loads(sys.argv[1]):
     code = main(args)
@@ -109,7 +109,7 @@ def test_ddp_text_pretraining_under_accelerate_launch_with_gloo(one_and_two_proc
     """(Was in test_text_pretrain.py: it shares the launch above.) Two CPU processes (gloo): both train,
     the main process writes one loadable encoder."""
     from fasttextdiff.config import TextConfig
-    from fasttextdiff.text import TextEncoder
+    from fasttextdiff.text.encoder import TextEncoder
 
     _, two, stdout = one_and_two_processes
     out = two / "text"
@@ -137,7 +137,7 @@ def _json_objects(text: str) -> list[str]:
 def test_a_launched_job_reports_its_progress_and_result(tmp_path, tiny_dataset, tiny_backbone, monkeypatch):
     """What a server train task does with `multi_gpu`: the job runs on 2 processes, its log records and
     metrics come back to the launching process."""
-    from fasttextdiff.workflows import launch_job, load_lvit
+    from fasttextdiff.training.workflows import launch_job, load_lvit
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", LIB)

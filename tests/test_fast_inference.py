@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from fasttextdiff.backbone import DiffusionBackbone
+from fasttextdiff.models.backbone import DiffusionBackbone
 from fasttextdiff.config import BackboneConfig, FusionConfig, SegmenterConfig
 from fasttextdiff.data.io import read_image
-from fasttextdiff.fast_inference import InferenceOptions, air_slices, predict_slices, resolve_precision
-from fasttextdiff.infer import Segmenter
-from fasttextdiff.model import FastTextDiffModel
+from fasttextdiff.inference.batched import InferenceOptions, air_slices, predict_slices, resolve_precision
+from fasttextdiff.inference.pipeline import Segmenter
+from fasttextdiff.models.segmenter import FastTextDiffModel
 
 CPU = torch.device("cpu")
 FAST = InferenceOptions(precision="fp32")  # the fast path's every speed measure, at the reference's precision

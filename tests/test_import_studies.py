@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fasttextdiff.cli import main
+from fasttextdiff.commands.main import main
 from fasttextdiff.data.io import Image, read_image, write_image
 
 

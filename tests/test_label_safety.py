@@ -279,7 +279,7 @@ def test_label_history_cli_lists_and_restores(server, tmp_path):
     (tmp_path / "new.png").write_bytes(_label_of(server, image_id, 9))
     server.client().save_label(image_id, str(tmp_path / "new.png"), tag="final")
     assert path.read_bytes() != first
-    cli = [sys.executable, "-m", "fasttextdiff.cli", "label-history", "--server", server.url, "--image", image_id]
+    cli = [sys.executable, "-m", "fasttextdiff.commands.main", "label-history", "--server", server.url, "--image", image_id]
     listed = subprocess.run(cli + ["--tag", "final", "--json"], capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
     version = json.loads(listed.stdout)["versions"]["final"][0]["version"]
@@ -294,7 +294,7 @@ def test_label_history_cli_lists_and_restores(server, tmp_path):
 
 
 def test_import_into_an_existing_studies_folder_never_replaces_a_file(tmp_path):
-    from fasttextdiff.import_studies import import_studies
+    from fasttextdiff.data.import_studies import import_studies
 
     studies = tmp_path / "studies"
     (studies / "labels" / "final").mkdir(parents=True)

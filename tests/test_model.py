@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fasttextdiff.backbone import DiffusionBackbone
+from fasttextdiff.models.backbone import DiffusionBackbone
 from fasttextdiff.config import BackboneConfig, FusionConfig, SegmenterConfig, TextConfig
-from fasttextdiff.errors import CheckpointError, ModelNotFoundError
-from fasttextdiff.fusion import CrossModalFusion, sine_positions_2d
-from fasttextdiff.model import WEIGHTS_FILE, FastTextDiffModel
+from fasttextdiff.utils.errors import CheckpointError, ModelNotFoundError
+from fasttextdiff.models.fusion import CrossModalFusion, sine_positions_2d
+from fasttextdiff.models.segmenter import WEIGHTS_FILE, FastTextDiffModel
 
 
 def tiny_backbone(size=32, widths=(8, 16), timesteps=(50, 150)) -> DiffusionBackbone:

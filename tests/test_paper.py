@@ -16,10 +16,10 @@ import pytest
 import torch
 from test_adm_convert import adm_keys, random_state, run_cli
 
-from fasttextdiff.adm import parse_adm_flags
-from fasttextdiff.backbone import load_backbone
-from fasttextdiff.cli import build_parser, train_settings
-from fasttextdiff.model import FastTextDiffModel
+from fasttextdiff.conversion.adm import parse_adm_flags
+from fasttextdiff.models.backbone import load_backbone
+from fasttextdiff.commands.main import build_parser, train_settings
+from fasttextdiff.models.segmenter import FastTextDiffModel
 
 PAPER_LAYOUT = ("--image_size 32 --num_channels 32 --channel_mult 1,1,2,2,2,2 --num_res_blocks 2 "
                 "--attention_resolutions 4,2,1 --num_head_channels 32 --resblock_updown True "
@@ -34,7 +34,7 @@ def paper_adm(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("paper-adm")
     checkpoint = root / "adm.pt"
     torch.save(random_state(adm_keys(parse_adm_flags(PAPER_LAYOUT)), seed=3), checkpoint)
-    from fasttextdiff.cli import main
+    from fasttextdiff.commands.main import main
 
     assert main(["convert-backbone", str(checkpoint), "--adm-flags", PAPER_LAYOUT, "--out", str(root / "backbone")]) == 0
     return root / "backbone"
@@ -90,7 +90,7 @@ def test_monuseg_taps_reach_the_finest_level_and_old_block_taps_still_work(paper
 
 def test_taps_work_on_our_own_unets_too():
     """feature_taps is not ADM-only: any diffusers UNet2DModel laid out in levels of resnets (+ attention)."""
-    from fasttextdiff.backbone import DiffusionBackbone
+    from fasttextdiff.models.backbone import DiffusionBackbone
     from fasttextdiff.config import BackboneConfig
 
     backbone = DiffusionBackbone(BackboneConfig(image_size=32, block_out_channels=(8, 16), attention=True,
@@ -128,7 +128,7 @@ def test_explicit_flags_beat_the_preset_and_no_preset_keeps_the_defaults():
 def test_text_max_tokens_10_keeps_ten_tokens_as_the_reference_tokenizer_does():
     """max_length counts the special tokens, as transformers' truncation=True, max_length=10 does."""
     from fasttextdiff.config import TextConfig
-    from fasttextdiff.text import TextEncoder
+    from fasttextdiff.text.encoder import TextEncoder
 
     args = _parse("--text-max-tokens", "10")
     encoder = TextEncoder(TextConfig(encoder=args.text_encoder, max_length=args.max_text_tokens))

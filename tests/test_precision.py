@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from fasttextdiff.backbone import DiffusionBackbone
+from fasttextdiff.models.backbone import DiffusionBackbone
 from fasttextdiff.config import BackboneConfig, FusionConfig, SegmenterConfig
-from fasttextdiff.fast_inference import (PRECISION_ENV, InferenceOptions, precision_from_env, precision_record,
+from fasttextdiff.inference.batched import (PRECISION_ENV, InferenceOptions, precision_from_env, precision_record,
                                          predict_slices, resolve_precision)
-from fasttextdiff.model import FastTextDiffModel
+from fasttextdiff.models.segmenter import FastTextDiffModel
 
 CPU = torch.device("cpu")
 REDUCED = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,7 +75,7 @@ def test_forced_reduced_precision_resolves_on_any_cpu_and_auto_only_where_native
 
 
 def test_the_segmenter_reports_what_it_computes_in(monkeypatch, tiny_model):
-    from fasttextdiff.infer import Segmenter
+    from fasttextdiff.inference.pipeline import Segmenter
 
     monkeypatch.setenv(PRECISION_ENV, "bf16")
     seg = Segmenter.load(tiny_model, device="cpu", n_noise=1)
@@ -86,7 +86,7 @@ def test_the_segmenter_reports_what_it_computes_in(monkeypatch, tiny_model):
 
 
 def test_cli_precision_flag_wins_over_the_variable(monkeypatch, tiny_model, tiny_dataset, tmp_path, capsys):
-    from fasttextdiff.cli import main
+    from fasttextdiff.commands.main import main
 
     image = sorted((tiny_dataset / "Test_Folder" / "img").iterdir())[0]
     monkeypatch.setenv(PRECISION_ENV, "bf16")
@@ -130,8 +130,8 @@ def trained(tmp_path_factory):
     from fasttextdiff.config import TextConfig, TrainConfig
     from fasttextdiff.data.io import read_image
     from fasttextdiff.data.synthetic import make_lvit_dataset
-    from fasttextdiff.train import train_segmenter
-    from fasttextdiff.workflows import load_lvit, lvit_image_paths, pretrain_backbone_on_files
+    from fasttextdiff.training.segmenter import train_segmenter
+    from fasttextdiff.training.workflows import load_lvit, lvit_image_paths, pretrain_backbone_on_files
 
     root = tmp_path_factory.mktemp("precision")
     data = make_lvit_dataset(root / "synth", variant="standard", n_train=8, n_val=4, n_test=4, size=64, seed=0)
@@ -147,7 +147,7 @@ def trained(tmp_path_factory):
 
 
 def _segment_all(model_dir: Path, cases, precision: str) -> list:
-    from fasttextdiff.infer import Segmenter
+    from fasttextdiff.inference.pipeline import Segmenter
 
     seg = Segmenter.load(model_dir, device="cpu", n_noise=4, options=InferenceOptions(precision=precision))
     return [seg.segment(image, text) for image, text in cases]
@@ -184,10 +184,10 @@ def test_forced_bf16_runs_where_the_cpu_has_no_bf16():
     emulated and gives the bf16 numbers, within bf16's epsilon of fp32."""
     script = textwrap.dedent("""
         import json, torch
-        from fasttextdiff.backbone import DiffusionBackbone
+        from fasttextdiff.models.backbone import DiffusionBackbone
         from fasttextdiff.config import BackboneConfig, FusionConfig, SegmenterConfig
-        from fasttextdiff.fast_inference import InferenceOptions, precision_record, predict_slices
-        from fasttextdiff.model import FastTextDiffModel
+        from fasttextdiff.inference.batched import InferenceOptions, precision_record, predict_slices
+        from fasttextdiff.models.segmenter import FastTextDiffModel
         torch.manual_seed(0)
         torch.set_num_threads(1)
         backbone = DiffusionBackbone(BackboneConfig(image_size=32, block_out_channels=(8, 16), timesteps=(50, 150)))

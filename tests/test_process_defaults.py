@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from fasttextdiff.environment import DEFAULTS
+from fasttextdiff.utils.environment import DEFAULTS
 
 PROBE = "import json, os; before = dict(os.environ); {body}; " \
         "print(json.dumps({{k: v for k, v in os.environ.items() if before.get(k) != v}}))"
@@ -21,11 +21,11 @@ def _changed(body: str) -> dict:
 
 
 def test_importing_the_library_changes_no_environment_variable():
-    assert _changed("import fasttextdiff, fasttextdiff.cli, fasttextdiff.environment") == {}
+    assert _changed("import fasttextdiff, fasttextdiff.commands.main, fasttextdiff.utils.environment") == {}
 
 
 def test_the_command_line_sets_the_defaults_and_keeps_what_the_user_exported():
-    body = "os.environ['HF_HUB_OFFLINE'] = '0'; before = dict(os.environ); import fasttextdiff.cli as c; " \
+    body = "os.environ['HF_HUB_OFFLINE'] = '0'; before = dict(os.environ); import fasttextdiff.commands.main as c; " \
            "c.main(['--help'])"
     env = {k: v for k, v in os.environ.items() if k not in DEFAULTS}
     done = subprocess.run([sys.executable, "-c", f"import json, os\ntry:\n    {body}\nexcept SystemExit:\n    pass\n"

@@ -68,8 +68,8 @@ def _truncate(path: Path) -> None:
 _TRAIN_SCRIPT = textwrap.dedent("""
     import sys
     from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
-    from fasttextdiff.workflows import load_lvit
-    from fasttextdiff.train import train_segmenter
+    from fasttextdiff.training.workflows import load_lvit
+    from fasttextdiff.training.segmenter import train_segmenter
     data, backbone, out = sys.argv[1:4]
     train_segmenter(load_lvit(data)["train"], out, backbone_dir=backbone, text_config=TextConfig(encoder="tiny"),
                     segmenter_config=SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2)),
@@ -79,8 +79,8 @@ _TRAIN_SCRIPT = textwrap.dedent("""
 
 def _train_in_process(data: Path, backbone: Path, out: Path, epochs: int) -> dict:
     from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
-    from fasttextdiff.workflows import load_lvit
-    from fasttextdiff.train import train_segmenter
+    from fasttextdiff.training.workflows import load_lvit
+    from fasttextdiff.training.segmenter import train_segmenter
 
     return train_segmenter(load_lvit(data)["train"], out, backbone_dir=backbone, text_config=TextConfig(encoder="tiny"),
                            segmenter_config=SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2)),
@@ -118,7 +118,7 @@ def test_sigkilled_training_keeps_the_published_model_and_resumes_only_on_the_sa
     killed_at = _start_and_kill_training(data, tiny_backbone, out)
     assert _tree_digest(out) == published, "a killed run changed the published model"
 
-    with caplog.at_level(logging.INFO, logger="fasttextdiff.train"):
+    with caplog.at_level(logging.INFO, logger="fasttextdiff.training.segmenter"):
         metrics = _train_in_process(data, tiny_backbone, out, epochs=killed_at + 1)
     assert f"resuming training from epoch {killed_at}" in caplog.text
     assert metrics["epochs"] == killed_at + 1  # the killed run's history plus one epoch
@@ -134,15 +134,15 @@ def test_sigkilled_training_keeps_the_published_model_and_resumes_only_on_the_sa
     arr = np.asarray(PILImage.open(mask)).copy()
     PILImage.fromarray(np.where(arr > 0, 0, 255).astype(np.uint8)).save(mask)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="fasttextdiff.train"):
+    with caplog.at_level(logging.INFO, logger="fasttextdiff.training.segmenter"):
         metrics = _train_in_process(data, tiny_backbone, out, epochs=1)
     assert "discarding the resume state" in caplog.text and "resuming" not in caplog.text
     assert metrics["epochs"] == 1
 
 
 def test_corrupt_or_truncated_model_files_are_refused_with_a_clear_message(tiny_model, tmp_path):
-    from fasttextdiff.errors import CheckpointError, FastTextDiffError
-    from fasttextdiff.infer import Segmenter
+    from fasttextdiff.utils.errors import CheckpointError, FastTextDiffError
+    from fasttextdiff.inference.pipeline import Segmenter
 
     cases = [
         ("segmenter.safetensors", _flip_byte, "checksum"),
@@ -186,7 +186,7 @@ def test_corrupt_resume_state_starts_over(tiny_dataset, tiny_backbone, tmp_path,
     out = tmp_path / "model"
     _start_and_kill_training(data, tiny_backbone, out)
     _truncate(out.with_name("model.resume") / "state.safetensors")
-    with caplog.at_level(logging.INFO, logger="fasttextdiff.train"):
+    with caplog.at_level(logging.INFO, logger="fasttextdiff.training.segmenter"):
         metrics = _train_in_process(data, tiny_backbone, out, epochs=1)
     assert "ignoring unreadable resume state" in caplog.text and "resuming" not in caplog.text
     assert metrics["epochs"] == 1 and (out / "segmenter.safetensors").is_file()
@@ -194,7 +194,7 @@ def test_corrupt_resume_state_starts_over(tiny_dataset, tiny_backbone, tmp_path,
 
 def test_corrupt_text_cache_files_are_detected_and_rebuilt(tmp_path, caplog):
     from fasttextdiff.config import TextConfig
-    from fasttextdiff.text import TextEncoder
+    from fasttextdiff.text.encoder import TextEncoder
 
     cache = tmp_path / "text_cache"
     texts = ["Bilateral pulmonary infection, two infected areas.", "Unilateral, one area, lower right lung."]
@@ -204,7 +204,7 @@ def test_corrupt_text_cache_files_are_detected_and_rebuilt(tmp_path, caplog):
     for damage in (_flip_byte, _truncate):
         damage(files[0])
         encoder = TextEncoder(TextConfig(encoder="tiny"), cache_dir=cache)  # empty memory cache: reads disk
-        with caplog.at_level(logging.WARNING, logger="fasttextdiff.text"):
+        with caplog.at_level(logging.WARNING, logger="fasttextdiff.text.encoder"):
             again = encoder.encode(texts)
         assert encoder.stats["disk_hits"] == 1 and encoder.stats["computed"] == 1, encoder.stats
         assert "corrupt" in caplog.text
@@ -234,9 +234,9 @@ def _bomb_file(path: Path, marker: Path) -> Path:
 
 
 def test_pickle_bomb_checkpoints_are_never_unpickled(tiny_model, tmp_path):
-    from fasttextdiff.backbone import DiffusionBackbone
-    from fasttextdiff.errors import FastTextDiffError
-    from fasttextdiff.infer import Segmenter
+    from fasttextdiff.models.backbone import DiffusionBackbone
+    from fasttextdiff.utils.errors import FastTextDiffError
+    from fasttextdiff.inference.pipeline import Segmenter
 
     marker = tmp_path / "PWNED"
     # the bomb is armed: a plain torch.load (weights_only=False), in a throwaway process, runs it
@@ -264,7 +264,7 @@ def test_pickle_bomb_checkpoints_are_never_unpickled(tiny_model, tmp_path):
         Segmenter.load(model, device="cpu")
     # 3. a text encoder folder with pickled weights only
     from fasttextdiff.config import TextConfig
-    from fasttextdiff.text import TextEncoder, default_tiny_dir
+    from fasttextdiff.text.encoder import TextEncoder, default_tiny_dir
 
     encoder_dir = tmp_path / "encoder"
     shutil.copytree(default_tiny_dir(), encoder_dir)

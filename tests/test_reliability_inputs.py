@@ -207,7 +207,7 @@ def test_crafted_files_are_refused_by_upload_and_infer_with_bounded_memory(inpro
 
 
 def test_crafted_files_are_refused_by_the_cli(inprocess_server, crafted, tmp_path, capsys):
-    from fasttextdiff.cli import main
+    from fasttextdiff.commands.main import main
 
     seen = set(OBSERVED)
 
@@ -514,7 +514,7 @@ def test_docs_table_has_a_row_for_every_case_with_its_expected_status():
 def test_generated_cli_reports(inprocess_server, tmp_path, capsys):
     """`fasttextdiff segment --report TEXT` / `--report-file` on a good image: exit 0 with a mask, or
     exit 2 with `error:` (a report that is not Unicode/UTF-8 text); never a traceback."""
-    from fasttextdiff.cli import main
+    from fasttextdiff.commands.main import main
 
     model = str(inprocess_server.app.paths.served_model_dir())
     image = tmp_path / "good.png"

@@ -36,7 +36,7 @@ def test_concurrent_load_matches_sequential_results(subprocess_server, tmp_path)
 
     from safetensors.torch import load as st_load
 
-    from fasttextdiff.text import _safetensors_metadata, _states_sha256
+    from fasttextdiff.text.encoder import _safetensors_metadata, _states_sha256
 
     cache = subprocess_server.conf["state_dir"]
     files = list((__import__("pathlib").Path(cache) / "text_cache").rglob("*.safetensors"))

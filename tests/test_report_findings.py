@@ -1,4 +1,4 @@
-"""Report findings versus mask findings (`fasttextdiff.report_findings`): parsing both report styles, reading
+"""Report findings versus mask findings (`fasttextdiff.text.findings`): parsing both report styles, reading
 masks, and the mismatch score the `report_mismatch` strategy ranks by. Real synthetic cases and the real
 nuclei report sentences; numpy only, no model."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fasttextdiff.data.synthetic import render_case_details, report_for_regions
-from fasttextdiff.report_findings import mask_findings, mismatch_terms, parse_report, report_mismatch
+from fasttextdiff.text.findings import mask_findings, mismatch_terms, parse_report, report_mismatch
 
 
 def test_parse_chest_reports():

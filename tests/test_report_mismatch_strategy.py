@@ -97,7 +97,7 @@ def test_stale_scores_decide_only_without_current_ones_and_no_scores_fall_back_t
 
 
 def test_scoring_keeps_the_mismatch_beside_the_uncertainty_incrementally(app):
-    from fasttextdiff.report_findings import report_mismatch
+    from fasttextdiff.text.findings import report_mismatch
 
     from lib.infers.fasttextdiff import SCORE_KEY
 

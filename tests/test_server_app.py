@@ -65,7 +65,7 @@ def test_info_lists_tasks_and_text_option(inprocess_server):
     assert "fasttextdiff_uncertainty" in info["scoring"]
     assert info["fasttextdiff"]["model"]["state"] == "ready"
     assert info["fasttextdiff"]["conf"]["image_size"] == 32
-    from fasttextdiff.fast_inference import precision_record
+    from fasttextdiff.inference.batched import precision_record
 
     assert info["models"][MODEL]["inference"] == precision_record(None, "cpu")  # precision + device (issue 23)
 

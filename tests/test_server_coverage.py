@@ -88,7 +88,7 @@ def _import_source(src: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory) -> dict:
     """A studies folder made by `fasttextdiff import-studies` (the CLI entry point, in this process)."""
-    from fasttextdiff.cli import main
+    from fasttextdiff.commands.main import main
 
     root = tmp_path_factory.mktemp("import")
     reports = _import_source(root / "src")

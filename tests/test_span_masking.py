@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fasttextdiff.span_masking import WordSpanCollator, word_start_flags
+from fasttextdiff.training.span_masking import WordSpanCollator, word_start_flags
 
 NOTE = ("There is patchy airspace opacity in the right upper lobe and lingula, concerning for pneumonia. "
         "Costophrenic angles are sharp. Cardiomediastinal silhouette is unremarkable. Degenerative changes "
@@ -18,7 +18,7 @@ NOTE = ("There is patchy airspace opacity in the right upper lobe and lingula, c
 def minilm_tokenizer():
     from transformers import AutoTokenizer
 
-    from fasttextdiff.text import minilm_dir
+    from fasttextdiff.text.encoder import minilm_dir
 
     return AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
 
@@ -27,7 +27,7 @@ def minilm_tokenizer():
 def bpe_tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from fasttextdiff.text_pretrain import train_corpus_tokenizer
+    from fasttextdiff.training.text_mlm import train_corpus_tokenizer
 
     notes = [NOTE, "Heart size is normal. The lungs are clear.", "Right basilar atelectasis."] * 20
     out = train_corpus_tokenizer(notes, tmp_path_factory.mktemp("bpe"), "bpe", 300)
@@ -112,7 +112,7 @@ def test_collator_refuses_bad_settings(minilm_tokenizer, kwargs):
 
 
 def test_pretrain_settings_check_masking():
-    from fasttextdiff.text_pretrain import PretrainSettings
+    from fasttextdiff.training.text_mlm import PretrainSettings
 
     PretrainSettings(masking="span").validate()
     with pytest.raises(ValueError, match="masking"):

@@ -37,7 +37,7 @@ def source(tmp_path_factory):
     """Unlabeled CT-like volumes (HU) with reports in .txt files, their masks kept aside, and a text
     file named like an image."""
     from fasttextdiff.data.io import Image, write_image
-    from fasttextdiff.studies import VOLUME_SPACING, _volume_case
+    from fasttextdiff.data.demo_studies import VOLUME_SPACING, _volume_case
 
     src = tmp_path_factory.mktemp("source")
     masks = tmp_path_factory.mktemp("masks")
@@ -56,7 +56,7 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(source, tmp_path_factory):
-    from fasttextdiff.cli import main
+    from fasttextdiff.commands.main import main
 
     studies = tmp_path_factory.mktemp("studies") / "mine"
     assert main(["import-studies", str(source["dir"]), "--out", str(studies),

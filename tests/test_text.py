@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fasttextdiff.config import TextConfig
-from fasttextdiff.errors import CheckpointError, ModelNotFoundError, ReportError
-from fasttextdiff.text import (
+from fasttextdiff.utils.errors import CheckpointError, ModelNotFoundError, ReportError
+from fasttextdiff.text.encoder import (
     TextBatch,
     TextEncoder,
     build_tiny_encoder,
@@ -148,7 +148,7 @@ def test_disk_cache_survives_restart_and_repairs_corrupt_files(tmp_path, caplog)
 
     files[0].write_bytes(b"\x00garbage, not a safetensors header")
     third = TextEncoder(TextConfig(encoder="tiny"), cache_dir=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="fasttextdiff.text"):
+    with caplog.at_level(logging.WARNING, logger="fasttextdiff.text.encoder"):
         again = third.encode([REPORT, SHORT])
     assert third.stats["computed"] == 1 and third.stats["disk_hits"] == 1
     assert "corrupt" in caplog.text and REPORT not in caplog.text
@@ -180,7 +180,7 @@ def test_identity_tracks_weights_not_location(tmp_path, tiny):
 def test_modernbert_truncates_beyond_its_context(caplog):
     enc = TextEncoder(TextConfig(encoder="tiny", max_length=32))
     secret = "pneumothorax " * 100
-    with caplog.at_level(logging.WARNING, logger="fasttextdiff.text"):
+    with caplog.at_level(logging.WARNING, logger="fasttextdiff.text.encoder"):
         batch = enc.encode([secret])
     assert batch.states.shape[1] == 32 and enc.stats["truncated"] == 1
     assert "truncated" in caplog.text and "pneumothorax" not in caplog.text
@@ -298,7 +298,7 @@ def test_real_minilm_weights_encode_and_chunk():
 
 
 def test_split_sentences_keeps_sections_and_joins_list_numbers():
-    from fasttextdiff.text import split_sentences
+    from fasttextdiff.text.encoder import split_sentences
 
     text = ("EXAMINATION: Chest PA and lateral.\nFINDINGS: Heart size normal. RUL consolidation.\n"
             "IMPRESSION: 1. Pneumonia in the RUL. 2. No effusion.")

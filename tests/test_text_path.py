@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from fasttextdiff.backbone import DiffusionBackbone
+from fasttextdiff.models.backbone import DiffusionBackbone
 from fasttextdiff.config import BackboneConfig, FusionConfig, SegmenterConfig, TextConfig
-from fasttextdiff.fusion import CrossModalFusion
-from fasttextdiff.model import MODEL_CONFIG_FILE, FastTextDiffModel
+from fasttextdiff.models.fusion import CrossModalFusion
+from fasttextdiff.models.segmenter import MODEL_CONFIG_FILE, FastTextDiffModel
 
 
 def _backbone() -> DiffusionBackbone:
@@ -151,8 +151,8 @@ def test_per_scale_blocks_draw_distinct_text_weights():
 
 def _train(tiny_dataset, tiny_backbone, out, use_text, fallback, epochs=2):
     from fasttextdiff.config import TrainConfig
-    from fasttextdiff.workflows import load_lvit
-    from fasttextdiff.train import train_segmenter
+    from fasttextdiff.training.workflows import load_lvit
+    from fasttextdiff.training.segmenter import train_segmenter
 
     splits = load_lvit(tiny_dataset)
     config = SegmenterConfig(use_text=use_text, head_channels=8,
@@ -201,14 +201,14 @@ def test_text_fallback_is_skipped_where_it_cannot_work(tmp_path, tiny_dataset, t
     import logging
 
     from fasttextdiff.config import TrainConfig
-    from fasttextdiff.workflows import load_lvit
-    from fasttextdiff.train import train_segmenter
+    from fasttextdiff.training.workflows import load_lvit
+    from fasttextdiff.training.segmenter import train_segmenter
 
     splits = load_lvit(tiny_dataset)
     segmenter = SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2, text_residual=residual))
     if continued:  # the session's tiny model, built with the reference fusion: the same architecture
         segmenter = FastTextDiffModel.load(tiny_model)[0].config
-    with caplog.at_level(logging.INFO, logger="fasttextdiff.train"):
+    with caplog.at_level(logging.INFO, logger="fasttextdiff.training.segmenter"):
         metrics = train_segmenter(
             splits["train"], tmp_path / "m", backbone_dir=tiny_backbone, text_config=TextConfig(),
             segmenter_config=segmenter, train_config=TrainConfig(epochs=1, batch_size=4, text_fallback=True),
@@ -219,7 +219,7 @@ def test_text_fallback_is_skipped_where_it_cannot_work(tmp_path, tiny_dataset, t
 
 
 def test_cli_train_exposes_the_text_path_switches():
-    from fasttextdiff.cli import build_parser
+    from fasttextdiff.commands.main import build_parser
 
     base = ["train", "--data", "d", "--backbone", "b", "--out", "o"]
     defaults = build_parser().parse_args(base)
@@ -256,7 +256,7 @@ def test_cross_attention_matches_the_module_it_replaces():
     values and gradients equal nn.MultiheadAttention's own forward on the same parameters."""
     from torch import nn
 
-    from fasttextdiff.fusion import cross_attention
+    from fasttextdiff.models.fusion import cross_attention
 
     torch.manual_seed(0)
     attn = nn.MultiheadAttention(32, 4, batch_first=True)

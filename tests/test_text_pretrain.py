@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fasttextdiff.config import TextConfig
-from fasttextdiff.corpora import (
+from fasttextdiff.data.corpora import (
     CorpusError,
     clean_note,
     iter_corpus,
@@ -24,9 +24,9 @@ from fasttextdiff.corpora import (
     iter_txt_folder,
     iu_xray_path,
 )
-from fasttextdiff.errors import ModelNotFoundError
-from fasttextdiff.text import TextEncoder, minilm_dir
-from fasttextdiff.text_pretrain import (
+from fasttextdiff.utils.errors import ModelNotFoundError
+from fasttextdiff.text.encoder import TextEncoder, minilm_dir
+from fasttextdiff.training.text_mlm import (
     add_pretrain_text_arguments,
     masked_perplexity,
     pack_blocks,

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
-from fasttextdiff.evaluate import evaluate_model
-from fasttextdiff.model import MODEL_CONFIG_FILE, WEIGHTS_FILE
-from fasttextdiff.workflows import load_lvit
-from fasttextdiff.train import RESUME_DIR_SUFFIX, train_segmenter
+from fasttextdiff.inference.evaluate import evaluate_model
+from fasttextdiff.models.segmenter import MODEL_CONFIG_FILE, WEIGHTS_FILE
+from fasttextdiff.training.workflows import load_lvit
+from fasttextdiff.training.segmenter import RESUME_DIR_SUFFIX, train_segmenter
 
 SEG = SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fasttextdiff.cli import main
+from fasttextdiff.commands.main import main
 from fasttextdiff.viewer import system
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def test_bad_arguments_are_one_line_errors(args, message, capsys):
 
 
 def test_viewer_help_lists_its_options():
-    out = subprocess.run([sys.executable, "-m", "fasttextdiff.cli", "viewer", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "fasttextdiff.commands.main", "viewer", "--help"], capture_output=True,
                          text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     for option in ("--server", "--host", "--port", "--open", "--allow-remote"):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .atomic import atomic_write_json
+from fasttextdiff.utils.atomic import atomic_write_json
 
 T = TypeVar("T", bound="JsonConfig")
 MODEL_CONFIG_FILE = "fasttextdiff.json"  # a model directory's record (configs, metrics, checksum): how readers know one

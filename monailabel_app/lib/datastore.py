@@ -46,7 +46,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Dict
 
-from fasttextdiff.atomic import atomic_copy, atomic_write_bytes
+from fasttextdiff.utils.atomic import atomic_copy, atomic_write_bytes
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore
 
@@ -208,7 +208,7 @@ class FastTextDiffDatastore(LocalDatastore):
     # -------------------------------------------------------------- helpers
     def _image_geometry(self, path: str, what: str):
         from fasttextdiff.data.io import read_image
-        from fasttextdiff.errors import ImageReadError
+        from fasttextdiff.utils.errors import ImageReadError
 
         try:
             return read_image(path)

@@ -151,7 +151,7 @@ def _series_from_archive(archive: Path, folder: Path) -> Path:
     """A .zip/.tar of one DICOM series, unpacked (checked) and stored as one NIfTI volume named after
     the archive (the datastore keeps single files)."""
     from fasttextdiff.data.io import read_image, write_image
-    from fasttextdiff.errors import ImageReadError
+    from fasttextdiff.utils.errors import ImageReadError
 
     unpacked = folder / "unpacked"
     unpacked.mkdir()

@@ -97,7 +97,7 @@ def choose_geometry(image_paths: list[str], conf: Any, device: str, state: str |
               "size_reason": size_reason, "window_reason": window_reason, "images_sampled": read, "device": str(device)}
     logger.info("new model geometry: %s", result)
     if state is not None:
-        from fasttextdiff.atomic import atomic_write_json
+        from fasttextdiff.utils.atomic import atomic_write_json
 
         atomic_write_json(Path(state) / GEOMETRY_FILE, result)
     return result

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fasttextdiff.atomic import atomic_write_json
+from fasttextdiff.utils.atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
 SPLIT_FILE = "validation_split.json"

@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List
 
-from fasttextdiff.atomic import atomic_write_json
+from fasttextdiff.utils.atomic import atomic_write_json
 
 IMAGE_KIND = "_image"
 REPORT_KIND = "_report"

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fasttextdiff.config import MODEL_CONFIG_FILE
-from fasttextdiff.devices import resolve_device
-from fasttextdiff.errors import ModelNotReadyError
+from fasttextdiff.utils.devices import resolve_device
+from fasttextdiff.utils.errors import ModelNotReadyError
 
 from lib.configs.app_conf import AppConf
 
@@ -115,7 +115,7 @@ class ModelManager:
     def inference_settings(self) -> dict[str, Any]:
         """Precision and device of inference, for `/info`: the loaded segmenter's, else what a load would use now
         (FASTTEXTDIFF_PRECISION and --conf device), so a client can tell which numbers it gets."""
-        from fasttextdiff.fast_inference import precision_record
+        from fasttextdiff.inference.batched import precision_record
 
         segmenter = self._segmenter
         if segmenter is not None:
@@ -145,14 +145,14 @@ class ModelManager:
 
     def segmenter(self):
         """The loaded Segmenter for the current model; ModelNotReadyError (HTTP 503) with the reason while there is none."""
-        from fasttextdiff.infer import Segmenter
+        from fasttextdiff.inference.pipeline import Segmenter
 
         identity = self.paths.model_identity()
         if identity is None:
             state = self.status.get("state")
             if state == "preparing":
                 raise ModelNotReadyError(f"model is being prepared: {self.status.get('message')}; "
-                                         "try again when /info shows fasttextdiff.model.state = ready")
+                                         "try again when /info shows fasttextdiff.models.segmenter.state = ready")
             if state == "failed":
                 raise ModelNotReadyError(f"no model: preparing the default model failed ({self.status.get('message')})")
             raise ModelNotReadyError(self.refresh_status()["message"])

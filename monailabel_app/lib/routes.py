@@ -66,7 +66,7 @@ def translate(exc: BaseException) -> HTTPException | None:
     if isinstance(exc, UnicodeDecodeError):
         return HTTPException(400, detail=f"request is not valid UTF-8 ({exc.reason})")
     try:
-        from fasttextdiff.errors import (
+        from fasttextdiff.utils.errors import (
             CheckpointError,
             FastTextDiffError,
             ImageReadError,

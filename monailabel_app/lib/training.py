@@ -6,7 +6,7 @@
   reports (volumes as their labeled slices plus a few empty ones), frozen backbone and encoder,
   published to the model root.
 
-Each builds a JSON job for the library (`fasttextdiff.workflows.run_job`) and runs it in this process,
+Each builds a JSON job for the library (`fasttextdiff.training.workflows.run_job`) and runs it in this process,
 or on several GPUs through `accelerate launch` (`launch_job`): one code path either way. The result is
 published with one atomic link swap at the very end, so a failed, killed or stopped run leaves the
 served model as it was.
@@ -159,7 +159,7 @@ def backbone_config(conf: AppConf, geometry: dict | None = None):
 
 def _own_backbone_config(backbone: Path | None):
     """The BackboneConfig recorded in one of our backbone directories, else None."""
-    from fasttextdiff.backbone import BACKBONE_CONFIG_NAME
+    from fasttextdiff.models.backbone import BACKBONE_CONFIG_NAME
     from fasttextdiff.config import BackboneConfig
 
     if backbone is None or not (backbone / BACKBONE_CONFIG_NAME).is_file():
@@ -170,7 +170,7 @@ def _own_backbone_config(backbone: Path | None):
 def _run(job: dict, paths: ModelPaths, num_processes: int, gpu_ids: str | None,
          log: Callable[[dict], None] | None, stop_event: threading.Event | None) -> dict:
     """The job in this process, or on `num_processes` GPUs through accelerate launch."""
-    from fasttextdiff.workflows import launch_job, run_job
+    from fasttextdiff.training.workflows import launch_job, run_job
 
     if num_processes > 1:
         return launch_job(job, num_processes, paths.work, log, gpu_ids=gpu_ids)
@@ -185,8 +185,8 @@ def pretrain_backbone_from_datastore(datastore: Any, conf: AppConf, paths: Model
     """Pretrain on every image in the datastore, continuing the current backbone when there is one
     (its own architecture, size and window), and publish to the backbone root (or, with
     `publish_result=False`, leave it in `metrics["run_dir"]` for the caller to judge)."""
-    from fasttextdiff.atomic import publish
-    from fasttextdiff.backbone import CHECKPOINT_DIR
+    from fasttextdiff.utils.atomic import publish
+    from fasttextdiff.models.backbone import CHECKPOINT_DIR
 
     files = all_image_paths(datastore)
     if not files:
@@ -248,7 +248,7 @@ def read_served_validation(paths: ModelPaths) -> dict:
 
 
 def _write_served_validation(paths: ModelPaths, record: dict) -> None:
-    from fasttextdiff.atomic import atomic_write_json
+    from fasttextdiff.utils.atomic import atomic_write_json
 
     atomic_write_json(Path(paths.state) / SERVED_VALIDATION_FILE, record)
 
@@ -264,10 +264,10 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
     the same validation images (`lib.holdout`); otherwise the served model stays and the result says why.
 
     `backbone_dir` trains on another backbone (the `backbone` task's new one) instead of the current."""
-    from fasttextdiff.atomic import publish
+    from fasttextdiff.utils.atomic import publish
     from fasttextdiff.config import MODEL_CONFIG_FILE, FusionConfig, SegmenterConfig, TextConfig, TrainConfig
-    from fasttextdiff.errors import CheckpointError
-    from fasttextdiff.train import validate_model_dir
+    from fasttextdiff.utils.errors import CheckpointError
+    from fasttextdiff.training.segmenter import validate_model_dir
 
     from lib.holdout import split_labeled
 

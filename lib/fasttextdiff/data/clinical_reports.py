@@ -177,7 +177,7 @@ class SentencePool:
 @functools.lru_cache(maxsize=4)
 def iu_sentence_pool(path: str | None = None) -> SentencePool:
     """Read the IU X-ray reports once (torchxrayvision's NLMCXR_reports.tgz unless `path` is given)."""
-    from ..corpora import iter_iu_xray_sections
+    from fasttextdiff.data.corpora import iter_iu_xray_sections
 
     findings: dict = {(p, k): [] for p in PHRASINGS for k in ("cardio", "pleura", "bones", "other")}
     impression: dict = {p: [] for p in PHRASINGS}

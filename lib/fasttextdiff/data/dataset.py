@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, get_worker_info
 from fasttextdiff.data.io import read_image
 from fasttextdiff.data.lvit import Sample
 from fasttextdiff.data.preprocess import labels_to_model_grid, mask_to_labels, to_model_input
-from fasttextdiff.errors import ImageReadError
+from fasttextdiff.utils.errors import ImageReadError
 
 logger = logging.getLogger(__name__)
 

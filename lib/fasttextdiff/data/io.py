@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fasttextdiff.atomic import atomic_path
+from fasttextdiff.utils.atomic import atomic_path
 from fasttextdiff.data.references import check_self_contained
-from fasttextdiff.errors import ImageReadError
+from fasttextdiff.utils.errors import ImageReadError
 
 logger = logging.getLogger(__name__)
 

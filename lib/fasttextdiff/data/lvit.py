@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fasttextdiff.errors import DatasetLayoutError
+from fasttextdiff.utils.errors import DatasetLayoutError
 
 logger = logging.getLogger(__name__)
 

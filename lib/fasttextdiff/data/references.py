@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from fasttextdiff.errors import ImageReadError
+from fasttextdiff.utils.errors import ImageReadError
 
 HEADER_BYTES = 64 * 1024  # text headers (NRRD, MetaImage) are far smaller; only this much is read
 

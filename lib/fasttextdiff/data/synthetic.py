@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from fasttextdiff.atomic import atomic_path
+from fasttextdiff.utils.atomic import atomic_path
 
-from .clinical_reports import clinical_report
+from fasttextdiff.data.clinical_reports import clinical_report
 
 VARIANTS = ("standard", "text-necessary", "clinical-reports")
 RENDER_VARIANTS = ("standard", "text-necessary")  # what render_case draws; clinical-reports rewrites the report

@@ -22,7 +22,7 @@ def report_segment_path() -> Path:
     """Make the Slicer module's packages importable (they live with the module, not in this
     library, so the desktop module stays self-contained)."""
     if not (MODULE_DIR / "ReportSegmentScene").is_dir():
-        from ..errors import FastTextDiffError
+        from fasttextdiff.utils.errors import FastTextDiffError
 
         raise FastTextDiffError(
             f"the Report Segment module is not at {MODULE_DIR}; run the viewer from a checkout of the repository"

@@ -7,8 +7,8 @@ import argparse
 import logging
 import sys
 
-from ..errors import FastTextDiffError
-from .cli import add_viewer_arguments, run_viewer
+from fasttextdiff.utils.errors import FastTextDiffError
+from fasttextdiff.viewer.cli import add_viewer_arguments, run_viewer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,8 +25,8 @@ from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
-from . import MODULE_DIR
-from .session import BRUSH_RANGE, AnnotationSession, image_rows
+from fasttextdiff.viewer import MODULE_DIR
+from fasttextdiff.viewer.session import BRUSH_RANGE, AnnotationSession, image_rows
 
 from ReportSegmentLib import ReportSegmentError, summarize_report  # noqa: E402 - on sys.path via session
 

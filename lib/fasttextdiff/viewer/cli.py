@@ -7,7 +7,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from ..errors import FastTextDiffError
+from fasttextdiff.utils.errors import FastTextDiffError
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 DEFAULT_PORT = 8080
@@ -37,7 +37,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_viewer(args) -> int:
-    from . import report_segment_path
+    from fasttextdiff.viewer import report_segment_path
 
     report_segment_path()
     from ReportSegmentLib import ReportSegmentError
@@ -62,7 +62,7 @@ def run_viewer(args) -> int:
     for noisy in ("trame_client", "trame_server", "wslink", "aiohttp"):  # per-widget INFO lines
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from .system import configure_offscreen_rendering
+    from fasttextdiff.viewer.system import configure_offscreen_rendering
 
     configure_offscreen_rendering()
     # trame reads its own options from sys.argv unless TRAME_ARGS is set: ours are not for it
@@ -77,7 +77,7 @@ def run_viewer(args) -> int:
         password = os.environ.get("FASTTEXTDIFF_PASSWORD") or getpass.getpass(f"password of {args.user} on {server_url}: ")
         credentials.update(username=args.user, password=password)
 
-    from .app import AnnotationViewer
+    from fasttextdiff.viewer.app import AnnotationViewer
 
     viewer = AnnotationViewer(server_url, timeout=args.timeout, open_path=args.open_path, credentials=credentials)
     print(f"FastTextDiff viewer for {server_url}: http://{args.host}:{args.port}/", flush=True)

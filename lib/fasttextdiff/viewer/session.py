@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import report_segment_path
+from fasttextdiff.viewer import report_segment_path
 
 report_segment_path()  # the module's ReportSegmentLib and ReportSegmentScene become importable
 

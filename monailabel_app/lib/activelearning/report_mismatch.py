@@ -3,7 +3,7 @@
 Why: a model can be confidently wrong (low spread over noise draws) and the report says so: it names
 two infected areas in the upper left and lower right lung and the mask shows one blob in the middle.
 The `fasttextdiff_uncertainty` scoring method keeps, beside each image's uncertainty, `report_mismatch`
-(`fasttextdiff.report_findings`: count and places of the findings the report names against the
+(`fasttextdiff.text.findings`: count and places of the findings the report names against the
 components of the mask, 0 = they agree, 1 = they do not). This strategy ranks the unlabeled images by
 both and offers the best rank sum: ranks (as fractions of the pool, ties averaged) rather than raw
 values, because the two scores live on unrelated scales. An image whose report names no findings has

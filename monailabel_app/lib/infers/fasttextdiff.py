@@ -43,7 +43,7 @@ def score_entry(result: Any, text: str, identity: str | None, n_noise: int) -> D
     uncertainty (`score`, strategy `uncertainty`) and how far the mask disagrees with the report
     (`report_mismatch`, strategy `report_mismatch`; None when the report names no findings), tagged
     with the model and text they were made from so that scoring redoes only what changed."""
-    from fasttextdiff.report_findings import report_mismatch
+    from fasttextdiff.text.findings import report_mismatch
 
     summary = result.summary
     return {"score": summary.get("uncertainty_mean"), "report_mismatch": report_mismatch(text, result.mask),

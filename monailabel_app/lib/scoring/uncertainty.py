@@ -4,7 +4,7 @@ MONAI Label's epistemic scoring calls infer without the report, which measures a
 model than the one users get. This method segments each unlabeled image with its stored text and
 keeps the mean uncertainty in the image info (`fasttextdiff_uncertainty`: score, model identity,
 text hash), and from the same segmentation how far the mask disagrees with the report
-(`report_mismatch`, `fasttextdiff.report_findings`; strategy `report_mismatch`). It is incremental:
+(`report_mismatch`, `fasttextdiff.text.findings`; strategy `report_mismatch`). It is incremental:
 an image whose score was made by the current model from the current text is skipped (a labeled
 image is not scored at all), so scoring after every saved label costs only the new work.
 """

@@ -48,7 +48,7 @@ class BackbonePretrain(FastTextDiffTrainTask):
         return None
 
     def run(self, datastore: Any, options: Dict[str, Any], log) -> Dict[str, Any]:
-        from fasttextdiff.atomic import publish
+        from fasttextdiff.utils.atomic import publish
 
         from lib.training import pretrain_backbone_from_datastore, train_segmenter_from_datastore
 

@@ -20,7 +20,7 @@ from typing import Any, Dict, List
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from fasttextdiff.devices import resolve_device
+from fasttextdiff.utils.devices import resolve_device
 
 from lib.configs.app_conf import AppConf
 from lib.model_manager import ModelPaths
@@ -65,7 +65,7 @@ class FastTextDiffTrainTask(TrainTask):
         return stats
 
     def _write_stats(self, stats: Dict[str, Any]) -> None:
-        from fasttextdiff.atomic import atomic_write_json
+        from fasttextdiff.utils.atomic import atomic_write_json
 
         atomic_write_json(self.stats_path(), stats)
 
@@ -110,7 +110,7 @@ class FastTextDiffTrainTask(TrainTask):
         """Why a request for this task cannot start now (answered 409 before MONAI Label submits it), or None."""
         if model_state == "preparing":
             return ("the default model is being built from the studies; train when /info shows "
-                    "fasttextdiff.model.state = ready (the build publishes a model on its own)")
+                    "fasttextdiff.models.segmenter.state = ready (the build publishes a model on its own)")
         return None
 
     @abstractmethod

@@ -27,19 +27,19 @@ from monai.losses import DiceCELoss
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .atomic import staged_dir
-from .backbone import load_backbone
-from .checkpoint import (load_optimizer_state, load_tensors, load_training_state, optimizer_state_tensors, sha256_file,
+from fasttextdiff.utils.atomic import staged_dir
+from fasttextdiff.models.backbone import load_backbone
+from fasttextdiff.utils.checkpoint import (load_optimizer_state, load_tensors, load_training_state, optimizer_state_tensors, sha256_file,
                          verify_sha256)
-from .config import SegmenterConfig, TextConfig, TrainConfig
-from .curves import CURVE_FILE, write_training_curve
-from .data.dataset import SegmentationDataset, select_labeled
-from .data.lvit import Sample
-from .engine import Engine, set_seed
-from .errors import CheckpointError
-from .metrics import dice_iou
-from .model import FastTextDiffModel
-from .text import TextEncoder
+from fasttextdiff.config import SegmenterConfig, TextConfig, TrainConfig
+from fasttextdiff.utils.curves import CURVE_FILE, write_training_curve
+from fasttextdiff.data.dataset import SegmentationDataset, select_labeled
+from fasttextdiff.data.lvit import Sample
+from fasttextdiff.training.engine import Engine, set_seed
+from fasttextdiff.utils.errors import CheckpointError
+from fasttextdiff.utils.metrics import dice_iou
+from fasttextdiff.models.segmenter import FastTextDiffModel
+from fasttextdiff.text.encoder import TextEncoder
 
 log_ = logging.getLogger(__name__)
 RESUME_DIR_SUFFIX = ".resume"
@@ -345,7 +345,7 @@ def _curve(history: list, path: Path) -> None:
 
 def load_segmenter_weights(model: FastTextDiffModel, model_dir: str | Path) -> None:
     """Fusion + head weights of a saved model into `model` (checksum-verified; every tensor must fit)."""
-    from .model import WEIGHTS_FILE, read_model_record
+    from fasttextdiff.models.segmenter import WEIGHTS_FILE, read_model_record
 
     model_dir = Path(model_dir)
     record = read_model_record(model_dir)
@@ -365,7 +365,7 @@ def validate_model_dir(model_dir: str | Path, samples: Sequence[Sample], device:
                        text_cache_dir: str | Path | None = None, batch_size: int = 8) -> dict:
     """A saved model's validation Dice/IoU on `samples`, computed exactly as training selects its best
     epoch (model resolution, one fixed noise draw): a served model and a new run compare like for like."""
-    from .devices import resolve_device
+    from fasttextdiff.utils.devices import resolve_device
 
     device = resolve_device(device)
     model, record = FastTextDiffModel.load(model_dir, device)

@@ -23,15 +23,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_json
-from .backbone_pretrain import pretrain_backbone
-from .config import BackboneConfig, SegmenterConfig, TextConfig, TrainConfig
-from .data.io import read_image, supported_extensions
-from .data.lvit import Sample, load_split
-from .data.preprocess import to_model_input
-from .devices import resolve_device
-from .engine import default_mixed_precision
-from .errors import CheckpointError, FastTextDiffError, ImageReadError, TrainingError
+from fasttextdiff.utils.atomic import atomic_write_json
+from fasttextdiff.training.backbone import pretrain_backbone
+from fasttextdiff.config import BackboneConfig, SegmenterConfig, TextConfig, TrainConfig
+from fasttextdiff.data.io import read_image, supported_extensions
+from fasttextdiff.data.lvit import Sample, load_split
+from fasttextdiff.data.preprocess import to_model_input
+from fasttextdiff.utils.devices import resolve_device
+from fasttextdiff.training.engine import default_mixed_precision
+from fasttextdiff.utils.errors import CheckpointError, FastTextDiffError, ImageReadError, TrainingError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -138,7 +138,7 @@ def run_job(spec: dict[str, Any], log_fn: Callable[[dict], None] | None = None,
             log.warning("starting the backbone pretraining over: %s", exc)
             return pretrain(resume=False)
     if spec["job"] == "train-segmenter":
-        from .train import train_segmenter
+        from fasttextdiff.training.segmenter import train_segmenter
 
         def samples(key: str) -> list[Sample]:
             return [Sample(image=Path(s["image"]), mask=Path(s["mask"]), text=s["text"], name=s["name"])
@@ -170,7 +170,7 @@ def launch_job(spec: dict[str, Any], num_processes: int, work_dir: str | Path,
            "--num_machines", "1", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
            "--dynamo_backend", "no", "--mixed_precision", default_mixed_precision(resolve_device(spec.get("device")))]
     cmd += ["--gpu_ids", gpu_ids] if gpu_ids else []
-    cmd += ["-m", "fasttextdiff.cli", "run-job", str(files["json"])]
+    cmd += ["-m", "fasttextdiff.commands.main", "run-job", str(files["json"])]
     log.info("launching %s on %d processes: %s", spec["job"], num_processes, " ".join(cmd))
     seen = 0
     try:

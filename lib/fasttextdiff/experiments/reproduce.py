@@ -17,10 +17,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_path, atomic_write_json
-from .checkpoint import read_json
-from .config import MODEL_CONFIG_FILE, SegmenterConfig, TextConfig, TrainConfig
-from .paper import ANCHORS, DATASETS, preset_for
+from fasttextdiff.utils.atomic import atomic_path, atomic_write_json
+from fasttextdiff.utils.checkpoint import read_json
+from fasttextdiff.config import MODEL_CONFIG_FILE, SegmenterConfig, TextConfig, TrainConfig
+from fasttextdiff.experiments.paper import ANCHORS, DATASETS, preset_for
 
 log = logging.getLogger(__name__)
 RESULT_NAME = "result.json"
@@ -51,9 +51,9 @@ def run_setting(setting_dir: Path, fraction: float, seed: int, splits: dict, *, 
                 text_config: TextConfig, segmenter_config: SegmenterConfig, train_config: TrainConfig,
                 backbone_overrides: dict, settings: dict, device: str | None, progress: bool) -> dict:
     """Train (or resume, or reuse a finished model) and evaluate one setting; writes its result.json."""
-    from .evaluate import evaluate_model
-    from .infer import Segmenter
-    from .train import train_segmenter
+    from fasttextdiff.inference.evaluate import evaluate_model
+    from fasttextdiff.inference.pipeline import Segmenter
+    from fasttextdiff.training.segmenter import train_segmenter
 
     model_dir = setting_dir / "model"
     train_file = setting_dir / TRAIN_NAME
@@ -100,7 +100,7 @@ def reproduce(dataset: str, data_dir: str | Path, backbone_dir: str | Path, out_
               device: str | None = None, progress: bool = True,
               report: Callable[[str], None] | None = None) -> dict:
     """Every (fraction, seed) setting, then the comparison table; returns what results.json holds."""
-    from .workflows import load_lvit
+    from fasttextdiff.training.workflows import load_lvit
 
     preset_for(dataset)  # refuses an unknown dataset
     fractions = check_fractions(labeled)
@@ -237,7 +237,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def add_reproduce_arguments(p) -> None:
-    from .cli import _indices, add_text_arguments
+    from fasttextdiff.commands.main import _indices, add_text_arguments
 
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="whose paper preset and anchors to use")
     p.add_argument("--data", required=True, type=Path, help="the dataset's LViT-layout root (Train/Val/Test_Folder)")
@@ -263,8 +263,8 @@ def add_reproduce_arguments(p) -> None:
 
 
 def run_reproduce(args) -> int:
-    from .cli import text_config_from_args, train_settings
-    from .config import FusionConfig
+    from fasttextdiff.commands.main import text_config_from_args, train_settings
+    from fasttextdiff.config import FusionConfig
 
     args.preset, args.labeled_fraction = f"paper-{args.dataset}", args.labeled
     args.labeled, args.seed, args.augment = None, 0, False

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_write_json
-from .config import BackboneConfig, FusionConfig, SegmenterConfig, TextConfig, TrainConfig
+from fasttextdiff.utils.atomic import atomic_write_json
+from fasttextdiff.config import BackboneConfig, FusionConfig, SegmenterConfig, TextConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,10 @@ def run_ablation(quick: bool = True, work_dir: str | Path | None = None, seed: i
 
 
 def _run(plan: AblationPlan, work: Path, seed: int, json_path, device, progress: bool) -> dict:
-    from .data.synthetic import make_lvit_dataset
-    from .evaluate import evaluate_model
-    from .workflows import load_lvit, lvit_image_paths, pretrain_backbone_on_files
-    from .train import train_segmenter
+    from fasttextdiff.data.synthetic import make_lvit_dataset
+    from fasttextdiff.inference.evaluate import evaluate_model
+    from fasttextdiff.training.workflows import load_lvit, lvit_image_paths, pretrain_backbone_on_files
+    from fasttextdiff.training.segmenter import train_segmenter
 
     started = time.time()
     timings: dict[str, float] = {}
@@ -94,11 +94,11 @@ def _run(plan: AblationPlan, work: Path, seed: int, json_path, device, progress:
 
 def run_demo(out: Path, device=None) -> dict:
     """make demo: data -> backbone -> model -> test evaluation -> one segmentation written to disk."""
-    from .data.synthetic import make_lvit_dataset
-    from .evaluate import evaluate_model
-    from .infer import Segmenter
-    from .workflows import load_lvit, lvit_image_paths, pretrain_backbone_on_files
-    from .train import train_segmenter
+    from fasttextdiff.data.synthetic import make_lvit_dataset
+    from fasttextdiff.inference.evaluate import evaluate_model
+    from fasttextdiff.inference.pipeline import Segmenter
+    from fasttextdiff.training.workflows import load_lvit, lvit_image_paths, pretrain_backbone_on_files
+    from fasttextdiff.training.segmenter import train_segmenter
 
     plan = QUICK
     data = make_lvit_dataset(out / "data", variant="text-necessary", n_train=plan.n_train, n_val=plan.n_val,

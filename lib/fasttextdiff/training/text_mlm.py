@@ -9,7 +9,7 @@ with a fixed masking seed, so the two figures compare like with like. The output
 a plain transformers checkpoint that `TextEncoder(TextConfig(encoder=out_dir))` loads directly.
 
 It runs on the shared training engine: `accelerate launch --multi_gpu --num_processes N -m
-fasttextdiff.cli pretrain-text ...` trains on N processes (nccl on GPUs, gloo on CPUs), each on its
+fasttextdiff.commands.main pretrain-text ...` trains on N processes (nccl on GPUs, gloo on CPUs), each on its
 share of the packed blocks.
 """
 
@@ -32,13 +32,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from .atomic import atomic_write_json, staging_dir
-from .checkpoint import load_optimizer_state, load_training_state, optimizer_state_tensors
-from .corpora import CORPORA, iter_corpus
-from .engine import Engine
-from .errors import CheckpointError, CorpusError, ModelNotFoundError
-from .span_masking import MASKINGS, WordSpanCollator
-from .text import _quiet_transformers, build_tiny_encoder
+from fasttextdiff.utils.atomic import atomic_write_json, staging_dir
+from fasttextdiff.utils.checkpoint import load_optimizer_state, load_training_state, optimizer_state_tensors
+from fasttextdiff.data.corpora import CORPORA, iter_corpus
+from fasttextdiff.training.engine import Engine
+from fasttextdiff.utils.errors import CheckpointError, CorpusError, ModelNotFoundError
+from fasttextdiff.training.span_masking import MASKINGS, WordSpanCollator
+from fasttextdiff.text.encoder import _quiet_transformers, build_tiny_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -514,7 +514,7 @@ def _save_final(out: Path, model, tokenizer, metrics: dict) -> None:
 
 
 def add_pretrain_text_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of `fasttextdiff pretrain-text` (also `python -m fasttextdiff.text_pretrain`)."""
+    """Arguments of `fasttextdiff pretrain-text` (also `python -m fasttextdiff.training.text_mlm`)."""
     parser.add_argument("--corpus", required=True, choices=CORPORA, help="which note collection to read")
     parser.add_argument("--path", default=None, help="corpus file or folder (optional for iu-xray: the "
                         "reports shipped in torchxrayvision are used)")
@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .environment import apply_process_defaults
+    from fasttextdiff.utils.environment import apply_process_defaults
 
     apply_process_defaults()
     raise SystemExit(main())

@@ -62,7 +62,7 @@ def safe_id(name: str) -> str:
 
 
 def _is_dicom_series(folder: Path) -> bool:
-    from .data.io import DICOM_EXTENSIONS
+    from fasttextdiff.data.io import DICOM_EXTENSIONS
 
     return folder.is_dir() and any(p.is_file() and _extension(p) in DICOM_EXTENSIONS for p in folder.iterdir())
 
@@ -76,8 +76,8 @@ def _read_report(path: Path) -> str:
 
 # ------------------------------------------------------------------------------------------ sources
 def lvit_cases(root: Path) -> list[Case]:
-    from .data.lvit import load_split
-    from .errors import FastTextDiffError
+    from fasttextdiff.data.lvit import load_split
+    from fasttextdiff.utils.errors import FastTextDiffError
 
     cases = []
     for split in ("train", "val", "test"):
@@ -90,7 +90,7 @@ def lvit_cases(root: Path) -> list[Case]:
 
 
 def folder_cases(root: Path, skipped: list[dict]) -> list[Case]:
-    from .data.io import supported_extensions
+    from fasttextdiff.data.io import supported_extensions
 
     exts = tuple(supported_extensions())
     entries = sorted(root.iterdir())
@@ -168,9 +168,9 @@ def detect_cases(src: Path, skipped: list[dict]) -> tuple[str, list[Case]]:
 # ------------------------------------------------------------------------------------------ import
 def _import_case(case: Case, out: Path, taken: set[str]) -> dict:
     """Write one case; returns its record. Raises ValueError with the reason to skip it."""
-    from .atomic import atomic_copy, atomic_write_bytes
-    from .data.io import read_image, write_image
-    from .errors import FastTextDiffError
+    from fasttextdiff.utils.atomic import atomic_copy, atomic_write_bytes
+    from fasttextdiff.data.io import read_image, write_image
+    from fasttextdiff.utils.errors import FastTextDiffError
 
     image_id = safe_id(case.name)
     if image_id.lower() in taken:
@@ -272,7 +272,7 @@ def run_import_studies(args: argparse.Namespace) -> int:
     for item in summary["skipped"]:
         print(f"skipped {item['source']}: {item['reason']}")
     if args.json:
-        from .atomic import atomic_write_json
+        from fasttextdiff.utils.atomic import atomic_write_json
 
         atomic_write_json(args.json, summary)
     print(f"next: monailabel start_server --app monailabel_app --studies {args.out} (reports are read from the "

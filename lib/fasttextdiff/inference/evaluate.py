@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.io import read_image
-from .data.lvit import Sample
-from .data.preprocess import mask_to_labels
-from .infer import Segmenter
-from .metrics import dice_iou
+from fasttextdiff.data.io import read_image
+from fasttextdiff.data.lvit import Sample
+from fasttextdiff.data.preprocess import mask_to_labels
+from fasttextdiff.inference.pipeline import Segmenter
+from fasttextdiff.utils.metrics import dice_iou
 
 
 def evaluate_model(model: str | Path | Segmenter, samples: Sequence[Sample], device=None, n_noise: int = 1,

@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import CorpusError
+from fasttextdiff.utils.errors import CorpusError
 
 CORPORA = ("iu-xray", "mimic-iii", "mimic-iv", "txt")
 DEID_PLACEHOLDER = "XXXX"

@@ -23,12 +23,12 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .atomic import atomic_write_json, check_replaceable
-from .backbone import BACKBONE_CONFIG_NAME, BACKBONE_ENTRIES, CHECKPOINT_DIR, METRICS_NAME, DiffusionBackbone, build_unet
-from .checkpoint import load_optimizer_state, load_training_state, optimizer_state_tensors
-from .config import BackboneConfig, PretrainConfig
-from .engine import Engine
-from .errors import CheckpointError, TrainingError
+from fasttextdiff.utils.atomic import atomic_write_json, check_replaceable
+from fasttextdiff.models.backbone import BACKBONE_CONFIG_NAME, BACKBONE_ENTRIES, CHECKPOINT_DIR, METRICS_NAME, DiffusionBackbone, build_unet
+from fasttextdiff.utils.checkpoint import load_optimizer_state, load_training_state, optimizer_state_tensors
+from fasttextdiff.config import BackboneConfig, PretrainConfig
+from fasttextdiff.training.engine import Engine
+from fasttextdiff.utils.errors import CheckpointError, TrainingError
 
 __all__ = ["pretrain_backbone"]
 

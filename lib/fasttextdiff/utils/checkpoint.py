@@ -20,8 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write_json, staged_dir
-from .errors import CheckpointError
+from fasttextdiff.utils.atomic import atomic_write_json, staged_dir
+from fasttextdiff.utils.errors import CheckpointError
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"

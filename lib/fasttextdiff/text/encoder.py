@@ -29,9 +29,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .atomic import atomic_write_bytes, atomic_write_json, replace_dir, staged_dir, staging_dir
-from .config import TextConfig
-from .errors import CheckpointError, ModelNotFoundError, ReportError
+from fasttextdiff.utils.atomic import atomic_write_bytes, atomic_write_json, replace_dir, staged_dir, staging_dir
+from fasttextdiff.config import TextConfig
+from fasttextdiff.utils.errors import CheckpointError, ModelNotFoundError, ReportError
 
 logger = logging.getLogger(__name__)
 

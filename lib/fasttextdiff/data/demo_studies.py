@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import distance_transform_edt
 
-from .data.io import Image, write_image
-from .data.synthetic import render_case_details
+from fasttextdiff.data.io import Image, write_image
+from fasttextdiff.data.synthetic import render_case_details
 
 log = logging.getLogger(__name__)
 

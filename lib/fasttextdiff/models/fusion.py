@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FusionConfig
+from fasttextdiff.config import FusionConfig
 
 
 def sine_positions_2d(height: int, width: int, dim: int, device=None, dtype=None) -> torch.Tensor:

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, ModelNotFoundError
-from .paper import PAPER_TAPS
+from fasttextdiff.utils.errors import CheckpointError, ModelNotFoundError
+from fasttextdiff.experiments.paper import PAPER_TAPS
 
 __all__ = [
     "ADM_PRESETS",
@@ -608,8 +608,8 @@ def convert_adm_checkpoint(
     """
     from diffusers import UNet2DModel
 
-    from .backbone import DiffusionBackbone
-    from .config import BackboneConfig
+    from fasttextdiff.models.backbone import DiffusionBackbone
+    from fasttextdiff.config import BackboneConfig
 
     flags = parse_adm_flags(flags) if isinstance(flags, str) else flags
     check_expressible(flags, class_label)

@@ -15,10 +15,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from .environment import apply_process_defaults
-from .config import (TEXT_RESIDUALS, BackboneConfig, FusionConfig, PretrainConfig, SegmenterConfig,
+from fasttextdiff.utils.environment import apply_process_defaults
+from fasttextdiff.config import (TEXT_RESIDUALS, BackboneConfig, FusionConfig, PretrainConfig, SegmenterConfig,
                      TextConfig, TrainConfig)
-from .errors import FastTextDiffError
+from fasttextdiff.utils.errors import FastTextDiffError
 
 # MONAI's import emits FutureWarnings about torch.jit that users can do nothing about.
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -33,7 +33,7 @@ EXAMPLES = """examples:
   fasttextdiff segment image.png --report "Unilateral pulmonary infection, one infected area, upper left lung." \\
       --model runs/model --out mask.png --uncertainty unc.png
   fasttextdiff bench ablation --quick --json bench/results/ablation.json
-  accelerate launch --multi_gpu --num_processes 2 -m fasttextdiff.cli train --data data/synth \\
+  accelerate launch --multi_gpu --num_processes 2 -m fasttextdiff.commands.main train --data data/synth \\
       --backbone runs/backbone --out runs/model   # any command that trains, on 2 GPUs (or CPU processes)
 """
 
@@ -98,7 +98,7 @@ def add_text_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     """The paper preset and the flags that override it (unset flags fall back to the preset, then defaults)."""
-    from .paper import PRESETS
+    from fasttextdiff.experiments.paper import PRESETS
 
     g = p.add_argument_group("recipe (a --preset sets these; a flag given explicitly wins)")
     g.add_argument("--preset", choices=sorted(PRESETS),
@@ -113,7 +113,7 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo_data(args) -> int:
-    from .data.synthetic import make_lvit_dataset
+    from fasttextdiff.data.synthetic import make_lvit_dataset
 
     root = make_lvit_dataset(args.out, variant=args.variant, n_train=args.n_train, n_val=args.n_val,
                              n_test=args.n_test, size=args.size, seed=args.seed)
@@ -122,7 +122,7 @@ def cmd_demo_data(args) -> int:
 
 
 def cmd_pretrain_backbone(args) -> int:
-    from .workflows import find_image_files, lvit_image_paths, pretrain_backbone_on_files
+    from fasttextdiff.training.workflows import find_image_files, lvit_image_paths, pretrain_backbone_on_files
 
     config = BackboneConfig(image_size=args.image_size, in_channels=args.channels, block_out_channels=args.widths,
                             timesteps=args.timesteps, window=tuple(args.window) if args.window else None)
@@ -146,7 +146,7 @@ def text_config_from_args(args) -> TextConfig:
 def train_settings(args) -> tuple[TrainConfig, dict]:
     """TrainConfig and backbone overrides from the flags: an explicit flag beats the preset, which beats
     the library's defaults. Shared by `train` and `reproduce`."""
-    from .paper import PRESETS
+    from fasttextdiff.experiments.paper import PRESETS
 
     preset = PRESETS[args.preset] if getattr(args, "preset", None) else None
 
@@ -169,8 +169,8 @@ def train_settings(args) -> tuple[TrainConfig, dict]:
 
 
 def cmd_train(args) -> int:
-    from .train import train_segmenter
-    from .workflows import load_lvit
+    from fasttextdiff.training.segmenter import train_segmenter
+    from fasttextdiff.training.workflows import load_lvit
 
     text_config = text_config_from_args(args)  # flag combinations refused before the data is read
     splits = load_lvit(args.data)
@@ -187,11 +187,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .atomic import atomic_write_json
-    from .data.lvit import load_split
-    from .evaluate import evaluate_model
-    from .fast_inference import InferenceOptions
-    from .infer import Segmenter
+    from fasttextdiff.utils.atomic import atomic_write_json
+    from fasttextdiff.data.lvit import load_split
+    from fasttextdiff.inference.evaluate import evaluate_model
+    from fasttextdiff.inference.batched import InferenceOptions
+    from fasttextdiff.inference.pipeline import Segmenter
 
     segmenter = Segmenter.load(args.model, device=args.device, n_noise=args.n_noise,
                                options=InferenceOptions(**_precision_option(args)))
@@ -216,7 +216,7 @@ def add_precision_argument(p: argparse.ArgumentParser) -> None:
 
 
 def read_report_arg(report: str | None, report_file: str | None) -> str:
-    from .errors import ReportError
+    from fasttextdiff.utils.errors import ReportError
 
     if report_file:
         raw = Path(report_file).read_bytes()
@@ -228,10 +228,10 @@ def read_report_arg(report: str | None, report_file: str | None) -> str:
 
 
 def cmd_segment(args) -> int:
-    from .infer import Segmenter
+    from fasttextdiff.inference.pipeline import Segmenter
 
     text = read_report_arg(args.report, args.report_file)
-    from .fast_inference import InferenceOptions
+    from fasttextdiff.inference.batched import InferenceOptions
 
     segmenter = Segmenter.load(args.model, device=args.device, n_noise=args.n_noise,
                                options=InferenceOptions(uncertainty=args.uncertainty_estimate, **_precision_option(args)))
@@ -241,7 +241,7 @@ def cmd_segment(args) -> int:
     result = segmenter.segment_file(args.image, text, args.out, args.uncertainty, allow_external_data=True)
     shown = {}
     if args.overlay:
-        from .overlay import write_overlay
+        from fasttextdiff.inference.overlay import write_overlay
 
         index = write_overlay(result.image, result.mask, args.overlay)
         shown = {"overlay": str(args.overlay), **({"overlay_slice": index} if index is not None else {})}
@@ -252,8 +252,8 @@ def cmd_segment(args) -> int:
 
 def cmd_run_job(args) -> int:
     """One process of a JSON job (what `workflows.launch_job` starts on every GPU)."""
-    from .atomic import atomic_write_json
-    from .workflows import run_job
+    from fasttextdiff.utils.atomic import atomic_write_json
+    from fasttextdiff.training.workflows import run_job
 
     spec = json.loads(Path(args.job).read_text(encoding="utf-8"))
 
@@ -269,7 +269,7 @@ def cmd_run_job(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .ablation import run_ablation
+    from fasttextdiff.experiments.ablation import run_ablation
 
     result = run_ablation(quick=args.quick, work_dir=args.work_dir, seed=args.seed, json_path=args.json,
                           device=args.device)
@@ -278,7 +278,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .ablation import run_demo
+    from fasttextdiff.experiments.ablation import run_demo
 
     run_demo(Path(args.out), device=args.device)
     return 0
@@ -435,8 +435,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", help=DEVICE_HELP)
 
     p = add("run-job", cmd_run_job, "run a training job described in JSON (what the server launches on several GPUs)",
-            "accelerate launch --multi_gpu --num_processes 2 -m fasttextdiff.cli run-job job.json")
-    p.add_argument("job", type=Path, help="a JSON job (see fasttextdiff.workflows.run_job)")
+            "accelerate launch --multi_gpu --num_processes 2 -m fasttextdiff.commands.main run-job job.json")
+    p.add_argument("job", type=Path, help="a JSON job (see fasttextdiff.training.workflows.run_job)")
 
     p = add("demo", cmd_demo, "the whole pipeline end to end on synthetic data (make demo)",
             "fasttextdiff demo --out runs/demo")

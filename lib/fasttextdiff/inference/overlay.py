@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.io import LABEL_PALETTE, Image
-from .data.preprocess import canonical_array
+from fasttextdiff.data.io import LABEL_PALETTE, Image
+from fasttextdiff.data.preprocess import canonical_array
 
 ALPHA = 0.45  # mask opacity over the image
 
@@ -45,7 +45,7 @@ def write_overlay(image: Image, mask: np.ndarray, path: str | Path) -> int | Non
     """Write the overlay PNG; returns the volume slice shown (None for 2D)."""
     from PIL import Image as PILImage
 
-    from .atomic import atomic_path
+    from fasttextdiff.utils.atomic import atomic_path
 
     rgb, index = overlay_rgb(image, mask)
     path = Path(path)

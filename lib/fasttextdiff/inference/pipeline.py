@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import resolve_model_dir
-from .data.io import Image, read_image, write_image
-from .data.preprocess import to_model_input, to_original_grid
-from .devices import resolve_device
-from .errors import ReportError
-from .fast_inference import InferenceOptions, precision_record, predict_slices, resolve_precision
-from .model import FastTextDiffModel
-from .text import TextEncoder
+from fasttextdiff.utils.atomic import resolve_model_dir
+from fasttextdiff.data.io import Image, read_image, write_image
+from fasttextdiff.data.preprocess import to_model_input, to_original_grid
+from fasttextdiff.utils.devices import resolve_device
+from fasttextdiff.utils.errors import ReportError
+from fasttextdiff.inference.batched import InferenceOptions, precision_record, predict_slices, resolve_precision
+from fasttextdiff.models.segmenter import FastTextDiffModel
+from fasttextdiff.text.encoder import TextEncoder
 
 log = logging.getLogger(__name__)
 # MONAI 1.5.1's sliding window indexes tensors with lists, which torch warns about on every call

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
-from .atomic import atomic_path, atomic_write_json
-from .backbone import DiffusionBackbone
-from .checkpoint import load_tensors, read_json, sha256_file, verify_sha256
-from .config import MODEL_CONFIG_FILE, BackboneConfig, SegmenterConfig, TextConfig, TrainConfig
-from .errors import CheckpointError, ModelNotFoundError
-from .fusion import CrossModalFusion
+from fasttextdiff import __version__
+from fasttextdiff.utils.atomic import atomic_path, atomic_write_json
+from fasttextdiff.models.backbone import DiffusionBackbone
+from fasttextdiff.utils.checkpoint import load_tensors, read_json, sha256_file, verify_sha256
+from fasttextdiff.config import MODEL_CONFIG_FILE, BackboneConfig, SegmenterConfig, TextConfig, TrainConfig
+from fasttextdiff.utils.errors import CheckpointError, ModelNotFoundError
+from fasttextdiff.models.fusion import CrossModalFusion
 
 WEIGHTS_FILE = "segmenter.safetensors"
 BACKBONE_DIR = "backbone"

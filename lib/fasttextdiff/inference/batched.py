@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from monai.inferers import SliceInferer
 
-from .model import FastTextDiffModel
+from fasttextdiff.models.segmenter import FastTextDiffModel
 
 __all__ = ["InferenceOptions", "predict_slices", "native_low_precision", "resolve_precision", "air_slices",
            "precision_from_env", "precision_record", "is_native", "autocast_supported", "PRECISION_ENV", "PRECISIONS"]

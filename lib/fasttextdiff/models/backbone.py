@@ -21,11 +21,11 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors import SafetensorError
 from torch import nn
 
-from .adm import AdmTap, output_block_taps
-from .atomic import atomic_write_json, check_replaceable, staged_dir
-from .checkpoint import check_safetensors, load_tensors, read_json, sha256_file, verify_sha256
-from .config import BackboneConfig
-from .errors import CheckpointError, ModelNotFoundError
+from fasttextdiff.conversion.adm import AdmTap, output_block_taps
+from fasttextdiff.utils.atomic import atomic_write_json, check_replaceable, staged_dir
+from fasttextdiff.utils.checkpoint import check_safetensors, load_tensors, read_json, sha256_file, verify_sha256
+from fasttextdiff.config import BackboneConfig
+from fasttextdiff.utils.errors import CheckpointError, ModelNotFoundError
 
 __all__ = ["DiffusionBackbone", "load_backbone", "BACKBONE_CONFIG_NAME", "UNET_WEIGHTS_NAME"]
 

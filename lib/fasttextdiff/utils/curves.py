@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .atomic import atomic_path
+from fasttextdiff.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 CURVE_FILE = "training_curve.png"

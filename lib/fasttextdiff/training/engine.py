@@ -22,8 +22,8 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .checkpoint import save_training_state
-from .devices import resolve_device
+from fasttextdiff.utils.checkpoint import save_training_state
+from fasttextdiff.utils.devices import resolve_device
 
 __all__ = ["Engine", "default_mixed_precision", "set_seed"]
 

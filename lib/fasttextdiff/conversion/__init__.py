@@ -1,0 +1,1 @@
+"""Converting outside checkpoints (OpenAI guided-diffusion / ADM) into our backbone format."""

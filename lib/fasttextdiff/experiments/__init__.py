@@ -1,0 +1,1 @@
+"""The paper's presets, its reproduction grid and the text ablation."""

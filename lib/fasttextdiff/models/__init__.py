@@ -1,0 +1,1 @@
+"""The networks: the frozen diffusion backbone, cross-modal fusion, the segmenter, ADM taps."""

@@ -1,0 +1,1 @@
+"""Training loops on one accelerate engine: segmenter, backbone pretraining, text MLM; the jobs the server runs."""

@@ -1,0 +1,1 @@
+"""Small shared pieces: atomic files, errors, process defaults, devices, checkpoints, metrics, curves."""
