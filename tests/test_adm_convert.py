@@ -18,14 +18,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 
+from fasttextdiff.models.adm_taps import nearest_up_blocks, output_block_taps
 from fasttextdiff.conversion.adm import (
     ADM_PRESETS,
     PAPER_TAPS,
     adm_layout,
     check_expressible,
     convert_state_dict,
-    nearest_up_blocks,
-    output_block_taps,
     parse_adm_flags,
     unet_config,
 )

@@ -82,7 +82,7 @@ class BackboneConfig(JsonConfig):
     beta_schedule: str = "linear"
     timesteps: tuple[int, ...] = (50, 150, 250)  # of 1000; rescaled if the schedule is shorter
     feature_blocks: tuple[int, ...] = ()  # decoder up-block indices to tap; () = all
-    # Finer taps, in guided-diffusion's output_blocks numbering (adm.output_block_taps): the paper's
+    # Finer taps, in guided-diffusion's output_blocks numbering (models.adm_taps.output_block_taps): the paper's
     # 4,6,8,12 (QaTa, MosMedData+) or 6,8,12,16 (MoNuSeg). When set, feature_blocks must be empty.
     feature_taps: tuple[int, ...] = ()
     noise_seed: int = 0

@@ -285,26 +285,26 @@ def cmd_demo(args) -> int:
 
 
 LAZY_COMMANDS = {  # name: (module, add-arguments function, run function, help, example)
-    "pretrain-text": (".text_pretrain", "add_pretrain_text_arguments", "run_pretrain_text",
+    "pretrain-text": ("fasttextdiff.training.text_mlm", "add_pretrain_text_arguments", "run_pretrain_text",
                       "adapt a ModernBERT to clinical text by masked-language modelling",
                       "fasttextdiff pretrain-text --corpus iu-xray --init tiny --out runs/clinical-mbert --quick"),
-    "demo-studies": (".studies", "add_demo_studies_arguments", "run_demo_studies",
+    "demo-studies": ("fasttextdiff.data.demo_studies", "add_demo_studies_arguments", "run_demo_studies",
                      "write a MONAI Label studies folder of synthetic images with reports",
                      "fasttextdiff demo-studies --out studies/demo"),
-    "import-studies": (".import_studies", "add_import_studies_arguments", "run_import_studies",
+    "import-studies": ("fasttextdiff.data.import_studies", "add_import_studies_arguments", "run_import_studies",
                        "import images with their reports (and masks) into a MONAI Label studies folder",
                        "fasttextdiff import-studies /data/my-cts --out studies/my-cts   # <name>.txt beside each image"),
-    "convert-backbone": (".adm", "add_convert_backbone_arguments", "run_convert_backbone",
+    "convert-backbone": ("fasttextdiff.conversion.adm", "add_convert_backbone_arguments", "run_convert_backbone",
                          "convert an OpenAI guided-diffusion (ADM) checkpoint into a backbone directory",
                          "fasttextdiff convert-backbone 256x256_diffusion_uncond.pt --arch adm-256-uncond --out runs/adm256"),
-    "reproduce": (".reproduce", "add_reproduce_arguments", "run_reproduce",
+    "reproduce": ("fasttextdiff.commands.reproduce", "add_reproduce_arguments", "run_reproduce",
                   "train and evaluate the paper's settings for a dataset and table them beside the published results",
                   "fasttextdiff reproduce --dataset qata --data /data/QaTa-COV19 --backbone runs/adm256 "
                   "--text-encoder /models/clinical-modernbert --out runs/reproduce-qata --device cuda"),
-    "label-history": (".label_client", "add_label_history_arguments", "run_label_history",
+    "label-history": ("fasttextdiff.commands.label_history", "add_label_history_arguments", "run_label_history",
                       "list and restore the kept versions of a person's labels on a server",
                       "fasttextdiff label-history --server http://127.0.0.1:8000 --image ct_000 --tag final"),
-    "viewer": (".viewer.cli", "add_viewer_arguments", "run_viewer",
+    "viewer": ("fasttextdiff.viewer.cli", "add_viewer_arguments", "run_viewer",
                "the web annotation viewer (trame-slicer) for a server, on 127.0.0.1",
                "fasttextdiff viewer --server http://127.0.0.1:8000 --port 8080"),
 }
@@ -312,7 +312,7 @@ LAZY_COMMANDS = {  # name: (module, add-arguments function, run function, help, 
 
 def _lazy(module: str, runner: str):
     def run(args):
-        return getattr(importlib.import_module(module, __package__), runner)(args)
+        return getattr(importlib.import_module(module), runner)(args)
 
     return run
 
@@ -448,7 +448,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, (module, adder, runner, help_, example) in LAZY_COMMANDS.items():
         p = add(name, _lazy(module, runner), help_, example)
         if only is None or only == name:
-            getattr(importlib.import_module(module, __package__), adder)(p)
+            getattr(importlib.import_module(module), adder)(p)
     return parser
 
 

@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors import SafetensorError
 from torch import nn
 
-from fasttextdiff.conversion.adm import AdmTap, output_block_taps
+from fasttextdiff.models.adm_taps import AdmTap, output_block_taps
 from fasttextdiff.utils.atomic import atomic_write_json, check_replaceable, staged_dir
 from fasttextdiff.utils.checkpoint import check_safetensors, load_tensors, read_json, sha256_file, verify_sha256
 from fasttextdiff.config import BackboneConfig

@@ -1,0 +1,5 @@
+"""`python -m fasttextdiff`: the command line."""
+
+from fasttextdiff.commands.main import main
+
+raise SystemExit(main())
