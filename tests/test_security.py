@@ -1,4 +1,4 @@
-"""Hostile input against the real server: every finding of the outside fuzz (issue 17) as its own
+"""Hostile input against the real server: every finding of the outside fuzz as its own
 test, then a bounded, seeded fuzz over every route the app registers, then the invariants.
 
 One real server (in-process uvicorn on 127.0.0.1, MONAI Label's routes as the app re-registers

@@ -67,7 +67,7 @@ def test_info_lists_tasks_and_text_option(inprocess_server):
     assert info["fasttextdiff"]["conf"]["image_size"] == 32
     from fasttextdiff.inference.batched import precision_record
 
-    assert info["models"][MODEL]["inference"] == precision_record(None, "cpu")  # precision + device (issue 23)
+    assert info["models"][MODEL]["inference"] == precision_record(None, "cpu")  # precision + device
 
 
 def test_upload_with_report_then_infer_with_stored_and_explicit_text(inprocess_server, uploaded_case):

@@ -1,5 +1,5 @@
 """Server routes the other server tests do not reach, on a studies folder made by `fasttextdiff
-import-studies` from PNG cases and a DICOM series (issue 24):
+import-studies` from PNG cases and a DICOM series:
 
 - serving that folder: the series, its report and its mask as MONAI Label sees them, inferred through
   MONAI Label's client;

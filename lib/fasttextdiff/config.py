@@ -179,7 +179,7 @@ class FusionConfig(JsonConfig):
     mlp_ratio: float = 2.0
     dropout: float = 0.0
     positional_encoding: bool = True
-    # How the cross-attention output joins the image tokens (issue 16: a text path that only helps):
+    # How the cross-attention output joins the image tokens (a text path that only helps):
     #   "zero"  - the default: the attention's output projection starts at zero and the text weights come
     #             from their own random stream, so an untrained model is exactly the `no_text` network
     #   "plain" - added as it comes (the reference; random text weights change the output from step 0;
@@ -262,7 +262,7 @@ class TrainConfig(JsonConfig):
     amp: bool = True  # used only on CUDA
     num_workers: int = 0
     val_every: int = 1
-    # A text path that only helps (issue 16), on by default: train `epochs` with the text residual off --
+    # A text path that only helps, on by default: train `epochs` with the text residual off --
     # exactly the no_text network -- then `epochs` with it on, restarted from the same initial weights (the
     # run without the fallback); validation keeps the better checkpoint of the two,
     # so a report that does not help leaves the image-only model (history then has 2 x epochs entries).
