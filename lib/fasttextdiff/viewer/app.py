@@ -15,6 +15,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from ReportSegmentLib import ReportSegmentError, summarize_report
 from trame.app import TrameApp
 from trame.app.file_upload import ClientFile
 from trame.ui.vuetify3 import VAppLayout
@@ -25,10 +26,8 @@ from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
-from fasttextdiff.viewer import MODULE_DIR
+from fasttextdiff.viewer import FAVICON
 from fasttextdiff.viewer.session import BRUSH_RANGE, AnnotationSession, image_rows
-
-from ReportSegmentLib import ReportSegmentError, summarize_report  # noqa: E402 - on sys.path via session
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +48,7 @@ LAYOUTS = {
 
 
 def _favicon() -> str:
-    icon = MODULE_DIR / "Resources" / "Icons" / "ReportSegment.png"
-    return "data:image/png;base64," + base64.b64encode(icon.read_bytes()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(FAVICON.read_bytes()).decode("ascii")
 
 
 class AnnotationViewer(TrameApp):

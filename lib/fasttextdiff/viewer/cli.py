@@ -37,9 +37,6 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_viewer(args) -> int:
-    from fasttextdiff.viewer import report_segment_path
-
-    report_segment_path()
     from ReportSegmentLib import ReportSegmentError
     from ReportSegmentLib.httputil import normalize_server_url
 

@@ -15,13 +15,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fasttextdiff.viewer import report_segment_path
-
-report_segment_path()  # the module's ReportSegmentLib and ReportSegmentScene become importable
-
-from ReportSegmentLib import DatastoreImage, ReportSegmentError, describe_server, summarize_report  # noqa: E402
-from ReportSegmentLib.client import SegmentationResult, TrainProgress  # noqa: E402
-from ReportSegmentScene import ReportSegmentSceneLogic, nodes  # noqa: E402
+from ReportSegmentLib import DatastoreImage, ReportSegmentError, describe_server, summarize_report
+from ReportSegmentLib.client import SegmentationResult, TrainProgress
+from ReportSegmentScene import ReportSegmentSceneLogic, nodes
 
 logger = logging.getLogger(__name__)
 
