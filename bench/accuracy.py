@@ -230,7 +230,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 
 def acceptance(dataset: str, results: list[dict]) -> dict:
-    """Criterion 2 of issue 4, evaluated on what was measured (budgets <= 25 %); on nuclei also issue 16's
+    """The label-efficiency criterion, evaluated on what was measured (budgets <= 25 %); on nuclei also
     "a text path that only helps": fasttextdiff >= no_text - 0.005 Dice at every budget."""
     table = {(r["method"], r["labeled_fraction"]): r for r in results}
     low = sorted({f for _, f in table if f <= 0.25 + 1e-9})
@@ -239,7 +239,7 @@ def acceptance(dataset: str, results: list[dict]) -> dict:
         for f in sorted({f for _, f in table}):
             if ("fasttextdiff", f) in table and ("no_text", f) in table:
                 gap = table[("fasttextdiff", f)]["dice_mean"] - table[("no_text", f)]["dice_mean"]
-                checks.append({"labeled_fraction": f, "claim": "fasttextdiff >= no_text - 0.005 Dice (issue 16)",
+                checks.append({"labeled_fraction": f, "claim": "fasttextdiff >= no_text - 0.005 Dice (a text path that only helps)",
                                "dice_gap": gap, "holds": gap >= -0.005})
     for f in low:
         ours = table.get(("fasttextdiff", f))
@@ -297,7 +297,7 @@ def markdown(result: dict) -> str:
          "train s"], rows, ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"]))
     acc = result.get("acceptance", {})
     if acc.get("checks"):
-        lines += ["", "## Acceptance (issue 4 criterion 2: budgets <= 25 %; issue 16 on nuclei: every budget)", ""]
+        lines += ["", "## Acceptance (label efficiency: budgets <= 25 %; on nuclei, text that only helps: every budget)", ""]
         for c in acc["checks"]:
             lines.append(f"- {100 * c['labeled_fraction']:g} %: {c['claim']}: Dice gap {c['dice_gap']:+.3f} -> "
                          f"{'holds' if c['holds'] else 'does NOT hold'}")
@@ -367,7 +367,7 @@ def build_plan(args) -> Plan:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="Label-efficiency benchmark (issue 4).")
+    p = argparse.ArgumentParser(description="Label-efficiency benchmark.")
     p.add_argument("--dataset", choices=DATASETS, default="text-necessary")
     p.add_argument("--path", help="LViT-layout folder for --dataset lvit")
     p.add_argument("--quick", action="store_true", help="3 budgets (10/25/50 %%), 1 seed")

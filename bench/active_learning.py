@@ -438,8 +438,8 @@ def build_plan(args) -> Plan:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
-        description="Simulated active learning through the MONAI Label app's datastore, strategies and scoring "
-                    "(issue 15): Dice versus labels per strategy.",
+        description="Simulated active learning through the MONAI Label app's datastore, strategies and "
+                    "scoring: Dice versus labels per strategy.",
         epilog="example: python bench/active_learning.py --quick   |   "
                "python bench/active_learning.py --datasets nuclei --strategies random uncertainty --seeds 0 1 2")
     p.add_argument("--quick", action="store_true",

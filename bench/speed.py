@@ -644,7 +644,7 @@ GOALS = {"ct_volume_seconds_with_uncertainty": 30.0, "ct_volume_seconds_with_unc
 
 
 def headline_fast(result: dict) -> None:
-    """The issue's headline figures, each beside its goal (the uncertainty estimate used is named)."""
+    """The headline figures, each beside its goal (the uncertainty estimate used is named)."""
     fast, f2d, inf = result["fast"], result["fast_2d"], result["inference"]
     ranking = (result.get("dice_check") or {}).get("uncertainty_spearman_vs_reference_n4", {})
     vol_draws = fast["volume"]["draws_n_noise_4"]["min_s"]
@@ -704,7 +704,7 @@ def _precision_clause(fast: dict) -> str:
 
 def fast_markdown(result: dict) -> list[str]:
     fast, f2d = result["fast"], result["fast_2d"]
-    lines = ["## Issue 14 goals (fast inference path, " + f"{fast['threads']} thread(s))", "",
+    lines = ["## Fast inference path goals (" + f"{fast['threads']} thread(s))", "",
              common.markdown_table(["figure", "value", "goal", "met"],
                                    [[k, g["value"], ("<= " if "speedup" not in k else ">= ") + str(g["goal"]), g["met"]]
                                     for k, g in result["goals"].items()], ["---", "---:", "---:", "---"]), "",
@@ -926,14 +926,14 @@ NOTES = [
 ]
 
 
-def run_issue14(args, result: dict, conv_start: dict, matmul_start: dict) -> dict:
-    """The issue-14 rows alone (a shorter run for a busy machine); the full run reports them too."""
+def run_fast_path_only(args, result: dict, conv_start: dict, matmul_start: dict) -> dict:
+    """The fast-inference-path rows alone (a shorter run for a busy machine); the full run reports them too."""
     from fasttextdiff.inference.pipeline import Segmenter
 
     started = time.perf_counter()
     result["conv"], result["matmul"] = conv_start, matmul_start
     tiny = args.tiny
-    with tempfile.TemporaryDirectory(prefix="bench-speed14-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-speed-fast-") as tmp:
         work = Path(tmp)
         size, widths, vshape = (32, (8, 16), (4, 48, 48)) if tiny else (256, INFER_WIDTHS, (48, 512, 512))
         partial = args.out / "speed.partial.json"
@@ -966,7 +966,7 @@ def run_issue14(args, result: dict, conv_start: dict, matmul_start: dict) -> dic
     result["gpu"] = gpu_rows()
     result["loadavg_end"] = common.loadavg()
     result["seconds"] = round(time.perf_counter() - started, 1)
-    lines = ["# Speed, issue 14 rows (fast inference path, 256 px paper-taps training)", "",
+    lines = ["# Speed, fast inference path rows (and 256 px paper-taps training)", "",
              f"Command: `{result['command']}`  ",
              f"Machine: {result['machine']['cpu']}, load average at start {result['machine']['loadavg_start']}, at end "
              f"{result['loadavg_end']}; {result['seconds']:.0f} s wall. A shared machine: absolute seconds move with "
@@ -981,8 +981,8 @@ def run_issue14(args, result: dict, conv_start: dict, matmul_start: dict) -> dic
                                            for k, r in tr["textdiff_style"].items()],
                                         ["---", "---:", "---:", "---:", "---:"]), ""]
     lines += ["## GPU", "", f"{result['gpu']['reason']}: GPU rows not measured.", ""]
-    common.write_json(args.out / "speed_issue14.json", result)
-    common.write_text(args.out / "speed_issue14.md", "\n".join(lines) + "\n")
+    common.write_json(args.out / "speed_fast_path.json", result)
+    common.write_text(args.out / "speed_fast_path.md", "\n".join(lines) + "\n")
     (args.out / "speed.partial.json").unlink(missing_ok=True)
     print("\n".join(lines))
     return result
@@ -1007,7 +1007,7 @@ def in_run_order(result: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="Speed benchmark (issue 4).")
+    p = argparse.ArgumentParser(description="Speed benchmark: training and inference against the reference pipelines.")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--threads", type=int, default=1,
@@ -1018,11 +1018,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default=None)
     p.add_argument("--skip-256-train", action="store_true", help="only the 64 px training comparison")
     p.add_argument("--tiny", action="store_true", help="smallest configuration (the smoke test): meaningless numbers")
-    p.add_argument("--only-issue14", action="store_true",
+    p.add_argument("--only-fast-path", action="store_true",
                    help="only the fast-path rows (ablation, volume, 2D, Dice/ranking, truncation) and the 256 px "
-                        "paper-taps training comparison (one round); writes speed_issue14.{json,md}")
+                        "paper-taps training comparison (one round); writes speed_fast_path.{json,md}")
     p.add_argument("--volume-depth", type=int, default=None,
-                   help="measure the volume on this many slices and scale to 48 (only with --only-issue14; busy machines)")
+                   help="measure the volume on this many slices and scale to 48 (only with --only-fast-path; busy machines)")
     p.add_argument("--slab", type=int, default=4, help="slices in the ablation slab (the first is air)")
     p.add_argument("--only-dice-check", action="store_true",
                    help="only the Dice / uncertainty-ranking check (-> --out/speed_dice_check.json)")
@@ -1047,8 +1047,8 @@ def main(argv: list[str] | None = None) -> dict:
     matmul_start = matmul_rate(repeats=rate_repeats)
     conv_start = conv_rate(repeats=rate_repeats)
     specs = TINY_TRAIN if args.tiny else QUICK_TRAIN if args.quick else TRAIN_CONFIGS
-    if args.only_issue14:
-        return run_issue14(args, result, conv_start, matmul_start)
+    if args.only_fast_path:
+        return run_fast_path_only(args, result, conv_start, matmul_start)
     if args.only_dice_check:
         with tempfile.TemporaryDirectory(prefix="bench-speed-dice-") as tmp:
             result["dice_check"] = dice_check(Path(tmp), args.device, args.infer_threads)

@@ -1,4 +1,4 @@
-"""Does clinical adaptation of the text encoder help the segmenter? (issue 6, acceptance 3)
+"""Does clinical adaptation of the text encoder help the segmenter?
 
 One run, side by side on the synthetic text-necessary set (same data, backbone, seed, labels and
 schedule): the segmenter trained with a ModernBERT adapted by masked-language modelling on the

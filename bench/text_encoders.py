@@ -1,4 +1,4 @@
-"""Which text encoder reads radiology reports best? (issue 16) - the encoder comparison on the
+"""Which text encoder reads radiology reports best? - the encoder comparison on the
 clinical-reports set.
 
 Same data, backbone, labeled subsets, schedule and fusion for every encoder; only the text changes.
@@ -274,7 +274,7 @@ def aggregate(runs: list[dict], order: list[str]) -> list[dict]:
 
 
 def acceptance(results: list[dict]) -> dict:
-    """Whole-report encoders vs the 10-token truncation at 25 % labels (issue 16: >= 0.15 Dice)."""
+    """Whole-report encoders vs the 10-token truncation at 25 % labels (goal: >= 0.15 Dice)."""
     table = {(r["method"], r["labeled_fraction"]): r for r in results}
     checks = []
     if ("minilm_trunc10", 0.25) in table:
@@ -333,7 +333,7 @@ def markdown(result: dict) -> str:
                      + ", ".join(f"{100 * v:.0f} % of {k} reports" for k, v in kept.items()))
     checks = result.get("acceptance", {}).get("checks", [])
     if checks:
-        lines += ["", "## Acceptance (issue 16)", ""]
+        lines += ["", "## Acceptance (whole report vs 10-token truncation)", ""]
         for c in checks:
             if c["holds"] is None:
                 gaps = ", ".join(f"{100 * float(f):g} %: {g:+.3f}" for f, g in sorted(c["dice_gap_by_budget"].items()))
@@ -366,7 +366,7 @@ def local_encoders(specs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="Text-encoder comparison on the clinical-reports set (issue 16).")
+    p = argparse.ArgumentParser(description="Text-encoder comparison on the clinical-reports set.")
     p.add_argument("--quick", action="store_true", help="10/25/50 %% labels, 3 seeds (the acceptance run)")
     p.add_argument("--encoders", nargs="+", default=list(ENCODERS),
                    help=f"from {list(ENCODERS + EXTRA_ENCODERS)}, or LABEL=DIR for a local encoder folder (e.g. a "

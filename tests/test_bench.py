@@ -85,7 +85,7 @@ def test_nuclei_tiles_do_not_overlap(tmp_path):
 
 def test_benchmark_json_records_precision_device_and_cpu_flags(monkeypatch):
     """Every benchmark JSON carries `machine` (common.machine_info): the precision and device inference ran in
-    and the CPU's vector extensions that `auto` depends on, so figures from two machines compare (issue 23)."""
+    and the CPU's vector extensions that `auto` depends on, so figures from two machines compare."""
     import platform
 
     import common
@@ -209,7 +209,7 @@ def test_text_encoders_region_probe_and_focus_recall(tmp_path):
 
 
 def test_accuracy_merges_seeds_run_side_by_side_and_checks_no_text(tmp_path):
-    """Issue 16's check on nuclei (fasttextdiff >= no_text - 0.005 at every budget) over seeds that ran in
+    """The text-only-helps check on nuclei (fasttextdiff >= no_text - 0.005 at every budget) over seeds that ran in
     separate processes, merged afterwards."""
     import accuracy
 
@@ -231,3 +231,16 @@ def test_accuracy_merges_seeds_run_side_by_side_and_checks_no_text(tmp_path):
                             "--name", "picked", "--out", str(tmp_path), "--no-plot"])
     assert sorted((r["method"], r["seed"]) for r in picked["runs"]) == [("fasttextdiff", 0), ("no_text", 0),
                                                                         ("no_text", 1)]
+
+
+def test_speed_fast_path_only(tmp_path):
+    """`--only-fast-path`: the fast inference path's rows alone (a shorter run for a busy machine), written to
+    speed_fast_path.{json,md} beside each goal."""
+    import speed
+
+    data = speed.main(["--tiny", "--only-fast-path", "--skip-256-train", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "speed_fast_path.json").read_text(encoding="utf-8"))["command"] == data["command"]
+    assert "--only-fast-path" in data["command"] and data["ct_volume_seconds_n_noise_2_draws"] > 0
+    md = (tmp_path / "speed_fast_path.md").read_text(encoding="utf-8")
+    assert md.startswith("# Speed, fast inference path rows") and "## Fast inference path goals" in md
+    assert not (tmp_path / "speed.partial.json").exists()
