@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 
@@ -371,7 +372,8 @@ def test_pretraining_lowers_the_denoising_loss(tmp_path):
     # the saved backbone (EMA weights) loads and works
     model = DiffusionBackbone.from_pretrained(tmp_path / "bb").freeze()
     assert model.features(data[:2])[0].shape == (2, 32, 32, 32)
-    assert (tmp_path / "bb" / "checkpoint" / "state.safetensors").is_file()
+    assert (tmp_path / "bb.resume" / "state.safetensors").is_file()  # kept: more steps continue the run
+    assert not (tmp_path / "bb" / "checkpoint").exists()  # the backbone folder holds the backbone only
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -394,11 +396,14 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(tmp_pa
     assert fresh["steps"] == 2 and fresh["resumed_from"] is None
 
 
-def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path):
+def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, caplog):
     data = images(4)
     pretrain_backbone(data, tiny_config(), tmp_path / "bb", batch_size=4, max_steps=1, progress=False)
-    with pytest.raises(CheckpointError, match="different settings"):
-        pretrain_backbone(data, tiny_config(), tmp_path / "bb", batch_size=2, max_steps=2, progress=False)
+    with caplog.at_level(logging.INFO, logger="fasttextdiff.training.backbone"):
+        result = pretrain_backbone(data, tiny_config(), tmp_path / "bb", batch_size=2, max_steps=2, progress=False)
+    assert "discarding the resume state" in caplog.text and "batch_size" in caplog.text  # names what differs
+    assert "resuming" not in caplog.text
+    assert result["steps"] == 2 and result["resumed_from"] is None  # refused: started over, not resumed
 
 
 def test_input_forms_are_equivalent_and_seeded(tmp_path):
@@ -436,16 +441,19 @@ def test_pretraining_rejects_images_of_the_wrong_shape(tmp_path):
     (tmp_path / "busy" / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="notes.txt"):  # refused before training, not after
         pretrain_backbone(images(2), tiny_config(), tmp_path / "busy", progress=False)
-    assert not (tmp_path / "busy" / "checkpoint").exists()
+    assert not (tmp_path / "busy" / "checkpoint").exists() and not (tmp_path / "busy.resume").exists()
 
 
-def test_a_corrupt_training_checkpoint_is_reported_not_used(tmp_path):
+def test_a_corrupt_training_checkpoint_is_reported_not_used(tmp_path, caplog):
     data = images(4)
     pretrain_backbone(data, tiny_config(), tmp_path / "bb", batch_size=4, max_steps=1, progress=False)
-    state = tmp_path / "bb" / "checkpoint" / "state.safetensors"
+    state = tmp_path / "bb.resume" / "state.safetensors"
     state.write_bytes(state.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        pretrain_backbone(data, tiny_config(), tmp_path / "bb", batch_size=4, max_steps=2, progress=False)
+    with caplog.at_level(logging.INFO, logger="fasttextdiff.training.backbone"):
+        result = pretrain_backbone(data, tiny_config(), tmp_path / "bb", batch_size=4, max_steps=2, progress=False)
+    assert "ignoring unreadable resume state" in caplog.text and "truncated or corrupt" in caplog.text
+    assert "resuming" not in caplog.text
+    assert result["steps"] == 2 and result["resumed_from"] is None  # not used: started over
     result = pretrain_backbone(data, tiny_config(), tmp_path / "bb", batch_size=4, max_steps=2, progress=False,
                                resume=False)
     assert result["steps"] == 2 and result["resumed_from"] is None
@@ -469,7 +477,7 @@ def test_stop_event_stops_after_the_current_step_and_saves(tmp_path):
         images(8), tiny_config(), tmp_path / "bb", epochs=50, batch_size=2, progress=False, log=log, stop_event=stop
     )
     assert result["stopped"] and result["steps"] == 2
-    state = json.loads((tmp_path / "bb" / "checkpoint" / "state.json").read_text(encoding="utf-8"))
+    state = json.loads((tmp_path / "bb.resume" / "state.json").read_text(encoding="utf-8"))
     assert state["step"] == 2
     DiffusionBackbone.from_pretrained(tmp_path / "bb")
 

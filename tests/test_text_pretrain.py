@@ -140,7 +140,7 @@ def test_pretrain_improves_perplexity_loads_as_encoder_and_resumes(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         pretrain_text("iu-xray", None, "tiny", out, steps=40, checkpoint_every=20, progress=False,
                       log=stop_after_checkpoint, **TINY)
-    assert json.loads((out / "checkpoint" / "state.json").read_text(encoding="utf-8"))["step"] == 20
+    assert json.loads((tmp_path / "adapted.resume" / "state.json").read_text(encoding="utf-8"))["step"] == 20
     seen.clear()
     metrics = pretrain_text("iu-xray", None, "tiny", out, steps=40, checkpoint_every=20, progress=False,
                             log=lambda r: seen.append(r["step"]), **TINY)
@@ -150,7 +150,7 @@ def test_pretrain_improves_perplexity_loads_as_encoder_and_resumes(tmp_path):
         assert key in saved
     assert saved["steps"] == 40 and saved["tokens"] == 40 * 8 * 64
     assert saved["perplexity_after"] < saved["perplexity_before"] / 2
-    assert not (out / "checkpoint").exists()
+    assert not (tmp_path / "adapted.resume").exists() and not (out / "checkpoint").exists()
 
     enc = TextEncoder(TextConfig(encoder=str(out)))  # the output is a text encoder as it is
     assert type(enc.model).__name__ == "ModernBertModel" and enc.hidden_size == 32

@@ -186,7 +186,7 @@ def pretrain_backbone_from_datastore(datastore: Any, conf: AppConf, paths: Model
     (its own architecture, size and window), and publish to the backbone root (or, with
     `publish_result=False`, leave it in `metrics["run_dir"]` for the caller to judge)."""
     from fasttextdiff.utils.atomic import publish
-    from fasttextdiff.models.backbone import CHECKPOINT_DIR
+    from fasttextdiff.training.resume import resume_dir
 
     files = all_image_paths(datastore)
     if not files:
@@ -212,7 +212,7 @@ def pretrain_backbone_from_datastore(datastore: Any, conf: AppConf, paths: Model
     metrics = _run(job, paths, num_processes, gpu_ids, _throttled(log), stop_event)
     if metrics.get("stopped") and not accept_stopped:
         raise RuntimeError("backbone pretraining was stopped; the published backbone is unchanged")
-    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # finished: the next run starts fresh on the then-current images
+    shutil.rmtree(resume_dir(run_dir), ignore_errors=True)  # finished: the next run starts fresh on the then-current images
     metrics.update(continued_from=str(current) if current else None, image_size=config.image_size,
                    window=list(config.window) if config.window else None)
     if publish_result:

@@ -3,12 +3,14 @@
 The U-Net learns to predict the noise added to the user's own images (DDPM's epsilon objective):
 that is how it learns the domain from the many unlabeled images of a datastore. The saved weights
 are an EMA of the trained ones, as in DDPM. Runs on the shared training engine (``accelerate
-launch`` for several GPUs or machines) and resumes from ``out_dir/checkpoint/``.
+launch`` for several GPUs or machines) and resumes from ``<out_dir>.resume/`` under the one policy
+of `training.resume`.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import threading
@@ -24,13 +26,15 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from fasttextdiff.utils.atomic import atomic_write_json, check_replaceable
-from fasttextdiff.models.backbone import BACKBONE_CONFIG_NAME, BACKBONE_ENTRIES, CHECKPOINT_DIR, METRICS_NAME, DiffusionBackbone, build_unet
-from fasttextdiff.utils.checkpoint import load_optimizer_state, load_training_state, optimizer_state_tensors
+from fasttextdiff.models.backbone import BACKBONE_CONFIG_NAME, BACKBONE_ENTRIES, METRICS_NAME, DiffusionBackbone, build_unet
+from fasttextdiff.utils.checkpoint import load_optimizer_state, optimizer_state_tensors
 from fasttextdiff.config import BackboneConfig, PretrainConfig
-from fasttextdiff.training.engine import Engine
-from fasttextdiff.utils.errors import CheckpointError, TrainingError
+from fasttextdiff.training.engine import Engine, RunProgress
+from fasttextdiff.training.resume import ResumeState, tensor_digest
+from fasttextdiff.utils.errors import TrainingError
 
 __all__ = ["pretrain_backbone"]
+log_ = logging.getLogger(__name__)
 
 
 class _ImageOnly(torch.utils.data.Dataset):
@@ -73,6 +77,16 @@ class _ImageOnly(torch.utils.data.Dataset):
                 f"pretraining images must be scaled to [-1, 1]; image {index} spans [{low:.3g}, {high:.3g}]"
             )
         return image
+
+
+def _images_digest(source: Any) -> str:
+    """What the run is trained on: the pixels of images held in memory (a tensor or a list of tensors, the
+    CLI's and the server's form); for another Dataset, which is not read twice, its type and length."""
+    if isinstance(source, torch.Tensor):
+        return tensor_digest([source])
+    if isinstance(source, (list, tuple)) and all(isinstance(x, torch.Tensor) for x in source):
+        return tensor_digest(source)
+    return f"{type(source).__qualname__}:{len(source)}"
 
 
 def _random_flips(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -129,7 +143,11 @@ def pretrain_backbone(
 ) -> dict[str, Any]:
     """Train the U-Net as an epsilon-predicting denoiser on unlabeled images; save the EMA weights.
 
-    Resumable from ``out_dir/checkpoint/`` (bit-identical on CPU). Under ``accelerate launch`` every
+    Resumable from ``<out_dir>.resume/`` (bit-identical on CPU) by a run on the same images, initial
+    weights and settings; the epoch count and ``max_steps`` may grow (a constant learning rate), so a
+    finished run continues with more steps. A state of other images or settings, or an unreadable one,
+    is discarded with a warning and the run starts over (`training.resume`); ``resume=False`` starts
+    over without looking. Under ``accelerate launch`` every
     process trains on its share of each epoch's batches and only the main process writes.
     ``max_steps`` caps the total step count (including steps done before a resume). Returns (and
     writes to ``out_dir/metrics.json``) ``{"steps", "final_loss", "seconds", "images", "stopped",
@@ -147,7 +165,6 @@ def pretrain_backbone(
     engine = Engine(device)
     acc, rank, world = engine.accelerator, engine.process_index, engine.num_processes
     out_dir = Path(out_dir)
-    ckpt_dir = out_dir / CHECKPOINT_DIR
     check_replaceable(out_dir, BACKBONE_ENTRIES, "backbone")  # fail now, not after hours of training
 
     data = _ImageOnly(images, config)
@@ -173,18 +190,15 @@ def pretrain_backbone(
     total_steps = epochs * steps_per_epoch
     if max_steps is not None:
         total_steps = min(total_steps, int(max_steps))
-    run_meta = {"config": config.to_dict(), "batch_size": batch_size, "world_size": world, "seed": seed,
-                "images": n_images}
+    run = {"config": config.to_dict(), "batch_size": batch_size, "seed": seed, "lr": lr, "ema_decay": ema_decay,
+           "images": {"count": n_images, "digest": _images_digest(images)},
+           "init": tensor_digest(initial.state_dict().values())}
+    state = ResumeState(engine, out_dir, run, log_)
 
     step, resumed_from, recent = 0, None, []
-    loaded = load_training_state(ckpt_dir) if resume else None
+    loaded = state.load(resume)
     if loaded is not None:
         tensors, meta = loaded
-        if meta.get("run") != run_meta:
-            raise CheckpointError(
-                f"the checkpoint in {ckpt_dir} was made with different settings ({meta.get('run')}); "
-                "pass resume=False to start over or use another out_dir"
-            )
         try:
             unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
             names = [n for n, _ in unet.named_parameters()]
@@ -192,11 +206,12 @@ def pretrain_backbone(
             load_optimizer_state(opt.optimizer, tensors, meta["optimizer"])
             engine.restore_rng(tensors, {"noise": gen})
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"the checkpoint in {ckpt_dir} does not fit this model: {exc}") from exc
+            raise state.does_not_fit(exc) from exc
         if acc.scaler is not None and meta.get("scaler"):
             acc.scaler.load_state_dict(meta["scaler"])
         step = resumed_from = int(meta["step"])
         recent = list(meta.get("recent_losses", []))
+        state.resumed(step // steps_per_epoch + 1, step)
 
     def checkpoint(epoch: int) -> None:
         names = [n for n, _ in unet.named_parameters()]
@@ -204,19 +219,21 @@ def pretrain_backbone(
         ema_state = ema.state_dict()
         tensors.update({f"ema.{n}": s for n, s in zip(names, ema_state.pop("shadow_params"))})
         opt_tensors, opt_meta = optimizer_state_tensors(opt.optimizer)
-        meta = {"step": step, "epoch": epoch, "run": run_meta, "recent_losses": recent[-20:], "lr": lr,
+        meta = {"step": step, "epoch": epoch, "recent_losses": recent[-20:], "lr": lr,
                 "ema": ema_state, "optimizer": opt_meta, "scaler": acc.scaler.state_dict() if acc.scaler else None}
-        engine.save_state(ckpt_dir, {**tensors, **opt_tensors}, meta, {"noise": gen})
+        state.save({**tensors, **opt_tensors}, meta, {"noise": gen})
 
     run_losses: list[float] = []
     stopped = False
-    bar = engine.progress(progress, total=total_steps, initial=step, desc="pretrain backbone")
+    bar = RunProgress(engine, desc="pretrain backbone", enabled=progress, total_steps=total_steps, initial_step=step,
+                      epochs_total=math.ceil(total_steps / steps_per_epoch), logger=log_)
     n_sched = scheduler.config.num_train_timesteps
     epoch = step // steps_per_epoch
     try:
         while step < total_steps and not stopped:
             epoch = step // steps_per_epoch
             loader.set_epoch(epoch)
+            epoch_losses: list[float] = []  # this epoch's, for its log line (this run's steps only after a resume)
             skip = step - epoch * steps_per_epoch
             for x0 in acc.skip_first_batches(loader, skip) if skip else loader:
                 with acc.accumulate(model):
@@ -238,15 +255,18 @@ def pretrain_backbone(
                 if not math.isfinite(loss_value) and acc.scaler is None:  # (fp16 loss scaling skips such steps)
                     raise TrainingError(
                         f"backbone pretraining diverged: the loss became {loss_value} at step {step}; "
-                        f"lower the learning rate (now {lr}). The last checkpoint in {ckpt_dir} is kept."
+                        f"lower the learning rate (now {lr}). The last resume state in {state.dir} is kept."
                     )
                 run_losses.append(loss_value)
+                epoch_losses.append(loss_value)
                 recent = (recent + [loss_value])[-20:]
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
+                record = bar.record(epoch + 1, loss_value, lr, step=step, total_steps=total_steps)
+                bar.step(record)
                 if log is not None and engine.is_main:
-                    log({"step": step, "epoch": epoch, "loss": loss_value, "total_steps": total_steps})
+                    log(record)
                 stopped = engine.any(stop_event is not None and stop_event.is_set())
+                if step % steps_per_epoch == 0 or step >= total_steps or stopped:
+                    bar.end_epoch(dict(record, loss=sum(epoch_losses) / len(epoch_losses)))
                 if step >= total_steps or stopped:
                     break
                 if checkpoint_every and step % checkpoint_every == 0:

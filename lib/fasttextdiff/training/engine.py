@@ -8,11 +8,19 @@ passes in ``autocast`` (mixed precision, with a loss scaler for fp16), step insi
 reduce and gather their metrics across processes, and write only from the main process. The
 resumable state is the one safetensors + JSON format of ``checkpoint``, holding every process's
 RNG states as tensors. On one CPU process the loops compute bit for bit what they did before.
+
+What every loop shows and logs is decided here too (`RunProgress`): one tqdm bar counting optimizer
+steps, and the same fields in the bar, in the records handed to a loop's ``log`` callback and in the
+one log line per epoch: epoch (of epochs_total), loss, lr, seconds, and the validation figures where
+the loop has them. Where a loop resumes from, and when it may, is `training.resume`.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +33,7 @@ from tqdm.auto import tqdm
 from fasttextdiff.utils.checkpoint import save_training_state
 from fasttextdiff.utils.devices import resolve_device
 
-__all__ = ["Engine", "default_mixed_precision", "set_seed"]
+__all__ = ["Engine", "RunProgress", "default_mixed_precision", "set_seed"]
 
 
 def _launched() -> bool:
@@ -107,3 +115,48 @@ class Engine:
         torch.set_rng_state(tensors[f"rng.torch.{self.process_index}"])
         for name, generator in (generators or {}).items():
             generator.set_state(tensors[f"rng.{name}.{self.process_index}"])
+
+
+class RunProgress:
+    """The bar and the per-epoch fields every training loop shares.
+
+    The bar counts optimizer steps (``total_steps``, from ``initial_step`` after a resume); its postfix
+    shows ``epoch i/N``, ``loss``, ``lr`` and ``val_dice`` where there is one. `record` builds the dict
+    a loop hands to its ``log`` callback: ``epoch`` (1-based: the epoch in progress, or just ended),
+    ``epochs_total`` (None when the loop cannot know it), ``loss``, ``lr``, ``seconds`` (since this
+    process started the run) plus the loop's own fields (``step``/``total_steps``, ``val_dice``...).
+    `end_epoch` writes the one log line per epoch, the same in every loop.
+    """
+
+    def __init__(self, engine: Engine, *, desc: str, enabled: bool, total_steps: int, initial_step: int = 0,
+                 epochs_total: int | None, logger: logging.Logger):
+        self.engine, self.logger, self.epochs_total = engine, logger, epochs_total
+        self.started = time.perf_counter()
+        self.bar = engine.progress(enabled, total=total_steps, initial=initial_step, desc=desc, unit="step")
+
+    def record(self, epoch: int, loss: float, lr: float, **fields: Any) -> dict[str, Any]:
+        return {"epoch": epoch, "epochs_total": self.epochs_total, "loss": loss, "lr": lr,
+                "seconds": round(time.perf_counter() - self.started, 2), **fields}
+
+    def step(self, record: dict[str, Any], n: int = 1) -> None:
+        self.bar.update(n)
+        self.bar.set_postfix(self._postfix(record), refresh=False)
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        self.bar.set_postfix(self._postfix(record))
+        if not self.engine.is_main:
+            return
+        val = "".join(f", {k} {v:.4f}" for k, v in record.items()
+                      if k.startswith("val_") and isinstance(v, float) and math.isfinite(v))
+        self.logger.info("epoch %s/%s: loss %.4f, lr %.3g, %.1f s%s", record["epoch"], self.epochs_total or "?",
+                         record["loss"], record["lr"], record["seconds"], val)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def _postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        post = {"epoch": f"{record['epoch']}/{self.epochs_total or '?'}", "loss": f"{record['loss']:.4f}",
+                "lr": f"{record['lr']:.2e}"}
+        if isinstance(record.get("val_dice"), float):
+            post["val_dice"] = f"{record['val_dice']:.4f}"
+        return post

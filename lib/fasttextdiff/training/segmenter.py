@@ -3,7 +3,8 @@
 Differences from the reference loop, each for a reason: report embeddings are computed once per
 distinct text (not per sample per step); batches > 1 with the text padding mask; MONAI's DiceCE
 applies softmax before Dice; the best validation Dice selects the model; runs resume after a
-kill; it runs on the shared training engine, so `accelerate launch` trains data-parallel.
+kill from ``<out>.resume/`` under the one policy of `training.resume`; it runs on the shared
+training engine, so `accelerate launch` trains data-parallel.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import copy
 
 import hashlib
-import json
 import logging
 import random
 import shutil
@@ -29,20 +29,20 @@ from tqdm.auto import tqdm
 
 from fasttextdiff.utils.atomic import staged_dir
 from fasttextdiff.models.backbone import load_backbone
-from fasttextdiff.utils.checkpoint import (load_optimizer_state, load_tensors, load_training_state, optimizer_state_tensors, sha256_file,
-                         verify_sha256)
+from fasttextdiff.utils.checkpoint import load_optimizer_state, load_tensors, optimizer_state_tensors, sha256_file, verify_sha256
 from fasttextdiff.config import SegmenterConfig, TextConfig, TrainConfig
 from fasttextdiff.utils.curves import CURVE_FILE, write_training_curve
 from fasttextdiff.data.dataset import SegmentationDataset, select_labeled
 from fasttextdiff.data.lvit import Sample
-from fasttextdiff.training.engine import Engine, set_seed
+from fasttextdiff.training.engine import Engine, RunProgress, set_seed
+from fasttextdiff.training.resume import RESUME_SUFFIX, ResumeState, digest
 from fasttextdiff.utils.errors import CheckpointError
 from fasttextdiff.utils.metrics import dice_iou
 from fasttextdiff.models.segmenter import FastTextDiffModel
 from fasttextdiff.text.encoder import TextEncoder
 
 log_ = logging.getLogger(__name__)
-RESUME_DIR_SUFFIX = ".resume"
+RESUME_DIR_SUFFIX = RESUME_SUFFIX  # the state of a run writing OUT: OUT.resume/ (training.resume)
 
 
 class FeatureCache(Dataset):
@@ -162,6 +162,7 @@ def train_segmenter(
     text_cache_dir: str | Path | None = None,
     backbone_overrides: dict | None = None,
     init_dir: str | Path | None = None,
+    resume: bool = True,
 ) -> dict:
     """Train and write the model directory `out_dir` atomically; returns the metrics (also in its record).
 
@@ -171,6 +172,8 @@ def train_segmenter(
     A `stop_event` ends training after the current epoch and still writes the best model so far.
     `init_dir` (a model directory of the same architecture) starts fusion + head from its weights
     instead of random ones: the server's train tasks continue from the served model.
+    A run killed or stopped before the end resumes from ``<out_dir>.resume/`` when it is started again on
+    the same data and settings (`training.resume`; ``resume=False`` starts over).
     Under `accelerate launch` every process trains on its share of each epoch; the main process writes.
     """
     out_dir = Path(out_dir)
@@ -223,10 +226,10 @@ def train_segmenter(
     net, optimizer, loader = acc.prepare(model, optimizer, loader)
     val_loader = acc.prepare(DataLoader(val_ds, batch_size=train_config.batch_size * 2)) if len(val_ds) else None
 
-    resume_dir = out_dir.with_name(out_dir.name + RESUME_DIR_SUFFIX)
-    fingerprint = run_fingerprint(labeled, val_samples, backbone_dir, text_config, segmenter_config, train_config,
-                                  backbone.config.to_dict() if backbone_overrides else None, init_dir)
     image_first = text_fallback_applies(segmenter_config, train_config, val_loader is not None, init_dir is not None)
+    state = ResumeState(engine, out_dir, run_record(labeled, val_samples, backbone_dir, text_config, segmenter_config,
+                                                    train_config, backbone.config.to_dict() if backbone_overrides else None,
+                                                    init_dir, epochs_matter=image_first), log_)
     total_epochs = train_config.epochs * (2 if image_first else 1)
     # text_fallback's second phase is a fresh run with the report: it starts from these weights, not from
     # the image-only phase's last epoch, which has already fitted the labels without the text (measured:
@@ -235,17 +238,16 @@ def train_segmenter(
     initial = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()} if image_first else None
     initial_optimizer = copy.deepcopy(optimizer.state_dict()) if image_first else None
     initial_rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(), generator.get_state())
-    start_epoch, best, history, best_state = _resume(engine, resume_dir, model, optimizer, generator,
-                                                     total_epochs, fingerprint)
+    start_epoch, best, history, best_state = _resume(engine, state, resume, model, optimizer, generator, total_epochs)
 
     n_params = sum(p.numel() for p in trainable)
     if engine.is_main:
         log_.info("training %d parameters on %d labeled images (%s x %d), epochs %d..%d", n_params, len(labeled),
                   device, engine.num_processes, start_epoch + 1, total_epochs)
-    bar = engine.progress(progress, iterable=range(start_epoch, total_epochs), desc="train",
-                          initial=start_epoch, total=total_epochs)
+    bar = RunProgress(engine, desc="train", enabled=progress, total_steps=total_epochs * len(loader),
+                      initial_step=start_epoch * len(loader), epochs_total=total_epochs, logger=log_)
     model.train()
-    for epoch in bar:
+    for epoch in range(start_epoch, total_epochs):
         if image_first and epoch == train_config.epochs:  # the text phase: the same run as without the fallback
             model.load_state_dict(initial, strict=False)
             optimizer.load_state_dict(initial_optimizer)
@@ -269,6 +271,7 @@ def train_segmenter(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
+            bar.step(bar.record(epoch + 1, float(np.mean(losses)), optimizer.param_groups[0]["lr"]))
         record = {"epoch": epoch + 1, "loss": engine.mean(torch.tensor(np.mean(losses), dtype=torch.float64))}
         stop = engine.any(stop_event is not None and stop_event.is_set())
         last = epoch + 1 in (total_epochs, train_config.epochs) or stop
@@ -279,13 +282,15 @@ def train_segmenter(
                 best = {"dice": scores["dice"], "epoch": epoch + 1}
                 best_state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
         history.append(record)
-        bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
+        shown = bar.record(**record, lr=optimizer.param_groups[0]["lr"])  # epochs_total: 2 x epochs under text_fallback
+        bar.end_epoch(shown)
         if log and engine.is_main:
-            log(dict(record, epochs_total=total_epochs))  # 2 x epochs under text_fallback
-        _save_resume(engine, resume_dir, model, optimizer, generator, epoch + 1, best, history, best_state, fingerprint)
+            log(shown)
+        _save_resume(state, model, optimizer, generator, epoch + 1, best, history, best_state)
         if stop:
             log_.info("training stopped on request after epoch %d", epoch + 1)
             break
+    bar.close()
 
     model.fusion.text_enabled = True
     metrics: dict = {"epochs": len(history), "history": history, "labeled_images": len(labeled),
@@ -311,8 +316,7 @@ def train_segmenter(
             _curve(history, staging / CURVE_FILE)
             if encoder is not None:
                 encoder.save_reference(staging)
-        shutil.rmtree(resume_dir, ignore_errors=True)
-    engine.wait()
+    state.finish()
     return metrics
 
 
@@ -382,67 +386,56 @@ def validate_model_dir(model_dir: str | Path, samples: Sequence[Sample], device:
     return {**scores, "n": len(ds)}
 
 
-def run_fingerprint(labeled: Sequence[Sample], val_samples: Sequence[Sample] | None, backbone_dir: str | Path,
-                    text_config: TextConfig, segmenter_config: SegmenterConfig, train_config: TrainConfig,
-                    backbone_config: dict | None = None, init_dir: str | Path | None = None) -> str:
-    """What a resumable run was started on: the contents (not paths) of every image, mask and
-    report, the backbone, and the settings except the epoch count. A resume state with another
-    fingerprint belongs to a different training set (labels saved or changed since) and is dropped."""
+def run_record(labeled: Sequence[Sample], val_samples: Sequence[Sample] | None, backbone_dir: str | Path,
+               text_config: TextConfig, segmenter_config: SegmenterConfig, train_config: TrainConfig,
+               backbone_config: dict | None = None, init_dir: str | Path | None = None,
+               epochs_matter: bool = False) -> dict:
+    """What a resumable run was started on (`training.resume`): the contents (not paths) of every
+    image, mask and report, the backbone, the starting weights, and the settings except the epoch
+    count (a constant learning rate: more epochs extend the same run), unless ``epochs_matter``
+    (text_fallback switches phase after `epochs`, so the count decides the run)."""
     def rows(samples):
-        return sorted([sha256_file(s.image), sha256_file(s.mask) if s.mask else None,
-                       hashlib.sha256(s.text.encode("utf-8")).hexdigest()] for s in samples)
+        return digest(sorted([sha256_file(s.image), sha256_file(s.mask) if s.mask else None,
+                              hashlib.sha256(s.text.encode("utf-8")).hexdigest()] for s in samples))
 
     backbone_dir = Path(backbone_dir)
     backbone = {name: sha256_file(backbone_dir / name) for name in ("config.json", "backbone_config.json", "checksums.json")
                 if (backbone_dir / name).is_file()}
     if "checksums.json" not in backbone:  # weights without a recorded checksum: hash them
         backbone["weights"] = [sha256_file(w) for w in sorted(backbone_dir.glob("*.safetensors"))]
-    settings = {k: v for k, v in train_config.to_dict().items() if k != "epochs"}
+    settings = {k: v for k, v in train_config.to_dict().items() if k != "epochs" or epochs_matter}
     if backbone_config is not None:  # as probed (overrides included), not only as stored
         backbone["config"] = backbone_config
-    record = {"train": rows(labeled), "val": rows(val_samples or []), "backbone": backbone,
-              "text": text_config.to_dict(), "segmenter": segmenter_config.to_dict(), "settings": settings}
-    if init_dir is not None:  # a run continued from a model: its starting weights belong to the run
-        record["init"] = sha256_file(Path(init_dir) / "segmenter.safetensors")
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    return {"data": {"train": rows(labeled), "val": rows(val_samples or [])}, "backbone": digest(backbone),
+            "init": sha256_file(Path(init_dir) / "segmenter.safetensors") if init_dir is not None else None,
+            "text": text_config.to_dict(), "segmenter": segmenter_config.to_dict(), "settings": settings}
 
 
-def _save_resume(engine: Engine, resume_dir: Path, model: FastTextDiffModel, optimizer, generator: torch.Generator,
-                 epoch: int, best: dict, history: list, best_state: dict | None, fingerprint: str) -> None:
+def _save_resume(state: ResumeState, model: FastTextDiffModel, optimizer, generator: torch.Generator,
+                 epoch: int, best: dict, history: list, best_state: dict | None) -> None:
     """Epoch-end state in the shared training-state format (weights, best weights, Adam moments, RNG)."""
     tensors = {f"model.{k}": v for k, v in model.trainable_state_dict().items()}
     tensors.update({f"best.{k}": v for k, v in (best_state or {}).items()})
     opt_tensors, opt_meta = optimizer_state_tensors(optimizer.optimizer)
-    meta = {"epoch": epoch, "best": best, "history": history, "optimizer": opt_meta, "fingerprint": fingerprint}
-    engine.save_state(resume_dir, {**tensors, **opt_tensors}, meta, {"loader": generator})
+    meta = {"epoch": epoch, "best": best, "history": history, "optimizer": opt_meta}
+    state.save({**tensors, **opt_tensors}, meta, {"loader": generator})
 
 
-def _resume(engine: Engine, resume_dir: Path, model: FastTextDiffModel, optimizer, generator: torch.Generator,
-            total_epochs: int, fingerprint: str) -> tuple[int, dict, list, dict | None]:
+def _resume(engine: Engine, state: ResumeState, resume: bool, model: FastTextDiffModel, optimizer,
+            generator: torch.Generator, total_epochs: int) -> tuple[int, dict, list, dict | None]:
     """(start epoch, best record, history, best weights) from an interrupted run, or a fresh start."""
     fresh = (0, {"dice": -1.0, "epoch": 0}, [], None)
-    try:
-        loaded = load_training_state(resume_dir)
-        if loaded is None:
-            return fresh
-        tensors, state = loaded
-        if (state.get("fingerprint"), state.get("num_processes")) != (fingerprint, engine.num_processes):
-            log_.warning("discarding the resume state in %s: the training images, labels, reports, backbone, "
-                         "settings or number of processes changed since that run; starting over", resume_dir)
-            engine.wait()
-            if engine.is_main:
-                shutil.rmtree(resume_dir, ignore_errors=True)
-            return fresh
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
-        load_optimizer_state(optimizer.optimizer, tensors, state["optimizer"])
-        engine.restore_rng(tensors, {"loader": generator})
-        best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
-    except (CheckpointError, KeyError, RuntimeError, ValueError) as exc:
-        log_.warning("ignoring unreadable resume state in %s (%s); starting over", resume_dir, exc)
-        engine.wait()
-        if engine.is_main:
-            shutil.rmtree(resume_dir, ignore_errors=True)
+    loaded = state.load(resume)
+    if loaded is None:
         return fresh
-    epoch = min(int(state["epoch"]), total_epochs)
-    log_.info("resuming training from epoch %d (%s)", epoch, resume_dir)
-    return epoch, state.get("best", fresh[1]), state.get("history", []), best_state
+    tensors, meta = loaded
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+        load_optimizer_state(optimizer.optimizer, tensors, meta["optimizer"])
+        engine.restore_rng(tensors, {"loader": generator})
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise state.does_not_fit(exc) from exc
+    best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    epoch = min(int(meta["epoch"]), total_epochs)
+    state.resumed(epoch)
+    return epoch, meta.get("best", fresh[1]), meta.get("history", []), best_state

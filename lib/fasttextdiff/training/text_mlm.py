@@ -7,6 +7,7 @@ or the MiniLM WordPiece vocabulary), packs notes into long sequences, masks 15-3
 and trains with warmup + decay. Held-out masked-token perplexity is measured before and after
 with a fixed masking seed, so the two figures compare like with like. The output directory is
 a plain transformers checkpoint that `TextEncoder(TextConfig(encoder=out_dir))` loads directly.
+A killed run resumes from ``<out_dir>.resume/`` under the one policy of `training.resume`.
 
 It runs on the shared training engine: `accelerate launch --multi_gpu --num_processes N -m
 fasttextdiff.commands.main pretrain-text ...` trains on N processes (nccl on GPUs, gloo on CPUs), each on its
@@ -33,23 +34,25 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from fasttextdiff.utils.atomic import atomic_write_json, staging_dir
-from fasttextdiff.utils.checkpoint import load_optimizer_state, load_training_state, optimizer_state_tensors
+from fasttextdiff.utils.checkpoint import load_optimizer_state, optimizer_state_tensors, sha256_file
 from fasttextdiff.data.corpora import CORPORA, iter_corpus
-from fasttextdiff.training.engine import Engine
-from fasttextdiff.utils.errors import CheckpointError, CorpusError, ModelNotFoundError
+from fasttextdiff.training.engine import Engine, RunProgress
+from fasttextdiff.training.resume import ResumeState
+from fasttextdiff.utils.errors import CorpusError, ModelNotFoundError
 from fasttextdiff.training.span_masking import MASKINGS, WordSpanCollator
 from fasttextdiff.text.encoder import _quiet_transformers, build_tiny_encoder
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.json"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 @dataclass
 class PretrainSettings:
-    """Everything that decides the run; recorded in metrics.json and checked on resume."""
+    """Everything that decides the run; recorded in metrics.json and, all but `checkpoint_every`, in the
+    resume state: a state of other settings is not resumed (`training.resume`). `steps` and `epochs`
+    count too: the learning-rate schedule decays over them."""
 
     corpus: str = "iu-xray"
     path: str | None = None
@@ -282,6 +285,11 @@ def pretrain_text(
     `options` are the fields of `PretrainSettings` (max_seq_len, mlm_probability, steps, epochs,
     batch_size, lr, warmup, schedule, seed, tokenizer, ...); `quick=True` applies a small CPU
     preset first (explicit options still win). Returns the metrics dict.
+
+    A killed run resumes from ``<out_dir>.resume/`` when started again with the same settings (and the
+    same ``init`` weights); a state of other settings, or an unreadable one, is discarded with a warning
+    and the run starts over (`training.resume`); ``resume=False`` starts over without looking. A
+    finished run with the same settings is returned as it is, not redone.
     """
     from transformers import DataCollatorForLanguageModeling, get_scheduler
 
@@ -300,22 +308,24 @@ def pretrain_text(
         out.mkdir(parents=True, exist_ok=True)
     engine.wait()
 
-    ckpt = out / CHECKPOINT_DIR
+    init_dir = Path(s.init).expanduser()
+    run = {"settings": _comparable(s),  # the corpus by name and path: a stream is not read twice to hash it
+           "init": [sha256_file(f) for f in sorted(init_dir.glob("*.safetensors"))] if s.init != "tiny" else None}
+    resume_state = ResumeState(engine, out, run, logger)
     done = out / METRICS_FILE
-    if resume and done.is_file() and not ckpt.exists():
+    if resume and done.is_file() and not resume_state.dir.exists():
         previous = json.loads(done.read_text())
         if _comparable_dict(previous.get("settings", {})) == _comparable(s):
             logger.info("%s already holds a finished run with these settings", out)
             return previous
-    tensors, state = (load_training_state(ckpt) if resume else None) or ({}, {})
-    if state and state.get("settings") != _comparable(s):
-        raise CheckpointError(f"{ckpt} was written with other settings; pass a new --out or --no-resume")
-    if engine.is_main and not state and ckpt.exists():
-        shutil.rmtree(ckpt)
+    tensors, state = resume_state.load(resume) or ({}, {})
 
     model, tokenizer, source = _load_init_model(s, out, engine, lambda: _notes(s, heldout=False))
     if state:
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+        try:
+            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+        except (RuntimeError, ValueError) as exc:
+            raise resume_state.does_not_fit(exc) from exc
         model.tie_weights()
     model.to(device)
 
@@ -356,7 +366,11 @@ def pretrain_text(
     consumed = int(state.get("blocks_consumed", 0))  # in the current epoch, across ranks
     tokens = int(state.get("tokens", 0))
     if state:
-        load_optimizer_state(opt.optimizer, tensors, state["optimizer"])
+        try:
+            load_optimizer_state(opt.optimizer, tensors, state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise resume_state.does_not_fit(exc) from exc
+        resume_state.resumed(epoch + 1, step)
         with warnings.catch_warnings():  # fast-forwarding the schedule, no optimizer step is due
             warnings.simplefilter("ignore")
             for _ in range(step):
@@ -413,11 +427,19 @@ def pretrain_text(
                 yield batch
                 batch = []
 
-    bar = engine.progress(progress, total=total_steps, initial=step, desc="pretrain-text", unit="step")
+    if s.steps is None:
+        epochs_total: int | None = math.ceil(s.epochs)
+    elif n_train_blocks is not None:
+        epochs_total = math.ceil(total_steps * s.batch_size * world / n_train_blocks)
+    else:
+        epochs_total = None  # a step count on a stream never counted: the number of passes is not known
+    bar = RunProgress(engine, desc="pretrain-text", enabled=progress, total_steps=total_steps, initial_step=step,
+                      epochs_total=epochs_total, logger=logger)
     train_model.train()
     loss_ema = None
     while step < total_steps:
         got_any = False
+        epoch_losses: list[float] = []
         for batch_blocks in epoch_blocks(epoch, consumed):
             got_any = True
             batch = collator([{"input_ids": b} for b in batch_blocks])
@@ -435,22 +457,26 @@ def pretrain_text(
             tokens += batch["input_ids"].numel() * world
             loss = engine.mean(outputs.loss)
             loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            epoch_losses.append(loss)
+            record = bar.record(epoch + 1, loss, sched.get_last_lr()[0], step=step, total_steps=total_steps)
+            bar.step(dict(record, loss=loss_ema))  # the bar shows the smoothed loss
             if log and engine.is_main:
-                log({"step": step, "loss": loss, "lr": sched.get_last_lr()[0], "epoch": epoch})
+                log(record)
             if step % s.checkpoint_every == 0 and step < total_steps:
                 opt_tensors, opt_meta = optimizer_state_tensors(opt.optimizer)
                 weights = {f"model.{k}": v for k, v in model.state_dict().items()
                            if k != "decoder.weight"}  # tied to the token embeddings
-                engine.save_state(ckpt, {**weights, **opt_tensors}, {
-                    "settings": _comparable(s), "step": step, "epoch": epoch, "blocks_consumed": consumed,
+                resume_state.save({**weights, **opt_tensors}, {
+                    "step": step, "epoch": epoch, "blocks_consumed": consumed,
                     "tokens": tokens, "perplexity_before": ppl_before, "eval_masked_tokens": eval_masked,
                     "train_blocks": n_train_blocks, "seconds": time.perf_counter() - started, "optimizer": opt_meta})
             if step >= total_steps:
                 break
         if not got_any and consumed == 0:
             raise CorpusError("the corpus yields no full training batch; lower --batch-size or --max-seq-len")
+        if epoch_losses:
+            bar.end_epoch(bar.record(epoch + 1, sum(epoch_losses) / len(epoch_losses), sched.get_last_lr()[0],
+                                     step=step, total_steps=total_steps))
         if step < total_steps:
             epoch += 1
             consumed = 0
@@ -477,7 +503,7 @@ def pretrain_text(
         }
         _save_final(out, model, tokenizer, metrics)
         logger.info("perplexity %.2f -> %.2f in %d steps", ppl_before, ppl_after, step)
-    engine.wait()
+    resume_state.finish()  # finished: the optimizer state is no longer needed
     return metrics
 
 
@@ -506,7 +532,6 @@ def _save_final(out: Path, model, tokenizer, metrics: dict) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(out / ".work", ignore_errors=True)
-    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # finished: optimizer state no longer needed
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,7 +548,7 @@ def add_pretrain_text_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
     parser.add_argument("--out", required=True, help="output directory (a loadable text encoder)")
     parser.add_argument("--quick", action="store_true", help="small CPU preset (a few minutes)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="start over even if --out holds a checkpoint")
+                        help="start over, discarding the resume state an interrupted run left beside --out (OUT.resume/)")
     parser.add_argument("--max-seq-len", type=int, default=None, help="packed block length in tokens (default 512)")
     parser.add_argument("--mlm-probability", type=float, default=None,
                         help="share of tokens masked, 0.15-0.30 (default 0.30, ModernBERT's own)")

@@ -120,7 +120,8 @@ def load_lvit(root: str | Path) -> dict[str, list[Sample]]:
 def run_job(spec: dict[str, Any], log_fn: Callable[[dict], None] | None = None,
             stop_event: threading.Event | None = None) -> dict:
     """Run one job: ``pretrain-backbone`` (``images``, ``backbone`` config, ``out_dir``, ``options`` of
-    `pretrain_backbone_on_files`, ``restart_if_unusable``: ignore a checkpoint of other images or settings)
+    `pretrain_backbone_on_files`, ``restart_if_unusable``: start over when the resume state does not fit the
+    model; a state of other images or settings is discarded by every loop anyway, `training.resume`)
     or ``train-segmenter`` (``samples``, optional ``val_samples`` and ``init_dir``, ``out_dir``, ``backbone_dir``,
     ``text``/``segmenter``/``train`` configs, ``text_cache_dir``, ``backbone_overrides``); both take ``device``.
     Returns the metrics."""
