@@ -176,7 +176,7 @@ def test_text_encoders_smallest(tmp_path):
 
 
 def test_text_encoders_region_probe_and_focus_recall(tmp_path):
-    """The two diagnostics behind the README's clinical-reports statement, on a few real MiniLM encodings."""
+    """The two diagnostics behind bench/README.md's clinical-reports statement, on a few real MiniLM encodings."""
     import text_encoders
 
     small = ["--quick", "--size", "32", "--n-train", "12", "--n-val", "4", "--n-test", "4", "--out", str(tmp_path)]
