@@ -22,12 +22,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-MODULE_DIR = REPO / "slicer_module" / "ReportSegment"
-if str(MODULE_DIR) not in sys.path:
-    sys.path.insert(0, str(MODULE_DIR))
-
-from tests.server_fixtures import TINY_CONF, SubprocessServer, make_tiny_studies  # noqa: E402
+from tests.server_fixtures import TINY_CONF, SubprocessServer, make_tiny_studies
 
 #: The test volume: 32 x 32 x 6 voxels (x, y, z), like the tiny server's 32 px images.
 VOLUME_SIZE = (32, 32, 6)

@@ -19,7 +19,6 @@ import pytest
 import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "slicer_module" / "ReportSegment"))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

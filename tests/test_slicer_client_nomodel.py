@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "slicer_module" / "ReportSegment"))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

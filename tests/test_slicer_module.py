@@ -201,6 +201,29 @@ def test_icon_is_a_real_png():
     assert b"IEND" in data[-12:]
 
 
+def test_the_web_viewer_shows_the_module_icon():
+    """The viewer's favicon (in the wheel, where the module's Resources are not) is the module's icon."""
+    viewer_icon = ROOT / "lib" / "fasttextdiff" / "viewer" / "favicon.png"
+    assert viewer_icon.read_bytes() == (MODULE / "Resources" / "Icons" / "ReportSegment.png").read_bytes()
+
+
+# ------------------------------------------------------------------ installed packages
+def test_the_project_install_imports_the_scene_packages_from_the_module_folder(tmp_path):
+    """`make setup`'s editable install exposes ReportSegmentLib and ReportSegmentScene as packages: a
+    process outside the checkout, with no sys.path change, imports the very files desktop Slicer loads
+    from the module folder (the web viewer imports them this way)."""
+    code = (
+        "import json, ReportSegmentLib, ReportSegmentScene, fasttextdiff.viewer.cli;"
+        "print(json.dumps([ReportSegmentLib.__file__, ReportSegmentScene.__file__]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lib_file, scene_file = (Path(p) for p in json.loads(out.stdout.strip().splitlines()[-1]))
+    assert lib_file == LIB / "__init__.py" and scene_file == SCENE / "__init__.py", (lib_file, scene_file)
+
+
 def test_module_declares_the_template_classes():
     tree = ast.parse((MODULE / "ReportSegment.py").read_text(encoding="utf-8"))
     bases = {
