@@ -2,7 +2,8 @@
 
 Server talk (``client``), report text handling (``report``), label colours (``colors``),
 label/segment bookkeeping (``labels``) and settings keys (``settings``). Standard library only;
-never imports slicer, vtk, qt or ctk, so it runs and is tested in plain Python.
+never imports slicer, vtk, qt or ctk, so it runs and is tested in plain Python. Installed beside
+``fasttextdiff`` by the project's wheel (desktop Slicer imports it from the module's folder).
 """
 
 from .client import (

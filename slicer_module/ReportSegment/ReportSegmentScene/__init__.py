@@ -4,6 +4,10 @@ Runs wherever ``import slicer`` gives Slicer's MRML and logic classes: inside de
 (wrapped by the module's ``ReportSegmentLogic``), and on the ``slicer-core`` wheel without Qt
 (the web viewer in ``lib/fasttextdiff/viewer`` and the tests). Never imports qt, ctk,
 ``slicer.util`` or ``slicer.app``.
+
+Desktop Slicer imports it from the module's folder; the project's wheel and editable install put it,
+with ``ReportSegmentLib``, beside ``fasttextdiff`` as a top-level package (``pyproject.toml``), which
+is how the viewer imports it.
 """
 
 from . import nodes
