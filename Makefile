@@ -54,11 +54,13 @@ demo-studies: $(STAMP)
 
 # MONAI Label's launcher runs `python` from PATH: point it at the venv's interpreter. Without --log_config,
 # each start would leave a copy of MONAI Label's logging config (tmp*.json) in the temp folder.
+# --uvicorn_app server:app serves monailabel_app/server.py (MONAI Label's app with ours installed before it serves).
 SERVE_LOG_CONFIG := $(abspath monailabel_app/logs/logging.json)
 serve: $(STAMP) demo-studies
 	@$(PY) monailabel_app/lib/log_config.py $(SERVE_LOG_CONFIG) >/dev/null
 	PATH="$(abspath $(VENV))/bin:$$PATH" MONAILABEL_PYEXE="$(abspath $(PY))" \
-		$(VENV)/bin/monailabel start_server --app monailabel_app --studies $(STUDIES) \
+		PYTHONPATH="$(abspath monailabel_app)$${PYTHONPATH:+:$$PYTHONPATH}" \
+		$(VENV)/bin/monailabel start_server --app monailabel_app --studies $(STUDIES) --uvicorn_app server:app \
 		--host $(HOST) --port $(PORT) --log_config $(SERVE_LOG_CONFIG) $(CONF)
 
 # The web annotation viewer for a running server (`make serve` in another terminal); 127.0.0.1 only.

@@ -62,7 +62,6 @@ class FastTextDiffApp(MONAILabelApp):
             description="Report-conditioned, label-efficient diffusion segmentation (2D images and volumes)",
             version="0.1.0",
         )
-        self._harden_routes()
 
     # ------------------------------------------------------------------ MONAI Label hooks
     def init_datastore(self):
@@ -153,6 +152,10 @@ class FastTextDiffApp(MONAILabelApp):
 
     def on_init_complete(self):
         """Server process only (MONAI Label's task subprocesses never call this)."""
+        served = getattr(sys.modules.get("monailabel.app"), "app", None)
+        if served is not None and getattr(served.state, "fasttextdiff_app", None) is not self:
+            raise RuntimeError("FastTextDiff's HTTP layer (body limits, checked input) is not installed: start the "
+                               "server with `--uvicorn_app server:app` and monailabel_app/ on PYTHONPATH (docs/SERVER.md)")
         super().on_init_complete()
         if self.manager.ready:
             self._announce_ready()
@@ -289,15 +292,12 @@ class FastTextDiffApp(MONAILabelApp):
                 thread.join(timeout)
 
     # ------------------------------------------------------------------ server adaptation
-    def _harden_routes(self) -> None:
-        module = sys.modules.get("monailabel.app")
-        if module is None:  # a MONAI Label task subprocess: no HTTP server here
-            return
-        from lib.routes import harden
-
-        harden(module.app, threaded_infer=self.app_conf.threaded_infer,
-               max_body_bytes=self.app_conf.max_upload_mb * 1024 * 1024)
+    def install_http(self, fastapi_app) -> None:
+        """Install this app's HTTP layer on MONAI Label's FastAPI app before it serves (server.py)."""
+        from lib.routes import install
         from lib.security import fix_token_validation
 
-        fix_token_validation(module.app)
+        install(fastapi_app, threaded_infer=self.app_conf.threaded_infer,
+                max_body_bytes=self.app_conf.max_upload_mb * 1024 * 1024)
+        fix_token_validation(fastapi_app)
 

@@ -7,10 +7,10 @@ Import the fixtures into a test module (or a conftest) with
 * `TINY_CONF` — `--conf` values for tiny, fast models (widths 8/16, 32 px, 1-2 epochs).
 * `build_tiny_model(studies, out)` — a ready model publish root built from the studies with the
   app's own training workflows, for `--conf model_dir`.
-* `InProcessServer` — the real `monailabel.app` FastAPI app served by uvicorn in a thread on a
+* `InProcessServer` — the real app (monailabel_app/server.py: `monailabel.app` with ours installed) served by uvicorn in a thread on a
   127.0.0.1 socket bound to port 0 (the kernel picks a free port: no race with other test
   processes; MONAI Label's client needs a socket), plus a `TestClient` on the same app.
-* `SubprocessServer` — `monailabel start_server ... --host 127.0.0.1` as a child process, on a free
+* `SubprocessServer` — `monailabel start_server ... --uvicorn_app server:app --host 127.0.0.1` as a child process, on a free
   port; a start that loses the port to another process (EADDRINUSE) is retried on another one.
 
 The servers run the app's default configuration (the default text fusion included): a test about
@@ -232,9 +232,11 @@ class InProcessServer:
         settings.MONAI_LABEL_APP_CONF = dict(self.conf)
         settings.MONAI_LABEL_SERVER_PORT = self.port
         clear_cache()
-        import monailabel.app
+        if str(APP_DIR) not in sys.path:
+            sys.path.append(str(APP_DIR))
+        import server  # monailabel_app/server.py, what `--uvicorn_app server:app` serves
 
-        config = uvicorn.Config(monailabel.app.app, host="127.0.0.1", port=self.port, log_level="warning",
+        config = uvicorn.Config(server.build(), host="127.0.0.1", port=self.port, log_level="warning",
                                 lifespan="on")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
@@ -260,10 +262,10 @@ class InProcessServer:
 
     def test_client(self):
         """A FastAPI TestClient on the same app (no lifespan: the uvicorn thread already ran it)."""
-        import monailabel.app
+        import server
         from fastapi.testclient import TestClient
 
-        return TestClient(monailabel.app.app, raise_server_exceptions=False)
+        return TestClient(server.app, raise_server_exceptions=False)
 
     def stop(self) -> None:
         from monailabel.interfaces.utils.app import clear_cache
@@ -324,8 +326,8 @@ class SubprocessServer:
         exe = Path(sys.executable).with_name("monailabel")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         monailabel_log_config(self.log_config)
-        cmd = [str(exe), "start_server", "--app", str(APP_DIR), "--studies", str(self.studies),
-               "--host", "127.0.0.1", "--port", str(self.port), "--log_config", str(self.log_config)]
+        cmd = [str(exe), "start_server", "--app", str(APP_DIR), "--studies", str(self.studies), "--uvicorn_app",
+               "server:app", "--host", "127.0.0.1", "--port", str(self.port), "--log_config", str(self.log_config)]
         for key, value in self.conf.items():
             cmd += ["--conf", key, str(value)]
         return cmd

@@ -1,19 +1,19 @@
-"""Re-register MONAI Label 0.8.5's FastAPI routes: 4xx with a reason for bad input, slow work off the
-event loop, uploads that leave nothing behind.
+"""FastTextDiff's HTTP layer on MONAI Label 0.8.5's FastAPI app, installed before it serves (server.py):
+4xx with a reason for bad input, slow work off the event loop, uploads that leave nothing behind.
 
-MONAI Label gives an app no hook for its HTTP layer, and middleware cannot be added once the server
-runs, so the app re-registers every route once, at init, with the same path, parameters and role
-(RBAC dependency):
-
+* `BodyGuard` (middleware): the body is bounded (--conf max_upload_mb for multipart, 1 MiB
+  otherwise) and multipart form fields must be UTF-8 before any endpoint sees the request;
+* exception handlers: known exception types become 4xx (`translate`), so only genuine server
+  faults are 500, and validation errors get a 422 that can always be encoded (FastAPI's own
+  handler echoes the input, and fails on a bare NaN or 1e400 body);
 * routes listed in `lib/endpoints.REPLACEMENTS` answer with the app's own function (uploads in
-  private temp folders, checked bodies, run in FastAPI's thread pool); see that module;
-* every other route keeps MONAI Label's endpoint, wrapped: JSON form fields and bodies are checked
-  first (malformed, NaN/Infinity, nested too deeply, not an object: 400), and known exception
-  types become 4xx (`translate`), so only genuine server faults are 500;
-* every route is a `GuardedRoute`: the body is bounded (--conf max_upload_mb for multipart,
-  1 MiB for JSON) and form fields must be UTF-8 before the endpoint sees the request, and
-  validation errors are answered with a 422 that can always be encoded (FastAPI's own handler
-  echoes the input, and fails on a bare NaN or 1e400 body).
+  private temp folders, checked bodies, run in FastAPI's thread pool), `ADDITIONS` are added;
+  every endpoint keeps its path, parameters and role (RBAC dependency) and is wrapped (`_guard`):
+  JSON form fields and bodies are checked first (malformed, NaN/Infinity, nested too deeply, not
+  an object: 400) and the request is marked as coming over HTTP (lib/origin.py).
+
+MONAI Label builds its routes when `monailabel.app` is imported, and loads a fresh `lib` for each
+app instance, so the endpoints are registered again for each instance (`install`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ from lib.origin import REQUEST_ORIGIN
 
 logger = logging.getLogger(__name__)
 
-_MARK = "_fasttextdiff_hardened"
-_TOKEN = object()  # this import of the module; MONAI Label re-imports `lib` for each app instance
+_MARK = "_fasttextdiff_guarded"
 
 MAX_JSON_BYTES = 1024 * 1024  # JSON and other non-multipart bodies (no route takes more)
 SPOOL_IN_MEMORY = 4 * 1024 * 1024  # larger bodies are spooled to a temp file, not held in memory
@@ -134,16 +133,8 @@ def _check_request_values(kwargs: dict) -> None:
 
 
 def _guard(endpoint: Callable, inline: bool = False) -> Callable:
-    """`endpoint` with the request checks and error translation; same signature (FastAPI reads it
+    """`endpoint` with the request checks; same signature (FastAPI reads it
     via __wrapped__). A plain `def` stays one (FastAPI runs it in its thread pool) unless `inline`."""
-
-    def refused(exc: Exception) -> HTTPException:
-        http = translate(exc)
-        if http is None:
-            raise exc
-        if http is not exc:
-            logger.info("request refused (%s): %s", http.status_code, http.detail)
-        return http
 
     if inspect.iscoroutinefunction(endpoint) or inline:
         @functools.wraps(endpoint)
@@ -153,8 +144,6 @@ def _guard(endpoint: Callable, inline: bool = False) -> Callable:
                 _check_request_values(kwargs)
                 result = endpoint(**kwargs)
                 return _opened(await result if inspect.isawaitable(result) else result)
-            except Exception as exc:  # noqa: BLE001 - translated or re-raised
-                raise refused(exc) from exc
             finally:
                 REQUEST_ORIGIN.reset(token)
     else:
@@ -164,12 +153,10 @@ def _guard(endpoint: Callable, inline: bool = False) -> Callable:
             try:
                 _check_request_values(kwargs)
                 return _opened(endpoint(**kwargs))
-            except Exception as exc:  # noqa: BLE001 - translated or re-raised
-                raise refused(exc) from exc
             finally:
                 REQUEST_ORIGIN.reset(token)
 
-    setattr(wrapper, _MARK, _TOKEN)
+    setattr(wrapper, _MARK, True)
     return wrapper
 
 
@@ -252,158 +239,142 @@ class FormFieldChecker:
 
 def _safe_validation_errors(errors: Any) -> list:
     """FastAPI's 422 body without the offending input (which may be NaN, huge, or the whole body)."""
-    safe = []
-    for error in list(errors)[:20]:
-        safe.append({"loc": [str(part)[:80] for part in error.get("loc", ())],
-                     "msg": str(error.get("msg", ""))[:200], "type": str(error.get("type", ""))[:80]})
-    return safe
+    return [{"loc": [str(part)[:80] for part in error.get("loc", ())], "msg": str(error.get("msg", ""))[:200],
+             "type": str(error.get("type", ""))[:80]} for error in list(errors)[:20]]
 
 
-class GuardedRoute(APIRoute):
-    """An APIRoute whose handler reads the raw body first, bounded (--conf max_upload_mb for
-    multipart bodies, 1 MiB otherwise) and spooled to disk beyond a few MiB, refuses non-UTF-8
-    form fields and malformed multipart headers, then replays the body to the endpoint; request
-    validation errors are answered with a 422 that never echoes the input."""
+class BodyGuard:
+    """ASGI middleware: reads the raw body first, bounded (`app.state.max_body_bytes` for multipart
+    bodies, 1 MiB otherwise) and spooled to disk beyond a few MiB, refuses non-UTF-8 form fields
+    and malformed multipart headers, then replays the body to the app."""
 
-    def get_route_handler(self) -> Callable:
-        inner = super().get_route_handler()
+    def __init__(self, app: Any):
+        self.app = app
 
-        async def handler(request):
-            import tempfile
+    async def __call__(self, scope, receive, send):
+        import tempfile
 
-            from fastapi.exceptions import RequestValidationError
-            from starlette.requests import Request
-            from starlette.responses import JSONResponse
+        from starlette.datastructures import Headers
+        from starlette.responses import JSONResponse
 
-            content_type = request.headers.get("content-type", "")
-            multipart = content_type.lower().startswith("multipart/")
-            from lib.uploads import MAX_BODY_BYTES
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        content_type = headers.get("content-type", "")
+        multipart = content_type.lower().startswith("multipart/")
+        limit = getattr(scope["app"].state, "max_body_bytes", 1 << 30) if multipart else MAX_JSON_BYTES
+        what = f"the upload limit of {limit // 2**20} MiB (--conf max_upload_mb)" if multipart else \
+            f"the limit of {limit // 2**20} MiB for a request that is not a file upload"
+        too_big = JSONResponse({"detail": f"request body is larger than {what}"}, status_code=413)
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await too_big(scope, receive, send)
+        checker = FormFieldChecker(content_type.encode("latin-1", "replace"))
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # unlinked at once by the OS
+        try:
+            size, more = 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                chunk, more = message.get("body", b""), message.get("more_body", False)
+                size += len(chunk)
+                if size > limit:
+                    return await too_big(scope, receive, send)
+                spool.write(chunk)
+                checker.write(chunk)
+            reason = checker.finish()
+            if reason:
+                return await JSONResponse({"detail": reason}, status_code=400)(scope, receive, send)
+            spool.seek(0)
+            sent_all = False
 
-            limit = MAX_BODY_BYTES[0] if multipart else MAX_JSON_BYTES
-            what = f"the upload limit of {limit // 2**20} MiB (--conf max_upload_mb)" if multipart else \
-                f"the limit of {limit // 2**20} MiB for a request that is not a file upload"
-            too_big = JSONResponse({"detail": f"request body is larger than {what}"}, status_code=413)
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                return too_big
-            checker = FormFieldChecker(content_type.encode("latin-1", "replace"))
-            spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # unlinked at once by the OS
-            try:
-                size = 0
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        return too_big
-                    spool.write(chunk)
-                    checker.write(chunk)
-                reason = checker.finish()
-                if reason:
-                    return JSONResponse({"detail": reason}, status_code=400)
-                spool.seek(0)
-                original_receive = request.receive
+            async def replay():
+                nonlocal sent_all
+                if not sent_all:
+                    data = spool.read(1 << 20)
+                    sent_all = spool.tell() >= size
+                    return {"type": "http.request", "body": data, "more_body": not sent_all}
+                return await receive()  # after the body: wait for the disconnect
 
-                async def replay():
-                    if spool.tell() < size:
-                        data = spool.read(1 << 20)
-                        return {"type": "http.request", "body": data, "more_body": spool.tell() < size}
-                    if size == 0 and not getattr(replay, "sent_empty", False):
-                        replay.sent_empty = True
-                        return {"type": "http.request", "body": b"", "more_body": False}
-                    return await original_receive()  # after the body: wait for the disconnect
-
-                try:
-                    return await inner(Request(request.scope, replay))
-                except RequestValidationError as exc:
-                    return JSONResponse({"detail": _safe_validation_errors(exc.errors())}, status_code=422)
-            finally:
-                spool.close()
-
-        return handler
+            await self.app(scope, replay, send)
+        finally:
+            spool.close()
 
 
-def _api_path(path: str) -> str:
+def install_once(app: Any) -> None:
+    """The middleware and exception handlers, added to `app` before it first serves (they outlive app
+    instances: they use nothing from `lib` but `translate`, which reads only exception types)."""
+    from fastapi.exceptions import RequestValidationError
+    from monailabel.interfaces.exception import MONAILabelException
+    from starlette.responses import JSONResponse
+
+    from fasttextdiff.utils.errors import FastTextDiffError
+
+    if getattr(app.state, "fasttextdiff_http", False):
+        return
+
+    async def refused(request: Any, exc: Exception):
+        http = translate(exc)
+        if http is None:
+            raise exc
+        if http is not exc:
+            logger.info("request refused (%s): %s", http.status_code, http.detail)
+        return JSONResponse({"detail": http.detail}, status_code=http.status_code, headers=http.headers)
+
+    async def invalid(request: Any, exc: RequestValidationError):
+        return JSONResponse({"detail": _safe_validation_errors(exc.errors())}, status_code=422)
+
+    for kind in (MONAILabelException, FastTextDiffError, ValueError, RecursionError):
+        app.add_exception_handler(kind, refused)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_middleware(BodyGuard)
+    app.state.fasttextdiff_http = True
+
+
+def install(app: Any, threaded_infer: bool = True, max_body_bytes: int | None = None) -> int:
+    """Install the HTTP layer on `app` (monailabel.app.app) for this app instance: the replacement
+    endpoints (`lib/endpoints.REPLACEMENTS`), the additional routes (`ADDITIONS`), every endpoint
+    wrapped (`_guard`); returns how many routes were registered."""
     from monailabel.config import settings
 
+    from lib import endpoints, uploads
+
+    install_once(app)
+    if max_body_bytes is not None:
+        uploads.MAX_BODY_BYTES[0] = app.state.max_body_bytes = int(max_body_bytes)
     prefix = settings.MONAI_LABEL_API_STR or ""
-    return path[len(prefix):] if prefix and path.startswith(prefix) else path
-
-
-def _walk(router: Any, threaded_infer: bool, seen: set[int]) -> int:
-    """Replace the APIRoutes of `router` and, recursively, of routers it includes (FastAPI keeps
-    included routers either flattened into `routes` or wrapped, depending on its version)."""
-    from lib import endpoints
-
-    if id(router) in seen:
-        return 0
-    seen.add(id(router))
-    count = 0
-    routes = router.routes
-    for index, route in enumerate(list(routes)):
-        included = getattr(route, "original_router", None)
-        if included is not None:
-            count += _walk(included, threaded_infer, seen)
-            continue
+    additions = {(method, prefix + path): (endpoint, summary) for method, path, endpoint, summary in endpoints.ADDITIONS}
+    fresh = APIRouter(dependency_overrides_provider=app)
+    kept = []
+    for route in _routes(app.router):
         if not isinstance(route, APIRoute):
+            kept.append(route)
             continue
-        mark = getattr(route.endpoint, _MARK, None)
-        if mark is _TOKEN:
-            continue
-        endpoint = route.endpoint.__wrapped__ if mark is not None else route.endpoint  # re-wrap after a re-import
         methods = sorted(route.methods)
-        replacement = endpoints.REPLACEMENTS.get((methods[0], _api_path(route.path))) if len(methods) == 1 else None
-        if replacement is not None:
-            endpoint = replacement
-        inline = replacement is endpoints.run_inference and not threaded_infer
-        # the app's dependency_overrides must reach the new route (the auth fix in lib/security.py)
-        provider = getattr(route, "dependency_overrides_provider", None)
-        fresh = APIRouter(route_class=GuardedRoute, dependency_overrides_provider=provider)
-        fresh.add_api_route(
-            route.path,
-            _guard(endpoint, inline=inline),
-            methods=methods,
-            name=route.name,
-            summary=route.summary,
-            description=route.description,
-            tags=route.tags,
-            responses=route.responses,
-            include_in_schema=route.include_in_schema,
-            deprecated=route.deprecated,
-            response_class=route.response_class,
-        )
-        routes[index] = fresh.routes[0]
-        count += 1
-    if count and hasattr(router, "_mark_routes_changed"):
-        router._mark_routes_changed()
-    return count
-
-
-def _add_routes(app: Any) -> int:
-    """The app's routes that MONAI Label lacks (`lib/endpoints.ADDITIONS`), guarded like the others."""
-    from monailabel.config import settings
-
-    from lib import endpoints
-
-    prefix = settings.MONAI_LABEL_API_STR or ""
-    present = {(m, r.path) for r in app.router.routes if isinstance(r, APIRoute) for m in r.methods}
-    fresh = APIRouter(route_class=GuardedRoute, dependency_overrides_provider=app)
-    for method, path, endpoint, summary in endpoints.ADDITIONS:
-        if (method, prefix + path) not in present:
-            fresh.add_api_route(prefix + path, _guard(endpoint), methods=[method], summary=summary,
-                                tags=["Datastore"], name=endpoint.__name__)
-    app.router.routes.extend(fresh.routes)
-    if fresh.routes and hasattr(app.router, "_mark_routes_changed"):
-        app.router._mark_routes_changed()
+        key = (methods[0], route.path[len(prefix):] if route.path.startswith(prefix) else route.path)
+        endpoint = route.endpoint.__wrapped__ if getattr(route.endpoint, _MARK, False) else route.endpoint
+        endpoint = (endpoints.REPLACEMENTS.get(key) if len(methods) == 1 else None) or endpoint
+        additions.pop((methods[0], route.path), None)
+        fresh.add_api_route(route.path, _guard(endpoint, endpoint is endpoints.run_inference and not threaded_infer),
+                            methods=methods, name=route.name, summary=route.summary, description=route.description,
+                            tags=route.tags, responses=route.responses, include_in_schema=route.include_in_schema,
+                            deprecated=route.deprecated, response_class=route.response_class)
+    for (method, path), (endpoint, summary) in additions.items():
+        fresh.add_api_route(path, _guard(endpoint), methods=[method], summary=summary, tags=["Datastore"],
+                            name=endpoint.__name__)
+    app.router.routes[:] = kept + fresh.routes
+    getattr(app.router, "_mark_routes_changed", lambda: None)()  # FastAPI >= 0.13x caches by a version
+    app.openapi_schema = None
+    logger.info("FastTextDiff: %d routes installed (checked input, slow work in threads)", len(fresh.routes))
     return len(fresh.routes)
 
 
-def harden(app: Any, threaded_infer: bool = True, max_body_bytes: int | None = None) -> int:
-    """Re-register MONAI Label's routes on `app` (monailabel.app.app); returns how many. Idempotent."""
-    from lib import uploads
-
-    if max_body_bytes is not None:
-        uploads.MAX_BODY_BYTES[0] = int(max_body_bytes)
-    count = _walk(app.router, threaded_infer, set())
-    count += _add_routes(app)
-    app.openapi_schema = None
-    logger.info("FastTextDiff: %d MONAI Label routes re-registered (checked input, slow work in threads)", count)
-    return count
+def _routes(router: Any) -> list:
+    """The routes of `router`, with those of included routers (FastAPI keeps them flattened or nested,
+    depending on its version)."""
+    found = []
+    for route in router.routes:
+        included = getattr(route, "original_router", None)
+        found += _routes(included) if included is not None else [route]
+    return found
