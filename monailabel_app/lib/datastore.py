@@ -58,8 +58,9 @@ logger = logging.getLogger(__name__)
 _internal: contextvars.ContextVar[bool] = contextvars.ContextVar("fasttextdiff_internal", default=False)
 
 TEXT_KEY = "text"
+SCORE_KEY = "fasttextdiff_uncertainty"  # the scoring method's name, and its entry in an image's info
 # image info keys that clients may not set (the app owns them)
-_RESERVED = {"name", "ts", "path", "fasttextdiff_uncertainty", "strategy"}
+_RESERVED = {"name", "ts", "path", SCORE_KEY, "strategy"}
 _RESERVED_LABEL = {"name", "ts"}
 UNCERTAINTY_TAG = "uncertainty"  # model output for the image: dropped, not kept aside, when the image is replaced
 # what uploads and the studies folder may hold: every single-file format the library reads

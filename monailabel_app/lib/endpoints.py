@@ -1,7 +1,7 @@
 """The app's own versions of the MONAI Label 0.8.5 endpoints that take files or do slow work.
 
-`lib/routes.py` registers each function here in place of MONAI Label's endpoint of the same path
-and method, with the same parameters and the same role (RBAC, when auth is on). Why each one is
+`lib/routes.py` (from server.py, before the server serves) registers each function here in place of
+MONAI Label's endpoint of the same path and method, with the same parameters and the same role (RBAC, when auth is on). Why each one is
 replaced:
 
 * uploads (`PUT /datastore/image`, `PUT /datastore/label`, `POST /infer/{model}`, `PUT /session/`)
@@ -48,8 +48,9 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import get_mime_type
 
-from lib.origin import REQUEST_ORIGIN, REQUEST_UPLOAD
 from lib import uploads
+from lib.datastore import FastTextDiffDatastore
+from lib.origin import REQUEST_ORIGIN, REQUEST_UPLOAD
 from lib.uploads import ARCHIVE_SUFFIXES, extract_archive, is_archive_name, save_upload, upload_folder
 from lib.validation import (bad_request, check_human_tag, check_image_id, check_int, check_json_value,
                             check_label_tag, check_machine_tag, check_session_id, parse_json_object)
@@ -142,7 +143,7 @@ def add_image(image: Optional[str] = None, params: str = Form("{}"), file: Uploa
         path = save_upload(file, folder, "image")
         if is_archive_name(path.name):
             path = _series_from_archive(path, folder)
-        if hasattr(datastore, "add_image_checked"):
+        if isinstance(datastore, FastTextDiffDatastore):
             return datastore.add_image_checked(image or "", str(path), save_params, replace=replace)
         return {"image": datastore.add_image(image or "", str(path), save_params)}
 
@@ -183,7 +184,7 @@ def _who(user: Any) -> Optional[str]:
 
 def _local_datastore():
     datastore = app_instance().datastore()
-    if not hasattr(datastore, "save_human_label"):
+    if not isinstance(datastore, FastTextDiffDatastore):
         raise bad_request(404, "this server's studies are not a local folder: labels are kept by its DICOMweb server")
     return datastore
 
@@ -246,7 +247,7 @@ def check_image(image: str, check_sum: Optional[str] = None, user: User = USER):
 def download_dataset(limit_cases: Optional[int] = None, user: User = ANNOTATOR):
     """The labeled images, their final labels and the datastore record as one zip."""
     datastore = app_instance().datastore()
-    if not hasattr(datastore, "write_dataset_archive"):
+    if not isinstance(datastore, FastTextDiffDatastore):
         raise bad_request(404, "this datastore cannot be downloaded as a zip archive")
     with tempfile.TemporaryDirectory(prefix="fasttextdiff-dataset-") as folder:
         path = datastore.write_dataset_archive(Path(folder) / "dataset.zip", limit_cases)
@@ -351,9 +352,7 @@ def train_run_all(params: Optional[dict] = None, run_sync: Optional[bool] = Fals
             raise bad_request(400, f"params[{key!r}] must be a JSON object of that task's options")
     if "model" in body:
         raise bad_request(400, "'model' cannot be given here; use POST /train/{model} for one task")
-    instance = app_instance()
-    if hasattr(instance, "check_can_train"):
-        instance.check_can_train(sorted(trainers))  # 409 with the reason instead of SUBMITTED, then ERROR
+    app_instance().check_can_train(sorted(trainers))  # 409 with the reason instead of SUBMITTED, then ERROR
     return _run_task(lambda: ml_train.run(body, run_sync), "training", "/train/")
 
 
@@ -363,8 +362,7 @@ def train_run_model(model: str, params: Optional[dict] = None, run_sync: Optiona
     _known("train task", model, instance.info().get("trainers", {}))
     body = _body(params, "train")
     _no_override(body, model=model)
-    if hasattr(instance, "check_can_train"):
-        instance.check_can_train([model])  # 409 with the reason instead of SUBMITTED, then ERROR
+    instance.check_can_train([model])  # 409 with the reason instead of SUBMITTED, then ERROR
     return _run_task(lambda: ml_train.run_model(model, body, run_sync, enqueue), "training", "/train/")
 
 

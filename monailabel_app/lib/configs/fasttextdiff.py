@@ -14,6 +14,7 @@ from lib.activelearning.random import LeastRecentRandom
 from lib.activelearning.report_mismatch import ReportMismatchStrategy
 from lib.activelearning.uncertainty import UncertaintyStrategy
 from lib.configs.app_conf import AppConf
+from lib.datastore import SCORE_KEY
 from lib.infers.fasttextdiff import FastTextDiffInfer
 from lib.model_manager import ModelManager, ModelPaths
 from lib.scoring.uncertainty import ReportUncertaintyScoring
@@ -21,7 +22,7 @@ from lib.trainers.backbone import BackbonePretrain
 from lib.trainers.fasttextdiff import FastTextDiffTrain
 
 NAME = "fasttextdiff"
-SCORING = "fasttextdiff_uncertainty"
+SCORING = SCORE_KEY
 
 
 class FastTextDiffConfig:

@@ -14,7 +14,6 @@ task owns its pipeline (the library's `Segmenter`), so it implements the plain `
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -23,19 +22,21 @@ from typing import Any, Callable, Dict, Tuple, Union
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from fasttextdiff.text.encoder import text_sha256
+
 from lib.configs.app_conf import AppConf
+from lib.datastore import SCORE_KEY, UNCERTAINTY_TAG
 from lib.model_manager import ModelManager
 from lib.validation import bad_request, check_int, check_text
 
 logger = logging.getLogger(__name__)
 
-SCORE_KEY = "fasttextdiff_uncertainty"
-UNCERTAINTY_TAG = "uncertainty"
 RESULTS = ("label", "uncertainty")
 
 
 def text_sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    """The report's hash kept beside its score (a prefix of the text cache's key)."""
+    return text_sha256(text)[:16]
 
 
 def score_entry(result: Any, text: str, identity: str | None, n_noise: int) -> Dict[str, Any]:
