@@ -239,7 +239,8 @@ def acceptance(dataset: str, results: list[dict]) -> dict:
         for f in sorted({f for _, f in table}):
             if ("fasttextdiff", f) in table and ("no_text", f) in table:
                 gap = table[("fasttextdiff", f)]["dice_mean"] - table[("no_text", f)]["dice_mean"]
-                checks.append({"labeled_fraction": f, "claim": "fasttextdiff >= no_text - 0.005 Dice (a text path that only helps)",
+                checks.append({"labeled_fraction": f,
+                               "claim": "fasttextdiff >= no_text - 0.005 Dice (a text path that only helps)",
                                "dice_gap": gap, "holds": gap >= -0.005})
     for f in low:
         ours = table.get(("fasttextdiff", f))
@@ -297,7 +298,8 @@ def markdown(result: dict) -> str:
          "train s"], rows, ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"]))
     acc = result.get("acceptance", {})
     if acc.get("checks"):
-        lines += ["", "## Acceptance (label efficiency: budgets <= 25 %; on nuclei, text that only helps: every budget)", ""]
+        lines += ["", "## Acceptance (label efficiency: budgets <= 25 %; "
+                      "on nuclei, text that only helps: every budget)", ""]
         for c in acc["checks"]:
             lines.append(f"- {100 * c['labeled_fraction']:g} %: {c['claim']}: Dice gap {c['dice_gap']:+.3f} -> "
                          f"{'holds' if c['holds'] else 'does NOT hold'}")

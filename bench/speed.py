@@ -1022,7 +1022,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="only the fast-path rows (ablation, volume, 2D, Dice/ranking, truncation) and the 256 px "
                         "paper-taps training comparison (one round); writes speed_fast_path.{json,md}")
     p.add_argument("--volume-depth", type=int, default=None,
-                   help="measure the volume on this many slices and scale to 48 (only with --only-fast-path; busy machines)")
+                   help="measure the volume on this many slices and scale to 48 "
+                        "(only with --only-fast-path; busy machines)")
     p.add_argument("--slab", type=int, default=4, help="slices in the ablation slab (the first is air)")
     p.add_argument("--only-dice-check", action="store_true",
                    help="only the Dice / uncertainty-ranking check (-> --out/speed_dice_check.json)")
