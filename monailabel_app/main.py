@@ -154,8 +154,9 @@ class FastTextDiffApp(MONAILabelApp):
         """Server process only (MONAI Label's task subprocesses never call this)."""
         served = getattr(sys.modules.get("monailabel.app"), "app", None)
         if served is not None and getattr(served.state, "fasttextdiff_app", None) is not self:
-            raise RuntimeError("FastTextDiff's HTTP layer (body limits, checked input) is not installed: start the "
-                               "server with `--uvicorn_app server:app` and monailabel_app/ on PYTHONPATH (docs/SERVER.md)")
+            raise RuntimeError("FastTextDiff's HTTP layer (body limits, checked input) is not installed: start "
+                               "the server with `--uvicorn_app server:app` and monailabel_app/ on PYTHONPATH "
+                               "(docs/SERVER.md)")
         super().on_init_complete()
         if self.manager.ready:
             self._announce_ready()
@@ -297,7 +298,6 @@ class FastTextDiffApp(MONAILabelApp):
         from lib.routes import install
         from lib.security import fix_token_validation
 
-        install(fastapi_app, threaded_infer=self.app_conf.threaded_infer,
-                max_body_bytes=self.app_conf.max_upload_mb * 1024 * 1024)
+        install(fastapi_app, threaded_infer=self.app_conf.threaded_infer)
         fix_token_validation(fastapi_app)
 

@@ -7,11 +7,13 @@ Import the fixtures into a test module (or a conftest) with
 * `TINY_CONF` — `--conf` values for tiny, fast models (widths 8/16, 32 px, 1-2 epochs).
 * `build_tiny_model(studies, out)` — a ready model publish root built from the studies with the
   app's own training workflows, for `--conf model_dir`.
-* `InProcessServer` — the real app (monailabel_app/server.py: `monailabel.app` with ours installed) served by uvicorn in a thread on a
-  127.0.0.1 socket bound to port 0 (the kernel picks a free port: no race with other test
-  processes; MONAI Label's client needs a socket), plus a `TestClient` on the same app.
-* `SubprocessServer` — `monailabel start_server ... --uvicorn_app server:app --host 127.0.0.1` as a child process, on a free
-  port; a start that loses the port to another process (EADDRINUSE) is retried on another one.
+* `InProcessServer` — the real app (monailabel_app/server.py: `monailabel.app` with ours installed)
+  served by uvicorn in a thread on a 127.0.0.1 socket bound to port 0 (the kernel picks a free port:
+  no race with other test processes; MONAI Label's client needs a socket), plus a `TestClient` on
+  the same app.
+* `SubprocessServer` — `monailabel start_server ... --uvicorn_app server:app --host 127.0.0.1` as a
+  child process, on a free port; a start that loses the port to another process (EADDRINUSE) is
+  retried on another one.
 
 The servers run the app's default configuration (the default text fusion included): a test about
 another setting passes it as `--conf`. Every server leaves nothing in the temp folder: its MONAI

@@ -1,8 +1,8 @@
 """The app's own versions of the MONAI Label 0.8.5 endpoints that take files or do slow work.
 
 `lib/routes.py` (from server.py, before the server serves) registers each function here in place of
-MONAI Label's endpoint of the same path and method, with the same parameters and the same role (RBAC, when auth is on). Why each one is
-replaced:
+MONAI Label's endpoint of the same path and method, with the same parameters and the same role
+(RBAC, when auth is on). Why each one is replaced:
 
 * uploads (`PUT /datastore/image`, `PUT /datastore/label`, `POST /infer/{model}`, `PUT /session/`)
   are written into a per-request temporary folder under the client's own (checked) file name,
@@ -48,9 +48,9 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import get_mime_type
 
-from lib import uploads
 from lib.datastore import FastTextDiffDatastore
 from lib.origin import REQUEST_ORIGIN, REQUEST_UPLOAD
+from lib.routes import max_upload_bytes
 from lib.uploads import ARCHIVE_SUFFIXES, extract_archive, is_archive_name, save_upload, upload_folder
 from lib.validation import (bad_request, check_human_tag, check_image_id, check_int, check_json_value,
                             check_label_tag, check_machine_tag, check_session_id, parse_json_object)
@@ -156,7 +156,7 @@ def _series_from_archive(archive: Path, folder: Path) -> Path:
 
     unpacked = folder / "unpacked"
     unpacked.mkdir()
-    extract_archive(archive, unpacked, ARCHIVE_EXPANSION * uploads.MAX_BODY_BYTES[0])
+    extract_archive(archive, unpacked, ARCHIVE_EXPANSION * max_upload_bytes(app_instance()))
     series = unpacked
     while True:  # a zip of a folder: descend while there is one folder and no file
         entries = list(series.iterdir())
@@ -441,7 +441,7 @@ def create_session(uncompress: bool = False, expiry: int = 0, files: List[Upload
                 raise bad_request(400, f"uncompress=true takes one archive, got {len(saved)} files")
             source = folder / "unpacked"
             source.mkdir()
-            if extract_archive(saved[0], source, ARCHIVE_EXPANSION * uploads.MAX_BODY_BYTES[0]) == 0:
+            if extract_archive(saved[0], source, ARCHIVE_EXPANSION * max_upload_bytes(app_instance())) == 0:
                 raise bad_request(400, f"archive {saved[0].name!r} holds no files")
         else:
             source = saved[0] if len(saved) == 1 else received

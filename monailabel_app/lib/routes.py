@@ -237,6 +237,11 @@ class FormFieldChecker:
 
 
 
+def max_upload_bytes(instance: Any) -> int:
+    """The largest upload body the app instance accepts (--conf max_upload_mb)."""
+    return instance.app_conf.max_upload_mb * 1024 * 1024
+
+
 def _safe_validation_errors(errors: Any) -> list:
     """FastAPI's 422 body without the offending input (which may be NaN, huge, or the whole body)."""
     return [{"loc": [str(part)[:80] for part in error.get("loc", ())], "msg": str(error.get("msg", ""))[:200],
@@ -244,7 +249,7 @@ def _safe_validation_errors(errors: Any) -> list:
 
 
 class BodyGuard:
-    """ASGI middleware: reads the raw body first, bounded (`app.state.max_body_bytes` for multipart
+    """ASGI middleware: reads the raw body first, bounded (--conf max_upload_mb for multipart
     bodies, 1 MiB otherwise) and spooled to disk beyond a few MiB, refuses non-UTF-8 form fields
     and malformed multipart headers, then replays the body to the app."""
 
@@ -262,7 +267,7 @@ class BodyGuard:
         headers = Headers(scope=scope)
         content_type = headers.get("content-type", "")
         multipart = content_type.lower().startswith("multipart/")
-        limit = getattr(scope["app"].state, "max_body_bytes", 1 << 30) if multipart else MAX_JSON_BYTES
+        limit = max_upload_bytes(scope["app"].state.fasttextdiff_app) if multipart else MAX_JSON_BYTES
         what = f"the upload limit of {limit // 2**20} MiB (--conf max_upload_mb)" if multipart else \
             f"the limit of {limit // 2**20} MiB for a request that is not a file upload"
         too_big = JSONResponse({"detail": f"request body is larger than {what}"}, status_code=413)
@@ -332,19 +337,18 @@ def install_once(app: Any) -> None:
     app.state.fasttextdiff_http = True
 
 
-def install(app: Any, threaded_infer: bool = True, max_body_bytes: int | None = None) -> int:
+def install(app: Any, threaded_infer: bool = True) -> int:
     """Install the HTTP layer on `app` (monailabel.app.app) for this app instance: the replacement
     endpoints (`lib/endpoints.REPLACEMENTS`), the additional routes (`ADDITIONS`), every endpoint
     wrapped (`_guard`); returns how many routes were registered."""
     from monailabel.config import settings
 
-    from lib import endpoints, uploads
+    from lib import endpoints
 
     install_once(app)
-    if max_body_bytes is not None:
-        uploads.MAX_BODY_BYTES[0] = app.state.max_body_bytes = int(max_body_bytes)
     prefix = settings.MONAI_LABEL_API_STR or ""
-    additions = {(method, prefix + path): (endpoint, summary) for method, path, endpoint, summary in endpoints.ADDITIONS}
+    additions = {(method, prefix + path): (endpoint, summary)
+                 for method, path, endpoint, summary in endpoints.ADDITIONS}
     fresh = APIRouter(dependency_overrides_provider=app)
     kept = []
     for route in _routes(app.router):

@@ -30,7 +30,6 @@ from typing import Any, Iterator
 
 from lib.validation import bad_request, check_upload_name
 
-MAX_BODY_BYTES = [1024 * 1024 * 1024]  # largest upload body; set by lib/routes.harden from --conf max_upload_mb
 MAX_ARCHIVE_MEMBERS = 10000
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
