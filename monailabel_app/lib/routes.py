@@ -312,12 +312,15 @@ def install_once(app: Any) -> None:
     instances: they use nothing from `lib` but `translate`, which reads only exception types)."""
     from fastapi.exceptions import RequestValidationError
     from monailabel.interfaces.exception import MONAILabelException
+    from starlette.middleware import Middleware
     from starlette.responses import JSONResponse
 
     from fasttextdiff.utils.errors import FastTextDiffError
 
     if getattr(app.state, "fasttextdiff_http", False):
         return
+    if app.middleware_stack is not None:
+        raise RuntimeError("the HTTP layer must be installed before the app serves (see server.py)")
 
     async def refused(request: Any, exc: Exception):
         http = translate(exc)
@@ -333,7 +336,7 @@ def install_once(app: Any) -> None:
     for kind in (MONAILabelException, FastTextDiffError, ValueError, RecursionError):
         app.add_exception_handler(kind, refused)
     app.add_exception_handler(RequestValidationError, invalid)
-    app.add_middleware(BodyGuard)
+    app.user_middleware.append(Middleware(BodyGuard))  # inside MONAI Label's CORS middleware, as routes were
     app.state.fasttextdiff_http = True
 
 
