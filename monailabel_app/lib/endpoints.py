@@ -50,7 +50,7 @@ from monailabel.utils.others.generic import get_mime_type
 
 from lib.datastore import FastTextDiffDatastore
 from lib.origin import REQUEST_ORIGIN, REQUEST_UPLOAD
-from lib.routes import max_upload_bytes
+from lib.routes import max_upload_bytes, stream_file
 from lib.uploads import ARCHIVE_SUFFIXES, extract_archive, is_archive_name, save_upload, upload_folder
 from lib.validation import (bad_request, check_human_tag, check_image_id, check_int, check_json_value,
                             check_label_tag, check_machine_tag, check_session_id, parse_json_object)
@@ -69,18 +69,10 @@ _INFER_RESERVED = ("image", "model", "session", "session_id", "label", "label_ta
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _stream(handle, filename: str, media_type: str) -> StreamingResponse:
-    """Send an open file (its path may already be gone) and close it afterwards."""
-    size = os.fstat(handle.fileno()).st_size
-
-    def chunks():
-        with handle:
-            while block := handle.read(1 << 20):
-                yield block
-
+    """Send an open file (its path may already be gone) as an attachment named `filename`."""
     from urllib.parse import quote
 
-    return StreamingResponse(chunks(), media_type=media_type, headers={
-        "content-length": str(size), "content-disposition": f"attachment; filename*=utf-8''{quote(filename)}"})
+    return stream_file(handle, media_type, {"content-disposition": f"attachment; filename*=utf-8''{quote(filename)}"})
 
 
 def _open_and_unlink(path: str):

@@ -64,16 +64,9 @@ def translate(exc: BaseException) -> HTTPException | None:
         return HTTPException(400, detail="request parameters are nested too deeply")
     if isinstance(exc, UnicodeDecodeError):
         return HTTPException(400, detail=f"request is not valid UTF-8 ({exc.reason})")
-    try:
-        from fasttextdiff.utils.errors import (
-            CheckpointError,
-            FastTextDiffError,
-            ImageReadError,
-            ModelNotFoundError,
-            ReportError,
-        )
-    except ImportError:  # pragma: no cover - library missing
-        return None
+    from fasttextdiff.utils.errors import (CheckpointError, FastTextDiffError, ImageReadError, ModelNotFoundError,
+                                           ReportError)
+
     if isinstance(exc, ImageReadError):
         from lib.validation import without_folders
 
@@ -95,28 +88,30 @@ def _opened(result: Any) -> Any:
     header and the client sees a broken download. Opening once and sizing from that descriptor
     serves one consistent version of the file.
     """
-    from starlette.responses import FileResponse, StreamingResponse
+    from starlette.responses import FileResponse
 
     if not isinstance(result, FileResponse):
         return result
     try:
-        handle = open(result.path, "rb")  # noqa: SIM115 - closed by the generator
+        handle = open(result.path, "rb")  # noqa: SIM115 - closed by stream_file
     except FileNotFoundError:
         raise HTTPException(404, detail="the file was removed while it was requested") from None
-    size = os.fstat(handle.fileno()).st_size
+    headers = {k: v for k, v in result.headers.items() if k.lower() not in ("content-length", "content-type")}
+    return stream_file(handle, result.media_type, headers, result.status_code, result.background)
+
+
+def stream_file(handle: Any, media_type: str | None, headers: dict, status_code: int = 200, background=None):
+    """Send an open file (its path may already be gone), sized from the descriptor; closed afterwards."""
+    from starlette.responses import StreamingResponse
 
     def chunks():
         with handle:
-            while True:
-                block = handle.read(1 << 20)
-                if not block:
-                    return
+            while block := handle.read(1 << 20):
                 yield block
 
-    headers = {k: v for k, v in result.headers.items() if k.lower() not in ("content-length", "content-type")}
-    headers["content-length"] = str(size)
-    return StreamingResponse(chunks(), status_code=result.status_code, headers=headers,
-                             media_type=result.media_type, background=result.background)
+    headers = dict(headers, **{"content-length": str(os.fstat(handle.fileno()).st_size)})
+    return StreamingResponse(chunks(), status_code=status_code, headers=headers, media_type=media_type,
+                             background=background)
 
 
 def _check_request_values(kwargs: dict) -> None:
