@@ -163,7 +163,8 @@ def write_mni_volume(path: Path, step: int = 4) -> Path:
     import nibabel as nib
 
     spec = importlib.util.find_spec("nilearn")
-    template = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    template = (Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+                / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
     image = nib.load(str(template))
     data = np.asarray(image.dataobj)[::step, ::step, ::step].astype(np.int16)
     affine = image.affine @ np.diag([step, step, step, 1.0])

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from ReportSegmentLib import FastTextDiffClient, ReportSegmentError, describe_server
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ReportSegmentLib import FastTextDiffClient, ReportSegmentError, describe_server  # noqa: E402
 from tests.server_fixtures import subprocess_server  # noqa: E402,F401
 from tests.slicer_fixtures import shared_tiny_model_root  # noqa: E402,F401
 

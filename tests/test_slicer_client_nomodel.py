@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from ReportSegmentLib import FastTextDiffClient, ReportSegmentError
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ReportSegmentLib import FastTextDiffClient, ReportSegmentError  # noqa: E402
 from tests.server_fixtures import TINY_CONF, SubprocessServer, make_tiny_studies  # noqa: E402
 
 pytestmark = pytest.mark.server

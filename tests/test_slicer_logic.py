@@ -84,7 +84,8 @@ def _set_segment_array(segmentation, segment_id, array: np.ndarray, reference) -
     image = slicer.vtkOrientedImageData()
     nz, ny, nx = array.shape
     image.SetDimensions(nx, ny, nz)
-    image.GetPointData().SetScalars(numpy_to_vtk(array.astype(np.uint8).ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+    image.GetPointData().SetScalars(
+        numpy_to_vtk(array.astype(np.uint8).ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
     image.SetImageToWorldMatrix(nodes.ijkToRas(reference))
     ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
         image, segmentation, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, image.GetExtent()

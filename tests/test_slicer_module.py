@@ -174,7 +174,8 @@ def test_ui_file_is_valid_and_has_every_widget_the_widget_uses():
     for name, cls in expected.items():
         assert names.get(name) == cls, (name, names.get(name))
     # the volume selector gets the scene from the top-level qMRMLWidget
-    connections = [(c.findtext("sender"), c.findtext("signal"), c.findtext("receiver")) for c in tree.iter("connection")]
+    connections = [(c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"))
+                   for c in tree.iter("connection")]
     assert ("ReportSegment", "mrmlSceneChanged(vtkMRMLScene*)", "volumeSelector") in connections
 
 
@@ -311,7 +312,8 @@ def test_segments_and_export_values_keep_server_label_values():
     assert [(s.name, s.value) for s in specs] == [("lesion, right upper lobe", 1), ("effusion", 2)]
     assert specs[0].color != specs[1].color
     # user deleted "effusion" and painted a new segment: it gets a value the server does not use
-    exported = export_values(["new finding", "lesion, right upper lobe"], {"lesion, right upper lobe": 1, "effusion": 2})
+    exported = export_values(["new finding", "lesion, right upper lobe"],
+                             {"lesion, right upper lobe": 1, "effusion": 2})
     assert [(s.name, s.value) for s in exported] == [("lesion, right upper lobe", 1), ("new finding", 3)]
     info = label_info(exported)
     assert info[0]["name"] == "lesion, right upper lobe" and info[0]["idx"] == 1

@@ -178,7 +178,8 @@ def test_annotation_loop_in_the_browser(viewer, browser, slicer_server, mni_volu
         if _colored_fraction(after, box) > 0.01:
             break
         page.wait_for_timeout(250)
-    assert _colored_fraction(after, box) > 0.01 > _colored_fraction(before, box), "no overlay appeared in the axial view"
+    assert _colored_fraction(after, box) > 0.01 > _colored_fraction(before, box), \
+        "no overlay appeared in the axial view"
     model_voxels = _voxels(page)
 
     # paint a stroke across the middle of the axial view

@@ -61,7 +61,8 @@ def installed(tmp_path_factory):
     env_dir = root / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", env_dir], cwd=root)
     python = env_dir / "bin" / "python"
-    _run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel], cwd=root)
+    _run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel],
+         cwd=root)
     own_site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                          cwd=root, env=_clean_env()).stdout.strip())
     deps = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])

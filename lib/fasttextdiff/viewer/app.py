@@ -41,7 +41,8 @@ LAYOUTS = {
         LayoutDirection.Horizontal,
         [
             ViewLayoutDefinition.axial_view(),
-            Layout(LayoutDirection.Vertical, [ViewLayoutDefinition.coronal_view(), ViewLayoutDefinition.sagittal_view()]),
+            Layout(LayoutDirection.Vertical,
+                   [ViewLayoutDefinition.coronal_view(), ViewLayoutDefinition.sagittal_view()]),
         ],
     ),
 }
@@ -145,7 +146,8 @@ class AnnotationViewer(TrameApp):
                 self.state.ftd_server_line = line
                 self.state.ftd_server_url = self.session.server_url
                 self.state.ftd_connected = True
-                self._status(f"Connected to {self.session.server_url}. Pick an image, open a file or ask for the next sample.")
+                self._status(f"Connected to {self.session.server_url}. "
+                             "Pick an image, open a file or ask for the next sample.")
             await self._refresh_images()
             progress = await asyncio.to_thread(self.session.train_progress)
             if progress.running:
@@ -195,7 +197,8 @@ class AnnotationViewer(TrameApp):
             sample = await asyncio.to_thread(self.session.pick_next, self.state.ftd_strategy)
             path = await asyncio.to_thread(self.session.download, sample.image_id)
             self.session.open_datastore_image(sample.image_id, path=path, report=sample.report)
-            self._after_open(f"Next sample ({self.state.ftd_strategy}): {sample.image_id} — {summarize_report(sample.report)}")
+            self._after_open(f"Next sample ({self.state.ftd_strategy}): {sample.image_id} — "
+                             f"{summarize_report(sample.report)}")
 
         await self._guard("Next sample", action)
 
@@ -271,7 +274,8 @@ class AnnotationViewer(TrameApp):
                 self._status(f"Segmenting {image_id} with its report…")
             result = await asyncio.to_thread(self.session.request_segmentation, image_id, report)
             current = self.session.show_result(result)
-            self.session.set_overlays(self.state.ftd_label_visible, self.state.ftd_heat_visible, self.state.ftd_heat_opacity)
+            self.session.set_overlays(self.state.ftd_label_visible, self.state.ftd_heat_visible,
+                                      self.state.ftd_heat_opacity)
             with self.state:
                 self._show_segments()
                 mean = current.uncertainty_mean
@@ -412,8 +416,8 @@ class AnnotationViewer(TrameApp):
                     with html.Div(classes="px-3 py-1 text-body-2", id="ftd-status",
                                   style=("ftd_status_error ? 'color: #ff6b6b' : 'color: #c8e6c9'",)):
                         html.Span("{{ ftd_status }}")
-                    with html.Div(classes="flex-grow-1 d-flex", style="position: relative; min-height: 0;", id="ftd-views",
-                                  raw_attrs=[':data-fitted="ftd_views_fitted"']):
+                    with html.Div(classes="flex-grow-1 d-flex", style="position: relative; min-height: 0;",
+                                  id="ftd-views", raw_attrs=[':data-fitted="ftd_views_fitted"']):
                         self.layout_manager.initialize_layout_grid(self.ui)
 
     def _server_section(self) -> None:
@@ -445,7 +449,8 @@ class AnnotationViewer(TrameApp):
                         with v3.Template(v_slot_append=True):
                             v3.VChip("{{ img.status }}", size="x-small", classes="ftd-image-status",
                                      color=("img.labeled ? 'green' : 'grey'",))
-                    v3.VListItem(v_if="!ftd_images.length", title="The server's datastore is empty (or not connected).")
+                    v3.VListItem(v_if="!ftd_images.length",
+                                 title="The server's datastore is empty (or not connected).")
                 v3.VFileInput(v_model=("ftd_local_file",), label="or open a local file (NIfTI, NRRD, PNG, ...)",
                               density="compact", hide_details=True, prepend_icon="mdi-folder-open",
                               id="ftd-open-file", disabled=("ftd_busy",), classes="mt-2")
@@ -477,8 +482,8 @@ class AnnotationViewer(TrameApp):
                                  id="ftd-label-visible")
                     v3.VCheckbox(v_model=("ftd_heat_visible",), label="uncertainty heat", density="compact",
                                  hide_details=True, id="ftd-heat-visible")
-                v3.VSlider(v_model=("ftd_heat_opacity",), min=0, max=1, step=0.05, density="compact", hide_details=True,
-                           label="heat opacity", disabled=("!ftd_heat_visible",))
+                v3.VSlider(v_model=("ftd_heat_opacity",), min=0, max=1, step=0.05, density="compact",
+                           hide_details=True, label="heat opacity", disabled=("!ftd_heat_visible",))
 
     def _edit_section(self) -> None:
         with self._section("Correct and submit"):

@@ -18,13 +18,17 @@ def add_viewer_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the FastTextDiff MONAI Label server (default {DEFAULT_SERVER})")
     p.add_argument("--host", default="127.0.0.1",
                    help="address the viewer listens on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port of the viewer (default {DEFAULT_PORT}; 0 = any free)")
-    p.add_argument("--open", dest="open_path", metavar="FILE", help="a local image to open at start (NIfTI, NRRD, PNG, ...)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server per request (default 300)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"port of the viewer (default {DEFAULT_PORT}; 0 = any free)")
+    p.add_argument("--open", dest="open_path", metavar="FILE",
+                   help="a local image to open at start (NIfTI, NRRD, PNG, ...)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds to wait for the server per request (default 300)")
     p.add_argument("--user", help="log in as USER when the server has MONAI Label authentication on (password from "
                                   "$FASTTEXTDIFF_PASSWORD, else asked; or give a bearer token in $FASTTEXTDIFF_TOKEN)")
     p.add_argument("--allow-remote", action="store_true",
-                   help="listen on a non-loopback --host (the viewer has no login: only behind your own access control)")
+                   help="listen on a non-loopback --host "
+                        "(the viewer has no login: only behind your own access control)")
 
 
 def _is_loopback(host: str) -> bool:
@@ -71,7 +75,8 @@ def run_viewer(args) -> int:
     if args.user:
         import getpass
 
-        password = os.environ.get("FASTTEXTDIFF_PASSWORD") or getpass.getpass(f"password of {args.user} on {server_url}: ")
+        password = (os.environ.get("FASTTEXTDIFF_PASSWORD")
+                    or getpass.getpass(f"password of {args.user} on {server_url}: "))
         credentials.update(username=args.user, password=password)
 
     from fasttextdiff.viewer.app import AnnotationViewer

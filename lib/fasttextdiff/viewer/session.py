@@ -39,7 +39,8 @@ def slicer_readable(path: str) -> str:
     try:
         sitk.WriteImage(sitk.ReadImage(path), converted, True)
     except RuntimeError as exc:
-        raise ReportSegmentError(f"{Path(path).name} cannot be read as an image ({str(exc).strip().splitlines()[-1]}).") from None
+        reason = str(exc).strip().splitlines()[-1]
+        raise ReportSegmentError(f"{Path(path).name} cannot be read as an image ({reason}).") from None
     return converted
 
 
@@ -198,7 +199,8 @@ class AnnotationSession:
             if segmentation.GetBinaryLabelmapRepresentation(segment_id, image) and image.GetPointData().GetScalars():
                 voxels = int((vtk_to_numpy(image.GetPointData().GetScalars()) > 0).sum())
             r, g, b = segment.GetColor()
-            out.append(SegmentInfo(segment.GetName(), f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}", voxels))
+            color = f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
+            out.append(SegmentInfo(segment.GetName(), color, voxels))
         return out
 
     # ------------------------------------------------------------ overlays
