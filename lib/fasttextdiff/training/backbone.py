@@ -26,7 +26,8 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from fasttextdiff.utils.atomic import atomic_write_json, check_replaceable
-from fasttextdiff.models.backbone import BACKBONE_CONFIG_NAME, BACKBONE_ENTRIES, METRICS_NAME, DiffusionBackbone, build_unet
+from fasttextdiff.models.backbone import (BACKBONE_CONFIG_NAME, BACKBONE_ENTRIES, METRICS_NAME, DiffusionBackbone,
+                                          build_unet)
 from fasttextdiff.utils.checkpoint import load_optimizer_state, optimizer_state_tensors
 from fasttextdiff.config import BackboneConfig, PretrainConfig
 from fasttextdiff.training.engine import Engine, RunProgress

@@ -68,7 +68,8 @@ def tensor_digest(tensors: Iterable[torch.Tensor]) -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own buffer, not a copy
     return h.hexdigest()
 
 

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from fasttextdiff.utils.atomic import staged_dir
 from fasttextdiff.models.backbone import load_backbone
-from fasttextdiff.utils.checkpoint import load_optimizer_state, load_tensors, optimizer_state_tensors, sha256_file, verify_sha256
+from fasttextdiff.utils.checkpoint import (load_optimizer_state, load_tensors, optimizer_state_tensors, sha256_file,
+                                          verify_sha256)
 from fasttextdiff.config import SegmenterConfig, TextConfig, TrainConfig
 from fasttextdiff.utils.curves import CURVE_FILE, write_training_curve
 from fasttextdiff.data.dataset import SegmentationDataset, select_labeled
@@ -227,9 +228,9 @@ def train_segmenter(
     val_loader = acc.prepare(DataLoader(val_ds, batch_size=train_config.batch_size * 2)) if len(val_ds) else None
 
     image_first = text_fallback_applies(segmenter_config, train_config, val_loader is not None, init_dir is not None)
+    probed = backbone.config.to_dict() if backbone_overrides else None
     state = ResumeState(engine, out_dir, run_record(labeled, val_samples, backbone_dir, text_config, segmenter_config,
-                                                    train_config, backbone.config.to_dict() if backbone_overrides else None,
-                                                    init_dir, epochs_matter=image_first), log_)
+                                                    train_config, probed, init_dir, epochs_matter=image_first), log_)
     total_epochs = train_config.epochs * (2 if image_first else 1)
     # text_fallback's second phase is a fresh run with the report: it starts from these weights, not from
     # the image-only phase's last epoch, which has already fitted the labels without the text (measured:
@@ -399,8 +400,8 @@ def run_record(labeled: Sequence[Sample], val_samples: Sequence[Sample] | None, 
                               hashlib.sha256(s.text.encode("utf-8")).hexdigest()] for s in samples))
 
     backbone_dir = Path(backbone_dir)
-    backbone = {name: sha256_file(backbone_dir / name) for name in ("config.json", "backbone_config.json", "checksums.json")
-                if (backbone_dir / name).is_file()}
+    backbone = {name: sha256_file(backbone_dir / name)
+                for name in ("config.json", "backbone_config.json", "checksums.json") if (backbone_dir / name).is_file()}
     if "checksums.json" not in backbone:  # weights without a recorded checksum: hash them
         backbone["weights"] = [sha256_file(w) for w in sorted(backbone_dir.glob("*.safetensors"))]
     settings = {k: v for k, v in train_config.to_dict().items() if k != "epochs" or epochs_matter}

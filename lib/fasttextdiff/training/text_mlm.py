@@ -548,7 +548,7 @@ def add_pretrain_text_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
     parser.add_argument("--out", required=True, help="output directory (a loadable text encoder)")
     parser.add_argument("--quick", action="store_true", help="small CPU preset (a few minutes)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="start over, discarding the resume state an interrupted run left beside --out (OUT.resume/)")
+                        help="start over, discarding the state an interrupted run left beside --out (OUT.resume/)")
     parser.add_argument("--max-seq-len", type=int, default=None, help="packed block length in tokens (default 512)")
     parser.add_argument("--mlm-probability", type=float, default=None,
                         help="share of tokens masked, 0.15-0.30 (default 0.30, ModernBERT's own)")
