@@ -357,7 +357,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help="an LViT-layout root (images of all splits, labels unused)")
     src.add_argument("--images", type=Path, nargs="+", help="image files or folders (2D images, volumes' slices)")
-    p.add_argument("--out", required=True, type=Path, help="backbone directory to write (an interrupted run resumes from OUT.resume/ beside it)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="backbone directory to write (an interrupted run resumes from OUT.resume/ beside it)")
     add_backbone_arguments(p)
     p.add_argument("--epochs", type=int, default=PretrainConfig.epochs, help=f"passes over the images (default {PretrainConfig.epochs})")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
