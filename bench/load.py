@@ -13,7 +13,7 @@ back identical, every info read must return the stored report. The JSON gets the
 failed, mismatched, p50/p95 latency per kind and overall, throughput, and the sequential
 latencies for comparison.
 
-`--start STUDIES` launches `monailabel start_server --app monailabel_app --studies STUDIES --host
+`--start STUDIES` launches `monailabel start_server --app monailabel_app --studies STUDIES --uvicorn_app server:app --host
 127.0.0.1` on a free port, waits until its model is ready, runs the benchmark and stops it.
 Only loopback servers are accepted: this tool sends bursts of requests and must not be pointed at
 someone else's machine.
@@ -285,11 +285,13 @@ def start_server(studies: Path, conf: list[tuple[str, str]], log: Path, timeout:
     port = _free_port()
     exe = Path(sys.executable).with_name("monailabel")
     cmd = [str(exe), "start_server", "--app", str(ROOT / "monailabel_app"), "--studies", str(studies),
-           "--host", "127.0.0.1", "--port", str(port)]
+           "--uvicorn_app", "server:app", "--host", "127.0.0.1", "--port", str(port)]
     for key, value in conf:
         cmd += ["--conf", key, value]
     env = dict(os.environ, MONAILABEL_PYEXE=sys.executable, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "monailabel_app"), os.environ.get("PYTHONPATH", ""))
+                                          if p))  # `server:app` is monailabel_app/server.py
     fh = open(log, "wb")
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -275,6 +275,6 @@ def run_import_studies(args: argparse.Namespace) -> int:
         from fasttextdiff.utils.atomic import atomic_write_json
 
         atomic_write_json(args.json, summary)
-    print(f"next: monailabel start_server --app monailabel_app --studies {args.out} (reports are read from the "
-          ".txt files on start)")
+    print(f"next: make serve STUDIES={args.out}   (in the FastTextDiff checkout; the server reads the reports from "
+          "the .txt files on start)")
     return 0 if done or not summary["skipped"] else 2
