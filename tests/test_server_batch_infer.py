@@ -83,11 +83,16 @@ def test_batch_infer_on_unlabeled_images_saves_what_a_direct_infer_gives(inproce
     objects = inprocess_server.client().datastore()["objects"]
     for image_id in labeled:  # not asked for: untouched
         assert dict(objects[image_id]["labels"]).get("original") == before[image_id], image_id
+    _check_batch_labels(inprocess_server, objects, unlabeled)
+
+
+def _check_batch_labels(server, objects: dict, image_ids) -> None:
+    """Each image's saved `original` label equals a direct infer of it, and at least one is not empty."""
     found = 0
-    for image_id in unlabeled:
+    for image_id in image_ids:
         assert "original" in objects[image_id]["labels"], image_id
-        saved = _saved_label(inprocess_server, image_id, "original")
-        direct = _direct_mask(inprocess_server, image_id)
+        saved = _saved_label(server, image_id, "original")
+        direct = _direct_mask(server, image_id)
         _agree(saved, direct, image_id)
         found += int(direct.any())
     assert found, "every direct mask is empty: the comparison would not see an empty batch label"
@@ -106,11 +111,4 @@ def test_batch_infer_on_all_images_in_the_background(inprocess_server):
     done = wait_for(lambda: _batch_done(inprocess_server), 300, 1.0, "the background batch infer to finish")
     assert done["id"] == task["id"] and done["status"] == "DONE", {k: done.get(k) for k in ("status", "details")}
     objects = inprocess_server.client().datastore()["objects"]
-    found = 0
-    for image_id in sorted(objects):
-        assert "original" in objects[image_id]["labels"], image_id
-        saved = _saved_label(inprocess_server, image_id, "original")
-        direct = _direct_mask(inprocess_server, image_id)
-        _agree(saved, direct, image_id)
-        found += int(direct.any())
-    assert found, "every direct mask is empty: the comparison would not see an empty batch label"
+    _check_batch_labels(inprocess_server, objects, sorted(objects))
