@@ -53,9 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", type=float, default=900, help="seconds to wait for the model to be ready")
     args = parser.parse_args(argv)
 
+    with tempfile.TemporaryDirectory(prefix="fasttextdiff-client-") as work:  # the client's result files, removed
+        return _run(args, Path(work))
+
+
+def _run(args, work: Path) -> int:
     from monailabel.client import MONAILabelClient
 
-    work = Path(tempfile.mkdtemp(prefix="fasttextdiff-client-"))
     client = MONAILabelClient(args.server, tmpdir=str(work))
     deadline = time.time() + args.wait
     while True:  # the server may still be building its default model
