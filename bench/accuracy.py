@@ -144,7 +144,8 @@ def pretrain(root: Path, splits: dict, plan: Plan, window, work: Path, device) -
 def fusion_config(plan: Plan):
     from fasttextdiff.config import FusionConfig
 
-    text_path = {k: v for k, v in (("text_residual", plan.text_residual), ("text_dropout", plan.text_dropout)) if v is not None}
+    text_path = {k: v for k,
+                 v in (("text_residual", plan.text_residual), ("text_dropout", plan.text_dropout)) if v is not None}
     return FusionConfig(dim=plan.fusion_dim, heads=4, **text_path)
 
 
@@ -202,7 +203,8 @@ def run_unet(splits, plan: Plan, fraction: float, seed: int, window) -> dict:
     train_s = time.perf_counter() - t0
     val, augment, net, info = max(candidates, key=lambda c: c[0])  # validation split decides, never test
     scores = baselines.evaluate_unet(net, splits["test"], size=plan.size, channels=1, window=window)
-    return {"val_dice": val, "best_epoch": info["best_epoch"], "epochs": epochs, "labeled_images": info["labeled_images"],
+    return {"val_dice": val, "best_epoch": info["best_epoch"], "epochs": epochs,
+            "labeled_images": info["labeled_images"],
             "trainable_parameters": info["parameters"], "augment": augment,
             "val_dice_by_augment": {str(c[1]).lower(): c[0] for c in candidates},
             "train_seconds": round(train_s, 2), "dice": scores["dice_mean"], "iou": scores["iou_mean"],
@@ -286,7 +288,8 @@ def markdown(result: dict) -> str:
              + (" (`--quick`: fewer budgets/seeds than the full run)." if result["quick"] else ".")
              + (f" Merged from {len(result['merged_from'])} result files run side by side (wall time: the longest)."
                 if result.get("merged_from") else ""), ""]
-    lines += ["Test Dice, mean ± std over seeds (rows: labeled share of the training split):", "", pivot_table(result), "",
+    lines += ["Test Dice, mean ± std over seeds (rows: labeled share of the training split):", "", pivot_table(result),
+              "",
               "All runs:", ""]
     rows = []
     for r in result["results"]:
@@ -438,7 +441,8 @@ def merge_results(paths: list[Path], out_dir: Path, name: str, plot: bool = True
     result = dict(parts[0])
     runs = common.concat_runs(parts, paths)
     seeds = sorted({r["seed"] for r in runs})
-    result.update(name=name, runs=runs, results=aggregate(runs), acceptance=acceptance(result["dataset"], aggregate(runs)),
+    result.update(name=name, runs=runs, results=aggregate(runs),
+                  acceptance=acceptance(result["dataset"], aggregate(runs)),
                   command=" ; ".join(r["command"] for r in parts),
                   complete=all(r.get("complete") for r in parts), seconds=max(r["seconds"] for r in parts),
                   loadavg_end=parts[-1].get("loadavg_end"), merged_from=[str(p) for p in paths],
@@ -463,7 +467,8 @@ def _run(args, plan: Plan, work: Path, command: str, name: str) -> dict:
     else:
         backbone_dir, pretrain_s = pretrain(root, splits, plan, window, work, args.device)
     print(f"[accuracy] {name}: backbone pretrained in {pretrain_s:.0f} s", flush=True)
-    result = {"dataset": args.dataset, "name": name, "description": description, "command": command, "quick": bool(args.quick),
+    result = {"dataset": args.dataset, "name": name, "description": description, "command": command,
+              "quick": bool(args.quick),
               "paper_scale": bool(args.paper_scale), "machine": machine,
               "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(plan).items()},
               "split_sizes": [len(splits["train"]), len(splits["val"]), len(splits["test"])],

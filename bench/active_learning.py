@@ -271,7 +271,8 @@ def run_strategy(strategy: str, seed: int, ctx: dict, bar) -> dict:
         step.update(labels=len(labeled), dice=dice, picked=picks, val_dice=metrics.get("best_val_dice"),
                     trained_on=len(samples), datastore_labeled=labeled)
         curve.append(step)
-        bar.set_postfix_str(f"{ctx['dataset']} s{seed} {strategy} r{round_index}: {len(labeled)} labels, Dice {dice:.3f}")
+        bar.set_postfix_str(f"{ctx['dataset']} s{seed} {strategy} r{round_index}: {len(labeled)} labels, Dice "
+                            f"{dice:.3f}")
         bar.update(1)
     if not ctx.get("keep"):
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -337,13 +338,15 @@ def markdown(result: dict) -> str:
                 "finished.**"), "",
              f"Seeds {result['plan']['seeds']}; {result['plan']['seed_labels']} seed labels, then "
              f"{result['plan']['rounds']} rounds of {result['plan']['per_round']} labels; continued training "
-             f"{result['plan']['round_steps']} steps per round; scoring with {result['plan']['n_noise']} noise draws.", ""]
+             f"{result['plan']['round_steps']} steps per round; scoring with {result['plan']['n_noise']} noise draws.",
+             ""]
     for dataset in _ordered(result):
         d = result["datasets"][dataset]
         summary = d["summary"]
         strategies = list(summary)
         seeds_used = summary[strategies[0]]["seeds"] if strategies else []
-        lines += [f"## {dataset}", "", f"{d['description']}; pool/val/test = {d['split_sizes']}; seeds {seeds_used}; backbone "
+        lines += [f"## {dataset}", "",
+                  f"{d['description']}; pool/val/test = {d['split_sizes']}; seeds {seeds_used}; backbone "
                   + ("reused from --work" if d["backbone_reused"] else f"pretrained in {d['pretrain_seconds']:.0f} s")
                   + ".", "", "Test Dice, mean ± std over seeds:", ""]
         labels = summary[strategies[0]]["labels"]
@@ -444,16 +447,21 @@ def parse_args(argv):
                "python bench/active_learning.py --datasets nuclei --strategies random uncertainty --seeds 0 1 2")
     p.add_argument("--quick", action="store_true",
                    help="tiny run (< 15 min on 2 cores): 40-image pool, 3 rounds of 4 labels, 1 seed")
-    p.add_argument("--datasets", nargs="+", metavar="NAME", help=f"datasets to run (default all: {' '.join(DATASETS)})")
+    p.add_argument("--datasets", nargs="+", metavar="NAME",
+                   help=f"datasets to run (default all: {' '.join(DATASETS)})")
     p.add_argument("--strategies", nargs="+", metavar="NAME",
-                   help=f"strategies to compare (default all: {' '.join(STRATEGIES)}); labels_to_match_random needs random")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds (seed labels, training, random picks); default 0 (quick) or 0 1 2")
+                   help=f"strategies to compare (default all: {' '.join(STRATEGIES)}); labels_to_match_random needs "
+                        "random")
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="seeds (seed labels, training, random picks); default 0 (quick) or 0 1 2")
     p.add_argument("--rounds", type=int, help="annotation rounds after the seed labels (default 3 quick, 5 full)")
     p.add_argument("--per-round", type=int, help="images labeled per round, k strategy calls (default 4)")
     p.add_argument("--seed-labels", type=int, help="images labeled before the first round (default 4)")
     p.add_argument("--pool", type=int, help="text-necessary training pool size (default 40; nuclei has 32 tiles)")
-    p.add_argument("--n-val", type=int, help="text-necessary validation images (choose each round's best epoch; default 8)")
-    p.add_argument("--n-test", type=int, help="text-necessary test images (scored after every round; default 24 quick, 32 full)")
+    p.add_argument("--n-val", type=int,
+                   help="text-necessary validation images (choose each round's best epoch; default 8)")
+    p.add_argument("--n-test", type=int,
+                   help="text-necessary test images (scored after every round; default 24 quick, 32 full)")
     p.add_argument("--size", type=int, help="image size in px (default 64; nuclei tiles must divide 512)")
     p.add_argument("--widths", type=int, nargs="+", help="backbone U-Net widths (default 16 32 64)")
     p.add_argument("--pretrain-steps", type=int, help="backbone pretraining steps per dataset (default 100)")
@@ -461,7 +469,8 @@ def parse_args(argv):
     p.add_argument("--round-steps", type=int, help="optimiser steps of each round's continued training (default 40)")
     p.add_argument("--n-noise", type=int, help="noise draws of the uncertainty scoring (default 2 quick, 4 full)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data set (default 0)")
-    p.add_argument("--work", type=Path, help="work folder, kept (backbones are reused from it); default a temporary one")
+    p.add_argument("--work", type=Path,
+                   help="work folder, kept (backbones are reused from it); default a temporary one")
     p.add_argument("--keep-runs", action="store_true", help="keep each run's studies folder and state under --work")
     p.add_argument("--out", type=Path, default=common.RESULTS, help="results folder (default bench/results)")
     p.add_argument("--name", help="results file stem (default active_learning, active_learning_quick with --quick)")
@@ -469,7 +478,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     p.add_argument("--no-plot", action="store_true", help="write JSON and markdown only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the .md and .png of an existing results JSON")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only rewrite the .md and .png of an existing results JSON")
     return p.parse_args(argv)
 
 
@@ -513,7 +523,8 @@ def prepare_context(dataset: str, plan: Plan, work: Path, args, result: dict) ->
         "description": description, "split_sizes": [len(pool), len(splits["val"]), len(splits["test"])],
         "pretrain_seconds": round(pretrain_s, 1), "backbone_reused": reused, "seed_models": {}, "runs": [],
         "summary": {}}
-    return {"plan": plan, "work": dwork, "pool": pool, "splits": splits, "labels": binary_labels(pool, dwork / "labels01"),
+    return {"plan": plan, "work": dwork, "pool": pool, "splits": splits,
+            "labels": binary_labels(pool, dwork / "labels01"),
             "dataset": dataset, "backbone": backbone, "device": args.device, "text_cache": dwork / "text_cache",
             "keep": args.keep_runs, "seed_ids": {}, "seed_models": {}, "seed_dice": {}}
 
@@ -523,7 +534,8 @@ def seed_model(ctx: dict, d: dict, seed: int, device) -> None:
     import numpy as np
 
     plan, pool = ctx["plan"], ctx["pool"]
-    seed_ids = sorted(np.random.default_rng(seed).choice(sorted(ctx["labels"]), plan.seed_labels, replace=False).tolist())
+    seed_ids = sorted(np.random.default_rng(seed).choice(sorted(ctx["labels"]), plan.seed_labels,
+                                                         replace=False).tolist())
     by_id = {Path(s.image).name.rsplit(".", 1)[0]: s for s in pool}
     out = ctx["work"] / "seed-models" / f"s{seed}"
     shutil.rmtree(out, ignore_errors=True)

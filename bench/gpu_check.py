@@ -89,7 +89,8 @@ class Context:
         from fasttextdiff.config import FusionConfig, SegmenterConfig, TextConfig, TrainConfig
 
         return {"text_config": TextConfig(encoder="tiny"),
-                "segmenter_config": SegmenterConfig(head_channels=16, fusion=FusionConfig(dim=32 if self.tiny else 64)),
+                "segmenter_config": SegmenterConfig(head_channels=16,
+                                                    fusion=FusionConfig(dim=32 if self.tiny else 64)),
                 "train_config": TrainConfig(epochs=epochs, batch_size=8, lr=1e-3)}
 
 
@@ -221,13 +222,15 @@ def check_multi_gpu(ctx: Context) -> dict:
     cfg = ctx.configs()
     spec = {"job": "train-segmenter", "device": "cuda", "out_dir": str(ctx.work / "model-ddp"),
             "backbone_dir": str(ctx.backbone()),
-            "samples": [{"image": str(s.image), "mask": str(s.mask), "text": s.text, "name": s.name} for s in splits["train"]],
+            "samples": [{"image": str(s.image), "mask": str(s.mask), "text": s.text,
+                         "name": s.name} for s in splits["train"]],
             "text": cfg["text_config"].to_dict(), "segmenter": cfg["segmenter_config"].to_dict(),
             "train": cfg["train_config"].to_dict()}
     t0 = time.perf_counter()
     metrics = launch_job(spec, num_processes=2, work_dir=ctx.work / "jobs")
     ok = metrics.get("world_size") == 2 and metrics.get("ddp_weights_identical") is True
-    return {"status": "ok" if ok else "failed", "seconds": time.perf_counter() - t0, "world_size": metrics.get("world_size"),
+    return {"status": "ok" if ok else "failed", "seconds": time.perf_counter() - t0,
+            "world_size": metrics.get("world_size"),
             "ddp_weights_identical": metrics.get("ddp_weights_identical"), "gpus": n}
 
 
@@ -273,7 +276,8 @@ def _paper_backbone(ctx: Context):
     from fasttextdiff.models.backbone import DiffusionBackbone
     from fasttextdiff.config import BackboneConfig
 
-    text = ADM_PRESETS["adm-256-uncond"] + (" --image_size 32 --channel_mult 1,1,2,2,4,4 --num_channels 32 --num_head_channels 32"
+    text = ADM_PRESETS["adm-256-uncond"] + (" --image_size 32 --channel_mult 1,1,2,2,4,4 --num_channels 32 "
+                                            "--num_head_channels 32"
                                           if ctx.tiny else "")
     flags = parse_adm_flags(text)
     with torch.device(ctx.device):
@@ -294,7 +298,8 @@ def check_speed(ctx: Context) -> list[tuple[str, dict]]:
     with torch.inference_mode(), torch.autocast(ctx.device.type, dtype=dtype):
         seconds = _timed(lambda: backbone.features(images), ctx.device, repeats=3)
     rows = [("speed-features", {"status": "ok", "ms_per_image": seconds / batch * 1000, "batch": batch, "size": size,
-                                "taps": list(backbone.config.feature_taps), "timesteps": list(backbone.config.timesteps),
+                                "taps": list(backbone.config.feature_taps),
+                                "timesteps": list(backbone.config.timesteps),
                                 "autocast": str(dtype).replace("torch.", "")})]
     model = FastTextDiffModel(backbone, 768, SegmenterConfig(fusion=FusionConfig(dim=256, heads=8))).to(ctx.device)
     with torch.inference_mode():
@@ -366,7 +371,8 @@ def _summary(row: dict) -> str:
         if isinstance(value, float):
             value = f"{value:.4g}"
         elif isinstance(value, dict):
-            value = "{" + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items()) + "}"
+            value = "{" + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k,
+                                    v in value.items()) + "}"
         parts.append(f"{key}={value}")
     return "; ".join(parts)
 
@@ -390,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "without CUDA only when given)")
     parser.add_argument("--skip", default="", help=f"comma-separated checks to leave out: {', '.join(CHECKS)}")
     parser.add_argument("--device", default="cuda", help="which CUDA device (default cuda = cuda:0)")
-    parser.add_argument("--allow-cpu", action="store_true", help="run the checks on the CPU at tiny sizes (tests this script)")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="run the checks on the CPU at tiny sizes (tests this script)")
     parser.add_argument("--work-dir", type=Path, help="keep the check's files here (default: a temporary folder)")
     args = parser.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}

@@ -199,7 +199,8 @@ def _run(url, clients, rounds, n_noise, max_seconds, workdir) -> dict:
                         rec["ok"], rec["match"] = True, runner.read_info(client, image)
                     else:
                         # one tag per client: a read-back must see this client's own save
-                        rec["ok"], rec["match"] = True, runner.save_label(client, image, labels[(c, r)], f"loadtest{c}")
+                        rec["ok"], rec["match"] = True, runner.save_label(client, image, labels[(c, r)],
+                                                                          f"loadtest{c}")
                 except Exception as exc:  # noqa: BLE001 - counted as failed
                     rec.update(ok=False, error=f"{kind}: {type(exc).__name__}: {str(exc)[:200]}")
                 rec["latency"] = time.perf_counter() - t0
@@ -288,7 +289,8 @@ def start_server(studies: Path, conf: list[tuple[str, str]], log: Path, timeout:
            "--uvicorn_app", "server:app", "--host", "127.0.0.1", "--port", str(port)]
     for key, value in conf:
         cmd += ["--conf", key, value]
-    env = dict(os.environ, MONAILABEL_PYEXE=sys.executable, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+    env = dict(os.environ, MONAILABEL_PYEXE=sys.executable,
+               OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "monailabel_app"), os.environ.get("PYTHONPATH", ""))
                                           if p))  # `server:app` is monailabel_app/server.py
@@ -332,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="--conf options for --start")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per client (one infer + one datastore request each)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds per client (one infer + one datastore request each)")
     parser.add_argument("--n-noise", type=int, help="noise draws per infer (default: the server's)")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="stop sending after this long")
     parser.add_argument("--json", type=Path, help="write the result here (e.g. bench/results/load.json)")

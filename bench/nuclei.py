@@ -121,7 +121,8 @@ def make_nuclei_dataset(out: str | Path, tile: int = 64, split_seed: int = 0) ->
             PILImage.fromarray(((instances[ys, xs] > 0) * 255).astype(np.uint8)).save(mask_dir / name)
             report, facts = tile_report(instances[ys, xs], full_areas)
             rows[name] = report
-            record["tiles"].append({"split": split.lower(), "name": name, "row": r, "col": c, "report": report, **facts})
+            record["tiles"].append({"split": split.lower(), "name": name, "row": r, "col": c, "report": report,
+                                    **facts})
         write_text_table(out / f"{split}_text.xlsx", rows)
     common.write_json(out / "tiles.json", record)
     return out

@@ -66,7 +66,8 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> dict:
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     timing = common.time_calls(lambda: torch.matmul(a, b), repeats=repeats, warmup=1)
-    return {"n": n, "gflops_best": 2 * n**3 / timing["min_s"] / 1e9, "gflops_median": 2 * n**3 / timing["median_s"] / 1e9,
+    return {"n": n, "gflops_best": 2 * n**3 / timing["min_s"] / 1e9,
+            "gflops_median": 2 * n**3 / timing["median_s"] / 1e9,
             **timing}
 
 
@@ -116,13 +117,15 @@ def truncation_flops(size: int = 256, widths=PAPER_TAPS, taps=(0, 1, 2)) -> dict
 
     out = {}
     for label, blocks in (("paper_taps", tuple(taps)), ("all_blocks", ())):
-        bb = DiffusionBackbone(BackboneConfig(image_size=size, block_out_channels=tuple(widths), feature_blocks=blocks))
+        bb = DiffusionBackbone(BackboneConfig(image_size=size, block_out_channels=tuple(widths),
+                                              feature_blocks=blocks))
         x = torch.zeros(1, 1, size, size)
         t = torch.tensor(bb.schedule_timesteps)
         with torch.inference_mode():
             features = flops_of(lambda: bb.features(x))
             full = flops_of(lambda: bb.unet(x.repeat(len(t), 1, 1, 1), t, return_dict=False))
-        out[label] = {"feature_blocks": list(blocks) or "all", "features_gflop": features / 1e9, "full_unet_gflop": full / 1e9,
+        out[label] = {"feature_blocks": list(blocks) or "all", "features_gflop": features / 1e9,
+                      "full_unet_gflop": full / 1e9,
                       "saved_fraction": 1 - features / full}
     out["widths"] = list(widths)
     return out
@@ -178,7 +181,8 @@ def train_comparison(name: str, spec, work: Path, device, rounds: int = 1) -> di
         torch.manual_seed(0)
         fresh = FastTextDiffModel(DiffusionBackbone.from_pretrained(backbone_dir), encoder.hidden_size, seg_cfg)
         fresh.load_state_dict(init)
-        ref = baselines.textdiff_style_train(fresh, samples, encoder, n_images=ref_images, max_tokens=max_tokens, seed=r)
+        ref = baselines.textdiff_style_train(fresh, samples, encoder, n_images=ref_images, max_tokens=max_tokens,
+                                             seed=r)
         ref["seconds_per_epoch"] = n_images / ref["images_per_s"]
         return ref
 
@@ -225,12 +229,14 @@ def build_inference_model(work: Path, device, size: int = 256, widths=INFER_WIDT
     from fasttextdiff.training.workflows import load_lvit
     from fasttextdiff.training.segmenter import train_segmenter
 
-    root = make_lvit_dataset(work / "data_infer", variant="standard", n_train=2, n_val=0, n_test=0, size=max(32, size), seed=0)
+    root = make_lvit_dataset(work / "data_infer", variant="standard", n_train=2, n_val=0, n_test=0, size=max(32, size),
+                             seed=0)
     backbone = work / f"bb_{name}"
     DiffusionBackbone(BackboneConfig(image_size=size, block_out_channels=tuple(widths),
                                      feature_blocks=tuple(feature_blocks))).save_pretrained(backbone)
     train_segmenter(load_lvit(root)["train"], work / name, backbone_dir=backbone,
-                    text_config=TextConfig(encoder="tiny"), segmenter_config=SegmenterConfig(fusion=FusionConfig(dim=64)),
+                    text_config=TextConfig(encoder="tiny"),
+                    segmenter_config=SegmenterConfig(fusion=FusionConfig(dim=64)),
                     train_config=TrainConfig(epochs=1, batch_size=2), device=device, progress=False)
     return work / name
 
@@ -247,7 +253,8 @@ def inference_comparison(work: Path, quick: bool, device, size: int = 256, width
     model_dir = build_inference_model(work, device, size, widths)
     seg = Segmenter.load(model_dir, device=device, n_noise=1, batch_size=16)
     rng = np.random.default_rng(0)
-    image2d = Image(rng.integers(0, 255, (size, size), dtype=np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0), False)
+    image2d = Image(rng.integers(0, 255, (size, size), dtype=np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0),
+                    False)
     counter = {"i": 0}
 
     def report() -> str:  # a new report every call: the text encoder runs every time (no cache hit)
@@ -269,7 +276,8 @@ def inference_comparison(work: Path, quick: bool, device, size: int = 256, width
     one_step()
     ours_times, step_times = [], []
     for _ in range(repeats):
-        ours_times.append(common.time_calls(lambda: seg.segment(image2d, report(), n_noise=1), repeats=1, warmup=0)["min_s"])
+        ours_times.append(common.time_calls(lambda: seg.segment(image2d, report(), n_noise=1), repeats=1,
+                                            warmup=0)["min_s"])
         step_times.append(common.time_calls(one_step, repeats=1, warmup=0)["min_s"])
     ours1 = {"min_s": min(ours_times), "median_s": float(np.median(ours_times)), "repeats": repeats,
              "times_s": [round(t, 5) for t in ours_times]}
@@ -332,7 +340,8 @@ def inference_comparison(work: Path, quick: bool, device, size: int = 256, width
 
 def ablation_configs() -> list[tuple[str, dict, int | None]]:
     """(row, InferenceOptions fields, threads) - cumulative from the old path, then one measure off at a time."""
-    ref = {"batch_draws": False, "channels_last": False, "precision": "fp32", "skip_air": False, "reference_path": True}
+    ref = {"batch_draws": False, "channels_last": False, "precision": "fp32", "skip_air": False,
+           "reference_path": True}
     fast = {}  # the library default
     return [
         ("reference path (SliceInferer over model.predict, one forward per draw), 1 thread", ref, 1),
@@ -406,12 +415,14 @@ def fast_inference_section(work: Path, quick: bool, device, threads_fast: int, s
     paper = paper_taps_volume(work, device, size, paper_taps, volume_shape, report, spacing, origin, direction,
                               min(depth, paper_taps_depth), rng)
     vol["paper_taps_draws_n_noise_2"] = paper.pop("timing")
-    return {"paper_taps_model": paper, "ablation": rows, "ablation_slab": [mini_depth, *volume_shape[1:]], "ablation_n_noise": 4,
+    return {"paper_taps_model": paper, "ablation": rows, "ablation_slab": [mini_depth, *volume_shape[1:]],
+            "ablation_n_noise": 4,
             "volume": vol, "volume_shape": list(volume_shape), "threads": threads_fast,
             "native_low_precision": str(native_low_precision(seg.device)),
             "precision": seg.inference_settings,  # what the rows above ran in (FASTTEXTDIFF_PRECISION, else auto)
             "note": "every volume slice holds body (a chest slab), so air skipping saves nothing there; the slab's "
-                    "first slice is air to show it" + (f"; the volume was measured on {depth} of its {volume_shape[0]} "
+                    "first slice is air to show "
+                    "it" + (f"; the volume was measured on {depth} of its {volume_shape[0]} "
                                                        "slices and scaled linearly (slice-wise inference)"
                                                        if depth != volume_shape[0] else "")}
 
@@ -555,7 +566,8 @@ def fast_2d_latency(work: Path, device, threads: int, size: int = 256, repeats: 
     torch.set_num_threads(threads)
     seg = Segmenter.load(work / "model_infer", device=device, n_noise=4, batch_size=16)
     rng = np.random.default_rng(0)
-    image = Image(rng.integers(0, 255, (size, size), dtype=np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0), False)
+    image = Image(rng.integers(0, 255, (size, size), dtype=np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0),
+                  False)
     counter = {"i": 0}
 
     def report() -> str:
@@ -566,7 +578,8 @@ def fast_2d_latency(work: Path, device, threads: int, size: int = 256, repeats: 
     for label, n_noise, kind in (("n_noise_1", 1, "draws"), ("n_noise_4_draws", 4, "draws"),
                                  ("n_noise_2_draws", 2, "draws"), ("softmax_uncertainty", 1, "softmax")):
         seg.options = InferenceOptions(uncertainty=kind)
-        out[label] = common.time_calls(lambda: seg.segment(image, report(), n_noise=n_noise), repeats=repeats, warmup=1)
+        out[label] = common.time_calls(lambda: seg.segment(image, report(), n_noise=n_noise), repeats=repeats,
+                                       warmup=1)
     return out
 
 
@@ -603,12 +616,15 @@ def dice_check(work: Path, device, threads: int) -> dict:
                     segmenter_config=SegmenterConfig(fusion=FusionConfig(dim=plan.fusion_dim, heads=4)),
                     train_config=TrainConfig(epochs=epochs, batch_size=plan.batch_size, lr=plan.lr, seed=0,
                                              labeled=fraction, val_every=max(1, epochs // plan.val_checks)),
-                    val_samples=splits["val"], device=device, progress=False, text_cache_dir=work / "acc" / "text_cache")
+                    val_samples=splits["val"], device=device, progress=False,
+                    text_cache_dir=work / "acc" / "text_cache")
     test = splits["test"]
     seg = Segmenter.load(model_dir, device=device)
     runs = {}
-    for label, options, n_noise in (("reference_n1", InferenceOptions.reference(), 1), ("fast_n1", InferenceOptions(), 1),
-                                    ("reference_n4", InferenceOptions.reference(), 4), ("fast_n4", InferenceOptions(), 4),
+    for label, options, n_noise in (("reference_n1", InferenceOptions.reference(), 1),
+                                    ("fast_n1", InferenceOptions(), 1),
+                                    ("reference_n4", InferenceOptions.reference(), 4),
+                                    ("fast_n4", InferenceOptions(), 4),
                                     ("fast_n2", InferenceOptions(), 2),
                                     ("fast_softmax", InferenceOptions(uncertainty="softmax"), 1)):
         seg.options = options
@@ -633,7 +649,8 @@ def dice_check(work: Path, device, threads: int) -> dict:
     return {"dataset": described, "split": "test", "n_test": len(test), "labeled_fraction": fraction,
             "fast_precision": seg.inference_settings, "reference_precision": "fp32",
             "epochs": epochs, "dice": dice, "seconds": {k: r["seconds"] for k, r in runs.items()},
-            "dice_drop_n1": dice["reference_n1"] - dice["fast_n1"], "dice_drop_n4": dice["reference_n4"] - dice["fast_n4"],
+            "dice_drop_n1": dice["reference_n1"] - dice["fast_n1"],
+            "dice_drop_n4": dice["reference_n4"] - dice["fast_n4"],
             "uncertainty_spearman_vs_reference_n4": ranking}
 
 
@@ -651,7 +668,8 @@ def headline_fast(result: dict) -> None:
     vol_soft = fast["volume"]["softmax_one_draw"]["min_s"]
     vol_two = fast["volume"].get("draws_n_noise_2", {}).get("min_s")
     # the headline: the cheapest estimate whose ranking keeps the bar, fixed before measuring
-    for key, seconds, what, row_2d in (("fast_softmax", vol_soft, "softmax sqrt(p(1-p)) of one draw", "softmax_uncertainty"),
+    for key, seconds, what, row_2d in (("fast_softmax", vol_soft, "softmax sqrt(p(1-p)) of one draw",
+                                        "softmax_uncertainty"),
                                        ("fast_n2", vol_two, "std over n_noise 2 draws", "n_noise_2_draws")):
         if seconds is not None and ranking.get(key, -1.0) >= RANK_AGREEMENT_MIN:
             result["ct_volume_seconds_with_uncertainty"] = seconds
@@ -671,7 +689,8 @@ def headline_fast(result: dict) -> None:
         result["ct_volume_seconds_with_uncertainty_paper_taps"] = fast["volume"]["paper_taps_draws_n_noise_2"]["min_s"]
     result["latency_2d_s"] = f2d["n_noise_1"]["min_s"]
     result["latency_2d_n_noise_4_s"] = f2d["n_noise_4_draws"]["min_s"]
-    rate = max(result["conv_fast_threads"]["gflops_best"], result["conv"]["gflops_best"] if fast["threads"] == 1 else 0)
+    rate = max(result["conv_fast_threads"]["gflops_best"],
+               result["conv"]["gflops_best"] if fast["threads"] == 1 else 0)
     floor = inf["flops"]["model_forward_per_image"] / (rate * 1e9)
     result["floor_fast"] = {"threads": fast["threads"], "rate_gflops": rate, "floor_s": floor}
     # slice-wise at the model's size: each slice is one 2D forward per draw
@@ -688,7 +707,8 @@ def headline_fast(result: dict) -> None:
     dc = result.get("dice_check")
     if dc:
         result["dice_drop_with_optimisations"] = max(dc["dice_drop_n1"], dc["dice_drop_n4"])
-        result["goals"]["dice_drop_with_optimisations"] = {"value": result["dice_drop_with_optimisations"], "goal": 0.01,
+        result["goals"]["dice_drop_with_optimisations"] = {"value": result["dice_drop_with_optimisations"],
+                                                           "goal": 0.01,
                                                            "met": result["dice_drop_with_optimisations"] <= 0.01}
 
 
@@ -706,7 +726,8 @@ def fast_markdown(result: dict) -> list[str]:
     fast, f2d = result["fast"], result["fast_2d"]
     lines = ["## Fast inference path goals (" + f"{fast['threads']} thread(s))", "",
              common.markdown_table(["figure", "value", "goal", "met"],
-                                   [[k, g["value"], ("<= " if "speedup" not in k else ">= ") + str(g["goal"]), g["met"]]
+                                   [[k, g["value"], ("<= " if "speedup" not in k else ">= ") + str(g["goal"]),
+                                     g["met"]]
                                     for k, g in result["goals"].items()], ["---", "---:", "---:", "---"]), "",
              f"Volume uncertainty estimate in the headline: {result['ct_volume_uncertainty_estimate']}. "
              f"Volume {fast['volume_shape']}: std over 4 draws {result['ct_volume_seconds_n_noise_4_draws']:.1f} s, "
@@ -721,15 +742,19 @@ def fast_markdown(result: dict) -> list[str]:
                 f"{fast['volume']['paper_taps_draws_n_noise_2']['measured_depth']} slices, scaled), floor "
                 f"{result['ct_volume_floor_s_per_draw_paper_taps']:.1f} s per draw. "
                 if fast.get("paper_taps_model") else "") +
-             f"2D 256 px: n_noise 1 {f2d['n_noise_1']['min_s']:.3f} s, n_noise 4 {f2d['n_noise_4_draws']['min_s']:.3f} s, "
+             f"2D 256 px: n_noise 1 {f2d['n_noise_1']['min_s']:.3f} s, n_noise 4 "
+             f"{f2d['n_noise_4_draws']['min_s']:.3f} s, "
              f"softmax uncertainty {f2d['softmax_uncertainty']['min_s']:.3f} s. Floor at {fast['threads']} thread(s): "
              f"{result['floor_fast']['rate_gflops']:.0f} GFLOP/s -> {result['floor_fast']['floor_s']:.3f} s per 2D "
              f"forward, {result['ct_volume_floor_s_per_draw']:.1f} s per draw of the volume's "
              f"{fast['volume_shape'][0]} slices. "
-             f"Native reduced precision on this device: {fast['native_low_precision']}; the 3x3 convolution under bf16 "
+             f"Native reduced precision on this device: {fast['native_low_precision']}; the 3x3 convolution under "
+             "bf16 "
              f"autocast runs at {result['conv_bf16']['gflops_best']:.2f} GFLOP/s vs "
-             f"{result['conv_bf16']['fp32_same_shape_gflops_best']:.0f} in fp32 (same shape), " + _precision_clause(fast), "",
-             f"### Ablation (slab {fast['ablation_slab']}, n_noise {fast['ablation_n_noise']}, best of the repeats)", "",
+             f"{result['conv_bf16']['fp32_same_shape_gflops_best']:.0f} in fp32 (same "
+             "shape), " + _precision_clause(fast), "",
+             f"### Ablation (slab {fast['ablation_slab']}, n_noise {fast['ablation_n_noise']}, best of the repeats)",
+             "",
              common.markdown_table(["configuration", "threads", "seconds", "s/slice", "x reference"],
                                    [[r["configuration"], r["threads"], r["min_s"], r["seconds_per_slice"],
                                      r["speedup_vs_reference"]] for r in fast["ablation"]],
@@ -738,9 +763,11 @@ def fast_markdown(result: dict) -> list[str]:
     if fb:
         lines += ["### Where the 2D forward's time goes (one thread, channels_last, convolutions timed by hooks)", "",
                   common.markdown_table(["part", "seconds", "GFLOP", "GFLOP/s"],
-                                        [[k, v["seconds"], v["gflop"], v["gflops_per_s"]] for k, v in fb["by_kind"].items()]
+                                        [[k, v["seconds"], v["gflop"], v["gflops_per_s"]] for k,
+                                         v in fb["by_kind"].items()]
                                         + [["everything else (norms, activations, attention, resampling, copies)",
-                                            fb["other_s"], None, None], ["whole forward", fb["forward_s"], None, None]],
+                                            fb["other_s"], None, None],
+                                            ["whole forward", fb["forward_s"], None, None]],
                                         ["---", "---:", "---:", "---:"]), "",
                   f"Convolutions at the best measured rate ({fb['rate_gflops']:.0f} GFLOP/s) would take "
                   f"{fb['conv_floor_s']:.3f} s; with the rest as it runs now the forward would be "
@@ -754,8 +781,10 @@ def fast_markdown(result: dict) -> list[str]:
     if tr:
         lines += ["### The truncated backbone forward (features() stops after the last tapped up-block)", "",
                   common.markdown_table(["taps", "features() GFLOP", "whole U-Net GFLOP", "saved"],
-                                        [[str(tr[k]["feature_blocks"]), tr[k]["features_gflop"], tr[k]["full_unet_gflop"],
-                                          f"{100 * tr[k]['saved_fraction']:.0f} %"] for k in ("paper_taps", "all_blocks")],
+                                        [[str(tr[k]["feature_blocks"]), tr[k]["features_gflop"],
+                                          tr[k]["full_unet_gflop"],
+                                          f"{100 * tr[k]['saved_fraction']:.0f} %"] for k in ("paper_taps",
+                                                                                              "all_blocks")],
                                         ["---", "---:", "---:", "---:"]),
                   "", f"Backbone widths {tr['widths']}, three timesteps, one image.", ""]
     dc = result.get("dice_check")
@@ -764,8 +793,10 @@ def fast_markdown(result: dict) -> list[str]:
                   f"{dc['dataset']}, {dc['split']} split ({dc['n_test']} images), model trained on "
                   f"{int(dc['labeled_fraction'] * 100)} % labels:", "",
                   common.markdown_table(["inference", "test Dice", "seconds"],
-                                        [[k, v, dc["seconds"][k]] for k, v in dc["dice"].items()], ["---", "---:", "---:"]),
-                  "", "Spearman rank correlation of the per-image mean uncertainty with the reference n_noise 4 ranking: "
+                                        [[k, v, dc["seconds"][k]] for k, v in dc["dice"].items()],
+                                        ["---", "---:", "---:"]),
+                  "",
+                  "Spearman rank correlation of the per-image mean uncertainty with the reference n_noise 4 ranking: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in dc["uncertainty_spearman_vs_reference_n4"].items()) + ".", ""]
     return lines
 
@@ -803,13 +834,16 @@ def markdown(result: dict) -> str:
     lines = ["# Speed: FastTextDiff vs reference-style pipelines", "",
              f"Command: `{result['command']}`  ",
              f"Machine: {m['cpu']}, {m['torch_threads']} torch thread(s), load average at start {m['loadavg_start']}, "
-             f"at end {result['loadavg_end']}; measured fp32 rates: matmul {result['matmul']['gflops_best']:.1f} GFLOP/s "
-             f"({result['matmul']['n']}^3, MKL), 3x3 convolution {result['conv']['gflops_best']:.1f} GFLOP/s (oneDNN); "
+             f"at end {result['loadavg_end']}; measured fp32 rates: matmul {result['matmul']['gflops_best']:.1f} "
+             "GFLOP/s "
+             f"({result['matmul']['n']}^3, MKL), 3x3 convolution {result['conv']['gflops_best']:.1f} GFLOP/s "
+             "(oneDNN); "
              f"floors use the higher.  ",
              "A shared machine: absolute seconds move with the load; the ratios come from one run.", "",
              "## Headline", "",
              common.markdown_table(["figure", "value"], [
-                 ["train_speedup_vs_textdiff_style (64 px, accuracy-benchmark config)", result["train_speedup_vs_textdiff_style"]],
+                 ["train_speedup_vs_textdiff_style (64 px, accuracy-benchmark config)",
+                  result["train_speedup_vs_textdiff_style"]],
                  ["train speedup at 256 px (all four up-blocks tapped, two at 256 px)",
                   result["training"].get("256px", {}).get("speedup")],
                  ["train speedup at 256 px, taps up to 128 px (the paper's)",
@@ -827,29 +861,39 @@ def markdown(result: dict) -> str:
                      t["ours"]["images_per_s"], t["ours"]["seconds_per_epoch"], 1.0])
         for label, ref in t["textdiff_style"].items():
             rows.append([name, f"TextDiff-style (batch 1, re-encode text: {label})", ref["images"], ref["seconds"],
-                         ref["images_per_s"], ref["seconds_per_epoch"], t["ours"]["images_per_s"] / ref["images_per_s"]])
-    lines.append(common.markdown_table(["config", "loop", "images", "seconds", "images/s", "s/epoch", "ours is x faster"],
+                         ref["images_per_s"], ref["seconds_per_epoch"],
+                         t["ours"]["images_per_s"] / ref["images_per_s"]])
+    lines.append(common.markdown_table(["config", "loop", "images", "seconds", "images/s", "s/epoch",
+                                        "ours is x faster"],
                                        rows, ["---", "---", "---:", "---:", "---:", "---:", "---:"]))
     lines += ["", "Ours / TextDiff-style (full report) per round, each pair run back to back: " + "; ".join(
-        f"{name}: " + ", ".join(f"{x:.2f}" for x in t.get("speedup_per_round", [])) for name, t in result["training"].items())
+        f"{name}: " + ", ".join(f"{x:.2f}" for x in t.get("speedup_per_round", [])) for name,
+        t in result["training"].items())
         + ". Headline = best throughput of each loop over the rounds."]
     fl = inf["flops"]
     rate = result["floor"]["rate_gflops"] * 1e9
-    lines += ["", f"## Inference latency ({inf['config']['size']} px model, widths " + "/".join(map(str, inf["config"]["widths"])) + ")", "",
+    lines += ["",
+              f"## Inference latency ({inf['config']['size']} px model, widths " + "/".join(map(str,
+                                                                                                inf["config"]["widths"])) + ")", "",
               common.markdown_table(["pipeline", "seconds (best)", "median", "FLOPs", "floor s", "x floor"], [
                   ["ours 2D, n_noise=1 (3 timesteps, one batched pass)", inf["ours_2d_n_noise_1"]["min_s"],
                    inf["ours_2d_n_noise_1"]["median_s"], float(fl["model_forward_per_image"]),
-                   fl["model_forward_per_image"] / rate, inf["ours_2d_n_noise_1"]["min_s"] / (fl["model_forward_per_image"] / rate)],
-                  ["ours 2D, n_noise=4 (with uncertainty)", inf["ours_2d_n_noise_4"]["min_s"], inf["ours_2d_n_noise_4"]["median_s"],
+                   fl["model_forward_per_image"] / rate,
+                   inf["ours_2d_n_noise_1"]["min_s"] / (fl["model_forward_per_image"] / rate)],
+                  ["ours 2D, n_noise=4 (with uncertainty)", inf["ours_2d_n_noise_4"]["min_s"],
+                   inf["ours_2d_n_noise_4"]["median_s"],
                    float(4 * fl["model_forward_per_image"]), 4 * fl["model_forward_per_image"] / rate, None],
-                  ["iterative sampler, one step (timed interleaved with ours)", inf["iterative_step_interleaved"]["min_s"],
+                  ["iterative sampler, one step (timed interleaved with ours)",
+                   inf["iterative_step_interleaved"]["min_s"],
                    inf["iterative_step_interleaved"]["median_s"], float(fl["iterative_step_per_image"]),
                    fl["iterative_step_per_image"] / rate,
                    inf["iterative_step_interleaved"]["min_s"] / (fl["iterative_step_per_image"] / rate)],
                   ["iterative sampler, 50 DDIM steps (measured)", inf["iterative_ddim_50"]["min_s"],
                    inf["iterative_ddim_50"]["median_s"], float(50 * fl["iterative_step_per_image"]),
-                   50 * fl["iterative_step_per_image"] / rate, inf["iterative_ddim_50"]["min_s"] / (50 * fl["iterative_step_per_image"] / rate)],
-                  ["MedSegDiff-style, 1000 steps (per-step cost x 1000)", inf["medsegdiff_1000_steps_s (extrapolated)"], None,
+                   50 * fl["iterative_step_per_image"] / rate,
+                   inf["iterative_ddim_50"]["min_s"] / (50 * fl["iterative_step_per_image"] / rate)],
+                  ["MedSegDiff-style, 1000 steps (per-step cost x 1000)",
+                   inf["medsegdiff_1000_steps_s (extrapolated)"], None,
                    float(fl["medsegdiff_1000_steps_per_image"]), fl["medsegdiff_1000_steps_per_image"] / rate, None],
                   [f"ours 3D {inf['volume']['shape']} (n_noise=1)", inf["volume"]["ours_n_noise_1"]["min_s"],
                    inf["volume"]["ours_n_noise_1"]["median_s"], None, None, None],
@@ -860,12 +904,15 @@ def markdown(result: dict) -> str:
                   f"(three timesteps); one sampler step: {fl['iterative_step_per_image'] / 1e9:.2f} GFLOP.", ""]
     if "goals" in result:
         lines += fast_markdown(result)
-    lines += ["## GPU", "", f"{result['gpu']['reason']}: GPU rows not measured." if not result["gpu"]["measured"] else "", ""]
+    lines += ["## GPU", "",
+              f"{result['gpu']['reason']}: GPU rows not measured." if not result["gpu"]["measured"] else "", ""]
     te = result.get("text_encoder")
     if te:
-        lines += ["## Text encoder (from bench/text_speed.py)", "", f"Source: `{te['source']}` (`{te['command']}`).", "",
+        lines += ["## Text encoder (from bench/text_speed.py)", "", f"Source: `{te['source']}` (`{te['command']}`).",
+                  "",
                   common.markdown_table(["model", "workload", "mode", "tokens/s"],
-                                        [[r["model"], r["workload"], r["mode"], r["tokens_per_s"]] for r in te["rows"]],
+                                        [[r["model"], r["workload"], r["mode"],
+                                          r["tokens_per_s"]] for r in te["rows"]],
                                         ["---", "---", "---", "---:"]), ""]
     lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
@@ -898,7 +945,8 @@ def plot(result: dict, path: Path) -> None:
     axes[1].set_title("Training throughput")
     if volume:
         rows = [("4 draws", "draws_n_noise_4", "C0"), ("2 draws", "draws_n_noise_2", "C0"),
-                ("softmax,\n1 draw", "softmax_one_draw", "C0"), ("2 draws,\npaper taps", "paper_taps_draws_n_noise_2", "C2")]
+                ("softmax,\n1 draw", "softmax_one_draw", "C0"),
+                ("2 draws,\npaper taps", "paper_taps_draws_n_noise_2", "C2")]
         rows = [r for r in rows if r[1] in volume]
         axes[2].bar([r[0] for r in rows], [volume[r[1]]["min_s"] for r in rows], color=[r[2] for r in rows])
         axes[2].axhline(GOALS["ct_volume_seconds_with_uncertainty"], color="C3", linestyle="--", label="goal (30 s)")
@@ -949,7 +997,8 @@ def run_fast_path_only(args, result: dict, conv_start: dict, matmul_start: dict)
             print(f"[speed] dice check: {result['dice_check']['dice']}", flush=True)
             common.write_json(partial, result)
         result["fast"] = fast_inference_section(work, args.quick, args.device, args.infer_threads, size=size,
-                                                widths=widths, volume_shape=vshape, mini_depth=2 if tiny else args.slab,
+                                                widths=widths, volume_shape=vshape,
+                                                mini_depth=2 if tiny else args.slab,
                                                 measured_depth=args.volume_depth, repeats=1 if args.quick else None,
                                                 paper_taps=TINY_PAPER_TAPS if tiny else PAPER_TAPS_MODEL)
         common.write_json(partial, result)
@@ -968,14 +1017,16 @@ def run_fast_path_only(args, result: dict, conv_start: dict, matmul_start: dict)
     result["seconds"] = round(time.perf_counter() - started, 1)
     lines = ["# Speed, fast inference path rows (and 256 px paper-taps training)", "",
              f"Command: `{result['command']}`  ",
-             f"Machine: {result['machine']['cpu']}, load average at start {result['machine']['loadavg_start']}, at end "
+             f"Machine: {result['machine']['cpu']}, load average at start {result['machine']['loadavg_start']}, at "
+             "end "
              f"{result['loadavg_end']}; {result['seconds']:.0f} s wall. A shared machine: absolute seconds move with "
              "the load; ratios come from one run.", ""]
     lines += fast_markdown(result)
     for name, tr in t.items():
         lines += [f"### Training {name} (one round)", "",
                   common.markdown_table(["loop", "images", "seconds", "images/s", "ours is x faster"],
-                                        [["ours", tr["ours"]["images"], tr["ours"]["seconds"], tr["ours"]["images_per_s"], 1.0]]
+                                        [["ours", tr["ours"]["images"], tr["ours"]["seconds"],
+                                          tr["ours"]["images_per_s"], 1.0]]
                                         + [[f"TextDiff-style ({k})", r["images"], r["seconds"], r["images_per_s"],
                                             tr["ours"]["images_per_s"] / r["images_per_s"]]
                                            for k, r in tr["textdiff_style"].items()],
@@ -997,7 +1048,8 @@ def in_run_order(result: dict) -> dict:
         tr["textdiff_style"] = dict(sorted(tr["textdiff_style"].items(), key=lambda kv: kv[0] != "full_report"))
     dc = result.get("dice_check")
     if dc:
-        rows = ("reference_n1", "fast_n1", "reference_n4", "fast_n4", "fast_n2", "fast_softmax", "reference_n4_other_draws")
+        rows = ("reference_n1", "fast_n1", "reference_n4", "fast_n4", "fast_n2", "fast_softmax",
+                "reference_n4_other_draws")
         for key in ("dice", "seconds", "uncertainty_spearman_vs_reference_n4"):
             dc[key] = dict(sorted(dc[key].items(), key=lambda kv: rows.index(kv[0]) if kv[0] in rows else len(rows)))
     fb = result.get("floor_breakdown")
@@ -1013,7 +1065,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1; on a shared 2-core machine 2 threads were measured erratic)")
     p.add_argument("--infer-threads", type=int, default=2,
-                   help="torch threads for the fast-path rows (volume, 2D latency, Dice check); default 2 = both cores")
+                   help="torch threads for the fast-path rows (volume, 2D latency, Dice check); default 2 = both "
+                        "cores")
     p.add_argument("--skip-dice", action="store_true", help="skip the Dice / uncertainty-ranking check")
     p.add_argument("--device", default=None)
     p.add_argument("--skip-256-train", action="store_true", help="only the 64 px training comparison")
@@ -1028,7 +1081,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only-dice-check", action="store_true",
                    help="only the Dice / uncertainty-ranking check (-> --out/speed_dice_check.json)")
     p.add_argument("--render", type=Path, metavar="JSON",
-                   help="only recompute the derived figures and rewrite speed.md/.png next to a speed.json (no timing)")
+                   help="only recompute the derived figures and rewrite speed.md/.png next to a speed.json (no "
+                        "timing)")
     args = p.parse_args(argv)
     if args.render:
         result = in_run_order(json.loads(args.render.read_text(encoding="utf-8")))
@@ -1067,11 +1121,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                          rounds=1 if args.tiny else 2 if args.quick else 3)
             print(f"[speed] training {name}: ours {result['training'][name]['speedup']:.2f}x the TextDiff-style loop",
                   flush=True)
-            common.write_json(args.out / "speed.partial.json", result)  # a long run on a shared machine: keep what is done
+            common.write_json(args.out / "speed.partial.json",
+                              result)  # a long run on a shared machine: keep what is done
         if args.tiny:
             result["inference"] = inference_comparison(work, True, args.device, size=32, widths=(8, 16),
                                                        volume_shape=(4, 48, 48))
-            result["fast"] = fast_inference_section(work, True, args.device, args.infer_threads, size=32, widths=(8, 16),
+            result["fast"] = fast_inference_section(work, True, args.device, args.infer_threads, size=32,
+                                                    widths=(8, 16),
                                                     volume_shape=(4, 48, 48), mini_depth=2, paper_taps=TINY_PAPER_TAPS)
             result["fast_2d"] = fast_2d_latency(work, args.device, args.infer_threads, size=32, repeats=1)
         else:

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     data = make_lvit_dataset(work / "data", variant="text-necessary", n_train=plan.n_train, n_val=plan.n_val,
                              n_test=plan.n_test, size=plan.size, seed=args.seed)
     splits = load_lvit(data)
-    pretrain_backbone_on_files(lvit_image_paths(data), BackboneConfig(image_size=plan.size, block_out_channels=plan.widths),
+    pretrain_backbone_on_files(lvit_image_paths(data),
+                               BackboneConfig(image_size=plan.size, block_out_channels=plan.widths),
                                work / "backbone", epochs=10_000, max_steps=plan.pretrain_steps,
                                batch_size=plan.pretrain_batch, seed=args.seed, resume=False)
     rows = []

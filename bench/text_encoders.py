@@ -49,7 +49,8 @@ ENCODERS = ("no_text", "minilm_trunc10", "minilm_focus", "tiny_random_focus", "t
 # sentences held the lesion sentence in 32 of 32 validation reports.
 FOCUS = "Airspace opacity or consolidation in the right or left lung."
 FOCUS_ENCODERS = ("minilm_focus", "tiny_random_focus", "tiny_adapted_focus")
-EXTRA_ENCODERS = ("tiny_random", "tiny_adapted", "minilm", "tiny_adapted_long", "tiny_adapted_span", "bpe_random", "bpe_adapted")
+EXTRA_ENCODERS = ("tiny_random", "tiny_adapted", "minilm", "tiny_adapted_long", "tiny_adapted_span", "bpe_random",
+                  "bpe_adapted")
 # fusion width 64, the library default (FusionConfig.dim), not the accuracy bench's 32: on the validation
 # split at 25 % labels (seed 0, minilm_focus) 32 gave Dice 0.633, 64 gave 0.693 (128: 0.707, but 0.323 on the
 # held-out test phrasings, and twice the time)
@@ -118,11 +119,13 @@ def prepare_encoders(names: list[str], work: Path, adapt_steps: int, adapt_steps
                               "mlm": mlm}
             else:  # the very weights that run started from: build_tiny_encoder with the same seed and tokenizer
                 before = work / "encoders" / "bpe_random"
-                build_tiny_encoder(before, seed=0, hidden=64, layers=2, heads=4, tokenizer=str(adapted), masked_lm=True)
+                build_tiny_encoder(before, seed=0, hidden=64, layers=2, heads=4, tokenizer=str(adapted),
+                                   masked_lm=True)
                 configs[name] = TextConfig(encoder=str(before))
                 info[name] = {"encoder": "bpe_adapted's architecture, tokenizer and initial weights, no MLM steps"}
         elif name == "minilm":
-            configs[name], info[name] = TextConfig(encoder=str(minilm_dir())), {"encoder": "all-MiniLM-L6-v2, whole report"}
+            configs[name], info[name] = TextConfig(encoder=str(minilm_dir())), {"encoder": "all-MiniLM-L6-v2, whole "
+                                                                                           "report"}
         elif name == "minilm_trunc10":
             configs[name] = TextConfig(encoder=str(minilm_dir()), max_length=10, truncate=True)
             info[name] = {"encoder": "all-MiniLM-L6-v2, [CLS] + 8 tokens + [SEP] (the reference's max_length=10)"}
@@ -184,7 +187,8 @@ def region_probe(splits: dict, train_sizes=(32, 128)) -> dict:
             x_train, y_train = np.stack([vector(s.text, reading) for s in train]), targets(train)
             for split in ("val", "test"):
                 x, y = np.stack([vector(s.text, reading) for s in splits[split]]), targets(splits[split])
-                acc = [float((LogisticRegression(max_iter=3000).fit(x_train, y_train[:, k]).predict(x) == y[:, k]).mean())
+                acc = [float((LogisticRegression(max_iter=3000).fit(x_train, y_train[:, k]).predict(x) == y[:,
+                                                                                                            k]).mean())
                        for k in range(len(regions)) if len(set(y_train[:, k])) > 1]
                 rows[f"{split}_{n}_reports"] = {"accuracy": float(np.mean(acc)) if acc else None,
                                                 "majority": float(np.maximum(y.mean(0), 1 - y.mean(0)).mean())}
@@ -248,7 +252,8 @@ def place_phrases(configs: dict, splits: dict) -> dict:
             if used:
                 per_report.append(float(np.prod([credit[p] for p in used])))
         out["readers"][reader_name] = {
-            "phrases_read_right": round(sum(credit.values()), 2), "phrase_accuracy": sum(credit.values()) / len(heldout),
+            "phrases_read_right": round(sum(credit.values()), 2),
+            "phrase_accuracy": sum(credit.values()) / len(heldout),
             "test_reports_read_right": float(np.mean(per_report)) if per_report else None,
             "test_reports_with_a_place": len(per_report),
             "wrong": sorted(p for p, c in credit.items() if c < 1)}
@@ -290,7 +295,8 @@ def acceptance(results: list[dict]) -> dict:
         if gaps:
             checks.append({"encoder": adapted, "claim": f"clinical adaptation: {adapted} - {plain}",
                            "dice_gap_by_budget": gaps, "holds": None})
-    return {"checks": checks, "all_hold": all(c["holds"] for c in checks if c["holds"] is not None) if checks else None}
+    return {"checks": checks,
+            "all_hold": all(c["holds"] for c in checks if c["holds"] is not None) if checks else None}
 
 
 def pivot(result: dict, metric: str = "dice") -> str:
@@ -309,10 +315,12 @@ def markdown(result: dict) -> str:
     lines = ["# Text encoders on radiology-style reports (clinical-reports set)", "",
              f"Command: `{result['command']}`  ",
              f"Data: {result['description']}; splits train/val/test = {result['split_sizes']}.  ",
-             f"Machine: {result['machine']['cpu']}, {result['machine']['torch_threads']} torch thread(s), load average "
+             f"Machine: {result['machine']['cpu']}, {result['machine']['torch_threads']} torch thread(s), load "
+             "average "
              f"{result['machine']['loadavg_start']} at start, {result['loadavg_end']} at end.  ",
              f"Seeds {list(result['plan']['seeds'])}; text path: text_residual={result['fusion']['text_residual']}, "
-             f"text_dropout={result['fusion']['text_dropout']}, text_fallback={result['fusion'].get('text_fallback')}; "
+             f"text_dropout={result['fusion']['text_dropout']}, "
+             f"text_fallback={result['fusion'].get('text_fallback')}; "
              f"wall time {result['seconds'] / 60:.1f} min"
              + (f" (merged from {len(result['merged_from'])} result files run side by side; the longest)."
                 if result.get("merged_from") else "."), "",
@@ -446,7 +454,8 @@ def merge_results(paths: list[Path], out_dir: Path, name: str, plot: bool = True
     runs = common.concat_runs(parts, paths)
     order = list(dict.fromkeys(r["method"] for r in runs))  # the order the encoders ran in
     result = dict(parts[0])
-    result.update(name=name, runs=runs, results=aggregate(runs, order), command=" ; ".join(r["command"] for r in parts),
+    result.update(name=name, runs=runs, results=aggregate(runs, order),
+                  command=" ; ".join(r["command"] for r in parts),
                   encoders={n: info for part in parts for n, info in part["encoders"].items()},
                   complete=all(r.get("complete") for r in parts), seconds=max(r["seconds"] for r in parts),
                   loadavg_end=parts[-1].get("loadavg_end"), merged_from=[str(p) for p in paths],
@@ -499,7 +508,8 @@ def _run(args, plan, work: Path, command: str, name: str) -> dict:
     result = {"dataset": "clinical-reports", "name": name, "command": command, "quick": bool(args.quick),
               "description": f"synthetic clinical-reports ({plan.size} px, data seed {args.data_seed}; test split in "
                              "held-out phrasings)",
-              "machine": machine, "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(plan).items()},
+              "machine": machine,
+              "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(plan).items()},
               "fusion": {"text_residual": fusion.text_residual, "text_dropout": fusion.text_dropout,
                          "text_fallback": plan.text_fallback if plan.text_fallback is not None
                          else TrainConfig().text_fallback},

@@ -177,9 +177,11 @@ def markdown(result: dict) -> str:
     lines = ["# Text encoder speed", "",
              "CPU rows: `seconds` is the process' CPU time with "
              f"{result['machine']['threads']} torch thread(s) (best of {result['config']['repeats']}, models "
-             "interleaved), so tokens/s = tokens per CPU-second; `wall` is wall-clock time. GPU rows use wall time.", "",
+             "interleaved), so tokens/s = tokens per CPU-second; `wall` is wall-clock time. GPU rows use wall time.",
+             "",
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']['cpu']}, "
-             f"{result['machine']['threads']} torch threads, load average at start {result['machine']['loadavg_start']}, "
+             f"{result['machine']['threads']} torch threads, load average at start "
+             f"{result['machine']['loadavg_start']}, "
              f"at end {result['machine']['loadavg_end']} (shared machine: absolute numbers are noisy; "
              "ratios within one run are the figure to read).  ",
              f"Models: ModernBERT and BERT from config with hidden {result['config']['hidden']}, "

@@ -139,7 +139,8 @@ class FastTextDiffApp(MONAILabelApp):
             except (OSError, ValueError):
                 backbone = {}
             out.update(image_size=backbone.get("image_size"), window=backbone.get("window"),
-                       body_crop=bool(backbone.get("window")) and backbone.get("body_crop", True))  # crop only with a HU window
+                       body_crop=bool(backbone.get("window")) and backbone.get("body_crop",
+                                                                               True))  # crop only with a HU window
             out["intensity"] = f"HU window center {backbone['window'][0]:g}, width {backbone['window'][1]:g}" \
                 if backbone.get("window") else "percentiles 0.5/99.5 per image"
         out["inference"] = self.manager.inference_settings()  # precision + device the numbers come from
@@ -167,7 +168,8 @@ class FastTextDiffApp(MONAILabelApp):
             return False
         if self._builder is not None and self._builder.thread is not None and self._builder.thread.is_alive():
             return False
-        self._builder = DefaultModelBuilder(self.app_conf, self.manager, self._datastore, on_ready=self._on_default_ready)
+        self._builder = DefaultModelBuilder(self.app_conf, self.manager, self._datastore,
+                                            on_ready=self._on_default_ready)
         return self._builder.start()
 
     def _on_default_ready(self) -> None:

@@ -132,7 +132,8 @@ FILE_CASES: list[FileCase] = [
     FileCase("truncated PNG (half the file)", "half.png", lambda: _good_png()[: len(_good_png()) // 2], 415,
              ("corrupt", "truncated")),
     FileCase("truncated NIfTI (gzip cut)", "half.nii.gz",
-             lambda: _half(nifti_bytes(np.random.default_rng(0).integers(0, 999, (16, 16, 4)).astype(np.int16))), 415, ("corrupt", "truncated")),
+             lambda: _half(nifti_bytes(np.random.default_rng(0).integers(0, 999, (16, 16, 4)).astype(np.int16))), 415,
+             ("corrupt", "truncated")),
     FileCase("PNG bytes named .nii.gz", "png_in_disguise.nii.gz", _good_png, 415, ("corrupt", "not a valid")),
     FileCase("NIfTI bytes named .png", "nifti_in_disguise.png", lambda: nifti_bytes(np.ones((16, 16, 4), np.int16)),
              415, ("nifti_in_disguise.png is not an image",)),
@@ -304,7 +305,8 @@ def escaping_archives(outside: str) -> list[tuple[str, str, bytes]]:
         ("tar member ../../", "up2.tar", tar_bytes([("a/../../../escaped.txt", x, "file")])),
         ("tar member absolute", "abs.tar", tar_bytes([(f"{outside}/abs_escaped.txt", x, "file")])),
         ("tar.gz member ../", "up.tar.gz", tar_bytes([("../escaped.txt", x, "file")], mode="w:gz")),
-        ("tar symlink to outside", "link.tar", tar_bytes([("link", outside, "symlink"), ("link/through.txt", x, "file")])),
+        ("tar symlink to outside", "link.tar",
+         tar_bytes([("link", outside, "symlink"), ("link/through.txt", x, "file")])),
         ("tar hardlink to a server file", "hard.tar", tar_bytes([("hard", f"{outside}/secret.raw", "hardlink")])),
         ("tar FIFO", "fifo.tar", tar_bytes([("pipe", None, "fifo")])),
         ("zip member ../", "up.zip", zip_bytes([("../escaped.txt", x, "file")])),
@@ -594,7 +596,8 @@ def update_doc_from_a_run(doc: Path = DOC, pytest_args: list[str] | None = None)
         if done.returncode != 0:
             print(f"error: the tests failed (exit {done.returncode}); {doc} is left as it was", file=sys.stderr)
             return 1
-        observed = {k: tuple(v) for k, v in json.loads(out.read_text(encoding="utf-8")).items()} if out.exists() else {}
+        observed = {k: tuple(v) for k,
+                    v in json.loads(out.read_text(encoding="utf-8")).items()} if out.exists() else {}
     missing = [row_key(g, n) for g, n, _, _ in row_cases() if row_key(g, n) not in observed]
     if missing:
         print(f"error: {len(missing)} row(s) were not observed (first: {missing[0]!r}); {doc} is left as it was",

@@ -167,7 +167,8 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "cond
         except Exception as exc:  # noqa: BLE001 - retried until the deadline
             last_exc = exc
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+    raise TimeoutError(f"timed out after {timeout}s waiting for "
+                       f"{what}" + (f" (last error: {last_exc})" if last_exc else ""))
 
 
 def wait_model_ready(url: str, timeout: float = 300.0) -> dict:

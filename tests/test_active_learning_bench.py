@@ -16,7 +16,8 @@ sys.path.insert(0, str(BENCH))
 
 pytestmark = pytest.mark.timeout(300)  # ~35 s at load 3; minutes when the 2 cores are crowded
 
-TINY = ["--datasets", "text-necessary", "--strategies", "random", "report_mismatch", "--rounds", "2", "--per-round", "2",
+TINY = ["--datasets", "text-necessary", "--strategies", "random", "report_mismatch", "--rounds", "2", "--per-round",
+        "2",
         "--seed-labels", "2", "--seeds", "0", "--pool", "8", "--n-val", "2", "--n-test", "3", "--size", "32",
         "--widths", "8", "16", "--pretrain-steps", "2", "--initial-steps", "2", "--round-steps", "1", "--n-noise", "2",
         "--no-plot", "--no-progress", "--keep-runs"]

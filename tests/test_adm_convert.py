@@ -205,7 +205,8 @@ def test_values_land_where_adm_uses_them():
     }
     for new, old in same.items():
         assert torch.equal(converted[new], state[old]), (new, old)
-    assert torch.equal(converted["up_blocks.0.attentions.1.to_out.0.weight"], state["output_blocks.1.1.proj_out.weight"][..., 0])
+    assert torch.equal(converted["up_blocks.0.attentions.1.to_out.0.weight"],
+                       state["output_blocks.1.1.proj_out.weight"][..., 0])
 
 
 def _adm_attention(x, state, p, heads, new_order):
@@ -325,7 +326,8 @@ def test_inexpressible_flags_are_refused_with_the_reason(flags, label, message):
         check_expressible(parse_adm_flags(flags), label)
 
 
-@pytest.mark.parametrize("text, message", [("--large_size 256", "super-resolution"), ("--batch_size 4", "unknown ADM flag"),
+@pytest.mark.parametrize("text, message",
+                         [("--large_size 256", "super-resolution"), ("--batch_size 4", "unknown ADM flag"),
                                            ("--learn_sigma maybe", "True or False"), ("--image_size", "no value"),
                                            ("image_size 64", "not a flag name"),
                                            ("--channel_mult 1,1.5", "comma-separated integers"),
@@ -448,7 +450,8 @@ def test_bad_checkpoints_are_refused_and_nothing_is_written(case, message, tmp_p
 
 def test_a_failed_conversion_leaves_an_existing_backbone_untouched(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "backbone"
-    assert run_cli(capsys, "convert-backbone", tiny_checkpoint, "--adm-flags", TINY, "--out", out, "--taps", "2")[0] == 0
+    assert run_cli(capsys, "convert-backbone", tiny_checkpoint, "--adm-flags", TINY, "--out", out, "--taps",
+                   "2")[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     bad = _save(tmp_path / "bad.pt", {"time_embed.0.weight": torch.ones(128, 32)})
     _refused(capsys, bad, out, "--adm-flags", TINY, "--taps", "2")

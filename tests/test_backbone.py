@@ -176,7 +176,8 @@ def test_frozen_backbone_gives_no_gradients():
 def test_save_load_round_trip_gives_identical_features(backbone, tmp_path):
     out = tmp_path / "bb"
     backbone.save_pretrained(out)
-    assert {p.name for p in out.iterdir()} == {BACKBONE_CONFIG_NAME, "config.json", UNET_WEIGHTS_NAME, "checksums.json"}
+    assert {p.name for p in out.iterdir()} == {BACKBONE_CONFIG_NAME, "config.json", UNET_WEIGHTS_NAME,
+                                               "checksums.json"}
     assert not [p for p in tmp_path.iterdir() if p.name != "bb"]  # no staging leftovers
     loaded = DiffusionBackbone.from_pretrained(out).freeze()
     assert loaded.config == backbone.config
@@ -328,7 +329,8 @@ def test_from_diffusers_loads_a_diffusers_saved_unet(tmp_path):
 
 
 def test_from_diffusers_reads_a_pipeline_and_its_schedule(tmp_path):
-    pipe = DDPMPipeline(unet=_foreign_unet(), scheduler=DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2"))
+    pipe = DDPMPipeline(unet=_foreign_unet(),
+                        scheduler=DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2"))
     pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)
     model = DiffusionBackbone.from_diffusers(tmp_path / "pipe")
     assert model.config.num_train_timesteps == 100 and model.config.beta_schedule == "squaredcos_cap_v2"
@@ -386,7 +388,8 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(tmp_pa
     straight = pretrain_backbone(data, out_dir=tmp_path / "straight", max_steps=5, **kw)
     steps: list[int] = []
     first = pretrain_backbone(data, out_dir=tmp_path / "split", max_steps=3, **kw)
-    second = pretrain_backbone(data, out_dir=tmp_path / "split", max_steps=5, log=lambda d: steps.append(d["step"]), **kw)
+    second = pretrain_backbone(data, out_dir=tmp_path / "split", max_steps=5, log=lambda d: steps.append(d["step"]),
+                               **kw)
     assert (straight["steps"], first["steps"], second["steps"]) == (5, 3, 5)
     assert second["resumed_from"] == 3 and steps == [4, 5]  # 6 images / batch 4 = 2 steps per epoch: resumes mid-epoch
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
@@ -489,7 +492,8 @@ def test_pretraining_under_torch_distributed(tmp_path):
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        result = pretrain_backbone(images(4), tiny_config(), tmp_path / "bb", batch_size=2, max_steps=3, progress=False)
+        result = pretrain_backbone(images(4), tiny_config(), tmp_path / "bb", batch_size=2, max_steps=3,
+                                   progress=False)
     finally:
         dist.destroy_process_group()
     assert result["steps"] == 3

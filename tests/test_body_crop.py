@@ -18,7 +18,8 @@ SIZE = 64
 BODY_SCALED = (-500 - (LUNG[0] - LUNG[1] / 2)) / LUNG[1] * 2 - 1
 
 
-def _body_volume(direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), spacing=(0.8, 0.7, 2.5), fill=False) -> tuple[Image, np.ndarray]:
+def _body_volume(direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), spacing=(0.8, 0.7, 2.5), fill=False) -> tuple[Image,
+                                                                                                      np.ndarray]:
     """2 x 256 x 256 HU volume: air around an off-centre soft-tissue ellipse (100 rows x 120 columns)."""
     yy, xx = np.mgrid[:256, :256]
     axes = (120, 125) if fill else (50, 60)
@@ -62,7 +63,8 @@ def test_mask_round_trips_into_the_original_oblique_grid():
         # Probabilities: outside the box class 0 is certain, and uncertainty is 0.
         probs = torch.stack([1.0 - mask.float(), mask.float()], dim=1) * 0.8 + 0.1
         grid = to_original_grid(probs, image, "bilinear", window=LUNG, body_crop=True)
-        unc = to_original_grid(torch.full((x.shape[0], SIZE, SIZE), 0.5), image, "bilinear", window=LUNG, body_crop=True)
+        unc = to_original_grid(torch.full((x.shape[0], SIZE, SIZE), 0.5), image, "bilinear", window=LUNG,
+                               body_crop=True)
         top, left, side = box
         outside = np.ones(canonical_array(image).shape, dtype=np.float32)
         outside[:, max(top, 0) : top + side, max(left, 0) : left + side] = 0
@@ -75,8 +77,10 @@ def test_mask_round_trips_into_the_original_oblique_grid():
 def test_body_filling_the_frame_or_no_body_is_not_cropped():
     image, _ = _body_volume(fill=True)
     assert body_box(image, LUNG, SIZE) is None
-    assert torch.equal(to_model_input(image, SIZE, 1, window=LUNG, body_crop=True), to_model_input(image, SIZE, 1, window=LUNG))
-    air = Image(np.full((2, 96, 96), -1000, np.int16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), True)
+    assert torch.equal(to_model_input(image, SIZE, 1, window=LUNG, body_crop=True),
+                       to_model_input(image, SIZE, 1, window=LUNG))
+    air = Image(np.full((2, 96, 96), -1000, np.int16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1),
+                True)
     assert body_box(air, LUNG, SIZE) is None
 
 

@@ -39,7 +39,8 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 def test_segment_real_nifti_volume_keeps_geometry(tmp_path, tiny_model, capsys):
     code, out, err = run_cli(capsys, "segment", MNI_T1, "--report", "Left frontal lesion.", "--model", tiny_model,
-                             "--out", tmp_path / "mask.nii.gz", "--uncertainty", tmp_path / "unc.nii.gz", "--n-noise", 2)
+                             "--out", tmp_path / "mask.nii.gz", "--uncertainty", tmp_path / "unc.nii.gz", "--n-noise",
+                             2)
     assert code == 0, err
     src, mask = geometry(MNI_T1), geometry(tmp_path / "mask.nii.gz")
     assert mask[0] == src[0]
@@ -83,11 +84,13 @@ def test_segment_with_the_one_draw_softmax_uncertainty(tmp_path, tiny_model, tin
 
 def test_empty_and_huge_reports_have_documented_behaviour(tmp_path, tiny_model, tiny_dataset, capsys):
     image = next((tiny_dataset / "Test_Folder" / "img").iterdir())
-    code, _, err = run_cli(capsys, "segment", image, "--report", "", "--model", tiny_model, "--out", tmp_path / "a.png")
+    code, _, err = run_cli(capsys, "segment", image, "--report", "", "--model", tiny_model, "--out",
+                           tmp_path / "a.png")
     assert code == 0 and "empty report" in err  # a warning, then the empty-text fallback
     huge = tmp_path / "huge.txt"
     huge.write_text(" ".join(["opacity"] * 100_000))
-    code, _, err = run_cli(capsys, "segment", image, "--report-file", huge, "--model", tiny_model, "--out", tmp_path / "b.png")
+    code, _, err = run_cli(capsys, "segment", image, "--report-file", huge, "--model", tiny_model, "--out",
+                           tmp_path / "b.png")
     assert code == 2 and err.startswith("error: ") and "characters" in err and "Traceback" not in err
     assert not (tmp_path / "b.png").exists()
 

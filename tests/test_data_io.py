@@ -193,7 +193,8 @@ def _write_dicom_series(folder: Path, slices: int = 10, series: int = 2) -> sitk
     volume.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    tags = [("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"), ("0020|000e", f"1.2.826.0.1.3680043.2.1125.{series}"),
+    tags = [("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+            ("0020|000e", f"1.2.826.0.1.3680043.2.1125.{series}"),
             ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", "0.8\\0.7")]
     ctype = locale.setlocale(locale.LC_CTYPE)  # GDCM's writer leaves LC_CTYPE at "C" (ASCII for every later open())
     try:
@@ -301,7 +302,8 @@ def _bad_file(kind: str, tmp_path: Path) -> Path:
         (tmp_path / "fake.png").write_bytes(b"this is not a png at all" * 10)
         return tmp_path / "fake.png"
     if kind == "truncated-png":
-        PILImage.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(tmp_path / "t.png")
+        PILImage.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64),
+                                                             dtype=np.uint8)).save(tmp_path / "t.png")
         data = (tmp_path / "t.png").read_bytes()
         (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
         return tmp_path / "t.png"
@@ -315,7 +317,8 @@ def _bad_file(kind: str, tmp_path: Path) -> Path:
         sitk.WriteImage(sitk.JoinSeries([frame] * 3), str(tmp_path / "4d.nii.gz"))
         return tmp_path / "4d.nii.gz"
     if kind == "vector-volume":
-        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 10, 10, 3), np.float32), isVector=True), str(tmp_path / "v.nrrd"))
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 10, 10, 3), np.float32), isVector=True),
+                        str(tmp_path / "v.nrrd"))
         return tmp_path / "v.nrrd"
     if kind.startswith(("nan", "inf")):
         array = np.zeros((4, 10, 10), np.float32)
@@ -607,7 +610,8 @@ def test_mni_template_slices_are_axial_and_radiological():
     folder = _package_file("nilearn", "datasets", "data")
     image = read_image(next(iter(sorted(folder.glob("mni_icbm152_t1_*.nii.gz")))))
     oriented = canonical_array(image)
-    reference = sitk.DICOMOrient(sitk.ReadImage(str(next(iter(sorted(folder.glob("mni_icbm152_t1_*.nii.gz")))))), "LPS")
+    reference = sitk.DICOMOrient(sitk.ReadImage(str(next(iter(sorted(folder.glob("mni_icbm152_t1_*.nii.gz")))))),
+                                 "LPS")
     np.testing.assert_array_equal(oriented, sitk.GetArrayFromImage(reference))
 
 
@@ -672,7 +676,8 @@ def test_model_input_and_written_mask_match_reference_values(tmp_path, name):
     path = {
         "wave16.png": lambda: _wave_png(tmp_path),
         "RG1_UNCR.dcm": lambda: _package_file("data_store", "data", "RG1_UNCR.dcm"),
-        "mni152.nii.gz": lambda: sorted(_package_file("nilearn", "datasets", "data").glob("mni_icbm152_t1_*.nii.gz"))[0],
+        "mni152.nii.gz": lambda: sorted(_package_file("nilearn", "datasets",
+                                                      "data").glob("mni_icbm152_t1_*.nii.gz"))[0],
         "sagittal.nrrd": lambda: _sagittal_nrrd(tmp_path),
     }[name]()
     image = read_image(path)

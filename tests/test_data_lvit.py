@@ -48,7 +48,8 @@ def qata_root(tmp_path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("split, folder", [("train", "Train_Folder"), ("VAL", "Val_Folder"), ("Test_Folder", "Test_Folder"),
+@pytest.mark.parametrize("split, folder",
+                         [("train", "Train_Folder"), ("VAL", "Val_Folder"), ("Test_Folder", "Test_Folder"),
                                             ("validation", "Val_Folder")])
 def test_split_names(split, folder):
     assert split_folder_name(split) == folder
@@ -221,7 +222,8 @@ def test_augmentation_in_loader_workers_is_seeded_and_varies_by_epoch(qata_root)
     dataset = SegmentationDataset(load_split(qata_root, "train"), size=32, channels=1, augment=True, seed=1)
 
     def epoch_images(generator_seed):
-        loader = DataLoader(dataset, batch_size=3, num_workers=1, generator=torch.Generator().manual_seed(generator_seed))
+        loader = DataLoader(dataset, batch_size=3, num_workers=1,
+                            generator=torch.Generator().manual_seed(generator_seed))
         return [next(iter(loader))["image"] for _ in range(2)]  # two epochs, fresh workers each
 
     first, again = epoch_images(0), epoch_images(0)
@@ -236,7 +238,8 @@ def _samples(n: int) -> list[Sample]:
     return [Sample(Path(f"{i}.png"), Path(f"mask_{i}.png"), "", f"{i}.png") for i in range(n)]
 
 
-@pytest.mark.parametrize("labeled, expected", [(None, 20), (1, 1), (5, 5), (5.0, 5), (20, 20), (0.25, 5), (0.01, 1), (0.5, 10)])
+@pytest.mark.parametrize("labeled, expected",
+                         [(None, 20), (1, 1), (5, 5), (5.0, 5), (20, 20), (0.25, 5), (0.01, 1), (0.5, 10)])
 def test_select_labeled_counts(labeled, expected):
     chosen = select_labeled(_samples(20), labeled, seed=0)
     assert len(chosen) == expected

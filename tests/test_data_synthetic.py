@@ -28,10 +28,16 @@ def _regions_with_labels(case) -> set[str]:
 @pytest.mark.parametrize(
     "regions, report",
     [
-        (["upper left", "lower right"], "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."),
+        (
+            ["upper left", "lower right"],
+            "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.",
+        ),
         (["middle right"], "Unilateral pulmonary infection, one infected area, middle right lung."),
-        (["lower left", "upper left", "middle left"],
-         "Unilateral pulmonary infection, three infected areas, upper left lung, middle left lung and lower left lung."),
+        (
+            ["lower left", "upper left", "middle left"],
+            "Unilateral pulmonary infection, three infected areas, upper left lung, middle left lung and lower left "
+            "lung.",
+        ),
         ([], "No pulmonary infection."),
     ],
 )

@@ -20,7 +20,8 @@ from fasttextdiff.utils.devices import resolve_device
 LIB = str(Path(__file__).resolve().parents[1] / "lib")
 BACKBONE = ["--image-size", "32", "--widths", "8,16", "--timesteps", "50,150", "--epochs", "1", "--max-steps", "2",
             "--batch-size", "4"]
-TEXT = ["--corpus", "iu-xray", "--init", "tiny", "--steps", "4", "--max-seq-len", "32", "--batch-size", "4", "--hidden", "32",
+TEXT = ["--corpus", "iu-xray", "--init", "tiny", "--steps", "4", "--max-seq-len", "32", "--batch-size", "4",
+        "--hidden", "32",
         "--layers", "2", "--tokenizer", "minilm", "--max-notes", "150", "--device", "cpu"]
 SEGMENTER = ["--epochs", "2", "--batch-size", "2", "--fusion-dim", "16", "--heads", "2", "--head-channels", "8"]
 
@@ -73,7 +74,8 @@ def one_and_two_processes(tmp_path_factory, tiny_dataset, accelerate_launch):
                 ["train", "--data", str(tiny_dataset), "--backbone", str(two / "bb"), "--out", str(two / "m"),
                  *SEGMENTER],
                 ["pretrain-text", "--out", str(two / "text"), *TEXT]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([LIB, str(root)])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([LIB, str(root)])}
     proc = subprocess.run([*accelerate_launch(2), "run_commands", json.dumps(commands)], capture_output=True,
                           env=env, encoding="utf-8", errors="replace", timeout=400, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -94,7 +94,8 @@ def test_segmenter_fast_and_reference_agree_on_a_real_model(tiny_model, tiny_dat
     image = read_image(image_path)
     fast = Segmenter.load(tiny_model, n_noise=2, options=FAST)
     ref = Segmenter.load(tiny_model, n_noise=2, options=InferenceOptions.reference())
-    a, b = fast.segment(image, "a lesion in the upper left lung"), ref.segment(image, "a lesion in the upper left lung")
+    a, b = fast.segment(image, "a lesion in the upper left lung"), ref.segment(image,
+                                                                               "a lesion in the upper left lung")
     np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
     np.testing.assert_allclose(a.uncertainty, b.uncertainty, atol=1e-5)
     assert (a.mask == b.mask).all()

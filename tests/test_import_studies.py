@@ -110,7 +110,9 @@ def test_csv_and_xlsx_tables(tmp_path, capsys):
     pd.DataFrame(rows).to_csv(src / "cases.csv", index=False)
     code, text, _ = _run(capsys, "import-studies", src / "cases.csv", "--out", tmp_path / "s1")
     assert code == 0 and "imported 1 case(s)" in text and "skipped missing.png" in text and "does not exist" in text
-    assert (tmp_path / "s1" / "a.tif").is_file() and (tmp_path / "s1" / "a.txt").read_text(encoding="utf-8") == "Right lung lesion."
+    assert (tmp_path / "s1" / "a.tif").is_file() and (tmp_path / "s1" / "a.txt").read_text(
+        encoding="utf-8"
+    ) == "Right lung lesion."
     np.testing.assert_array_equal(read_image(tmp_path / "s1" / "labels" / "final" / "a.nii.gz").array, mask)
     pd.DataFrame(rows[:1]).to_excel(src / "cases.xlsx", index=False)
     code, text, _ = _run(capsys, "import-studies", src / "cases.xlsx", "--out", tmp_path / "s2")

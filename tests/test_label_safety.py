@@ -279,7 +279,8 @@ def test_label_history_cli_lists_and_restores(server, tmp_path):
     (tmp_path / "new.png").write_bytes(_label_of(server, image_id, 9))
     server.client().save_label(image_id, str(tmp_path / "new.png"), tag="final")
     assert path.read_bytes() != first
-    cli = [sys.executable, "-m", "fasttextdiff.commands.main", "label-history", "--server", server.url, "--image", image_id]
+    cli = [sys.executable, "-m", "fasttextdiff.commands.main", "label-history", "--server", server.url, "--image",
+           image_id]
     listed = subprocess.run(cli + ["--tag", "final", "--json"], capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
     version = json.loads(listed.stdout)["versions"]["final"][0]["version"]
@@ -317,9 +318,12 @@ def test_import_into_an_existing_studies_folder_never_replaces_a_file(tmp_path):
 def test_a_replaced_report_is_kept(server):
     image_id = _a_2d_image(server, labeled=False)
     before = server.client().datastore()["objects"][image_id]["image"]["info"]["text"]
-    r = requests.put(f"{server.url}/datastore/image/info", params={"image": image_id},
-                     data={"info": json.dumps({"text": "Unilateral pulmonary infection, one infected area, upper left lung."})},
-                     timeout=30)
+    r = requests.put(
+        f"{server.url}/datastore/image/info",
+        params={"image": image_id},
+        data={"info": json.dumps({"text": "Unilateral pulmonary infection, one infected area, upper left lung."})},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     history = requests.get(f"{server.url}/datastore/label/history", params={"image": image_id}, timeout=30).json()
     assert history["reports"][0]["text"] == before and history["reports"][0]["reason"] == "replaced"

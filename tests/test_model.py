@@ -78,7 +78,8 @@ def test_positions_differ_by_place_and_match_across_scales():
 @pytest.mark.parametrize("num_classes,labels", [(2, ("lesion",)), (3, ("lesion", "effusion"))])
 def test_model_logits_and_prediction(num_classes, labels):
     model = FastTextDiffModel(tiny_backbone(), 12, SegmenterConfig(num_classes=num_classes, labels=labels,
-                                                                   head_channels=8, fusion=FusionConfig(dim=8, heads=2)))
+                                                                   head_channels=8,
+                                                                   fusion=FusionConfig(dim=8, heads=2)))
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     states, mask = torch.randn(2, 5, 12), torch.ones(2, 5, dtype=torch.bool)
     logits = model(x, states, mask)
@@ -116,7 +117,8 @@ def test_no_text_model_needs_no_text():
 
 
 def test_save_load_round_trip_and_corruption(tmp_path):
-    model = FastTextDiffModel(tiny_backbone(), 12, SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=8, heads=2)))
+    model = FastTextDiffModel(tiny_backbone(), 12,
+                              SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=8, heads=2)))
     model.eval()
     model.save(tmp_path / "m", TextConfig(encoder="tiny"), metrics={"note": 1})
     loaded, record = FastTextDiffModel.load(tmp_path / "m")

@@ -36,7 +36,8 @@ def paper_adm(tmp_path_factory) -> Path:
     torch.save(random_state(adm_keys(parse_adm_flags(PAPER_LAYOUT)), seed=3), checkpoint)
     from fasttextdiff.commands.main import main
 
-    assert main(["convert-backbone", str(checkpoint), "--adm-flags", PAPER_LAYOUT, "--out", str(root / "backbone")]) == 0
+    assert main(["convert-backbone", str(checkpoint), "--adm-flags", PAPER_LAYOUT, "--out",
+                 str(root / "backbone")]) == 0
     return root / "backbone"
 
 
@@ -95,7 +96,8 @@ def test_taps_work_on_our_own_unets_too():
 
     backbone = DiffusionBackbone(BackboneConfig(image_size=32, block_out_channels=(8, 16), attention=True,
                                                 timesteps=(50, 150), feature_taps=(0, 1, 3))).freeze()
-    assert backbone.feature_modules == ["up_blocks.0.attentions.0", "up_blocks.0.upsamplers.0", "up_blocks.1.attentions.1"]
+    assert backbone.feature_modules == ["up_blocks.0.attentions.0", "up_blocks.0.upsamplers.0",
+                                        "up_blocks.1.attentions.1"]
     feats = backbone.features(torch.zeros(2, 1, 32, 32))
     assert [tuple(f.shape) for f in feats] == [(2, 32, 16, 16), (2, 32, 32, 32), (2, 16, 32, 32)]
     with pytest.raises(ValueError, match="not both"):
@@ -106,7 +108,8 @@ def _parse(*extra: str):
     return build_parser().parse_args(["train", "--data", "d", "--backbone", "b", "--out", "o", *extra])
 
 
-@pytest.mark.parametrize("preset, taps, epochs", [("paper-qata", (4, 6, 8, 12), 50), ("paper-mosmed", (4, 6, 8, 12), 100),
+@pytest.mark.parametrize("preset, taps, epochs",
+                         [("paper-qata", (4, 6, 8, 12), 50), ("paper-mosmed", (4, 6, 8, 12), 100),
                                                   ("paper-monuseg", (6, 8, 12, 16), 50)])
 def test_presets_set_the_reference_recipe(preset, taps, epochs):
     train, overrides = train_settings(_parse("--preset", preset))
@@ -175,7 +178,8 @@ def test_reproduce_end_to_end_then_resumes(tmp_path, paper_adm, tiny_dataset, ca
     first_run = time.perf_counter() - started
     assert code == 0, err
     result = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert [(row["labeled"], row["labeled_images"], row["test_images"]) for row in result["table"]] == [(0.5, 4, 4), (1.0, 8, 4)]
+    assert [(row["labeled"], row["labeled_images"], row["test_images"]) for row in result["table"]] == [(0.5, 4, 4),
+                                                                                                        (1.0, 8, 4)]
     for row in result["table"]:
         assert 0 <= row["dice"] <= 100 and 0 <= row["iou"] <= row["dice"] + 1e-9
         assert row["seconds_per_epoch"] > 0 and row["inference_ms_per_image"] > 0

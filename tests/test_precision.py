@@ -80,7 +80,8 @@ def test_the_segmenter_reports_what_it_computes_in(monkeypatch, tiny_model):
     monkeypatch.setenv(PRECISION_ENV, "bf16")
     seg = Segmenter.load(tiny_model, device="cpu", n_noise=1)
     assert seg.options.precision == "bf16"
-    assert seg.inference_settings == precision_record("bf16", "cpu") and seg.inference_settings["precision_env"] == "bf16"
+    assert seg.inference_settings == precision_record("bf16",
+                                                      "cpu") and seg.inference_settings["precision_env"] == "bf16"
     pinned = Segmenter.load(tiny_model, device="cpu", n_noise=1, options=InferenceOptions(precision="fp32"))
     assert pinned.inference_settings["compute_dtype"] == "fp32"
 
@@ -90,7 +91,8 @@ def test_cli_precision_flag_wins_over_the_variable(monkeypatch, tiny_model, tiny
 
     image = sorted((tiny_dataset / "Test_Folder" / "img").iterdir())[0]
     monkeypatch.setenv(PRECISION_ENV, "bf16")
-    args = ["segment", str(image), "--report", "a lesion", "--model", str(tiny_model), "--out", str(tmp_path / "m.png"),
+    args = ["segment", str(image), "--report", "a lesion", "--model", str(tiny_model), "--out",
+            str(tmp_path / "m.png"),
             "--n-noise", "1", "--device", "cpu"]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["inference"]["compute_dtype"] == "bf16"
@@ -139,7 +141,8 @@ def trained(tmp_path_factory):
                                                                       timesteps=(50, 150)),
                                root / "backbone", epochs=1, max_steps=3, batch_size=4, progress=False, resume=False)
     splits = load_lvit(data)
-    train_segmenter(splits["train"], root / "model", backbone_dir=root / "backbone", text_config=TextConfig(encoder="tiny"),
+    train_segmenter(splits["train"], root / "model", backbone_dir=root / "backbone",
+                    text_config=TextConfig(encoder="tiny"),
                     segmenter_config=SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2)),
                     train_config=TrainConfig(epochs=60, batch_size=4, lr=1e-2), progress=False)
     samples = splits["train"] + splits["val"] + splits["test"]

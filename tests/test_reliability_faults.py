@@ -82,7 +82,8 @@ def _train_in_process(data: Path, backbone: Path, out: Path, epochs: int) -> dic
     from fasttextdiff.training.workflows import load_lvit
     from fasttextdiff.training.segmenter import train_segmenter
 
-    return train_segmenter(load_lvit(data)["train"], out, backbone_dir=backbone, text_config=TextConfig(encoder="tiny"),
+    return train_segmenter(load_lvit(data)["train"], out, backbone_dir=backbone,
+                           text_config=TextConfig(encoder="tiny"),
                            segmenter_config=SegmenterConfig(head_channels=8, fusion=FusionConfig(dim=16, heads=2)),
                            train_config=TrainConfig(epochs=epochs, batch_size=4, lr=1e-3), progress=False)
 
@@ -511,7 +512,8 @@ def test_server_killed_while_training_restarts_without_a_stuck_running_state(tin
         stats = _train_stats(again.url)
         assert stats["status"] == "INTERRUPTED", stats
         assert _info(again.url)["fasttextdiff"]["model_identity"] == identity
-        assert requests.post(f"{again.url}/infer/fasttextdiff?image=cxr_000&output=json", timeout=120).status_code == 200
+        assert requests.post(f"{again.url}/infer/fasttextdiff?image=cxr_000&output=json",
+                             timeout=120).status_code == 200
         # a new run is accepted (nothing thinks one is still running) and finishes
         r = requests.post(f"{again.url}/train/fasttextdiff", json={"max_epochs": 1}, timeout=30)
         assert r.status_code == 200, r.text

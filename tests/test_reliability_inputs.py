@@ -53,7 +53,8 @@ def _normal(reason: str) -> str:
     """Reasons without the random temp-file names and folders, for the docs table."""
     for base in BASETEMP:  # a test's folder under the temp root (which differs between machines and runs)
         reason = re.sub(re.escape(base) + r"/[^/\s'\"]+/", "", reason)
-    reason = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/(popen-gw\d+/)?[^/]+/", "", reason)  # (xdist: a folder per worker)
+    reason = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/(popen-gw\d+/)?[^/]+/", "",
+                    reason)  # (xdist: a folder per worker)
     reason = re.sub(r"/[^\s'\"]*/(tmp[\w-]+)", "…/<upload>", reason)
     reason = re.sub(r"tmp[a-z0-9_]{6,}", "<upload>", reason)
     return reason
@@ -66,7 +67,8 @@ def _snapshot(server) -> dict:
     files = {str(p.relative_to(studies)): p.stat().st_size for p in studies.rglob("*")
              if p.is_file() and p.name not in (".lock", "datastore_v2.json") and "uncertainty" not in p.parts}
     ds = server.client().datastore()
-    objects = {k: {"text": v["image"]["info"].get("text"), "labels": sorted(t for t in v["labels"] if t != "uncertainty")}
+    objects = {k: {"text": v["image"]["info"].get("text"),
+                   "labels": sorted(t for t in v["labels"] if t != "uncertainty")}
                for k, v in ds["objects"].items()}
     return {"objects": objects, "files": files, "neighbours": sorted(p.name for p in studies.parent.iterdir())}
 
@@ -198,7 +200,8 @@ def test_crafted_files_are_refused_by_upload_and_infer_with_bounded_memory(inpro
             r = requests.post(f"{inprocess_server.url}/infer/fasttextdiff", files={"file": (case.filename, data)},
                               timeout=120)
             _check("infer on an uploaded file", case.name, r, case.expect, case.words)
-    print(f"\ncrafted files: resident set +{memory.rss_mb:.1f} MB, Python/NumPy allocations +{memory.traced_mb:.1f} MB")
+    print(f"\ncrafted files: resident set +{memory.rss_mb:.1f} MB, Python/NumPy allocations +{memory.traced_mb:.1f} "
+          "MB")
     for what, grown in (("resident set", memory.rss_mb), ("Python/NumPy allocations", memory.traced_mb)):
         assert grown < MEMORY_LIMIT_MB, (f"the server's {what} grew by {grown:.0f} MB while answering "
                                          f"{len(cases.FILE_CASES)} tiny crafted files")
@@ -218,7 +221,8 @@ def test_crafted_files_are_refused_by_the_cli(inprocess_server, crafted, tmp_pat
         rc = main(["segment", str(crafted[case.name]), "--report", "left lung", "--model", str(model),
                    "--out", str(out), "--n-noise", "1"])
         err = capsys.readouterr().err
-        OBSERVED[cases.row_key("CLI `fasttextdiff segment`", case.name)] = (f"exit {rc}", _normal(err.strip().splitlines()[-1] if err.strip() else ""))
+        OBSERVED[cases.row_key("CLI `fasttextdiff segment`", case.name)] = (f"exit {rc}",
+                                                                            _normal(err.strip().splitlines()[-1] if err.strip() else ""))
         assert rc == 2, f"{case.name}: exit {rc}, stderr {err!r}"
         assert "error:" in err and "Traceback" not in err
         assert any(w.lower() in err.lower() for w in case.words), f"{case.name}: {err!r} lacks {case.words}"
@@ -240,7 +244,8 @@ def test_mutated_png_uploads_never_500(inprocess_server):
         for pos, xor in flips:
             if pos < len(data):
                 data[pos] ^= xor
-        r = requests.put(f"{inprocess_server.url}/datastore/image?image=mutant", files={"file": ("m.png", bytes(data))},
+        r = requests.put(f"{inprocess_server.url}/datastore/image?image=mutant",
+                         files={"file": ("m.png", bytes(data))},
                          timeout=60)
         assert r.status_code in (200, 415), f"{r.status_code} {_reason(r)}"
         listed = "mutant" in inprocess_server.client().datastore()["objects"]
@@ -293,7 +298,8 @@ def test_generated_report_texts_round_trip_or_are_refused(inprocess_server, capl
 
     @HYPO
     @given(text=st.one_of(st.text(max_size=200),
-                          st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=60).map(lambda t: marker + t),
+                          st.text(alphabet=st.characters(codec="utf-8"), min_size=1,
+                                  max_size=60).map(lambda t: marker + t),
                           st.sampled_from(["", " ", "\t\n", "Ω" * 40000, "😀" * 16385, "a\x7fb", "\u2028", "\x85"])))
     def run(text):
         before = _stored_text(inprocess_server, IMAGE)
@@ -373,7 +379,8 @@ def test_generated_infer_params(inprocess_server):
              or isinstance(n, str) and n.strip().isdigit() and 1 <= int(n) <= 32)
             and params.get("result", "label") in ("label", "uncertainty", None)
             and params.get("result_extension") in (None, "", ".nii.gz", ".nii", ".nrrd")
-            and (params.get("text") in (None, "") or isinstance(params.get("text"), str) and _acceptable(params["text"]))
+            and (params.get("text") in (None, "") or isinstance(params.get("text"),
+                                                                str) and _acceptable(params["text"]))
         )
         assert (r.status_code == 200) == valid, f"{params}: {r.status_code} {_reason(r)}"
 
@@ -467,7 +474,8 @@ def test_upload_limit_holds_for_streamed_bodies_and_allows_bodies_below_it(inpro
     _doc_is_current([key])
     big = cases.png_bytes(1100, 1100, seed=5)  # ~1.2 MB of noise: under the limit, over Starlette's 1 MB spool
     assert 2**20 < len(big) < limit
-    r = requests.put(f"{inprocess_server.url}/datastore/image?image=big_ok", files={"file": ("big.png", big)}, timeout=60)
+    r = requests.put(f"{inprocess_server.url}/datastore/image?image=big_ok", files={"file": ("big.png", big)},
+                     timeout=60)
     assert r.status_code == 200, _reason(r)
     stored = inprocess_server.studies / "big_ok.png"
     assert stored.read_bytes() == big
@@ -507,8 +515,10 @@ def test_docs_table_has_a_row_for_every_case_with_its_expected_status():
     assert documented, f"docs/RELIABILITY.md has no generated table; create it with `{cases.UPDATE_COMMAND}`"
     missing = [e for e in expected if e not in documented]
     extra = [d for d in documented if d not in expected]
-    assert documented == expected, (f"docs/RELIABILITY.md's table does not match the case lists (missing: {missing[:3]}, "
-                                    f"not a case: {extra[:3]}); refresh it with `{cases.UPDATE_COMMAND}`")
+    assert documented == expected, (
+        f"docs/RELIABILITY.md's table does not match the case lists (missing: {missing[:3]}, "
+        f"not a case: {extra[:3]}); refresh it with `{cases.UPDATE_COMMAND}`"
+    )
 
 
 def test_generated_cli_reports(inprocess_server, tmp_path, capsys):
@@ -521,8 +531,10 @@ def test_generated_cli_reports(inprocess_server, tmp_path, capsys):
     image.write_bytes(cases.png_bytes(32, 32))
 
     @HYPO
-    @given(text=st.one_of(st.text(max_size=80), st.sampled_from(["caf\udce9", "\x00\x1b[2J", "x" * 20000])),
-           raw=st.one_of(st.none(), st.binary(max_size=40)))
+    @given(
+        text=st.one_of(st.text(max_size=80), st.sampled_from(["caf\udce9", "\x00\x1b[2J", "x" * 20000])),
+        raw=st.one_of(st.none(), st.binary(max_size=40)),
+    )
     def run(text, raw):
         out = tmp_path / "mask.png"
         out.unlink(missing_ok=True)

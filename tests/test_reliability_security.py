@@ -213,7 +213,8 @@ def test_with_authentication_on_an_unreachable_realm_fails_closed(realm, tmp_pat
 
     server = _start_auth_server(f"http://127.0.0.1:{free_port()}/realms/gone", tmp_path, tiny_model_root)
     try:
-        r = requests.get(f"{server.url}/info/", headers={"Authorization": f"Bearer {_token(realm, ['monailabel-admin'])}"},
+        r = requests.get(f"{server.url}/info/",
+                         headers={"Authorization": f"Bearer {_token(realm, ['monailabel-admin'])}"},
                          timeout=60)
         assert r.status_code == 503 and "authentication server" in r.json()["detail"]
         assert requests.get(f"{server.url}/info/", timeout=60).status_code == 401
@@ -229,7 +230,8 @@ def test_with_authentication_on_tokens_and_roles_are_enforced_on_the_apps_routes
     from reliability_cases import png_bytes
 
     url = auth_server.url
-    user, annotator, admin = (_token(realm, [r]) for r in ("monailabel-user", "monailabel-annotator", "monailabel-admin"))
+    user, annotator, admin = (_token(realm, [r]) for r in ("monailabel-user", "monailabel-annotator",
+                                                           "monailabel-admin"))
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     forged = _token(realm, ["monailabel-admin"], key=rsa.generate_private_key(public_exponent=65537, key_size=2048))
@@ -242,7 +244,8 @@ def test_with_authentication_on_tokens_and_roles_are_enforced_on_the_apps_routes
     assert call("GET", "/info/") == 401
     assert call("POST", "/infer/fasttextdiff?image=cxr_000&output=json") == 401
     assert call("GET", "/datastore/image/info?image=cxr_000") == 401
-    for bad in (forged, _token(realm, ["monailabel-admin"], exp_in=-60), _hs256_with_public_key(realm, ["monailabel-admin"]),
+    for bad in (forged, _token(realm, ["monailabel-admin"], exp_in=-60),
+                _hs256_with_public_key(realm, ["monailabel-admin"]),
                 "not-a-jwt"):
         assert call("GET", "/info/", bad) == 401
         assert call("PUT", "/datastore/label?image=cxr_000&tag=final", bad, files=label) == 401
@@ -251,4 +254,5 @@ def test_with_authentication_on_tokens_and_roles_are_enforced_on_the_apps_routes
     assert call("PUT", "/datastore/label?image=cxr_000&tag=final", user, files=label) == 403
     assert call("POST", "/train/fasttextdiff?run_sync=true", annotator, json={"max_epochs": -1}) == 403
     assert call("PUT", "/datastore/label?image=cxr_000&tag=final", annotator, files=label) == 200
-    assert call("POST", "/train/fasttextdiff?run_sync=true", admin, json={"max_epochs": -1}) == 400  # admin reaches the check
+    assert call("POST", "/train/fasttextdiff?run_sync=true", admin,
+                json={"max_epochs": -1}) == 400  # admin reaches the check

@@ -23,10 +23,13 @@ def test_parse_chest_reports():
 
 
 def test_parse_nuclei_reports():
-    f = parse_report("Fluorescence microscopy tile, three to five nuclei, moderate coverage, clustered in the upper left.")
+    f = parse_report("Fluorescence microscopy tile, three to five nuclei, moderate coverage, clustered in the upper "
+                     "left.")
     assert f.count == (3, 5) and f.cluster == (0, 0) and f.coverage == 1 and f.regions is None
-    assert parse_report("Fluorescence microscopy tile, one or two nuclei, sparse coverage, clustered in the centre.").cluster == (1, 1)
-    more = parse_report("Fluorescence microscopy tile, more than ten nuclei, dense coverage, clustered in the lower part.")
+    assert parse_report("Fluorescence microscopy tile, one or two nuclei, sparse coverage, clustered in the "
+                        "centre.").cluster == (1, 1)
+    more = parse_report("Fluorescence microscopy tile, more than ten nuclei, dense coverage, clustered in the lower "
+                        "part.")
     assert more.count[0] == 11 and math.isinf(more.count[1]) and more.cluster == (2, 1) and more.coverage == 2
     assert parse_report("Fluorescence microscopy tile, no nuclei, background only.").count == (0, 0)
     assert parse_report("..., clustered in the right side.").cluster == (1, 2)
@@ -76,7 +79,8 @@ def test_nuclei_terms_count_cluster_coverage_and_edge_fragments():
     assert found.count == 4 and found.count_large == 3 and found.cluster == (0, 0)
     agree = "Fluorescence microscopy tile, three to five nuclei, sparse coverage, clustered in the upper left."
     assert report_mismatch(agree, mask) == 0.0  # the sliver may or may not count: the range meets 3-5
-    terms = mismatch_terms(parse_report("..., six to ten nuclei, dense coverage, clustered in the lower right."), found)
+    terms = mismatch_terms(parse_report("..., six to ten nuclei, dense coverage, clustered in the lower right."),
+                           found)
     assert terms == {"count": pytest.approx(2 / 6), "cluster": 1.0, "coverage": 1.0}
 
 
@@ -85,5 +89,6 @@ def test_volumes_are_compared_on_the_count():
     vol[1:3, 4:10, 4:10] = 1
     vol[3:5, 20:26, 20:26] = 1
     assert mask_findings(vol).count == 2 and mask_findings(vol).volume
-    assert report_mismatch("Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.", vol) == 0.0
+    assert report_mismatch("Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.",
+                           vol) == 0.0
     assert report_mismatch("Unilateral pulmonary infection, one infected area, upper left lung.", vol) == 1.0

@@ -45,7 +45,8 @@ def app(tmp_path, tiny_model):
     paths = ModelPaths.from_conf(conf, str(studies), str(APP_DIR))
     manager = ModelManager(conf, paths)
     config = FastTextDiffConfig(conf, paths, manager, lambda: ds)
-    return {"ds": ds, "manager": manager, "strategies": config.strategies(), "scoring": config.scoring_methods()[SCORING],
+    return {"ds": ds, "manager": manager, "strategies": config.strategies(),
+            "scoring": config.scoring_methods()[SCORING],
             "scoring_name": SCORING, "labels": labels}
 
 
@@ -74,7 +75,8 @@ def test_rank_sum_order_on_a_datastore(app):
     identity = app["manager"].paths.model_identity()
     assert identity
     # uncertainty ranks a > d > b > c; mismatch ranks b > c > a; case_d has no report: uncertainty alone
-    _set_scores(app, {"case_a": (0.9, 0.0), "case_b": (0.5, 1.0), "case_c": (0.1, 0.5), "case_d": (0.8, None)}, identity)
+    _set_scores(app, {"case_a": (0.9, 0.0), "case_b": (0.5, 1.0), "case_c": (0.1, 0.5), "case_d": (0.8, None)},
+                identity)
     assert app["strategies"]["uncertainty"]({"strategy": "uncertainty"}, app["ds"])["id"] == "case_a"
     first = app["strategies"]["report_mismatch"]({"strategy": "report_mismatch"}, app["ds"])
     assert first["id"] == "case_d" and first["report_mismatch"] is None and first["score_current"] is True

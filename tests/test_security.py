@@ -314,7 +314,8 @@ def test_a_dicom_series_zip_is_stored_as_one_volume(world, tmp_path):
         for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
                            ("0020|000e", "1.2.826.0.1.3680043.2.1125.2"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
                            ("0028|0030", "0.8\\0.7"), ("0020|0013", str(z + 1)),
-                           ("0020|0032", f"0\\0\\{2.5 * z:.1f}"), ("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{z + 1}")):
+                           ("0020|0032", f"0\\0\\{2.5 * z:.1f}"),
+                           ("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{z + 1}")):
             plane.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
         writer.Execute(plane)
@@ -324,7 +325,8 @@ def test_a_dicom_series_zip_is_stored_as_one_volume(world, tmp_path):
     stored = read_image(world.studies / "fz_series_ok.nii.gz")
     assert stored.array.shape == (4, 32, 32) and abs(stored.spacing[2] - 2.5) < 1e-3
     r = upload(world, "PUT", "/datastore/image?image=fz_series_bad", files=[("file", "notes.zip",
-                                                                              cases.zip_bytes([("a.txt", b"x", "file")]))])
+                                                                              cases.zip_bytes([("a.txt", b"x",
+                                                                                                "file")]))])
     assert r.status_code == 415 and "notes.zip" in _detail(r) and "fasttextdiff-upload" not in r.text, r.text
     assert world.send("DELETE", "/datastore/image?id=fz_series_ok").status_code == 200
 
@@ -477,7 +479,8 @@ def test_request_parsing_errors_are_4xx_with_a_reason(world):
 
 
 def test_params_cannot_point_infer_at_a_server_file(world):
-    r = upload(world, "POST", "/infer/fasttextdiff?output=json", fields=[("params", json.dumps({"image": "/etc/hosts"}))],
+    r = upload(world, "POST", "/infer/fasttextdiff?output=json",
+               fields=[("params", json.dumps({"image": "/etc/hosts"}))],
                files=[("file", "x.png", _png(32))])
     assert r.status_code == 400 and "may not set" in _detail(r)
     r = upload(world, "POST", f"/infer/fasttextdiff?image={REFERENCE_IMAGE}",
@@ -569,7 +572,8 @@ def test_run_sync_work_leaves_info_answering_within_a_second(world):
                 unlabeled = [k for k, v in _datastore(world).items() if "final" not in v["labels"]]
                 for n, image_id in enumerate(unlabeled):  # a new report makes every score stale: real work to do
                     r = world.send("PUT", f"/datastore/image/info?image={quote(image_id)}",
-                                   files={"info": (None, json.dumps({"text": f"Opacity {attempt} {n} {time.time()}."}))})
+                                   files={"info": (None,
+                                                   json.dumps({"text": f"Opacity {attempt} {n} {time.time()}."}))})
                     assert r.status_code == 200, r.text
                 seconds, latencies = _run_while_probing_info(world, method, route, body)
                 if seconds >= STALL_MIN_S:
@@ -579,7 +583,8 @@ def test_run_sync_work_leaves_info_answering_within_a_second(world):
                 n_images = min(STALL_MAX_IMAGES, max(2 * n_images, n_images + int(STALL_TARGET_S / per_image)))
             else:
                 pytest.fail(f"{route} never lasted {STALL_MIN_S} s (last {seconds:.2f} s on {len(ids)} images)")
-            print(f"\n{route.split('?')[0]}: {seconds:.1f} s on {len(unlabeled)} unlabeled images (attempt {attempt + 1}); "
+            print(f"\n{route.split('?')[0]}: {seconds:.1f} s on {len(unlabeled)} unlabeled images (attempt "
+                  f"{attempt + 1}); "
                   f"/info/ answered {len(latencies)} times, at most in {max(latencies):.3f} s")
             # a stalled /info/ waits about as long as the job: it must answer in under half of it, and often
             assert len(latencies) >= 3 and max(latencies) < seconds / 2, (route, round(seconds, 2), latencies)
@@ -751,7 +756,8 @@ def _fuzz_one_route(world: World, method: str, path: str, spec: dict, names: dic
             if not data.draw(likely if key in spec["required"] else st.booleans()):
                 continue
             plausible = spec["kinds"].get(key) or (
-                OWNED_IDS + (READ_ONLY_IDS if method in ("GET", "HEAD", "POST") else []) if key in ("image", "id", "label")
+                OWNED_IDS + (READ_ONLY_IDS if method in ("GET", "HEAD", "POST") else []) if key in ("image", "id",
+                                                                                                    "label")
                 else sessions or ["x"] if key == "session_id" else ["final", "original", "fzt"] if key == "tag"
                 else ["SHA256:00", "MD5:00"] if key == "check_sum" else ["x"])
             hostile = ids if key in ("image", "id", "label") else values

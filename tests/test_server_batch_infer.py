@@ -33,7 +33,8 @@ def inprocess_server(tmp_path_factory):
     model = build_tiny_model(make_tiny_studies(root / "model-studies", seed=1), root / "model",
                              {"text_residual": "plain"})
     studies = make_tiny_studies(root / "studies", seed=0)
-    with ready_inprocess_server(studies, root / "state", model_dir=str(model), prepare_default_model="false") as server:
+    with ready_inprocess_server(studies, root / "state", model_dir=str(model),
+                                prepare_default_model="false") as server:
         yield server
 
 

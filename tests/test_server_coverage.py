@@ -131,7 +131,8 @@ def test_a_studies_folder_imported_from_a_dicom_series_is_served(server, importe
     for image_id, report in imported["reports"].items():
         status, info = http_json(server, "GET", f"/datastore/image/info?image={image_id}")
         assert status == 200 and info["text"] == report.strip(), (image_id, info)
-    assert sorted(k for k in imported["reports"] if "final" in objects[k]["labels"]) == ["case_0", "case_1", "series_a"]
+    assert sorted(k for k in imported["reports"] if "final" in objects[k]["labels"]) == ["case_0", "case_1",
+                                                                                         "series_a"]
 
     reference = _read_series(imported["src"] / "series_a")
     stored = sitk.ReadImage(str(imported["studies"] / "series_a.nii.gz"))
@@ -266,4 +267,3 @@ def test_dataset_zip_limit_cases(server):
     with zipfile.ZipFile(io.BytesIO(body)) as archive:
         members = [n for n in archive.namelist() if n != "metadata.json"]
     assert len(members) == 2 and {m.split("/")[0] for m in members} == {"image", "label"}
-

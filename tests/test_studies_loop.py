@@ -161,7 +161,8 @@ def test_backbone_task_continues_and_publishes_backbone_and_model_together_or_ne
     state = server.studies / ".fasttextdiff"
     backbone_before = (state / "backbone" / "current").resolve()
     identity = client.info()["fasttextdiff"]["model_identity"]
-    status, stats = http_json(server, "POST", "/train/backbone?run_sync=true", {"max_epochs": 1, "segmenter_epochs": 1})
+    status, stats = http_json(server, "POST", "/train/backbone?run_sync=true",
+                              {"max_epochs": 1, "segmenter_epochs": 1})
     assert status == 200 and stats["status"] == "DONE", stats
     result = stats["result"]
     print(f"\nbackbone task: {result['reason']}")

@@ -144,7 +144,8 @@ def test_closed_text_path_round_trips(tmp_path, residual):
 
 def test_per_scale_blocks_draw_distinct_text_weights():
     torch.manual_seed(0)
-    fusion = CrossModalFusion([4, 4], text_dim=8, config=FusionConfig(dim=8, heads=2, shared=False, text_residual="zero"))
+    fusion = CrossModalFusion([4, 4], text_dim=8,
+                              config=FusionConfig(dim=8, heads=2, shared=False, text_residual="zero"))
     a, b = fusion.blocks[0].attn.in_proj_weight, fusion.blocks[1].attn.in_proj_weight
     assert not torch.equal(a, b)
 

@@ -216,7 +216,8 @@ class FastTextDiffDatastore(LocalDatastore):
         except ImageReadError as exc:
             raise bad_request(415, f"cannot read the {what}: {without_folders(str(exc))}") from exc
         except Exception as exc:  # noqa: BLE001 - any reader failure is a bad upload, not a server bug
-            raise bad_request(415, f"cannot read the {what}: {type(exc).__name__}: {without_folders(str(exc))}") from exc
+            raise bad_request(415,
+                              f"cannot read the {what}: {type(exc).__name__}: {without_folders(str(exc))}") from exc
 
     def _to_id(self, file: str) -> tuple:
         """(id, extension) of a file name, the extension matched in any case and returned in lower case
@@ -238,7 +239,8 @@ class FastTextDiffDatastore(LocalDatastore):
     def _check_info_size(self, info: Dict[str, Any], what: str) -> None:
         size = len(json.dumps(info, default=str).encode("utf-8"))
         if size > self.max_info_bytes:
-            raise bad_request(413, f"the {what} would be {size} bytes of JSON; the limit is {self.max_info_bytes} bytes")
+            raise bad_request(413,
+                              f"the {what} would be {size} bytes of JSON; the limit is {self.max_info_bytes} bytes")
 
     def _checked_info(self, info: Dict[str, Any] | None) -> Dict[str, Any]:
         if info is None:
@@ -398,11 +400,13 @@ class FastTextDiffDatastore(LocalDatastore):
         label_shape = tuple(label.array.shape)
         image_shape = self._label_shape(image)
         if label_shape != image_shape:
-            raise bad_request(422, f"label {os.path.basename(label_filename)!r} has shape {label_shape}, which does not "
+            raise bad_request(422,
+                              f"label {os.path.basename(label_filename)!r} has shape {label_shape}, which does not "
                                    f"match image {image_id!r} of shape {image_shape}")
         return label_info
 
-    def store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any] | None) -> str:
+    def store_label(self, image_id: str, label_filename: str, label_tag: str,
+                    label_info: Dict[str, Any] | None) -> str:
         """The model's own output file (unchecked: the app made it), under a machine tag only."""
         return self._store(image_id, label_filename, check_machine_tag(label_tag), label_info, who=None)
 

@@ -82,7 +82,8 @@ class DefaultModelBuilder:
                 from lib.geometry import choose_geometry
                 from lib.training import all_image_paths
 
-                geometry = choose_geometry([str(p) for p in all_image_paths(self.datastore)], conf, device, paths.state)
+                geometry = choose_geometry([str(p) for p in all_image_paths(self.datastore)], conf, device,
+                                           paths.state)
                 self.manager.set_status("preparing", f"model input {geometry['image_size']} px "
                                         f"({geometry['size_reason']}); intensities: {geometry['window_reason']}",
                                         stage="geometry", geometry=geometry)

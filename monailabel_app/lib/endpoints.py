@@ -159,7 +159,8 @@ def _series_from_archive(archive: Path, folder: Path) -> Path:
     try:
         volume = read_image(series)
     except ImageReadError as exc:
-        raise bad_request(415, "cannot read the uploaded image: " + str(exc).replace(str(series), repr(archive.name))) \
+        raise bad_request(415,
+                          "cannot read the uploaded image: " + str(exc).replace(str(series), repr(archive.name))) \
             from None
     stem = archive.name
     for suffix in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True):

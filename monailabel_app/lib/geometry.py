@@ -94,7 +94,8 @@ def choose_geometry(image_paths: list[str], conf: Any, device: str, state: str |
     else:
         window, window_reason = tuple(wanted), f"--conf window {conf.window}"
     result = {"image_size": int(size), "window": list(window) if window else None, "native_size": native or None,
-              "size_reason": size_reason, "window_reason": window_reason, "images_sampled": read, "device": str(device)}
+              "size_reason": size_reason, "window_reason": window_reason, "images_sampled": read,
+              "device": str(device)}
     logger.info("new model geometry: %s", result)
     if state is not None:
         from fasttextdiff.utils.atomic import atomic_write_json

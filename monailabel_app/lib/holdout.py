@@ -35,7 +35,8 @@ def read_split(state: str | Path) -> dict[str, Any]:
         return {}
 
 
-def split_labeled(labeled_ids: list[str], state: str | Path, persist: bool = True) -> tuple[list[str], list[str], bool]:
+def split_labeled(labeled_ids: list[str], state: str | Path, persist: bool = True) -> tuple[list[str], list[str],
+                                                                                            bool]:
     """(training ids, validation ids, held_out) for the labeled images now; `held_out` is False when
     the only labeled image both trains and validates. The validation ids are recorded in `state`."""
     labeled = sorted(set(labeled_ids))

@@ -61,7 +61,8 @@ class LabelHistory:
         name = path.name
         ext = name[len(image_id):] if name.startswith(image_id) else "".join(path.suffixes)
         record = {"version": version, "tag": kind, "image": image_id, "ext": ext,
-                  "file": (kind.lstrip("_") if kind.startswith("_") else "label") + ext, "reason": reason, "replaced_by": who,
+                  "file": (kind.lstrip("_") if kind.startswith("_") else "label") + ext, "reason": reason,
+                  "replaced_by": who,
                   "replaced_ts": int(time.time()), "info": dict(info or {}), "bytes": path.stat().st_size}
         try:
             atomic_write_json(folder / RECORD, record)
@@ -106,7 +107,8 @@ class LabelHistory:
         """The tags with kept versions for `image_id`."""
         if not self.root.is_dir():
             return []
-        return sorted(t.name for t in self.root.iterdir() if not t.name.startswith(("_", ".")) and (t / image_id).is_dir()
+        return sorted(t.name for t in self.root.iterdir() if not t.name.startswith(("_",
+                                                                                    ".")) and (t / image_id).is_dir()
                       and self.versions(t.name, image_id))
 
     def file_of(self, kind: str, image_id: str, version: str) -> tuple[Path, Dict[str, Any]]:

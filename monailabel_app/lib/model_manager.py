@@ -151,18 +151,26 @@ class ModelManager:
         if identity is None:
             state = self.status.get("state")
             if state == "preparing":
-                raise ModelNotReadyError(f"model is being prepared: {self.status.get('message')}; "
-                                         "try again when /info shows fasttextdiff.models.segmenter.state = ready")
+                raise ModelNotReadyError(
+                    f"model is being prepared: {self.status.get('message')}; "
+                    "try again when /info shows fasttextdiff.models.segmenter.state = ready"
+                )
             if state == "failed":
-                raise ModelNotReadyError(f"no model: preparing the default model failed ({self.status.get('message')})")
+                raise ModelNotReadyError(
+                    f"no model: preparing the default model failed ({self.status.get('message')})"
+                )
             raise ModelNotReadyError(self.refresh_status()["message"])
         with self._lock:
             if identity != self._identity:
                 served = self.paths.served_model_dir()
                 started = time.time()
-                self._segmenter = Segmenter.load(served, device=resolve_device(self.conf.device), n_noise=self.conf.n_noise,
-                                                 batch_size=self.conf.infer_batch_size,
-                                                 text_cache_dir=self.paths.text_cache)
+                self._segmenter = Segmenter.load(
+                    served,
+                    device=resolve_device(self.conf.device),
+                    n_noise=self.conf.n_noise,
+                    batch_size=self.conf.infer_batch_size,
+                    text_cache_dir=self.paths.text_cache,
+                )
                 self._identity = identity
                 if self.status.get("state") != "preparing":
                     self.set_status("ready", f"serving {served}", model_dir=str(served))

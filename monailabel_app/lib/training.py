@@ -54,7 +54,8 @@ def _volume_slices(image_path: str, label_path: str, out_dir: Path, image_id: st
             if empty_seen % background_every:
                 continue
         img_p = write_image(out_dir / f"{image_id}__z{z:04d}.nii.gz", image.array[z].astype(np.float32), like)
-        lab_p = write_image(out_dir / f"{image_id}__z{z:04d}_label.nii.gz", (label.array[z] > 0).astype(np.uint8), like)
+        lab_p = write_image(out_dir / f"{image_id}__z{z:04d}_label.nii.gz", (label.array[z] > 0).astype(np.uint8),
+                            like)
         samples.append(Sample(image=img_p, mask=lab_p, text=text, name=f"{image_id}[z={z}]"))
     return samples
 
@@ -212,7 +213,8 @@ def pretrain_backbone_from_datastore(datastore: Any, conf: AppConf, paths: Model
     metrics = _run(job, paths, num_processes, gpu_ids, _throttled(log), stop_event)
     if metrics.get("stopped") and not accept_stopped:
         raise RuntimeError("backbone pretraining was stopped; the published backbone is unchanged")
-    shutil.rmtree(resume_dir(run_dir), ignore_errors=True)  # finished: the next run starts fresh on the then-current images
+    shutil.rmtree(resume_dir(run_dir),
+                  ignore_errors=True)  # finished: the next run starts fresh on the then-current images
     metrics.update(continued_from=str(current) if current else None, image_size=config.image_size,
                    window=list(config.window) if config.window else None)
     if publish_result:
@@ -299,13 +301,15 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
         out_dir = paths.work / "segmenter-run"
         served_val = None
         if served is not None and val_samples:
-            served_val = validate_model_dir(served, val_samples, device=device, text_cache_dir=paths.text_cache)["dice"]
+            served_val = validate_model_dir(served, val_samples, device=device,
+                                            text_cache_dir=paths.text_cache)["dice"]
             logger.info("served model: validation Dice %.4f on %d validation images", served_val, len(val_ids))
         job = {"job": "train-segmenter", "out_dir": str(out_dir), "backbone_dir": str(backbone), "device": device,
                "samples": [_sample_dict(s) for s in samples], "val_samples": [_sample_dict(s) for s in val_samples],
                "text": text_config.to_dict(), "segmenter": seg_config.to_dict(), "train": train_config.to_dict(),
                "text_cache_dir": str(paths.text_cache), "init_dir": str(served) if served is not None else None}
-        logger.info("training fusion + head on %d samples, validating on %d (%d epochs, device %s, %d process(es)), %s",
+        logger.info("training fusion + head on %d samples, validating on %d (%d epochs, device %s, %d process(es)), "
+                    "%s",
                     len(samples), len(val_samples), epochs, device, num_processes,
                     f"continuing from {served}" if served is not None else "new model")
         try:

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", default="uncertainty", help="active-learning strategy for the next image")
     parser.add_argument("--rounds", type=int, default=1, help="images to fetch, segment and label")
     parser.add_argument("--tag", default="client_demo",
-                        help="label tag to save the masks under (default client_demo; 'final' makes them ground truth)")
+                        help="label tag to save the masks under (default client_demo; 'final' makes them ground "
+                             "truth)")
     parser.add_argument("--volume", action="store_true", help="also upload and segment a 64x256x256 NIfTI volume")
     parser.add_argument("--wait", type=float, default=900, help="seconds to wait for the model to be ready")
     args = parser.parse_args(argv)

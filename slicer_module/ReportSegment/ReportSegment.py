@@ -159,7 +159,9 @@ class ReportSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         training = self._trainTimer is not None and self._trainTimer.isActive()
         self.ui.segmentButton.enabled = connected and hasVolume
         self.ui.submitLabelButton.enabled = (
-            connected and hasVolume and self.logic.segmentationForVolume(self.ui.volumeSelector.currentNode()) is not None
+            connected
+            and hasVolume
+            and self.logic.segmentationForVolume(self.ui.volumeSelector.currentNode()) is not None
         )
         self.ui.nextSampleButton.enabled = connected
         self.ui.trainButton.enabled = connected and not training
@@ -204,9 +206,7 @@ class ReportSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def onLoadReport(self):
-        path = qt.QFileDialog.getOpenFileName(
-            self.parent, "Load report text", "", "Text files (*.txt);;All files (*)"
-        )
+        path = qt.QFileDialog.getOpenFileName(self.parent, "Load report text", "", "Text files (*.txt);;All files (*)")
         if not path:
             return
 
@@ -383,7 +383,9 @@ class ReportSegmentTest(ScriptedLoadableModuleTest):
         seg = segmentation.GetSegmentation()
         names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
         self.assertEqual(sorted(names), sorted(result.label_names))
-        colors = {tuple(round(c, 3) for c in seg.GetNthSegment(i).GetColor()) for i in range(seg.GetNumberOfSegments())}
+        colors = {
+            tuple(round(c, 3) for c in seg.GetNthSegment(i).GetColor()) for i in range(seg.GetNumberOfSegments())
+        }
         self.assertEqual(len(colors), len(names))
         if result.uncertainty_path:
             self.assertIsNotNone(uncertainty)

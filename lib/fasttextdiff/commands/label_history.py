@@ -17,7 +17,8 @@ from typing import Any
 
 
 def add_label_history_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default="http://127.0.0.1:8000", help="the MONAI Label server (default: %(default)s)")
+    parser.add_argument("--server", default="http://127.0.0.1:8000",
+                        help="the MONAI Label server (default: %(default)s)")
     parser.add_argument("--image", required=True, help="the image id in the server's datastore")
     parser.add_argument("--tag", help="one label tag (default: every tag with kept versions; 'final' for --restore)")
     parser.add_argument("--restore", metavar="VERSION", help="make this kept version the current label again")

@@ -62,7 +62,8 @@ def _labeled(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--labeled takes a count (e.g. 10) or a fraction (e.g. 0.25), got {text!r}") from None
+        raise argparse.ArgumentTypeError("--labeled takes a count (e.g. 10) or a fraction (e.g. 0.25), got "
+                                         f"{text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError("--labeled must be positive")
     return value
@@ -79,7 +80,8 @@ def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"U-Net level widths (default {','.join(map(str, d.block_out_channels))})")
     g.add_argument("--timesteps", type=_widths, default=d.timesteps,
                    help=f"feature timesteps of 1000 (default {','.join(map(str, d.timesteps))})")
-    g.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"), help="CT window in HU (default: percentiles)")
+    g.add_argument("--window", type=float, nargs=2, metavar=("CENTER", "WIDTH"),
+                   help="CT window in HU (default: percentiles)")
 
 
 def add_text_arguments(p: argparse.ArgumentParser) -> None:
@@ -234,7 +236,8 @@ def cmd_segment(args) -> int:
     from fasttextdiff.inference.batched import InferenceOptions
 
     segmenter = Segmenter.load(args.model, device=args.device, n_noise=args.n_noise,
-                               options=InferenceOptions(uncertainty=args.uncertainty_estimate, **_precision_option(args)))
+                               options=InferenceOptions(uncertainty=args.uncertainty_estimate,
+                                                        **_precision_option(args)))
     if not text.strip():
         print("warning: empty report: segmenting with the encoder's empty-text embedding", file=sys.stderr)
     # the user's own file on their own machine: a detached header (.nhdr, .mhd + .raw) may name its data file
@@ -293,10 +296,12 @@ LAZY_COMMANDS = {  # name: (module, add-arguments function, run function, help, 
                      "fasttextdiff demo-studies --out studies/demo"),
     "import-studies": ("fasttextdiff.data.import_studies", "add_import_studies_arguments", "run_import_studies",
                        "import images with their reports (and masks) into a MONAI Label studies folder",
-                       "fasttextdiff import-studies /data/my-cts --out studies/my-cts   # <name>.txt beside each image"),
+                       "fasttextdiff import-studies /data/my-cts --out studies/my-cts   # <name>.txt beside each "
+                       "image"),
     "convert-backbone": ("fasttextdiff.conversion.adm", "add_convert_backbone_arguments", "run_convert_backbone",
                          "convert an OpenAI guided-diffusion (ADM) checkpoint into a backbone directory",
-                         "fasttextdiff convert-backbone 256x256_diffusion_uncond.pt --arch adm-256-uncond --out runs/adm256"),
+                         "fasttextdiff convert-backbone 256x256_diffusion_uncond.pt --arch adm-256-uncond --out "
+                         "runs/adm256"),
     "reproduce": ("fasttextdiff.commands.reproduce", "add_reproduce_arguments", "run_reproduce",
                   "train and evaluate the paper's settings for a dataset and table them beside the published results",
                   "fasttextdiff reproduce --dataset qata --data /data/QaTa-COV19 --backbone runs/adm256 "
@@ -360,7 +365,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path,
                    help="backbone directory to write (an interrupted run resumes from OUT.resume/ beside it)")
     add_backbone_arguments(p)
-    p.add_argument("--epochs", type=int, default=PretrainConfig.epochs, help=f"passes over the images (default {PretrainConfig.epochs})")
+    p.add_argument("--epochs", type=int, default=PretrainConfig.epochs,
+                   help=f"passes over the images (default {PretrainConfig.epochs})")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     p.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size,
                    help=f"images per step and process (default {PretrainConfig.batch_size})")
@@ -382,7 +388,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help=f"images per step and process (default {TrainConfig.batch_size})")
     p.add_argument("--fusion-dim", type=int, default=FusionConfig.dim,
                    help=f"width of the cross-modal attention (default {FusionConfig.dim}; the paper 768)")
-    p.add_argument("--heads", type=int, default=FusionConfig.heads, help=f"attention heads (default {FusionConfig.heads})")
+    p.add_argument("--heads", type=int, default=FusionConfig.heads,
+                   help=f"attention heads (default {FusionConfig.heads})")
     p.add_argument("--head-channels", type=int, default=SegmenterConfig.head_channels,
                    help=f"channels of the conv head (default {SegmenterConfig.head_channels})")
     p.add_argument("--per-scale", action="store_true", help="one attention block per scale instead of a shared one")
@@ -422,7 +429,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                                 "slice with the most foreground)")
     p.add_argument("--n-noise", type=int, default=4, help="noise draws (the uncertainty is their spread)")
     p.add_argument("--uncertainty-estimate", choices=("draws", "softmax"), default="draws",
-                   help="draws: spread over the n-noise draws; softmax: one draw, sqrt(p(1-p)) (n-noise times cheaper)")
+                   help="draws: spread over the n-noise draws; softmax: one draw, sqrt(p(1-p)) (n-noise times "
+                        "cheaper)")
     p.add_argument("--device", help=DEVICE_HELP)
     add_precision_argument(p)
 

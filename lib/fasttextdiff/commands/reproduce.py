@@ -16,13 +16,15 @@ def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, e.g. 0.25,0.5,1, got {text!r}") from None
+        raise argparse.ArgumentTypeError("expected comma-separated fractions, e.g. 0.25,0.5,1, got "
+                                         f"{text!r}") from None
 
 
 def add_reproduce_arguments(p) -> None:
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="whose paper preset and anchors to use")
     p.add_argument("--data", required=True, type=Path, help="the dataset's LViT-layout root (Train/Val/Test_Folder)")
-    p.add_argument("--backbone", required=True, type=Path, help="a converted ADM backbone (fasttextdiff convert-backbone)")
+    p.add_argument("--backbone", required=True, type=Path,
+                   help="a converted ADM backbone (fasttextdiff convert-backbone)")
     p.add_argument("--out", required=True, type=Path, help="folder for the runs and results.json/.md/.png")
     add_text_arguments(p)
     p.add_argument("--labeled", type=_floats, default=(0.25, 0.5, 1.0),
@@ -36,7 +38,8 @@ def add_reproduce_arguments(p) -> None:
     g.add_argument("--taps", type=_indices, help="ADM output_blocks to tap (default: the preset's)")
     g.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
                    help=f"images per step (default {TrainConfig.batch_size})")
-    g.add_argument("--fusion-dim", type=int, default=256, help="fusion width (default 256, the benchmarks' paper scale)")
+    g.add_argument("--fusion-dim", type=int, default=256,
+                   help="fusion width (default 256, the benchmarks' paper scale)")
     g.add_argument("--heads", type=int, default=8, help="attention heads (default 8)")
     g.add_argument("--head-channels", type=int, default=SegmenterConfig.head_channels,
                    help=f"channels of the conv head (default {SegmenterConfig.head_channels})")

@@ -118,7 +118,8 @@ class AdmFlags:
                 raise ValueError(f"--channel_mult takes comma-separated integers, got {self.channel_mult!r}") from None
         defaults = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
         if self.image_size not in defaults:
-            raise ValueError(f"ADM has no default --channel_mult for --image_size {self.image_size}; pass --channel_mult")
+            raise ValueError(f"ADM has no default --channel_mult for --image_size {self.image_size}; pass "
+                             "--channel_mult")
         return tuple(float(m) for m in defaults[self.image_size])
 
     @property
@@ -250,7 +251,8 @@ def check_expressible(flags: AdmFlags, class_label: int | None = None) -> None:
             "diffusers' UNet2DModel uses one attention head width for every block, but these flags give "
             f"different ones ({listing}); this happens with --num_heads and unequal widths (the 128x128 model)"
         )
-    for group, width in [("middle", widths[-1])] + [(f"level {lv}", widths[lv]) for lv in sorted(flags.attention_levels)]:
+    for group, width in [("middle", widths[-1])] + [(f"level {lv}",
+                                                     widths[lv]) for lv in sorted(flags.attention_levels)]:
         if width % next(iter(dims.values())):
             raise ValueError(f"attention in the {group} has {width} channels, not divisible by the head width")
     if flags.noise_schedule not in ("linear", "cosine"):
@@ -303,7 +305,8 @@ def module_plan(flags: AdmFlags) -> list[ModuleRow]:
         for j in range(nrb):
             rows.append(ModuleRow(f"input_blocks.{k}.0", f"down_blocks.{level}.resnets.{j}", "resnet", ch, width))
             if level in levels:
-                rows.append(ModuleRow(f"input_blocks.{k}.1", f"down_blocks.{level}.attentions.{j}", "attention", width, width))
+                rows.append(ModuleRow(f"input_blocks.{k}.1", f"down_blocks.{level}.attentions.{j}", "attention", width,
+                                      width))
             ch = width
             skips.append(ch)
             k += 1
@@ -311,7 +314,8 @@ def module_plan(flags: AdmFlags) -> list[ModuleRow]:
             if flags.resblock_updown:
                 rows.append(ModuleRow(f"input_blocks.{k}.0", f"down_blocks.{level}.downsamplers.0", "resnet", ch, ch))
             else:
-                rows.append(ModuleRow(f"input_blocks.{k}.0.op", f"down_blocks.{level}.downsamplers.0.conv", "conv3", ch, ch))
+                rows.append(ModuleRow(f"input_blocks.{k}.0.op", f"down_blocks.{level}.downsamplers.0.conv", "conv3",
+                                      ch, ch))
             skips.append(ch)
             k += 1
     rows += [
@@ -323,16 +327,19 @@ def module_plan(flags: AdmFlags) -> list[ModuleRow]:
     for i, level in enumerate(reversed(range(len(widths)))):
         width = widths[level]
         for j in range(nrb + 1):
-            rows.append(ModuleRow(f"output_blocks.{k}.0", f"up_blocks.{i}.resnets.{j}", "resnet", ch + skips.pop(), width))
+            rows.append(ModuleRow(f"output_blocks.{k}.0", f"up_blocks.{i}.resnets.{j}", "resnet", ch + skips.pop(),
+                                  width))
             ch, layer = width, 1
             if level in levels:
                 rows.append(ModuleRow(f"output_blocks.{k}.1", f"up_blocks.{i}.attentions.{j}", "attention", ch, ch))
                 layer = 2
             if level and j == nrb:
                 if flags.resblock_updown:
-                    rows.append(ModuleRow(f"output_blocks.{k}.{layer}", f"up_blocks.{i}.upsamplers.0", "resnet", ch, ch))
+                    rows.append(ModuleRow(f"output_blocks.{k}.{layer}", f"up_blocks.{i}.upsamplers.0", "resnet", ch,
+                                          ch))
                 else:
-                    rows.append(ModuleRow(f"output_blocks.{k}.{layer}.conv", f"up_blocks.{i}.upsamplers.0.conv", "conv3", ch, ch))
+                    rows.append(ModuleRow(f"output_blocks.{k}.{layer}.conv", f"up_blocks.{i}.upsamplers.0.conv",
+                                          "conv3", ch, ch))
             k += 1
     rows += [
         ModuleRow("out.0", "conv_norm_out", "norm", c0, c0),
@@ -618,14 +625,17 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add_convert_backbone_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("checkpoint", type=Path, help="a guided-diffusion .pt state dict (e.g. 256x256_diffusion_uncond.pt)")
+    p.add_argument("checkpoint", type=Path,
+                   help="a guided-diffusion .pt state dict (e.g. 256x256_diffusion_uncond.pt)")
     arch = p.add_mutually_exclusive_group(required=True)
     arch.add_argument("--arch", choices=sorted(ADM_PRESETS), help="published flags of a guided-diffusion model")
-    arch.add_argument("--adm-flags", help='the model\'s guided-diffusion MODEL_FLAGS, e.g. "--image_size 64 --num_channels 128 ..."')
+    arch.add_argument("--adm-flags",
+                      help='the model\'s guided-diffusion MODEL_FLAGS, e.g. "--image_size 64 --num_channels 128 ..."')
     p.add_argument("--out", required=True, type=Path, help="backbone directory to write")
     p.add_argument("--taps", type=_ints, default=PAPER_TAPS["qata"],
                    help="ADM output_blocks to tap (default 4,6,8,12 as for QaTa/MosMedData+; MoNuSeg: 6,8,12,16)")
-    p.add_argument("--timesteps", type=_ints, default=(50, 150, 250), help="feature timesteps of 1000 (default 50,150,250)")
+    p.add_argument("--timesteps", type=_ints, default=(50, 150, 250),
+                   help="feature timesteps of 1000 (default 50,150,250)")
     p.add_argument("--class-label", type=int, help="class-conditional checkpoints: the ImageNet class to fix (0-999)")
     return p
 

@@ -37,7 +37,8 @@ def select_labeled(samples: Sequence[Sample], labeled: float | int | None, seed:
     samples = list(samples)
     if labeled is None:
         return samples
-    if isinstance(labeled, bool) or not isinstance(labeled, (int, float)) or not math.isfinite(labeled) or labeled <= 0:
+    if isinstance(labeled, bool) or not isinstance(labeled,
+                                                   (int, float)) or not math.isfinite(labeled) or labeled <= 0:
         raise ValueError(f"labeled must be a count >= 1 or a fraction in (0, 1), got {labeled!r}")
     if labeled < 1:
         count = max(1, int(round(labeled * len(samples))))
@@ -106,7 +107,9 @@ class SegmentationDataset(Dataset):
         self.samples = list(samples)
         unlabeled = [s.name for s in self.samples if s.mask is None]
         if unlabeled:
-            raise ValueError(f"{len(unlabeled)} sample(s) have no mask (e.g. {unlabeled[0]}); a segmentation dataset needs masks")
+            raise ValueError(
+                f"{len(unlabeled)} sample(s) have no mask (e.g. {unlabeled[0]}); a segmentation dataset needs masks"
+            )
         self.size, self.channels, self.num_classes = int(size), channels, num_classes
         self.augment, self.seed, self.window, self.body_crop = augment, seed, window, body_crop
         self.epoch = 0
@@ -138,9 +141,13 @@ class SegmentationDataset(Dataset):
             mask = read_image(sample.mask)
             labels = mask_to_labels(mask.array, self.num_classes)
             if labels.shape != image.plane_shape:
-                raise ImageReadError(f"mask {sample.mask} is {labels.shape} but its image {sample.image} is {image.plane_shape}.")
+                raise ImageReadError(
+                    f"mask {sample.mask} is {labels.shape} but its image {sample.image} is {image.plane_shape}."
+                )
             pixels = to_model_input(image, self.size, self.channels, self.window, self.body_crop)[0]
-            label = labels_to_model_grid(labels, image, self.size, self.window, self.body_crop)  # same crop and orientation
+            label = labels_to_model_grid(
+                labels, image, self.size, self.window, self.body_crop
+            )  # same crop and orientation
             self._cache[index] = (pixels.to(torch.float16), label)  # half the memory; [-1,1] is safe in fp16
         return self._cache[index]
 
@@ -157,4 +164,9 @@ class SegmentationDataset(Dataset):
             out = self._transform({"image": item["image"], "label": item["label"].float()})
             item = {"image": _plain(out["image"]).float().clamp(-1, 1), "label": _plain(out["label"]).round().long()}
         sample = self.samples[index]
-        return {"image": item["image"].contiguous(), "label": item["label"].contiguous(), "text": sample.text, "name": sample.name}
+        return {
+            "image": item["image"].contiguous(),
+            "label": item["label"].contiguous(),
+            "text": sample.text,
+            "name": sample.name,
+        }

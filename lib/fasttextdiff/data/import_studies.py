@@ -116,7 +116,8 @@ def folder_cases(root: Path, skipped: list[dict]) -> list[Case]:
         if path.suffix.lower() in (".txt", ".csv", ".xlsx", ".xls", ".json"):
             continue
         if not path.name.lower().endswith(exts):
-            skipped.append({"source": path.name, "reason": f"not an image format the reader knows ({_extension(path) or 'no extension'})"})
+            skipped.append({"source": path.name,
+                            "reason": f"not an image format the reader knows ({_extension(path) or 'no extension'})"})
             continue
         cases.append(Case(path, None, masks.get(_stem(path)), _stem(path)))
     for case in cases:
@@ -141,7 +142,8 @@ def table_cases(table: Path) -> list[Case]:
                              f"{', '.join(map(str, frame.columns))}")
         return None
 
-    image_col, report_col, label_col = column(IMAGE_COLUMNS, True), column(REPORT_COLUMNS, False), column(LABEL_COLUMNS, False)
+    image_col, report_col, label_col = column(IMAGE_COLUMNS, True), column(REPORT_COLUMNS,
+                                                                           False), column(LABEL_COLUMNS, False)
     cases = []
     for _, row in frame.iterrows():
         raw = row[image_col]
@@ -149,7 +151,8 @@ def table_cases(table: Path) -> list[Case]:
             continue
         image = (table.parent / raw.strip()).resolve()
         text = row[report_col] if report_col is not None and isinstance(row[report_col], str) else None
-        mask = row[label_col] if label_col is not None and isinstance(row[label_col], str) and row[label_col].strip() else None
+        mask = row[label_col] if label_col is not None and isinstance(row[label_col],
+                                                                      str) and row[label_col].strip() else None
         cases.append(Case(image, text, (table.parent / mask.strip()).resolve() if mask else None,
                           _stem(image)))
     return cases

@@ -103,11 +103,13 @@ def _check_size(path: Path, shape_xyz: tuple[int, ...]) -> None:
     """Refuse absurd sizes from the header, before any pixel is decoded."""
     plane = shape_xyz[:2]
     if any(s < MIN_SIDE for s in plane):
-        raise ImageReadError(f"{path.name} is {'x'.join(map(str, plane))} pixels; images need at least {MIN_SIDE} pixels per side.")
+        raise ImageReadError(f"{path.name} is {'x'.join(map(str, plane))} pixels; images need at least {MIN_SIDE} "
+                             "pixels per side.")
     if any(s > MAX_SIDE for s in shape_xyz):
         raise ImageReadError(f"{path.name} has a side of {max(shape_xyz)} pixels, above the limit of {MAX_SIDE}.")
     if int(np.prod([int(s) for s in shape_xyz], dtype=np.int64)) > MAX_VOXELS:
-        raise ImageReadError(f"{path.name} has more than {MAX_VOXELS} voxels, which is more than we can hold in memory.")
+        raise ImageReadError(f"{path.name} has more than {MAX_VOXELS} voxels, which is more than we can hold in "
+                             "memory.")
 
 
 # deflate cannot compress better than about 1032:1, so a file can hold at most this many voxel
@@ -186,7 +188,8 @@ def _itk_geometry(itk_image, dims: int) -> tuple[tuple, tuple, tuple]:
 
     full = itk_image.GetImageDimension()
     direction = np.asarray(itk.array_from_matrix(itk_image.GetDirection())).reshape(full, full)[:dims, :dims]
-    return (tuple(float(s) for s in itk_image.GetSpacing())[:dims], tuple(float(o) for o in itk_image.GetOrigin())[:dims],
+    return (tuple(float(s) for s in itk_image.GetSpacing())[:dims],
+            tuple(float(o) for o in itk_image.GetOrigin())[:dims],
             tuple(direction.ravel().tolist()))
 
 
@@ -223,7 +226,8 @@ def _read_raster(path: Path) -> Image:
     except ImageReadError:
         raise
     except PILImage.DecompressionBombError as exc:
-        raise ImageReadError(f"{path.name} has more pixels than PIL decodes safely, above the limit for 2D images.") from exc
+        raise ImageReadError(f"{path.name} has more pixels than PIL decodes safely, above the limit for 2D "
+                             "images.") from exc
     except (PILImage.UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if not _has_image_signature(path):
             raise ImageReadError(f"{path.name} is not an image: its content is not PNG, JPEG, TIFF or BMP data "
@@ -303,7 +307,8 @@ def _read_tiff(path: Path) -> Image:
     if array.ndim == 3:
         return Image(array=array, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
                      direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), is_volume=True)
-    raise ImageReadError(f"{path.name} has {array.ndim} dimensions {array.shape}; only 2D images and 3D stacks can be segmented.")
+    raise ImageReadError(f"{path.name} has {array.ndim} dimensions {array.shape}; only 2D images and 3D stacks can be "
+                         "segmented.")
 
 
 # ---------------------------------------------------------------- DICOM (header: pydicom; pixels: MONAI ITKReader/GDCM)
@@ -328,7 +333,8 @@ def _read_dicom_file(path: Path) -> Image:
     _check_plausible_length(path, int(np.prod(shape, dtype=np.int64)))  # at least a byte per pixel
     colour = int(ds.get("SamplesPerPixel", 1)) > 1
     if frames > 1 and colour:
-        raise ImageReadError(f"{path.name} is a multi-frame colour DICOM (e.g. a cine loop), which cannot be segmented.")
+        raise ImageReadError(f"{path.name} is a multi-frame colour DICOM (e.g. a cine loop), which cannot be "
+                             "segmented.")
     array, native = _decode(_itk_reader(), path, f"{path.name} has pixel data that cannot be decoded.")
     if array.ndim == 2 + colour:  # GDCM returned one plane without a slice axis
         array = array[None]
@@ -362,7 +368,8 @@ def _read_dicom_series(folder: Path) -> Image:
     size = info.GetSize()
     _check_size(folder, (size[0], size[1], len(files)))
     if info.GetNumberOfComponents() != 1:
-        raise ImageReadError(f"the DICOM series in {folder} has colour pixels; only grayscale volumes can be segmented.")
+        raise ImageReadError(f"the DICOM series in {folder} has colour pixels; only grayscale volumes can be "
+                             "segmented.")
     array, native = _decode(_itk_reader(series_name=chosen), folder, f"the DICOM series in {folder} cannot be read.")
     return _from_stack(array, _itk_geometry(native, 3))
 
@@ -388,24 +395,28 @@ def _read_itk(path: Path) -> Image:
     if dim == 4 and size[3] == 1:
         dim, size = 3, size[:3]  # a singleton time axis is dropped
     elif dim > 3:
-        raise ImageReadError(f"{path.name} is a {dim}D image of size {size}; only 2D images and 3D volumes can be segmented.")
+        raise ImageReadError(f"{path.name} is a {dim}D image of size {size}; only 2D images and 3D volumes can be "
+                             "segmented.")
     _check_size(path, size)
     _check_plausible_length(path, int(np.prod([int(s) for s in size], dtype=np.int64)) * comps)
     if comps != 1 and not (comps in (3, 4) and (dim == 2 or size[2] == 1)):
-        raise ImageReadError(f"{path.name} has {comps} values per voxel (a vector or tensor volume); only scalar volumes can be segmented.")
+        raise ImageReadError(f"{path.name} has {comps} values per voxel (a vector or tensor volume); only scalar "
+                             "volumes can be segmented.")
     failure = f"{path.name} is truncated or corrupt; its pixel data cannot be read."
     if _extension(path) in (".nii", ".nii.gz") and comps == 1:
         from monai.data import NibabelReader
 
         data, _ = _decode(NibabelReader(squeeze_non_spatial_dims=True), path, failure)
         if data.size != int(np.prod(size)):
-            raise ImageReadError(f"{path.name} holds {data.size} voxels but its header describes {int(np.prod(size))}.")
+            raise ImageReadError(f"{path.name} holds {data.size} voxels but its header describes "
+                                 f"{int(np.prod(size))}.")
         array = data.reshape(size, order="F").T  # (x, y, z) storage -> (z, y, x), no copy
         if array.dtype == np.float64:
             array = array.astype(np.float32)
         full = reader.GetDimension()
         direction = np.asarray(reader.GetDirection()).reshape(full, full)[:dim, :dim]
-        geometry = (tuple(reader.GetSpacing())[:dim], tuple(reader.GetOrigin())[:dim], tuple(direction.ravel().tolist()))
+        geometry = (tuple(reader.GetSpacing())[:dim], tuple(reader.GetOrigin())[:dim],
+                    tuple(direction.ravel().tolist()))
     else:
         array, native = _decode(_itk_reader(), path, failure)
         geometry = _itk_geometry(native, dim)
@@ -441,7 +452,8 @@ def _as_writable(array: np.ndarray) -> np.ndarray:
 def _check_write_shape(array: np.ndarray, like: Image) -> None:
     expected = like.array.shape if like.is_volume else like.plane_shape
     if array.shape != tuple(expected):
-        raise ValueError(f"cannot write an array of shape {array.shape} in the geometry of an image of shape {tuple(expected)}.")
+        raise ValueError(f"cannot write an array of shape {array.shape} in the geometry of an image of shape "
+                         f"{tuple(expected)}.")
 
 
 def write_image(path: str | os.PathLike, array, like: Image, palette: bool = False) -> Path:
@@ -478,8 +490,14 @@ def _write_png(tmp: str, raw: np.ndarray, like: Image, palette: bool = False) ->
 
     if like.is_volume:
         raise ValueError("a volume cannot be written as PNG; use .nii.gz, .nrrd or .mha.")
-    if palette and raw.ndim == 2 and not np.issubdtype(raw.dtype, np.floating) and raw.size \
-            and raw.min() >= 0 and raw.max() <= 255:
+    if (
+        palette
+        and raw.ndim == 2
+        and not np.issubdtype(raw.dtype, np.floating)
+        and raw.size
+        and raw.min() >= 0
+        and raw.max() <= 255
+    ):
         pil = PILImage.fromarray(raw.astype(np.uint8), mode="P")
         colours = list(LABEL_PALETTE) + [(v, v, v) for v in range(len(LABEL_PALETTE), 256)]
         pil.putpalette([c for rgb in colours for c in rgb])

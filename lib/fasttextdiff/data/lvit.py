@@ -102,7 +102,8 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def load_split(root: str | os.PathLike, split: str, require_masks: bool = True, require_text: bool = True) -> list[Sample]:
+def load_split(root: str | os.PathLike, split: str, require_masks: bool = True,
+               require_text: bool = True) -> list[Sample]:
     """Samples of one split, sorted by name.
 
     A missing mask raises (name and expected path in the message) unless `require_masks=False`,
@@ -135,13 +136,20 @@ def load_split(root: str | os.PathLike, split: str, require_masks: bool = True, 
         key = _name_key(image.name)
         mask = masks.get(key)
         if mask is None and require_masks:
-            raise DatasetLayoutError(f"mask for {image.name} is missing: expected {mask_dir / image.name} or {mask_dir / (MASK_PREFIX + image.name)}.")
+            raise DatasetLayoutError(
+                f"mask for {image.name} is missing: expected {mask_dir / image.name} or "
+                f"{mask_dir / (MASK_PREFIX + image.name)}."
+            )
         text = texts.get(key)
         if text is None:
             without_text.append(image.name)
             text = ""
         samples.append(Sample(image=image, mask=mask, text=text, name=image.name))
     if without_text and (table or require_text):
-        logger.warning("%d image(s) in %s have no row in the text table and get an empty report, e.g. %s",
-                       len(without_text), image_dir, without_text[0])
+        logger.warning(
+            "%d image(s) in %s have no row in the text table and get an empty report, e.g. %s",
+            len(without_text),
+            image_dir,
+            without_text[0],
+        )
     return samples

@@ -58,7 +58,9 @@ def _axes_affine(image: Image) -> torch.Tensor:
     """The direction matrix as a 4x4 affine in MONAI's RAS world (x and y negated from LPS);
     orientation needs only the axes, so spacing and origin stay out."""
     affine = torch.eye(4, dtype=torch.float64)
-    affine[:3, :3] = torch.tensor(image.direction, dtype=torch.float64).reshape(3, 3) * torch.tensor([[-1.0], [-1.0], [1.0]])
+    affine[:3, :3] = torch.tensor(image.direction, dtype=torch.float64).reshape(3,
+                                                                                3) * torch.tensor([[-1.0], [-1.0],
+                                                                                                   [1.0]])
     return affine
 
 
@@ -123,7 +125,8 @@ def _box_from_stack(stack: torch.Tensor, size: int) -> tuple[int, int, int] | No
     return start(r0, r1, height), start(c0, c1, width), side
 
 
-def body_box(image: Image, window: tuple[float, float] | None, size: int, body_crop: bool = True) -> tuple[int, int, int] | None:
+def body_box(image: Image, window: tuple[float, float] | None, size: int, body_crop: bool = True) -> tuple[int, int,
+                                                                                                           int] | None:
     """The crop box `to_model_input` uses (see `_box_from_stack`); None = the whole slice.
 
     Only CT in HU (a `window`) is cropped; recomputed from the image, so both directions agree.
@@ -189,7 +192,8 @@ def to_model_input(image: Image, size: int, channels: int, window: tuple[float, 
     if box is not None:
         stack = _crop(stack, box, AIR_HU)
     if stack.shape[1] != channels:  # grey <-> RGB
-        stack = torch.einsum("c,nchw->nhw", _LUMA, stack)[:, None] if channels == 1 else stack.expand(-1, channels, -1, -1)
+        stack = torch.einsum("c,nchw->nhw", _LUMA, stack)[:, None] if channels == 1 else stack.expand(-1, channels, -1,
+                                                                                                      -1)
     lo, hi = _intensity_range(stack, window)
     if hi <= lo:  # a constant image maps to -1 everywhere
         return torch.full((stack.shape[0], channels, size, size), -1.0)
@@ -231,7 +235,8 @@ def to_original_grid(maps, image: Image, mode: str = "nearest", chunk: int = 32,
     stack = torch.cat(pieces)  # (N, K, H, W), canonical orientation
     grid = stack.permute(1, 3, 2, 0) if template.ndim == 4 else stack[0].permute(0, 2, 1)  # (K, X, Y[, Z])
     if template.applied_operations:
-        grid = Invert(TO_CANONICAL)(MetaTensor(grid, meta=template.meta, applied_operations=template.applied_operations))
+        grid = Invert(TO_CANONICAL)(MetaTensor(grid, meta=template.meta,
+                                               applied_operations=template.applied_operations))
         grid = grid.as_tensor()
     result = grid.permute(0, *range(grid.ndim - 1, 0, -1)).numpy()  # (K, [Z,] Y, X): the stored grid
     if not image.is_volume and result.ndim == 4:

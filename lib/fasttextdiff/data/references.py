@@ -68,7 +68,8 @@ def check_self_contained(path: str | os.PathLike) -> None:
         _check_nrrd(path, head)
     elif name.endswith((".mha", ".mhd")) or _looks_like_metaimage(head):
         _check_metaimage(path, head)
-    elif name.endswith(_NIFTI_EXTENSIONS) or head[344:348] in (b"n+1\0", b"ni1\0") or head[4:8] in (b"n+2\0", b"ni2\0"):
+    elif name.endswith(_NIFTI_EXTENSIONS) or head[344:348] in (b"n+1\0", b"ni1\0") or head[4:8] in (b"n+2\0",
+                                                                                                    b"ni2\0"):
         _check_nifti(path, head)
     elif head[128:132] == b"DICM" or name.endswith((".dcm", ".dicom", ".ima")):
         _check_dicom(path)

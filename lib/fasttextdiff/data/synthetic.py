@@ -84,7 +84,9 @@ def regions_in_report(report: str) -> set[str]:
     return {r for r in REGIONS if f"{r} lung" in text}
 
 
-def _lung_fields(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float, float, float]]]:
+def _lung_fields(
+    size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float, float, float]]]:
     """Lung mask, region map and each lung's ellipse (cy, cx, ry, rx); patient-right lung first."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     lungs = np.zeros((size, size), bool)
@@ -136,7 +138,9 @@ def render_case_details(rng: np.random.Generator, size: int = 64, variant: str =
     canvas[heart & ~lungs] = 0.55  # the heart shadow borders the lungs but never hides a region
     phase = rng.uniform(0, 2 * np.pi)
     period = size * rng.uniform(0.10, 0.13)
-    ribs = 0.5 + 0.5 * np.cos(2 * np.pi * (yy + 0.004 * size * ((xx - size / 2) / (size / 4)) ** 2 * 8) / period + phase)
+    ribs = 0.5 + 0.5 * np.cos(
+        2 * np.pi * (yy + 0.004 * size * ((xx - size / 2) / (size / 4)) ** 2 * 8) / period + phase
+    )
     canvas += 0.08 * ribs * lungs
     canvas = gaussian_filter(canvas, sigma=size / 96)
 
@@ -175,7 +179,9 @@ def render_case_details(rng: np.random.Generator, size: int = 64, variant: str =
     return SyntheticCase(image, mask, report, region_map, lesion_masks, lesion_regions, labeled)
 
 
-def render_case(rng: np.random.Generator, size: int = 64, variant: str = "standard") -> tuple[np.ndarray, np.ndarray, str]:
+def render_case(
+    rng: np.random.Generator, size: int = 64, variant: str = "standard"
+) -> tuple[np.ndarray, np.ndarray, str]:
     """`(image uint8 HxW, mask uint8 HxW in {0,1}, report)` for one synthetic chest X-ray."""
     case = render_case_details(rng, size, variant)
     return case.image, case.mask, case.report
@@ -239,8 +245,11 @@ def make_lvit_dataset(
             if variant == "clinical-reports":
                 case = render_case_details(rng, size, "text-necessary")
                 image, mask = case.image, case.mask
-                report = clinical_report(case.labeled_regions, np.random.default_rng([seed, split_id, index, 1]),
-                                         phrasing=CLINICAL_PHRASING[split]).text
+                report = clinical_report(
+                    case.labeled_regions,
+                    np.random.default_rng([seed, split_id, index, 1]),
+                    phrasing=CLINICAL_PHRASING[split],
+                ).text
             else:
                 image, mask, report = render_case(rng, size, variant)
             name = f"{split.lower()}_{index:04d}.png"

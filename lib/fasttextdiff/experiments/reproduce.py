@@ -109,7 +109,8 @@ def reproduce(dataset: str, data_dir: str | Path, backbone_dir: str | Path, out_
     backbone_dir, out = Path(backbone_dir), Path(out_dir)
     if not backbone_dir.is_dir():
         raise FileNotFoundError(f"backbone directory {backbone_dir} does not exist; convert one with "
-                                "`fasttextdiff convert-backbone 256x256_diffusion_uncond.pt --arch adm-256-uncond --out DIR`")
+                                "`fasttextdiff convert-backbone 256x256_diffusion_uncond.pt --arch adm-256-uncond "
+                                "--out DIR`")
     splits = load_lvit(data_dir)
     settings = {"dataset": dataset, "backbone": str(backbone_dir.resolve()), "backbone_overrides": backbone_overrides,
                 "text": text_config.to_dict(), "segmenter": segmenter_config.to_dict(),
@@ -176,7 +177,8 @@ def markdown_table(result: dict) -> str:
              f"{overrides.get('timesteps', 'as configured')}, {overrides.get('image_size', 'its')} px), "
              f"text encoder `{s['text']['encoder']}`"
              + (f" truncated to {s['text']['max_length']} tokens" if s["text"].get("max_length") else "")
-             + f", {s['train']['epochs']} epochs, lr {s['train']['lr']:g}, fusion dim {s['segmenter']['fusion']['dim']}.",
+             + f", {s['train']['epochs']} epochs, lr {s['train']['lr']:g}, fusion dim "
+               f"{s['segmenter']['fusion']['dim']}.",
              "Published rows are with 100% of the labels, as reported in the LViT paper (Li et al., IEEE TMI 2023).",
              "", "| method | labels | Dice (%) | IoU (%) | seconds / epoch | inference ms / image | seeds |",
              "|---|---|---|---|---|---|---|"]

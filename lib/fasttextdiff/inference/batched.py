@@ -127,7 +127,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     if not autocast_supported(device.type, dtype):
         raise ValueError(f"precision {precision!r} (the precision option or {PRECISION_ENV}) is not available on "
-                         f"{device.type} with torch {torch.__version__}: its autocast has no {dtype}; use fp32 or auto")
+                         f"{device.type} with torch {torch.__version__}: its autocast has no {dtype}; use fp32 or "
+                         "auto")
     return dtype
 
 

@@ -81,7 +81,8 @@ class Segmenter:
         if model.config.use_text:
             encoder = TextEncoder.from_model_dir(model_dir, device=device, cache_dir=text_cache_dir)
             if encoder.hidden_size != model.text_dim:
-                raise ReportError(f"text encoder width {encoder.hidden_size} does not match the model's {model.text_dim}")
+                raise ReportError(f"text encoder width {encoder.hidden_size} does not match the model's "
+                                  f"{model.text_dim}")
         return cls(model, record, encoder, model_dir, device, n_noise=n_noise, batch_size=batch_size, options=options)
 
     @property
@@ -102,18 +103,21 @@ class Segmenter:
         if not 1 <= n_noise <= 32:
             raise ValueError(f"n_noise must be between 1 and 32, got {n_noise}")
         cfg = self.model.backbone.config
-        x = to_model_input(image, cfg.image_size, cfg.in_channels, window=cfg.window, body_crop=cfg.body_crop)  # (N, C, S, S)
+        x = to_model_input(image, cfg.image_size, cfg.in_channels, window=cfg.window,
+                           body_crop=cfg.body_crop)  # (N, C, S, S)
         with self._lock, torch.inference_mode():
             states = mask = None
             if self.encoder is not None:
                 batch = self.encoder.encode([text or ""])
                 states, mask = batch.states.to(self.device), batch.mask.to(self.device)
-            probabilities, uncertainty = predict_slices(self.model, x, states, mask, n_noise, self.options, self.device,
+            probabilities, uncertainty = predict_slices(self.model, x, states, mask, n_noise, self.options,
+                                                        self.device,
                                                         slice_batch=self.batch_size)  # (N, K, S, S), (N, S, S)
         prob_grid = to_original_grid(probabilities, image, mode="bilinear", window=cfg.window,
                                      body_crop=cfg.body_crop).astype(np.float32)  # (K, *grid)
         mask_grid = prob_grid.argmax(0).astype(np.uint8)
-        unc_grid = to_original_grid(uncertainty, image, mode="bilinear", window=cfg.window, body_crop=cfg.body_crop).astype(np.float32)
+        unc_grid = to_original_grid(uncertainty, image, mode="bilinear", window=cfg.window,
+                                    body_crop=cfg.body_crop).astype(np.float32)
         return SegmentationResult(mask_grid, unc_grid, prob_grid, image, self._summary(mask_grid, unc_grid, n_noise))
 
     def segment_file(self, path: str | Path, text: str | None, out: str | Path,

@@ -35,7 +35,8 @@ UNET_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' name
 CHECKSUMS_NAME = "checksums.json"  # sha256 of the weights: catches corruption the header cannot show
 CHECKPOINT_DIR = "checkpoint"  # pretraining's resumable state
 METRICS_NAME = "metrics.json"  # pretraining's figures
-BACKBONE_ENTRIES = {BACKBONE_CONFIG_NAME, UNET_CONFIG_NAME, UNET_WEIGHTS_NAME, CHECKSUMS_NAME, CHECKPOINT_DIR, METRICS_NAME}
+BACKBONE_ENTRIES = {BACKBONE_CONFIG_NAME, UNET_CONFIG_NAME, UNET_WEIGHTS_NAME, CHECKSUMS_NAME, CHECKPOINT_DIR,
+                    METRICS_NAME}
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +112,8 @@ def _load_unet_dir(directory: Path) -> UNet2DModel:
     state = load_tensors(weights)
     broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
-        raise CheckpointError(f"{weights} holds NaN or infinite weights ({broken[:3]}); the training that wrote it diverged")
+        raise CheckpointError(f"{weights} holds NaN or infinite weights ({broken[:3]}); the training that wrote it "
+                              "diverged")
     try:
         unet.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -173,7 +175,8 @@ class DiffusionBackbone(nn.Module):
             )
         if ucfg.in_channels != self.config.in_channels:
             raise ValueError(
-                f"the U-Net takes {ucfg.in_channels} channel(s) but the config says in_channels={self.config.in_channels}"
+                f"the U-Net takes {ucfg.in_channels} channel(s) but the config says "
+                f"in_channels={self.config.in_channels}"
             )
         if getattr(ucfg, "num_class_embeds", None) or getattr(ucfg, "class_embed_type", None):
             raise ValueError("class-conditional U-Nets are not supported as backbones (they need class labels)")
@@ -235,7 +238,8 @@ class DiffusionBackbone(nn.Module):
         return [min(n - 1, int(round(t * n / 1000))) for t in self.config.timesteps]
 
     # How the network is probed, as opposed to what it is: what a preset or a flag may change on a loaded backbone.
-    PROBE_FIELDS = frozenset({"image_size", "timesteps", "feature_blocks", "feature_taps", "noise_seed", "window", "body_crop"})
+    PROBE_FIELDS = frozenset({"image_size", "timesteps", "feature_blocks", "feature_taps", "noise_seed", "window",
+                              "body_crop"})
 
     def reconfigured(self, **changes: Any) -> DiffusionBackbone:
         """The same network probed differently (timesteps, taps, image size, noise seed, window).
@@ -294,7 +298,8 @@ class DiffusionBackbone(nn.Module):
         eps = torch.randn(tuple(x.shape), generator=gen, dtype=torch.float32)
         return eps.to(device=x.device, dtype=x.dtype)
 
-    def features(self, x: torch.Tensor, seed: int | None = None, noise: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def features(self, x: torch.Tensor, seed: int | None = None,
+                 noise: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Decoder features, coarse -> fine, each ``(B, C_i * T, H_i, W_i)`` (T timesteps along channels).
 
         All T noised copies go through ONE batched U-Net forward of size B*T; forward hooks on the
@@ -373,7 +378,8 @@ class DiffusionBackbone(nn.Module):
                 f"backbone directory {directory} does not exist; pretrain one (fasttextdiff pretrain-backbone) "
                 "or pass a directory written by DiffusionBackbone.save_pretrained"
             )
-        missing = [n for n in (BACKBONE_CONFIG_NAME, UNET_CONFIG_NAME, UNET_WEIGHTS_NAME) if not (directory / n).is_file()]
+        missing = [n for n in (BACKBONE_CONFIG_NAME, UNET_CONFIG_NAME,
+                               UNET_WEIGHTS_NAME) if not (directory / n).is_file()]
         if missing:
             hint = ""
             if missing == [BACKBONE_CONFIG_NAME]:

@@ -43,7 +43,8 @@ class SegmentationHead(nn.Module):
         layers: list[nn.Module] = []
         c_in = n_scales * dim
         for _ in range(3):
-            layers += [nn.Conv2d(c_in, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(c_in, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                       nn.ReLU(inplace=True)]
             c_in = channels
         layers.append(nn.Conv2d(channels, num_classes, 1))
         self.layers = nn.Sequential(*layers)
@@ -154,7 +155,8 @@ class FastTextDiffModel(nn.Module):
         record = read_model_record(model_dir)
         backbone = DiffusionBackbone.from_pretrained(model_dir / BACKBONE_DIR)
         if backbone.config.to_dict() != BackboneConfig.from_dict(record["backbone"]).to_dict():
-            raise CheckpointError(f"{model_dir}: backbone/ does not match the backbone recorded in {MODEL_CONFIG_FILE}")
+            raise CheckpointError(f"{model_dir}: backbone/ does not match the backbone recorded in "
+                                  f"{MODEL_CONFIG_FILE}")
         model = cls(backbone, int(record["text_dim"]), segmenter_config_from_record(record))
         weights = model_dir / WEIGHTS_FILE
         if not weights.is_file():
@@ -164,7 +166,9 @@ class FastTextDiffModel(nn.Module):
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
-            raise CheckpointError(f"{weights} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise CheckpointError(
+                f"{weights} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         return model.to(device).eval(), record
 
 

@@ -37,7 +37,8 @@ from fasttextdiff.data.synthetic import LEVELS, REGIONS, regions_in_report
 _NUMBERS = {"no": 0, "zero": 0, "one": 1, "a single": 1, "single": 1, "two": 2, "three": 3, "four": 4, "five": 5,
             "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
 _NUMBER = r"(\d+|no|zero|one|a single|single|two|three|four|five|six|seven|eight|nine|ten)"
-_AREAS = re.compile(r"\b" + _NUMBER + r" (?:infected |affected |lesion |consolidat\w* )?(?:areas?|lesions?|foci|regions?)")
+_AREAS = re.compile(r"\b" + _NUMBER + r" (?:infected |affected |lesion |consolidat\w* "
+                                      r")?(?:areas?|lesions?|foci|regions?)")
 _NUCLEI_BANDS = ((re.compile(r"\bno nuclei\b"), (0, 0)),
                  (re.compile(r"\bone or two nuclei\b"), (1, 2)),
                  (re.compile(_NUMBER + r" to " + _NUMBER + r" nuclei"), None),
@@ -126,7 +127,8 @@ def _chest_region(cy: float, cx: float, height: int, width: int) -> str | None:
     return region if region in REGIONS else None
 
 
-def mask_findings(mask: np.ndarray, min_area_fraction: float = 0.001, large_area_fraction: float = 0.015) -> MaskFindings:
+def mask_findings(mask: np.ndarray, min_area_fraction: float = 0.001,
+                  large_area_fraction: float = 0.015) -> MaskFindings:
     """Components, chest regions, coverage and cluster cell of a mask's foreground (any class > 0).
 
     Reports count a finding cut by the image edge only when enough of it shows (bench/nuclei.py: 60 px of
@@ -188,7 +190,8 @@ def mismatch_terms(report: ReportFindings, found: MaskFindings) -> dict[str, flo
         if found.cluster is None:
             terms["cluster"] = 1.0
         else:
-            terms["cluster"] = max(abs(report.cluster[0] - found.cluster[0]), abs(report.cluster[1] - found.cluster[1])) / 2
+            terms["cluster"] = max(abs(report.cluster[0] - found.cluster[0]),
+                                   abs(report.cluster[1] - found.cluster[1])) / 2
     if report.coverage is not None:
         terms["coverage"] = abs(report.coverage - _coverage_band(found.coverage)) / 2
     return terms

@@ -203,7 +203,8 @@ def pretrain_backbone(
         try:
             unet.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
             names = [n for n, _ in unet.named_parameters()]
-            ema.load_state_dict(dict(meta["ema"], shadow_params=[tensors[f"ema.{n}"].to(engine.device) for n in names]))
+            ema.load_state_dict(dict(meta["ema"],
+                                     shadow_params=[tensors[f"ema.{n}"].to(engine.device) for n in names]))
             load_optimizer_state(opt.optimizer, tensors, meta["optimizer"])
             engine.restore_rng(tensors, {"noise": gen})
         except (KeyError, RuntimeError, ValueError) as exc:

@@ -110,7 +110,8 @@ class Engine:
             save_training_state(Path(directory), tensors, dict(meta, num_processes=self.num_processes))
         self.wait()
 
-    def restore_rng(self, tensors: dict[str, torch.Tensor], generators: dict[str, torch.Generator] | None = None) -> None:
+    def restore_rng(self, tensors: dict[str, torch.Tensor],
+                    generators: dict[str, torch.Generator] | None = None) -> None:
         """This process's RNG states from a saved state (KeyError when the state holds none for it)."""
         torch.set_rng_state(tensors[f"rng.torch.{self.process_index}"])
         for name, generator in (generators or {}).items():

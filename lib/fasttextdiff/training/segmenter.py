@@ -193,7 +193,8 @@ def train_segmenter(
     if backbone_overrides:
         backbone = backbone.reconfigured(**backbone_overrides)
     with acc.main_process_first():  # the main process builds or fills shared caches (tiny encoder, text cache)
-        encoder = TextEncoder(text_config, device=device, cache_dir=text_cache_dir) if segmenter_config.use_text else None
+        encoder = TextEncoder(text_config, device=device,
+                              cache_dir=text_cache_dir) if segmenter_config.use_text else None
     texts = TextTable(encoder, [s.text for s in labeled] + [s.text for s in (val_samples or [])])
     model = FastTextDiffModel(backbone, encoder.hidden_size if encoder else 0, segmenter_config)
     if init_dir is not None:
@@ -283,7 +284,8 @@ def train_segmenter(
                 best = {"dice": scores["dice"], "epoch": epoch + 1}
                 best_state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
         history.append(record)
-        shown = bar.record(**record, lr=optimizer.param_groups[0]["lr"])  # epochs_total: 2 x epochs under text_fallback
+        shown = bar.record(**record,
+                           lr=optimizer.param_groups[0]["lr"])  # epochs_total: 2 x epochs under text_fallback
         bar.end_epoch(shown)
         if log and engine.is_main:
             log(shown)
@@ -309,7 +311,8 @@ def train_segmenter(
         metrics["ddp_weights_identical"] = all(torch.equal(gathered[0], g) for g in gathered[1:])
     test_ds = dataset(test_samples or [])
     if len(test_ds):
-        scores = validate(model, acc.prepare(DataLoader(test_ds, batch_size=train_config.batch_size * 2)), texts, engine)
+        scores = validate(model, acc.prepare(DataLoader(test_ds, batch_size=train_config.batch_size * 2)), texts,
+                          engine)
         metrics["test"] = {"dice": scores["dice"], "iou": scores["iou"], "n": len(test_ds)}
     if engine.is_main:
         with staged_dir(out_dir) as staging:
@@ -401,7 +404,8 @@ def run_record(labeled: Sequence[Sample], val_samples: Sequence[Sample] | None, 
 
     backbone_dir = Path(backbone_dir)
     backbone = {name: sha256_file(backbone_dir / name)
-                for name in ("config.json", "backbone_config.json", "checksums.json") if (backbone_dir / name).is_file()}
+                for name in ("config.json", "backbone_config.json",
+                             "checksums.json") if (backbone_dir / name).is_file()}
     if "checksums.json" not in backbone:  # weights without a recorded checksum: hash them
         backbone["weights"] = [sha256_file(w) for w in sorted(backbone_dir.glob("*.safetensors"))]
     settings = {k: v for k, v in train_config.to_dict().items() if k != "epochs" or epochs_matter}

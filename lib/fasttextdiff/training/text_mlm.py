@@ -200,7 +200,8 @@ def _shuffled(blocks: Iterator[list[int]], buffer: int, seed: int) -> Iterator[l
 # model, optimizer state, perplexity
 
 
-def _load_init_model(s: PretrainSettings, out_dir: Path, engine: Engine, notes_for_tokenizer: Callable[[], Iterable[str]]):
+def _load_init_model(s: PretrainSettings, out_dir: Path, engine: Engine,
+                     notes_for_tokenizer: Callable[[], Iterable[str]]):
     from transformers import AutoConfig, AutoTokenizer, ModernBertForMaskedLM
 
     if s.init == "tiny":
@@ -226,7 +227,8 @@ def _load_init_model(s: PretrainSettings, out_dir: Path, engine: Engine, notes_f
                                      "pass a ModernBERT checkpoint folder or 'tiny'")
         cfg = AutoConfig.from_pretrained(source, local_files_only=True)
         if cfg.model_type != "modernbert":
-            raise ModelNotFoundError(f"--init {source} is a {cfg.model_type} model; pretrain-text continues ModernBERT checkpoints")
+            raise ModelNotFoundError(f"--init {source} is a {cfg.model_type} model; pretrain-text continues "
+                                     "ModernBERT checkpoints")
     tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
     with _quiet_transformers():
         model = ModernBertForMaskedLM.from_pretrained(source, local_files_only=True, dtype=torch.float32,
@@ -560,7 +562,8 @@ def add_pretrain_text_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
     parser.add_argument("--lr", type=float, default=None,
                         help="peak learning rate (default 1e-3 for a tiny model from scratch, 5e-5 to continue one)")
     parser.add_argument("--warmup", type=float, default=None, help="fraction (<1) or number of steps")
-    parser.add_argument("--schedule", choices=("linear", "cosine"), default=None, help="decay after warmup (default linear)")
+    parser.add_argument("--schedule", choices=("linear", "cosine"), default=None,
+                        help="decay after warmup (default linear)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     parser.add_argument("--tokenizer", choices=("bpe", "wordpiece", "minilm"), default=None,
                         help="with --init tiny: train a BPE/WordPiece tokenizer on the corpus, or use MiniLM's")

@@ -128,7 +128,8 @@ def run_job(spec: dict[str, Any], log_fn: Callable[[dict], None] | None = None,
     common = {"device": spec.get("device"), "progress": False, "stop_event": stop_event}
     if spec["job"] == "pretrain-backbone":
         def pretrain(resume: bool) -> dict:
-            return pretrain_backbone_on_files([Path(p) for p in spec["images"]], BackboneConfig.from_dict(spec["backbone"]),
+            return pretrain_backbone_on_files([Path(p) for p in spec["images"]],
+                                              BackboneConfig.from_dict(spec["backbone"]),
                                               spec["out_dir"], log_fn=log_fn, resume=resume, **spec.get("options", {}),
                                               **common)
         try:

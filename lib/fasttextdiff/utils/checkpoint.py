@@ -111,8 +111,10 @@ def load_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[
         return None
     weights, meta_path = directory / STATE_TENSORS, directory / STATE_JSON
     if not (weights.is_file() and meta_path.is_file()):
-        raise CheckpointError(f"training checkpoint {directory} is incomplete (needs {STATE_TENSORS} and {STATE_JSON}); "
-                              "delete it or start over without resuming")
+        raise CheckpointError(
+            f"training checkpoint {directory} is incomplete (needs {STATE_TENSORS} and {STATE_JSON}); "
+            "delete it or start over without resuming"
+        )
     meta = read_json(meta_path)
     tensors = load_tensors(weights)
     verify_sha256(weights, meta.get("sha256"), "delete it or start over without resuming")

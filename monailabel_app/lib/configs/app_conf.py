@@ -145,7 +145,8 @@ class AppConf:
         if not self.text_encoder:
             raise ValueError("--conf text_encoder must be 'tiny' or a local model directory")
         if self.text_residual not in TEXT_RESIDUALS:
-            raise ValueError(f"--conf text_residual must be one of {', '.join(TEXT_RESIDUALS)}, got {self.text_residual!r}")
+            raise ValueError(f"--conf text_residual must be one of {', '.join(TEXT_RESIDUALS)}, got "
+                             f"{self.text_residual!r}")
 
     # ------------------------------------------------------------------ derived paths
     def state_path(self, studies: str, app_dir: str) -> Path:
@@ -161,7 +162,9 @@ class AppConf:
 
         key = studies if studies.startswith(("http://", "https://")) else str(Path(studies).resolve())
         name = "".join(c if c.isalnum() or c in "-_" else "_" for c in key.rstrip("/").split("/")[-1])[:40]
-        in_app = Path(app_dir, "model", f"{name or 'studies'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}").resolve()
+        in_app = Path(
+            app_dir, "model", f"{name or 'studies'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+        ).resolve()
         if studies.startswith(("http://", "https://")):
             return in_app
         own = Path(key) / STATE_SUBDIR

@@ -38,7 +38,8 @@ class FastTextDiffConfig:
         return {NAME: FastTextDiffTrain(self.conf, self.paths), "backbone": BackbonePretrain(self.conf, self.paths)}
 
     def strategies(self) -> Dict[str, Any]:
-        return {"uncertainty": UncertaintyStrategy(self.manager), "report_mismatch": ReportMismatchStrategy(self.manager),
+        return {"uncertainty": UncertaintyStrategy(self.manager),
+                "report_mismatch": ReportMismatchStrategy(self.manager),
                 "random": LeastRecentRandom(), "first": First()}
 
     def scoring_methods(self) -> Dict[str, Any]:

@@ -47,7 +47,8 @@ def scored_candidates(datastore: Any, identity: str | None) -> tuple[list[str], 
 
 
 def stale_images(datastore: Any, identity: str | None) -> list[str]:
-    return sorted(i for i in datastore.get_unlabeled_images() if not score_is_current(datastore.get_image_info(i), identity))
+    return sorted(i for i in datastore.get_unlabeled_images() if not score_is_current(datastore.get_image_info(i),
+                                                                                      identity))
 
 
 def _detail(res: Dict[str, Any], total_unlabeled: int) -> str:

@@ -22,7 +22,8 @@ class BackbonePretrain(FastTextDiffTrainTask):
     name = "backbone"
 
     def __init__(self, conf, paths):
-        super().__init__(conf, paths, "FastTextDiff: pretrain the diffusion backbone on all images (no labels needed), "
+        super().__init__(conf, paths,
+                         "FastTextDiff: pretrain the diffusion backbone on all images (no labels needed), "
                                       "then retrain the segmenter on its features")
 
     def default_epochs(self) -> int:

@@ -258,7 +258,8 @@ class FastTextDiffClient:
         """True when the server has MONAI Label's authentication (Keycloak) switched on (a server
         without the ``/auth/`` endpoints has none)."""
         try:
-            _, _, data = self._request("GET", "/auth/", "check whether the server needs a login", timeout=QUICK_TIMEOUT)
+            _, _, data = self._request("GET", "/auth/", "check whether the server needs a login",
+                                       timeout=QUICK_TIMEOUT)
         except ReportSegmentError as exc:
             if exc.status == 404:
                 return False
@@ -275,7 +276,8 @@ class FastTextDiffClient:
         no_login = ReportSegmentError(f"The server at {self.url} has no login: its authentication is switched off.")
         try:
             _, _, data = self._request(
-                "POST", "/auth/token", "log in", body=body, content_type="application/x-www-form-urlencoded", timeout=60.0
+                "POST", "/auth/token", "log in", body=body, content_type="application/x-www-form-urlencoded",
+                timeout=60.0
             )
         except ReportSegmentError as exc:
             if exc.status == 404:
@@ -535,7 +537,8 @@ class FastTextDiffClient:
         image_id = str(payload["id"])
         report = payload.get(DATASTORE_TEXT_KEY)
         path = self.download_image(image_id, out_dir) if download else None
-        return Sample(image_id=image_id, report=report if isinstance(report, str) else "", image_path=path, info=payload)
+        return Sample(image_id=image_id, report=report if isinstance(report, str) else "", image_path=path,
+                      info=payload)
 
     # ------------------------------------------------------------------ labels
     def submit_label(

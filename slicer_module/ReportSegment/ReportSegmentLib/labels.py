@@ -18,7 +18,8 @@ def segments_for_labels(labels: Mapping[str, int]) -> List[SegmentSpec]:
     """One segment per foreground label of an infer result, in label-value order, each with a
     distinct colour. ``background`` (and value 0) is skipped."""
     ordered = sorted(
-        ((str(name), int(value)) for name, value in labels.items() if int(value) != 0 and str(name).lower() != "background"),
+        ((str(name), int(value)) for name,
+         value in labels.items() if int(value) != 0 and str(name).lower() != "background"),
         key=lambda item: item[1],
     )
     colors = label_colors(name for name, _ in ordered)

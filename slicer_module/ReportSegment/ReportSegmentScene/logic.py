@@ -213,7 +213,8 @@ class ReportSegmentSceneLogic:
                 labels = {"label {}".format(value): value for value in nodes.labelValues(labelNode)}
             specs = segments_for_labels(labels)
             colorNode = nodes.labelColorTable(
-                self.scene, volumeNode.GetName() + " labels", specs, volumeNode.GetNodeReference(LABEL_COLORS_REFERENCE)
+                self.scene, volumeNode.GetName() + " labels", specs,
+                volumeNode.GetNodeReference(LABEL_COLORS_REFERENCE)
             )
             volumeNode.SetNodeReferenceID(LABEL_COLORS_REFERENCE, colorNode.GetID())
             if labelNode.GetDisplayNode() is None:
@@ -222,12 +223,14 @@ class ReportSegmentSceneLogic:
 
             segmentation = self.segmentationForVolume(volumeNode)
             if segmentation is None:
-                segmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", volumeNode.GetName() + " segmentation")
+                segmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                            volumeNode.GetName() + " segmentation")
                 segmentation.CreateDefaultDisplayNodes()
                 volumeNode.SetNodeReferenceID(SEGMENTATION_REFERENCE, segmentation.GetID())
             segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
             segmentation.GetSegmentation().RemoveAllSegments()
-            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelNode, segmentation, ""):
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelNode, segmentation,
+                                                                                             ""):
                 raise ReportSegmentError("Slicer could not turn the label file into segments.")
             seg = segmentation.GetSegmentation()
             for spec in specs:
@@ -294,7 +297,8 @@ class ReportSegmentSceneLogic:
         labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
         try:
             ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                segmentationNode, segmentIds, labelmap, volumeNode, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, colorNode
+                segmentationNode, segmentIds, labelmap, volumeNode, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
+                colorNode
             )
             if not ok:
                 raise ReportSegmentError("Slicer could not export the segments to a labelmap.")

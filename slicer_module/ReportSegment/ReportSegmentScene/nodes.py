@@ -54,7 +54,8 @@ def writeVolume(volumeNode, path):
     storage.SetFileName(path)
     storage.SetUseCompression(1)
     if not storage.WriteData(volumeNode) or not os.path.isfile(path):
-        raise ReportSegmentError("Slicer could not write {} to {}.".format(volumeNode.GetName(), os.path.basename(path)))
+        raise ReportSegmentError("Slicer could not write {} to {}.".format(volumeNode.GetName(),
+                                                                           os.path.basename(path)))
     return path
 
 
