@@ -416,7 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     common.set_threads(args.threads)
     plan = build_plan(args)
-    command = "python bench/accuracy.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python bench/accuracy.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     name = args.name or (args.dataset + ("_quick" if args.quick else ""))
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)

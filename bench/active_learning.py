@@ -302,7 +302,8 @@ def summarize(runs: list[dict], strategies) -> dict:
         labels = [p["labels"] for p in group[0]["curve"]]
         per_seed = {str(r["seed"]): [round(p["dice"], 5) for p in r["curve"]] for r in group}
         means, stds = zip(*(mean_std([r["curve"][i]["dice"] for r in group]) for i in range(len(labels))))
-        costs = [p["scoring_seconds_per_image"] for r in group for p in r["curve"] if p.get("scoring_seconds_per_image")]
+        costs = [p["scoring_seconds_per_image"] for r in group for p in r["curve"]
+                 if p.get("scoring_seconds_per_image")]
         scored = [p for r in group for p in r["curve"] if "scored" in p]
         out[strategy] = {"labels": labels, "dice_mean": [round(m, 5) for m in means],
                          "dice_std": [round(s, 5) for s in stds], "dice_per_seed": per_seed,
@@ -500,7 +501,8 @@ def main(argv: list[str] | None = None) -> dict:
     plan = build_plan(args)
     if min(plan.seed_labels, plan.per_round, plan.rounds) < 1:
         raise SystemExit("error: --seed-labels, --per-round and --rounds must be at least 1")
-    command = "python bench/active_learning.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python bench/active_learning.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     name = args.name or ("active_learning_quick" if args.quick else "active_learning")
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)

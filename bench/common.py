@@ -91,7 +91,8 @@ def machine_info(device: Any = None, precision: str | None = None) -> dict:
 
 
 def cpu_flags() -> list[str]:
-    """The CPU's vector extensions (/proc/cpuinfo flags: AVX*, AMX*, FMA, F16C, VNNI, BF16), sorted; [] where unknown."""
+    """The CPU's vector extensions (/proc/cpuinfo flags: AVX*, AMX*, FMA, F16C, VNNI, BF16), sorted;
+    [] where unknown."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):

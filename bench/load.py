@@ -13,8 +13,9 @@ back identical, every info read must return the stored report. The JSON gets the
 failed, mismatched, p50/p95 latency per kind and overall, throughput, and the sequential
 latencies for comparison.
 
-`--start STUDIES` launches `monailabel start_server --app monailabel_app --studies STUDIES --uvicorn_app server:app --host
-127.0.0.1` on a free port, waits until its model is ready, runs the benchmark and stops it.
+`--start STUDIES` launches `monailabel start_server --app monailabel_app --studies STUDIES
+--uvicorn_app server:app --host 127.0.0.1` on a free port, waits until its model is ready, runs the
+benchmark and stops it.
 Only loopback servers are accepted: this tool sends bursts of requests and must not be pointed at
 someone else's machine.
 """

@@ -699,8 +699,8 @@ def headline_fast(result: dict) -> None:
     if result.get("floor_breakdown"):  # measured mid-run: rebase on the best one-thread rate of the whole run
         rebase_breakdown(result["floor_breakdown"], result["conv"]["gflops_best"])
     if paper:
-        result["ct_volume_floor_s_per_draw_paper_taps"] = (fast["volume_shape"][0] * paper["model_forward_flops_per_image"]
-                                                          / (rate * 1e9))
+        result["ct_volume_floor_s_per_draw_paper_taps"] = (
+            fast["volume_shape"][0] * paper["model_forward_flops_per_image"] / (rate * 1e9))
     result["goals"] = {k: {"value": result.get(k), "goal": g,
                            "met": result.get(k) is not None and (result[k] >= g if "speedup" in k else result[k] <= g)}
                        for k, g in GOALS.items()}
@@ -873,8 +873,8 @@ def markdown(result: dict) -> str:
     fl = inf["flops"]
     rate = result["floor"]["rate_gflops"] * 1e9
     lines += ["",
-              f"## Inference latency ({inf['config']['size']} px model, widths " + "/".join(map(str,
-                                                                                                inf["config"]["widths"])) + ")", "",
+              f"## Inference latency ({inf['config']['size']} px model, widths "
+              + "/".join(map(str, inf["config"]["widths"])) + ")", "",
               common.markdown_table(["pipeline", "seconds (best)", "median", "FLOPs", "floor s", "x floor"], [
                   ["ours 2D, n_noise=1 (3 timesteps, one batched pass)", inf["ours_2d_n_noise_1"]["min_s"],
                    inf["ours_2d_n_noise_1"]["median_s"], float(fl["model_forward_per_image"]),

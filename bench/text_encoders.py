@@ -24,7 +24,8 @@ uses phrasings and sentence orders never seen in training). Model choice on the 
 (training phrasings), test split scored once.
 
     python bench/text_encoders.py --quick           # 10/25/50 %, seeds 0 1 2, the five default encoders
-    python bench/text_encoders.py --quick --encoders tiny_random tiny_adapted_long tiny_adapted_span bpe_random bpe_adapted --name text_encoders_adaptation
+    python bench/text_encoders.py --quick --name text_encoders_adaptation \
+        --encoders tiny_random tiny_adapted_long tiny_adapted_span bpe_random bpe_adapted
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def focus_recall(configs: dict, splits: dict) -> dict:
         if config is None or config.focus is None:
             continue
         encoder = TextEncoder(config)
-        out[name] = {split: sum(bool(regions_named(encoder.focused(s.text))) for s in splits[split]) / len(splits[split])
+        out[name] = {split: sum(bool(regions_named(encoder.focused(s.text))) for s in splits[split])
+                     / len(splits[split])
                      for split in ("val", "test") if splits.get(split)}
         print(f"[text_encoders] {name}: lesion kept in {out[name]}", flush=True)
     return out
@@ -440,7 +442,8 @@ def main(argv: list[str] | None = None) -> dict:
         changes["text_fallback"] = args.text_fallback == "on"
     plan = replace(plan, **changes)
     name = args.name or "text_encoders" + ("_quick" if args.quick else "")
-    command = "python bench/text_encoders.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python bench/text_encoders.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
         return _run(args, plan, args.work, command, name)
@@ -449,7 +452,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def merge_results(paths: list[Path], out_dir: Path, name: str, plot: bool = True) -> dict:
-    """One result from several runs of the same plan: runs concatenated ((encoder, budget, seed) once), re-aggregated."""
+    """One result from several runs of the same plan: runs concatenated ((encoder, budget, seed) once),
+    re-aggregated."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     runs = common.concat_runs(parts, paths)
     order = list(dict.fromkeys(r["method"] for r in runs))  # the order the encoders ran in

@@ -17,7 +17,8 @@ from typing import Any, Dict
 _APP_DIR = os.path.dirname(os.path.realpath(__file__))
 if _APP_DIR not in sys.path:  # `lib.*` must be this app's lib, also in MONAI Label's task subprocesses
     sys.path.insert(0, _APP_DIR)
-if sys.path.count(_APP_DIR) < 2:  # MONAI Label removes one copy after loading main.py; keep one for later imports of `lib.*`
+# MONAI Label removes one copy after loading main.py; keep one for later imports of `lib.*`
+if sys.path.count(_APP_DIR) < 2:
     sys.path.append(_APP_DIR)
 from fasttextdiff.utils.environment import apply_process_defaults  # noqa: E402
 

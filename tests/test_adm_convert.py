@@ -210,7 +210,8 @@ def test_values_land_where_adm_uses_them():
 
 
 def _adm_attention(x, state, p, heads, new_order):
-    """ADM's AttentionBlock from its definition: GroupNorm(32), fused 1x1 qkv, softmax(q k / sqrt(ch)) v, proj, residual."""
+    """ADM's AttentionBlock from its definition: GroupNorm(32), fused 1x1 qkv, softmax(q k / sqrt(ch)) v,
+    proj, residual."""
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w)
     qkv = F.conv1d(F.group_norm(flat, 32, state[f"{p}.norm.weight"], state[f"{p}.norm.bias"], eps=1e-5),

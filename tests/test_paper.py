@@ -186,7 +186,8 @@ def test_reproduce_end_to_end_then_resumes(tmp_path, paper_adm, tiny_dataset, ca
     assert result["settings"]["backbone_overrides"] == {"feature_taps": [4, 6, 8, 12], "timesteps": [50, 150, 250],
                                                         "image_size": 32}
     table = (out / "results.md").read_text(encoding="utf-8")
-    assert "| LViT (published) | 100% | 83.66 | 75.11 |" in table and "| U-Net (published) | 100% | 79.02 | – |" in table
+    assert ("| LViT (published) | 100% | 83.66 | 75.11 |" in table
+            and "| U-Net (published) | 100% | 79.02 | – |" in table)
     assert "| FastTextDiff (this run) | 50% (4 images) |" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     weights = out / "runs" / "labeled-1-seed-0" / "model" / "segmenter.safetensors"

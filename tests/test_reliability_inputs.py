@@ -221,8 +221,8 @@ def test_crafted_files_are_refused_by_the_cli(inprocess_server, crafted, tmp_pat
         rc = main(["segment", str(crafted[case.name]), "--report", "left lung", "--model", str(model),
                    "--out", str(out), "--n-noise", "1"])
         err = capsys.readouterr().err
-        OBSERVED[cases.row_key("CLI `fasttextdiff segment`", case.name)] = (f"exit {rc}",
-                                                                            _normal(err.strip().splitlines()[-1] if err.strip() else ""))
+        OBSERVED[cases.row_key("CLI `fasttextdiff segment`", case.name)] = (
+            f"exit {rc}", _normal(err.strip().splitlines()[-1] if err.strip() else ""))
         assert rc == 2, f"{case.name}: exit {rc}, stderr {err!r}"
         assert "error:" in err and "Traceback" not in err
         assert any(w.lower() in err.lower() for w in case.words), f"{case.name}: {err!r} lacks {case.words}"

@@ -761,7 +761,8 @@ def _fuzz_one_route(world: World, method: str, path: str, spec: dict, names: dic
                 else sessions or ["x"] if key == "session_id" else ["final", "original", "fzt"] if key == "tag"
                 else ["SHA256:00", "MD5:00"] if key == "check_sum" else ["x"])
             hostile = ids if key in ("image", "id", "label") else values
-            query[key] = data.draw(st.sampled_from(plausible) if plausible_mode or data.draw(st.booleans()) else hostile)
+            query[key] = data.draw(st.sampled_from(plausible) if plausible_mode or data.draw(st.booleans())
+                                   else hostile)
         if data.draw(st.integers(0, 9).map(lambda n: n == 9)):
             query["zz"] = data.draw(values)
         if heavy:
@@ -769,7 +770,8 @@ def _fuzz_one_route(world: World, method: str, path: str, spec: dict, names: dic
         if query:
             url += ("&" if "?" in url else "?") + "&".join(f"{quote(k)}={quote(str(v), safe='')}"
                                                            for k, v in query.items())
-        shapes = ["multipart"] * 6 if spec["files"] or spec["forms"] else ["json"] * 6 if spec["json"] else ["none"] * 6
+        shapes = (["multipart"] * 6 if spec["files"] or spec["forms"]
+                  else ["json"] * 6 if spec["json"] else ["none"] * 6)
         shape = "json" if heavy else shapes[0] if plausible_mode else \
             data.draw(st.sampled_from(shapes + ["none", "json", "multipart", "odd"]))
         if shape == "none":

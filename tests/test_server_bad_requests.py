@@ -140,7 +140,8 @@ def test_bad_requests_get_4xx_with_reason_and_change_nothing(inprocess_server, g
         statuses = status if isinstance(status, tuple) else (status,)
         alternatives = words if isinstance(words, tuple) else (words,)
         assert response.status_code in statuses, f"{name}: {response.status_code} {detail}"
-        assert any(w.lower() in str(detail).lower() for w in alternatives), f"{name}: reason {detail!r} lacks {words!r}"
+        assert any(w.lower() in str(detail).lower() for w in alternatives), \
+            f"{name}: reason {detail!r} lacks {words!r}"
     after = _snapshot(inprocess_server)
     assert after == before, "a refused request changed the datastore, its files or the model"
     print("\n| request | status | reason |\n|---|---|---|")

@@ -216,7 +216,8 @@ def test_report_mismatch_strategy_over_http_offers_the_best_rank_sum(server):
     assert sample["id"] in pool, sample
     assert sample["score_current"] is True
     assert sample["uncertainty"] == pytest.approx(pool[sample["id"]][0])
-    assert sample["report_mismatch"] == (None if pool[sample["id"]][1] is None else pytest.approx(pool[sample["id"]][1]))
+    assert sample["report_mismatch"] == (None if pool[sample["id"]][1] is None
+                                        else pytest.approx(pool[sample["id"]][1]))
 
     ids = sorted(pool)
     unc = dict(zip(ids, _rank_fractions([pool[i][0] for i in ids])))

@@ -100,7 +100,8 @@ def test_import_then_label_then_train_answers_each_step(server, source):
     model = info["models"][MODEL]
     assert model["image_size"] == 32 and model["window"] == [-600.0, 1500.0], model  # HU volumes: lung window
     assert (state / "model" / "current").exists()  # state under the studies folder, not in the code tree
-    assert not any(p.name.startswith("mine-") for p in (Path(__file__).parents[1] / "monailabel_app" / "model").glob("*")) \
+    assert not any(p.name.startswith("mine-")
+                   for p in (Path(__file__).parents[1] / "monailabel_app" / "model").glob("*")) \
         if (Path(__file__).parents[1] / "monailabel_app" / "model").is_dir() else True
 
     # a train task now continues from the served model and publishes only if validation Dice holds
@@ -229,7 +230,8 @@ def test_512px_ct_is_modelled_at_128px_with_the_lung_window(tmp_path):
         assert model["body_crop"] is True  # enabled; this body fills > 90 % of the frame, so no box is cut
         choice = model["geometry_choice"]
         assert choice["native_size"] == 512 and "CPU default 128 px" in choice["size_reason"]
-        record = json.loads((Path(info["fasttextdiff"]["model"]["model_dir"]) / "fasttextdiff.json").read_text(encoding="utf-8"))
+        record = json.loads((Path(info["fasttextdiff"]["model"]["model_dir"]) / "fasttextdiff.json")
+                            .read_text(encoding="utf-8"))
         assert record["backbone"]["image_size"] == 128 and record["backbone"]["window"] == [-600.0, 1500.0]
         assert record["backbone"]["body_crop"] is True
     finally:

@@ -50,7 +50,8 @@ def test_closed_text_path_starts_as_the_no_text_model(residual):
     shared = plain.trainable_state_dict()
     own = model.trainable_state_dict()
     assert all(torch.equal(own[k], v) for k, v in shared.items())  # same image-path weights
-    assert {k for k in own if k not in shared} == TEXT_KEYS | ({"fusion.blocks.0.gate"} if residual == "gate" else set())
+    assert {k for k in own if k not in shared} == TEXT_KEYS | (
+        {"fusion.blocks.0.gate"} if residual == "gate" else set())
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     states, mask = torch.randn(2, 5, 12), torch.ones(2, 5, dtype=torch.bool)
     torch.testing.assert_close(model.eval()(x, states, mask), plain.eval()(x), rtol=0, atol=0)

@@ -141,7 +141,8 @@ class FastTextDiffDatastore(LocalDatastore):
         removed = 0
         cutoff = time.time() - older_than_s
         for folder, subfolders, files in os.walk(self._datastore_path):
-            subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # the app's state folder is not the datastore's
+            # the app's state folder is not the datastore's
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
             for name in files:
                 if name.startswith(".") and name.endswith(".partial"):
                     path = os.path.join(folder, name)

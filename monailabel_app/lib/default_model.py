@@ -3,8 +3,9 @@
 Runs in a background thread of the server process: backbone pretraining on all images (unless a
 backbone is already published or given), then fusion + head on the labeled images, each published
 atomically, within `--conf prepare_budget_s` (a stage out of time stops after its current step or
-epoch and keeps what it learned, so the server is ready in bounded time). Progress goes to the log and to `/info` (`fasttextdiff.models.segmenter`); infer requests get
-HTTP 503 "model is being prepared" meanwhile, and train requests 409. On later starts the published
+epoch and keeps what it learned, so the server is ready in bounded time). Progress goes to the log
+and to `/info` (`fasttextdiff.models.segmenter`); infer requests get HTTP 503 "model is being prepared"
+meanwhile, and train requests 409. On later starts the published
 model is reused. Studies without a final label wait (`/info` state `waiting`) until one is saved;
 the app then starts the build (`FastTextDiffApp.on_save_label`). A new model's input size and
 intensity window are chosen from the images and device first (`lib.geometry`).

@@ -144,7 +144,8 @@ class ModelManager:
             logger.info("FastTextDiff model: %s - %s", state, message)
 
     def segmenter(self):
-        """The loaded Segmenter for the current model; ModelNotReadyError (HTTP 503) with the reason while there is none."""
+        """The loaded Segmenter for the current model; ModelNotReadyError (HTTP 503) with the reason while
+        there is none."""
         from fasttextdiff.inference.pipeline import Segmenter
 
         identity = self.paths.model_identity()

@@ -178,7 +178,8 @@ class FormFieldChecker:
         def fail(exc: UnicodeDecodeError) -> None:
             if self.reason is None:
                 name = state["name"].split(b"name=")[-1].split(b";")[0].strip(b'"').decode("latin-1")[:40]
-                self.reason = f"form field {name!r} is not valid UTF-8 ({exc.reason} at byte {state['offset'] + exc.start})"
+                self.reason = (f"form field {name!r} is not valid UTF-8 "
+                               f"({exc.reason} at byte {state['offset'] + exc.start})")
             state["decoder"] = None
 
         def on_part_begin():

@@ -311,7 +311,7 @@ def _read_tiff(path: Path) -> Image:
                          "segmented.")
 
 
-# ---------------------------------------------------------------- DICOM (header: pydicom; pixels: MONAI ITKReader/GDCM)
+# ------------------------------------------------------------ DICOM (header: pydicom; pixels: MONAI ITKReader/GDCM)
 
 
 def _read_dicom_file(path: Path) -> Image:
@@ -374,7 +374,7 @@ def _read_dicom_series(folder: Path) -> Image:
     return _from_stack(array, _itk_geometry(native, 3))
 
 
-# ---------------------------------------------------------------- NIfTI / NRRD / MHA (header: SimpleITK; pixels: MONAI readers)
+# ------------------------------------------------- NIfTI / NRRD / MHA (header: SimpleITK; pixels: MONAI readers)
 
 
 def _read_itk(path: Path) -> Image:

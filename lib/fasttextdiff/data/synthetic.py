@@ -65,7 +65,8 @@ class SyntheticCase:
 
 
 def report_for_regions(regions: list[str] | tuple[str, ...]) -> str:
-    """LViT-style sentence, e.g. 'Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.'"""
+    """LViT-style sentence, e.g.
+    'Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.'"""
     ordered = [r for r in _REPORT_ORDER if r in set(regions)]
     if not ordered:
         return "No pulmonary infection."

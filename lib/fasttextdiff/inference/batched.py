@@ -133,7 +133,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def is_native(dtype: torch.dtype | None, device: torch.device) -> bool:
-    """Whether `device` computes `dtype` in hardware (fp32 always; emulated bf16/fp16 on a CPU is many times slower)."""
+    """Whether `device` computes `dtype` in hardware (fp32 always; emulated bf16/fp16 on a CPU is many times
+    slower)."""
     device = torch.device(device)
     if dtype is None or dtype == torch.float32 or device.type == "cuda":
         return True

@@ -1,8 +1,8 @@
 """Inference on whole images and volumes, results in the input's own geometry.
 
 A volume is segmented slice by slice in batches (the backbone is 2D; `fast_inference` batches the
-slices, noise draws and timesteps) and reassembled; the report is encoded once per request. `Segmenter` loads the model and the
-text encoder once, so a server process reuses them for every request.
+slices, noise draws and timesteps) and reassembled; the report is encoded once per request.
+`Segmenter` loads the model and the text encoder once, so a server process reuses them for every request.
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ centroid (patient right = image left; lung thirds of the synthetic anatomy: the 
 Volumes are compared on the count alone (3D components): regions and clusters are 2D frontal terms.
 
 `report_mismatch` is the mean of the terms both sides have, each in [0, 1]: count (0 when the mask's
-count range, see `mask_findings`, meets the named range, else the relative gap, capped at 1), regions (1 - Jaccard of named vs found),
-cluster (grid distance / 2) and coverage (band distance / 2). Torch-free; numpy + scipy only.
+count range, see `mask_findings`, meets the named range, else the relative gap, capped at 1),
+regions (1 - Jaccard of named vs found), cluster (grid distance / 2) and coverage (band distance / 2).
+Torch-free; numpy + scipy only.
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ class Engine:
         acc = self.accelerator = Accelerator(cpu=cpu, mixed_precision=precision,
                                              gradient_accumulation_steps=gradient_accumulation_steps)
         self.device: torch.device = acc.device
-        self.is_main, self.num_processes, self.process_index = acc.is_main_process, acc.num_processes, acc.process_index
+        self.is_main, self.num_processes, self.process_index = (acc.is_main_process, acc.num_processes,
+                                                                 acc.process_index)
 
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()

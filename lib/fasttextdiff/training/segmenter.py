@@ -326,8 +326,9 @@ def train_segmenter(
 
 def text_fallback_applies(segmenter_config: SegmenterConfig, train_config: TrainConfig, has_val: bool,
                           continued: bool = False) -> bool:
-    """TrainConfig.text_fallback (a text path that only helps): `epochs` image-only (text residual off), then `epochs` with the
-    text from the same initial weights (two runs in one; validation keeps the better). It needs a validation split to choose between the two and a text path that starts closed; a
+    """TrainConfig.text_fallback (a text path that only helps): `epochs` image-only (text residual off),
+    then `epochs` with the text from the same initial weights (two runs in one; validation keeps the better).
+    It needs a validation split to choose between the two and a text path that starts closed; a
     "plain" residual (models from before the option, the reference's fusion) trains its text from epoch 1."""
     if not (train_config.text_fallback and segmenter_config.use_text):
         return False
