@@ -7,7 +7,6 @@ measured in one run are the figures to read, absolute seconds move with the load
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fasttextdiff.utils.environment import apply_process_defaults  # noqa: E402
+from fasttextdiff.utils.environment import apply_process_defaults
 
 apply_process_defaults()  # offline, passive OpenMP: before torch loads
 import torch

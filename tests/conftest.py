@@ -32,6 +32,10 @@ hypothesis_configuration.set_hypothesis_home_dir(HYPOTHESIS_HOME)
 hypothesis_settings.register_profile("fasttextdiff", database=None)
 hypothesis_settings.load_profile("fasttextdiff")
 
+# The server and Slicer fixtures (tests/server_fixtures.py, tests/slicer_fixtures.py), registered once for
+# every test module; test modules import only their plain helpers.
+pytest_plugins = ["server_fixtures", "slicer_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def accelerate_launch():

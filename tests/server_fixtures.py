@@ -1,7 +1,7 @@
 """Reusable pieces to run the real FastTextDiff MONAI Label server in tests.
 
-Import the fixtures into a test module (or a conftest) with
-`from tests.server_fixtures import *` — or use the plain functions directly:
+tests/conftest.py registers the fixtures below for every test module (`pytest_plugins`); test modules
+import only the plain functions:
 
 * `make_tiny_studies(dir)` — a small demo studies folder (32 px, a few 2D images + 1 volume).
 * `TINY_CONF` — `--conf` values for tiny, fast models (widths 8/16, 32 px, 1-2 epochs).

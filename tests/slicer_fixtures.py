@@ -1,4 +1,4 @@
-"""Fixtures shared by the Slicer-module and web-viewer tests.
+"""Fixtures shared by the Slicer-module and web-viewer tests (registered by tests/conftest.py).
 
 * `HeadlessSlicer` — a MRML scene set up with Slicer's own application, colour, segmentations
   and volumes logic from the slicer-core wheel (no Qt), plus the remote-IO/data-IO managers that
@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from tests.server_fixtures import TINY_CONF, SubprocessServer, make_tiny_studies
+from server_fixtures import TINY_CONF, SubprocessServer, make_tiny_studies
 
 #: The test volume: 32 x 32 x 6 voxels (x, y, z), like the tiny server's 32 px images.
 VOLUME_SIZE = (32, 32, 6)

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from server_fixtures import (TINY_CONF, InProcessServer, make_tiny_studies, tiny_model_root,  # noqa: F401
-                             wait_for)
+from server_fixtures import TINY_CONF, InProcessServer, make_tiny_studies
 
 MODEL = "fasttextdiff"
 

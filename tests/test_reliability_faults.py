@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -38,7 +37,6 @@ from server_fixtures import (
     InProcessServer,
     SubprocessServer,
     make_tiny_studies,
-    tiny_model_root,  # noqa: F401 - pytest fixture
     wait_for,
 )
 

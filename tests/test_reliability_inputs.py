@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reliability_cases as cases
-from server_fixtures import ready_inprocess_server, tiny_studies  # noqa: F401
+from server_fixtures import ready_inprocess_server
 
 UPLOAD_LIMIT_MB = 2  # small, so that the limit itself can be tested without sending a gigabyte
 

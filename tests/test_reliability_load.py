@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from server_fixtures import REPO, subprocess_server, tiny_model_root  # noqa: F401 - pytest fixtures
+from server_fixtures import REPO
 
 pytestmark = pytest.mark.server
 

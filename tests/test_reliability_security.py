@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from server_fixtures import APP_DIR, REPO, make_tiny_studies, tiny_model_root  # noqa: F401 - pytest fixture
+from server_fixtures import APP_DIR, REPO, make_tiny_studies
 
 
 @pytest.fixture()

@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from server_fixtures import http_json, inprocess_server, tiny_studies  # noqa: F401 - pytest fixtures
+from server_fixtures import http_json
 
 pytestmark = pytest.mark.server
 

@@ -11,8 +11,6 @@ import json
 import numpy as np
 import pytest
 
-from server_fixtures import inprocess_server, tiny_studies  # noqa: F401 - pytest fixtures
-
 pytestmark = pytest.mark.server
 
 REPORT = "Unilateral pulmonary infection, one infected area, upper left lung."

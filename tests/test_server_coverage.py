@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import reliability_cases as cases
-from server_fixtures import http_json, ready_inprocess_server, tiny_model_root  # noqa: F401 - pytest fixture
+from server_fixtures import http_json, ready_inprocess_server
 
 pytestmark = pytest.mark.server
 

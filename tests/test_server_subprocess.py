@@ -16,7 +16,6 @@ by the fixture right after the server first answers, and no test stops the modul
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess

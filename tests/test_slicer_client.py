@@ -23,8 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.server_fixtures import subprocess_server  # noqa: E402,F401
-from tests.slicer_fixtures import shared_tiny_model_root  # noqa: E402,F401
 
 pytestmark = pytest.mark.server
 

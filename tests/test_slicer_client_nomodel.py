@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.server_fixtures import TINY_CONF, SubprocessServer, make_tiny_studies  # noqa: E402
+from server_fixtures import TINY_CONF, SubprocessServer, make_tiny_studies  # noqa: E402
 
 pytestmark = pytest.mark.server
 

@@ -17,15 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from tests.slicer_fixtures import (  # noqa: F401 - fixtures
-    VOLUME_SIZE,
-    headless_slicer,
-    lps_to_ras_matrix,
-    oblique_geometry,
-    oblique_volume_file,
-    shared_tiny_model_root,
-    slicer_server,
-)
+from slicer_fixtures import VOLUME_SIZE, lps_to_ras_matrix, oblique_geometry
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is installed by `make setup` (requirements-viewer.txt)")
 vtk = pytest.importorskip("vtk")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server_fixtures import TINY_CONF, InProcessServer, http_json, wait_for, wait_model_ready
+from server_fixtures import TINY_CONF, InProcessServer, http_json, wait_model_ready
 
 pytestmark = pytest.mark.server
 MODEL = "fasttextdiff"

@@ -29,12 +29,7 @@ import numpy as np
 import pytest
 
 from fasttextdiff.viewer.system import CHROMIUM_ENV, find_chromium
-from tests.server_fixtures import free_port, wait_for
-from tests.slicer_fixtures import (  # noqa: F401 - fixtures
-    mni_volume_file,
-    shared_tiny_model_root,
-    slicer_server,
-)
+from server_fixtures import free_port, wait_for
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is installed by `make setup`")
 pytest.importorskip("trame_slicer", reason="trame-slicer is installed by `make setup`")

@@ -15,7 +15,6 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from fasttextdiff.utils.atomic import atomic_path, atomic_write_json
 from fasttextdiff.utils.checkpoint import read_json
