@@ -38,9 +38,10 @@ system-deps: $(STAMP)
 	$(PY) -m fasttextdiff.viewer.system --install
 
 # Test files run in parallel on TEST_WORKERS processes (pytest-xdist); a file's tests stay on one
-# worker so its module fixtures (servers, models) are built once.
+# worker so its module fixtures (servers, models) are built once. The lint (ruff, pyproject.toml) runs first.
 TEST_WORKERS ?= 2
 test: $(STAMP) system-deps
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider --timeout 600 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
