@@ -379,7 +379,8 @@ def test_generated_infer_params(inprocess_server):
              or isinstance(n, str) and n.strip().isdigit() and 1 <= int(n) <= 32)
             and params.get("result", "label") in ("label", "uncertainty", None)
             and params.get("result_extension") in (None, "", ".nii.gz", ".nii", ".nrrd")
-            and (params.get("text") in (None, "") or isinstance(params.get("text"), str) and _acceptable(params["text"]))
+            and (params.get("text") in (None, "")
+                 or isinstance(params.get("text"), str) and _acceptable(params["text"]))
         )
         assert (r.status_code == 200) == valid, f"{params}: {r.status_code} {_reason(r)}"
 

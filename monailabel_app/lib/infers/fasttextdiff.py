@@ -101,7 +101,7 @@ class FastTextDiffInfer(InferTask):
         image_id = req.get("image_id") or req.get("_image_id")
         if not isinstance(image_path, str) or not image_path or not os.path.exists(image_path):
             raise bad_request(404, f"image {str(image_id or image_path)[:80]!r} is not in the datastore")
-        result_kind = req.get("result", "label")
+        result_kind = "label" if req.get("result") is None else req.get("result")  # JSON null: the default
         if result_kind not in RESULTS:
             raise bad_request(400, f"result must be one of {list(RESULTS)}, got {str(result_kind)[:40]!r}")
         n_noise = check_int(req.get("n_noise", self.conf.n_noise), "n_noise", 1, 32)
@@ -118,7 +118,9 @@ class FastTextDiffInfer(InferTask):
         t_infer = time.time() - t0
 
         t0 = time.time()
-        ext = str(req.get("result_extension") or (".nii.gz" if image.is_volume else ".nrrd"))
+        ext = req.get("result_extension")
+        ext = (".nii.gz" if image.is_volume else ".nrrd") if ext in (None, "") else ext  # absent: the default
+        ext = ext if isinstance(ext, str) else repr(ext)  # false, 0, a list: refused below, not taken as absent
         if ext not in (".nii.gz", ".nrrd", ".nii"):
             raise bad_request(400, f"result_extension must be .nii.gz, .nii or .nrrd, got {ext[:20]!r}")
         from fasttextdiff.data.io import write_image
