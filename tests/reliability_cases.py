@@ -4,7 +4,7 @@ request parameters, path-traversal ids and tags, and the answer each must get.
 The tests (`tests/test_reliability_*.py`) run every case against the real server, the CLI or the
 library and assert the expected answer; the table in docs/RELIABILITY.md is generated from these
 same lists with the answers a run observed: `python tests/reliability_cases.py --update-doc` runs
-tests/test_reliability_inputs.py, collects the answers and rewrites the table. The tests never write
+tests/reliability/test_reliability_inputs.py, collects the answers and rewrites the table. The tests never write
 the doc: they compare it with what they observed and fail when it is stale
 (`--markdown` prints the cases with their expected answers only).
 
@@ -579,7 +579,7 @@ def update_doc(doc: Path, table: str) -> bool:
 
 
 def update_doc_from_a_run(doc: Path = DOC, pytest_args: list[str] | None = None) -> int:
-    """Run tests/test_reliability_inputs.py, collect the answers it observed and write them into `doc`'s
+    """Run tests/reliability/test_reliability_inputs.py, collect the answers it observed and write them into `doc`'s
     table. Nothing is written when a test fails or a row was not observed."""
     import os
     import subprocess
@@ -589,8 +589,8 @@ def update_doc_from_a_run(doc: Path = DOC, pytest_args: list[str] | None = None)
     with tempfile.TemporaryDirectory(prefix="reliability-observed-") as folder:
         out = Path(folder) / "observed.json"
         env = dict(os.environ, **{OBSERVED_ENV: str(out)})
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_reliability_inputs.py",
-               *(pytest_args or [])]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               "tests/reliability/test_reliability_inputs.py", *(pytest_args or [])]
         print("running", " ".join(cmd), flush=True)
         done = subprocess.run(cmd, cwd=repo, env=env)
         if done.returncode != 0:
@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the case table (expected answers)")
     parser.add_argument("--write-files", type=Path, help="write every crafted file into this folder")
     parser.add_argument("--update-doc", action="store_true",
-                        help="run tests/test_reliability_inputs.py and write the answers it observed into "
+                        help="run tests/reliability/test_reliability_inputs.py and write the answers it observed into "
                              "docs/RELIABILITY.md (the tests themselves only compare)")
     args = parser.parse_args(argv)
     if args.update_doc:

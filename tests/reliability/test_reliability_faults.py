@@ -241,9 +241,9 @@ def test_pickle_bomb_checkpoints_are_never_unpickled(tiny_model, tmp_path):
     # the bomb is armed: a plain torch.load (weights_only=False), in a throwaway process, runs it
     armed_marker = tmp_path / "armed"
     bomb = _bomb_file(tmp_path / "bomb.pt", armed_marker)
-    subprocess.run([sys.executable, "-c", f"import torch, sys; sys.path.insert(0, {str(Path(__file__).parent)!r});"
+    subprocess.run([sys.executable, "-c", f"import torch, sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r});"
                     f"torch.load({str(bomb)!r}, weights_only=False)"], check=False, capture_output=True,
-                   env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent)))
+                   env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
     assert armed_marker.exists(), "the test bomb does not execute code when unpickled; the test would be vacuous"
 
     # 1. a diffusers backbone folder with only a pickled .bin

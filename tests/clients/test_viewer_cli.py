@@ -12,7 +12,7 @@ import pytest
 from fasttextdiff.commands.main import main
 from fasttextdiff.viewer import system
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-APP_DIR = Path(__file__).resolve().parents[1] / "monailabel_app"
+APP_DIR = Path(__file__).resolve().parents[2] / "monailabel_app"
 
 
 @pytest.fixture()

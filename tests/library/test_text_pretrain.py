@@ -1,5 +1,5 @@
 """Corpus readers on fixtures in the published layouts, and masked-LM adaptation on real IU reports
-(on two processes under accelerate launch: tests/test_engine.py)."""
+(on two processes under accelerate launch: tests/library/test_engine.py)."""
 
 from __future__ import annotations
 

@@ -101,8 +101,8 @@ def test_import_then_label_then_train_answers_each_step(server, source):
     assert model["image_size"] == 32 and model["window"] == [-600.0, 1500.0], model  # HU volumes: lung window
     assert (state / "model" / "current").exists()  # state under the studies folder, not in the code tree
     assert not any(p.name.startswith("mine-")
-                   for p in (Path(__file__).parents[1] / "monailabel_app" / "model").glob("*")) \
-        if (Path(__file__).parents[1] / "monailabel_app" / "model").is_dir() else True
+                   for p in (Path(__file__).parents[2] / "monailabel_app" / "model").glob("*")) \
+        if (Path(__file__).parents[2] / "monailabel_app" / "model").is_dir() else True
 
     # a train task now continues from the served model and publishes only if validation Dice holds
     before = info["fasttextdiff"]["model_identity"]
@@ -182,7 +182,7 @@ def test_backbone_task_continues_and_publishes_backbone_and_model_together_or_ne
 def test_validation_split_is_kept_as_labels_grow(tmp_path):
     import sys
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "monailabel_app"))
+    sys.path.insert(0, str(Path(__file__).parents[2] / "monailabel_app"))
     try:
         from lib.holdout import split_labeled
     finally:

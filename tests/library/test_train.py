@@ -1,5 +1,5 @@
 """Segmenter training: cached and augmented paths, determinism, resume after an interruption, and
-evaluation figures (two-process DDP under accelerate launch: tests/test_engine.py)."""
+evaluation figures (two-process DDP under accelerate launch: tests/library/test_engine.py)."""
 
 from __future__ import annotations
 

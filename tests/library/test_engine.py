@@ -17,7 +17,7 @@ from fasttextdiff.config import MODEL_CONFIG_FILE
 from fasttextdiff.models.segmenter import WEIGHTS_FILE
 from fasttextdiff.utils.devices import resolve_device
 
-LIB = str(Path(__file__).resolve().parents[1] / "lib")
+LIB = str(Path(__file__).resolve().parents[2] / "lib")
 BACKBONE = ["--image-size", "32", "--widths", "8,16", "--timesteps", "50,150", "--epochs", "1", "--max-steps", "2",
             "--batch-size", "4"]
 TEXT = ["--corpus", "iu-xray", "--init", "tiny", "--steps", "4", "--max-seq-len", "32", "--batch-size", "4",

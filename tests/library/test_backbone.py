@@ -487,7 +487,7 @@ def test_stop_event_stops_after_the_current_step_and_saves(tmp_path):
 
 def test_pretraining_under_torch_distributed(tmp_path):
     """A one-process gloo group the caller initialised: the engine keeps it and trains (several
-    processes: tests/test_engine.py)."""
+    processes: tests/library/test_engine.py)."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

@@ -202,7 +202,7 @@ def test_forced_bf16_runs_where_the_cpu_has_no_bf16():
         print(json.dumps({"forced": precision_record(None, cpu), "auto": precision_record("auto", cpu),
                           "diff": float((got - ref).abs().max()), "equal": bool(torch.equal(got, ref))}))
     """)
-    lib = Path(__file__).resolve().parents[1] / "lib"
+    lib = Path(__file__).resolve().parents[2] / "lib"
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", PRECISION_ENV: "bf16",
            "PYTHONPATH": os.pathsep.join([str(lib), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)

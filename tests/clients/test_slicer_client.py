@@ -19,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 from ReportSegmentLib import FastTextDiffClient, ReportSegmentError, describe_server
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

@@ -7,13 +7,13 @@ import ast
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LIB = REPO / "lib" / "fasttextdiff"
 
 
 def layer_order() -> list[str]:
     doc = (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
-    found = re.search(r"<!-- layer order \(checked by tests/test_layers.py\): ([\w ]+) -->", doc)
+    found = re.search(r"<!-- layer order \(checked by tests/library/test_layers.py\): ([\w ]+) -->", doc)
     assert found, "docs/ARCHITECTURE.md has no '<!-- layer order ... -->' line"
     return found.group(1).split()
 

@@ -922,7 +922,8 @@ def _write_figures(world: World, images: int, outside_changes: int, temp_left: i
     stalls = "; ".join(f"`{route}` ran {secs} s, `/info` answered in ≤ {lat} s ({n} probes)"
                        for route, secs, lat, n in world.fuzz.get("info_during_run_sync", []))
     text = (f"{FIG_BEGIN}\n"
-            f"Last run of `tests/test_security.py` (hypothesis, derandomized: the same requests every run): "
+            "Last run of `tests/reliability/test_security.py` "
+            "(hypothesis, derandomized: the same requests every run): "
             f"**{world.fuzz['requests']} fuzz requests** over **{world.fuzz['routes']} routes** "
             f"({world.fuzz['documented']} in `/openapi.json`, the rest registered outside it) in "
             f"{world.fuzz['seconds']} s; {sum(world.statuses.values())} requests in the whole module.\n\n"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "README.md", "lib", "slicer_module")
 PACKAGES = ("fasttextdiff", "ReportSegmentLib", "ReportSegmentScene")
 

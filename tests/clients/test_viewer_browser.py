@@ -36,7 +36,7 @@ pytest.importorskip("trame_slicer", reason="trame-slicer is installed by `make s
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REPORT = "Bright oval lesion in the right frontal lobe, about 2 cm. No midline shift."
 TIMEOUT_MS = 180_000  # a loaded 2-core machine: the first render and an inference can take a while
 
