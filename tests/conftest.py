@@ -64,6 +64,20 @@ def _isolated_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def untrained_tiny_model():
+    """(a randomly initialised 32 px segmenter in eval mode, report states, their mask): for tests that compare
+    two inference paths on the same weights; no test may change it."""
+    from fasttextdiff.config import BackboneConfig, FusionConfig, SegmenterConfig
+    from fasttextdiff.models.backbone import DiffusionBackbone
+    from fasttextdiff.models.segmenter import FastTextDiffModel
+
+    torch.manual_seed(0)
+    backbone = DiffusionBackbone(BackboneConfig(image_size=32, block_out_channels=(8, 16), timesteps=(50, 150)))
+    model = FastTextDiffModel(backbone, 16, SegmenterConfig(fusion=FusionConfig(dim=16, heads=2))).eval()
+    return model, torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.bool)
+
+
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     from fasttextdiff.data.synthetic import make_lvit_dataset
 

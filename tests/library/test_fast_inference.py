@@ -11,23 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from fasttextdiff.models.backbone import DiffusionBackbone
-from fasttextdiff.config import BackboneConfig, FusionConfig, SegmenterConfig
 from fasttextdiff.data.io import read_image
 from fasttextdiff.inference.batched import InferenceOptions, air_slices, predict_slices, resolve_precision
 from fasttextdiff.inference.pipeline import Segmenter
-from fasttextdiff.models.segmenter import FastTextDiffModel
 
 CPU = torch.device("cpu")
 FAST = InferenceOptions(precision="fp32")  # the fast path's every speed measure, at the reference's precision
 
 
 @pytest.fixture(scope="module")
-def model_and_text():
-    torch.manual_seed(0)
-    backbone = DiffusionBackbone(BackboneConfig(image_size=32, block_out_channels=(8, 16), timesteps=(50, 150)))
-    model = FastTextDiffModel(backbone, 16, SegmenterConfig(fusion=FusionConfig(dim=16, heads=2))).eval()
-    return model, torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.bool)
+def model_and_text(untrained_tiny_model):
+    return untrained_tiny_model
 
 
 @pytest.mark.parametrize("n_noise", [1, 4])

@@ -20,11 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from fasttextdiff.models.backbone import DiffusionBackbone
 from fasttextdiff.config import BackboneConfig, FusionConfig, SegmenterConfig
 from fasttextdiff.inference.batched import (PRECISION_ENV, InferenceOptions, precision_from_env, precision_record,
                                          predict_slices, resolve_precision)
-from fasttextdiff.models.segmenter import FastTextDiffModel
 
 CPU = torch.device("cpu")
 REDUCED = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -105,11 +103,8 @@ def test_cli_precision_flag_wins_over_the_variable(monkeypatch, tiny_model, tiny
 
 # ------------------------------------------------------------------------------- what reduced precision changes
 @pytest.fixture(scope="module")
-def random_model():
-    torch.manual_seed(0)
-    backbone = DiffusionBackbone(BackboneConfig(image_size=32, block_out_channels=(8, 16), timesteps=(50, 150)))
-    model = FastTextDiffModel(backbone, 16, SegmenterConfig(fusion=FusionConfig(dim=16, heads=2))).eval()
-    return model, torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.bool)
+def random_model(untrained_tiny_model):
+    return untrained_tiny_model
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
