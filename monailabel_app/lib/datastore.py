@@ -356,7 +356,7 @@ class FastTextDiffDatastore(LocalDatastore):
                     continue
                 kept_version = self.history.keep(path, tag, image_id, "does not fit the replaced image",
                                                  info=record.info if record is not None else None)
-                target = self.history.root / tag / image_id / kept_version["version"] / kept_version["file"]
+                target = self.history.path_of(kept_version)
                 moved.append({"tag": tag, "file": os.path.basename(path), "to": str(target),
                               "version": kept_version["version"]})
                 logger.info("kept label %s/%s in the label history (version %s): it does not fit the replaced image",
@@ -456,8 +456,8 @@ class FastTextDiffDatastore(LocalDatastore):
         tags = [check_label_tag(label_tag)] if label_tag is not None else self.history.tags(image_id)
         reports = []
         for record in self.history.versions(REPORT_KIND, image_id):
-            path, _ = self.history.file_of(REPORT_KIND, image_id, record["version"])
-            reports.append(dict(record, text=path.read_text(encoding="utf-8", errors="replace")))
+            text = self.history.path_of(record).read_text(encoding="utf-8", errors="replace")
+            reports.append(dict(record, text=text))
         return {"image": image_id, "versions": {tag: self.history.versions(tag, image_id) for tag in tags},
                 "reports": reports}
 

@@ -99,9 +99,13 @@ class LabelHistory:
                 record = json.loads((entry / RECORD).read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue  # a version whose move never finished
-            if (entry / record.get("file", "")).is_file():
+            if record.get("file") and (entry / record["file"]).is_file():
                 out.append(record)
         return out
+
+    def path_of(self, record: Dict[str, Any]) -> Path:
+        """The kept file of a version record (one of `versions`)."""
+        return self._folder(record["tag"], record["image"]) / record["version"] / record["file"]
 
     def tags(self, image_id: str) -> List[str]:
         """The tags with kept versions for `image_id`."""
@@ -117,5 +121,5 @@ class LabelHistory:
             raise KeyError(version)
         for record in self.versions(kind, image_id):
             if record["version"] == version:
-                return self._folder(kind, image_id) / version / record["file"], record
+                return self.path_of(record), record
         raise KeyError(version)
