@@ -199,14 +199,24 @@ def save_label(image: str, params: str = Form("{}"), tag: str = DefaultLabelTag.
 
 
 def remove_label(id: str, tag: str, user: User = ADMIN):  # noqa: A002 - MONAI Label's parameter name
-    """MONAI Label's DELETE /datastore/label: a person's label moves to the label history."""
-    _local_datastore().remove_label(id, tag, who=_who(user))
+    """MONAI Label's DELETE /datastore/label: a person's label moves to the label history (a DICOMweb
+    datastore deletes as MONAI Label does: its server keeps the series)."""
+    datastore = app_instance().datastore()
+    if isinstance(datastore, FastTextDiffDatastore):
+        datastore.remove_label(id, tag, who=_who(user))
+    else:
+        datastore.remove_label(id, tag)
     return {}
 
 
 def remove_image(id: str, user: User = ADMIN):  # noqa: A002 - MONAI Label's parameter name
-    """MONAI Label's DELETE /datastore/image: the image and its human labels move to the label history."""
-    _local_datastore().remove_image(id, who=_who(user))
+    """MONAI Label's DELETE /datastore/image: the image and its human labels move to the label history
+    (a DICOMweb datastore deletes as MONAI Label does)."""
+    datastore = app_instance().datastore()
+    if isinstance(datastore, FastTextDiffDatastore):
+        datastore.remove_image(id, who=_who(user))
+    else:
+        datastore.remove_image(id)
     return {}
 
 
