@@ -134,7 +134,8 @@ class FastTextDiffApp(MONAILabelApp):
         out: Dict[str, Any] = {"val_dice": None, "val_images": None, "image_size": None, "window": None}
         if served is not None:
             validation = read_served_validation(self.paths)
-            out.update(val_dice=validation.get("val_dice"), val_images=validation.get("val_images"))
+            out.update(val_dice=validation.get("val_dice"), val_images=validation.get("val_images"),
+                       val_metric=validation.get("val_metric"), val_per_image=validation.get("val_per_image"))
             try:
                 backbone = json.loads((served / MODEL_CONFIG_FILE).read_text()).get("backbone", {})
             except (OSError, ValueError):

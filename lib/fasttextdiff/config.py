@@ -266,6 +266,9 @@ class TrainConfig(JsonConfig):
     amp: bool = True  # used only on CUDA
     num_workers: int = 0
     val_every: int = 1
+    # validation segments each image or volume as served (`training.segmenter.validate_served`): with the
+    # server's noise draws (the CLI's `segment` and the server default to 4), so its Dice is the one a user measures
+    val_noise_draws: int = 4
     # A text path that only helps, on by default: train `epochs` with the text residual off --
     # exactly the no_text network -- then `epochs` with it on, restarted from the same initial weights (the
     # run without the fallback); validation keeps the better checkpoint of the two,
@@ -284,6 +287,8 @@ class TrainConfig(JsonConfig):
             raise ValueError("labeled above 1 is a count of images and must be whole")
         if self.val_every < 1:
             raise ValueError("val_every must be >= 1")
+        if not 1 <= self.val_noise_draws <= 32:
+            raise ValueError("val_noise_draws must be between 1 and 32")
 
 
 @dataclass

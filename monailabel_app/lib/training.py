@@ -128,6 +128,20 @@ def labeled_samples(datastore: Any, work: Path, ids: list[str] | None = None,
     return samples
 
 
+def whole_samples(datastore: Any, ids: list[str]) -> list:
+    """Validation samples: each labeled image or volume whole, with its report, scored in its own geometry
+    (`fasttextdiff.training.segmenter.validate_served`), never as slices."""
+    from fasttextdiff.data.lvit import Sample
+
+    samples = []
+    for image_id in sorted(ids):
+        image_path, label_path = datastore.get_image_uri(image_id), datastore.get_label_uri(image_id, "final")
+        if image_path and label_path:
+            text = str(datastore.get_image_info(image_id).get(TEXT_KEY) or "")
+            samples.append(Sample(image=Path(image_path), mask=Path(label_path), text=text, name=image_id))
+    return samples
+
+
 def all_image_paths(datastore: Any) -> list[Path]:
     return [Path(p) for p in (datastore.get_image_uri(i) for i in sorted(datastore.list_images())) if p]
 
@@ -245,6 +259,7 @@ def read_served_validation(paths: ModelPaths) -> dict:
             metrics = {}
         if metrics.get("best_val_dice") is not None:
             return {"model_dir": str(served), "val_dice": metrics["best_val_dice"], "val_images": None,
+                    "val_metric": metrics.get("validation", {}).get("metric"),
                     "source": "the model's own training record (validation images of that run)"}
     return {}
 
@@ -285,7 +300,7 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
     slice_dir = new_slice_dir(paths.work)  # this run's volume slices, removed on every way out of it
     try:
         samples = labeled_samples(datastore, paths.work, train_ids, slice_dir=slice_dir)
-        val_samples = labeled_samples(datastore, paths.work, val_ids, slice_dir=slice_dir)
+        val_samples = whole_samples(datastore, val_ids)
         if not samples:
             raise ValueError("no labeled image could be read for training (see the server log)")
         served = paths.served_model_dir()
@@ -297,12 +312,12 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
             seg_config = SegmenterConfig.from_dict(record["segmenter"])
             text_config = TextConfig.from_dict(record["text"])
         train_config = TrainConfig(epochs=epochs, batch_size=min(batch_size, len(samples)), lr=lr, seed=conf.seed,
-                                   num_workers=0, text_fallback=conf.text_fallback)
+                                   num_workers=0, text_fallback=conf.text_fallback, val_noise_draws=conf.n_noise)
         out_dir = paths.work / "segmenter-run"
         served_val = None
         if served is not None and val_samples:
-            served_val = validate_model_dir(served, val_samples, device=device,
-                                            text_cache_dir=paths.text_cache)["dice"]
+            served_val = validate_model_dir(served, val_samples, device=device, text_cache_dir=paths.text_cache,
+                                            n_noise=conf.n_noise)["dice"]
             logger.info("served model: validation Dice %.4f on %d validation images", served_val, len(val_ids))
         job = {"job": "train-segmenter", "out_dir": str(out_dir), "backbone_dir": str(backbone), "device": device,
                "samples": [_sample_dict(s) for s in samples], "val_samples": [_sample_dict(s) for s in val_samples],
@@ -324,6 +339,7 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
     new_val = metrics.get("best_val_dice")
     split = {"val_images": val_ids, "train_images": train_ids, "held_out": held_out,
              "samples": len(samples), "val_samples": len(val_samples)}
+    measure = metrics.get("validation", {}).get("metric")
     continued = job.get("init_dir")
     if served is None or served_val is None or (new_val is not None and new_val >= served_val - 1e-9):
         published = publish(out_dir, paths.publish_root)
@@ -331,7 +347,9 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
                   f"validation Dice {new_val:.4f} (best epoch {metrics.get('best_epoch')}) is not below the served "
                   f"model's {served_val:.4f} on the same {len(val_ids)} validation image(s)")
         _write_served_validation(paths, {"model_dir": str(published), "val_dice": new_val, "val_images": val_ids,
-                                         "held_out": held_out, "ts": int(time.time()), "source": f"train task {task}"})
+                                         "held_out": held_out, "ts": int(time.time()), "source": f"train task {task}",
+                                         "val_metric": measure,
+                                         "val_per_image": metrics.get("best_val_per_image")})
         metrics.update(published=str(published), decision="published", reason=f"published: {reason}")
     else:
         reason = (f"not published: the best validation Dice of this run, {new_val:.4f} (epoch "
@@ -339,7 +357,7 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
                   f"{len(val_ids)} validation image(s); still serving {served}")
         _write_served_validation(paths, {"model_dir": str(served), "val_dice": served_val, "val_images": val_ids,
                                          "held_out": held_out, "ts": int(time.time()),
-                                         "source": f"re-validated by train task {task}"})
+                                         "source": f"re-validated by train task {task}", "val_metric": measure})
         metrics.update(published=None, decision="kept", reason=reason, kept=str(served))
         logger.info("%s", reason)
     metrics.update(split, served_val_dice_before=served_val, val_dice=new_val,

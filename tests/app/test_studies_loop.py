@@ -66,7 +66,7 @@ def server(source, tmp_path_factory):
     assert all(c["report"] and not c["label"] and c["volume"] for c in summary["imported"])
     assert [s["source"] for s in summary["skipped"]] == ["notes.png"]
     assert "cannot read the image" in summary["skipped"][0]["reason"]
-    conf = dict(TINY_CONF, epochs="30", backbone_epochs="2")
+    conf = dict(TINY_CONF, epochs="60", backbone_epochs="10")
     srv = InProcessServer(studies, conf).start()
     yield srv
     srv.stop()

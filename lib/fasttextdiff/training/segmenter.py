@@ -38,7 +38,6 @@ from fasttextdiff.data.lvit import Sample
 from fasttextdiff.training.engine import Engine, RunProgress, set_seed
 from fasttextdiff.training.resume import RESUME_SUFFIX, ResumeState, digest
 from fasttextdiff.utils.errors import CheckpointError
-from fasttextdiff.utils.metrics import dice_iou
 from fasttextdiff.models.segmenter import FastTextDiffModel
 from fasttextdiff.text.encoder import TextEncoder
 
@@ -127,23 +126,32 @@ class TextTable:
                 self.cache[text] = (batch.states[i, :n].clone(), batch.mask[i, :n].clone())
 
 
-@torch.no_grad()
-def validate(model: FastTextDiffModel, loader: DataLoader, texts: TextTable, engine: Engine | None,
-             device: torch.device | None = None) -> dict:
-    """Per-image Dice/IoU at model resolution (single noise draw), gathered from every process, averaged.
-    Without an engine (one process, outside a training run) on `device`."""
+def validate_served(model: FastTextDiffModel, encoder: TextEncoder | None, samples: Sequence[Sample], n_noise: int,
+                    device: torch.device | None = None) -> dict:
+    """Dice as a user measures it, the figure that selects the best epoch and gates publishing.
+
+    Each sample goes through the path that serves (`inference.pipeline.Segmenter`: model input, the
+    `n_noise` seeded draws, the mask pasted back into the sample's own grid) and is scored there: a
+    volume is one 3D Dice, a 2D image one Dice; the mean is over samples. A mean over 2D slices at model
+    resolution (what this replaced) scores every empty slice predicted empty as 1 and hid volumes the
+    model missed entirely. Every process validates all samples, so all see the same figure.
+    """
+    from fasttextdiff.inference.batched import set_memory_format
+    from fasttextdiff.inference.evaluate import evaluate_model
+    from fasttextdiff.inference.pipeline import Segmenter
+
+    was_training, layout = model.training, getattr(model, "_fasttextdiff_memory_format", "contiguous")
     model.eval()
-    rows = []
-    device = engine.device if engine is not None else (device or torch.device("cpu"))
-    for batch in loader:
-        states, mask = texts.batch(batch["text"], device)
-        pred = model.predict(batch["image"].to(device), states, mask, n_noise=1).mask.cpu()
-        scores = dice_iou(pred, batch["label"][:, 0].cpu(), model.config.num_classes)
-        table = torch.tensor(scores, dtype=torch.float64).T  # (images, [dice, iou])
-        rows.append(engine.gather(table) if engine is not None else table)
-    model.train()
-    columns = torch.cat(rows).T.tolist() if rows else [[], []]
-    return {name: float(np.mean(v)) if v else float("nan") for name, v in zip(("dice", "iou"), columns)}
+    try:
+        segmenter = Segmenter(model, {}, encoder, Path("."), device or torch.device("cpu"), n_noise=n_noise)
+        # the served layout, converted here: a conversion inside inference mode would make the weights untrainable
+        set_memory_format(model, segmenter.options.channels_last)
+        result = evaluate_model(segmenter, samples, n_noise=n_noise, progress=False)
+    finally:
+        model.train(was_training)
+        set_memory_format(model, layout == "channels_last")  # training goes on in its own layout, bit for bit
+    return {"dice": result["dice_mean"], "iou": result["iou_mean"], "n": result["n"],
+            "per_image": [{"name": r["name"], "dice": r["dice"]} for r in result["per_image"]]}
 
 
 def train_segmenter(
@@ -195,7 +203,8 @@ def train_segmenter(
     with acc.main_process_first():  # the main process builds or fills shared caches (tiny encoder, text cache)
         encoder = TextEncoder(text_config, device=device,
                               cache_dir=text_cache_dir) if segmenter_config.use_text else None
-    texts = TextTable(encoder, [s.text for s in labeled] + [s.text for s in (val_samples or [])])
+    texts = TextTable(encoder, [s.text for s in labeled])
+    val_labeled = [s for s in (val_samples or []) if s.mask is not None]
     model = FastTextDiffModel(backbone, encoder.hidden_size if encoder else 0, segmenter_config)
     if init_dir is not None:
         load_segmenter_weights(model, init_dir)
@@ -220,15 +229,16 @@ def train_segmenter(
         train_ds = FeatureCache(train_ds, model, device, progress=progress and engine.is_main, on_disk=not in_memory)
     loader = DataLoader(train_ds, batch_size=train_config.batch_size, shuffle=True, generator=generator,
                         num_workers=train_config.num_workers, drop_last=False)
-    val_ds = dataset(val_samples or [])
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=train_config.lr, weight_decay=train_config.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=train_config.dice_weight, lambda_ce=1.0)
     net, optimizer, loader = acc.prepare(model, optimizer, loader)
-    val_loader = acc.prepare(DataLoader(val_ds, batch_size=train_config.batch_size * 2)) if len(val_ds) else None
 
-    image_first = text_fallback_applies(segmenter_config, train_config, val_loader is not None, init_dir is not None)
+    def served_dice(samples: Sequence[Sample]) -> dict:
+        return validate_served(model, encoder, samples, train_config.val_noise_draws, device)
+
+    image_first = text_fallback_applies(segmenter_config, train_config, bool(val_labeled), init_dir is not None)
     probed = backbone.config.to_dict() if backbone_overrides else None
     state = ResumeState(engine, out_dir, run_record(labeled, val_samples, backbone_dir, text_config, segmenter_config,
                                                     train_config, probed, init_dir, epochs_matter=image_first), log_)
@@ -277,11 +287,11 @@ def train_segmenter(
         record = {"epoch": epoch + 1, "loss": engine.mean(torch.tensor(np.mean(losses), dtype=torch.float64))}
         stop = engine.any(stop_event is not None and stop_event.is_set())
         last = epoch + 1 in (total_epochs, train_config.epochs) or stop
-        if val_loader is not None and ((epoch + 1) % train_config.val_every == 0 or last):
-            scores = validate(model, val_loader, texts, engine)
+        if val_labeled and ((epoch + 1) % train_config.val_every == 0 or last):
+            scores = served_dice(val_labeled)
             record.update(val_dice=scores["dice"], val_iou=scores["iou"])
             if scores["dice"] > best["dice"]:
-                best = {"dice": scores["dice"], "epoch": epoch + 1}
+                best = {"dice": scores["dice"], "epoch": epoch + 1, "per_image": scores["per_image"]}
                 best_state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
         history.append(record)
         shown = bar.record(**record,
@@ -302,18 +312,19 @@ def train_segmenter(
                      "world_size": engine.num_processes}
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
-        metrics.update(best_val_dice=best["dice"], best_epoch=best["epoch"])
+        metrics.update(best_val_dice=best["dice"], best_epoch=best["epoch"], best_val_per_image=best.get("per_image"))
         if image_first:  # the image-only phase's best has a closed gate: it is the no_text network
             metrics["text_fallback"] = "image" if best["epoch"] <= train_config.epochs else "text"
     if engine.num_processes > 1:
         flat = torch.cat([p.detach().float().flatten() for p in model.parameters() if p.requires_grad])
         gathered = acc.gather(flat[None])
         metrics["ddp_weights_identical"] = all(torch.equal(gathered[0], g) for g in gathered[1:])
-    test_ds = dataset(test_samples or [])
-    if len(test_ds):
-        scores = validate(model, acc.prepare(DataLoader(test_ds, batch_size=train_config.batch_size * 2)), texts,
-                          engine)
-        metrics["test"] = {"dice": scores["dice"], "iou": scores["iou"], "n": len(test_ds)}
+    if val_labeled:
+        metrics["validation"] = validation_record(val_labeled, train_config.val_noise_draws)
+    test_labeled = [s for s in (test_samples or []) if s.mask is not None]
+    if test_labeled:
+        scores = served_dice(test_labeled)
+        metrics["test"] = {"dice": scores["dice"], "iou": scores["iou"], "n": scores["n"]}
     if engine.is_main:
         with staged_dir(out_dir) as staging:
             model.save(staging, text_config, train_config, metrics)
@@ -369,26 +380,28 @@ def load_segmenter_weights(model: FastTextDiffModel, model_dir: str | Path) -> N
     model.load_state_dict(state, strict=False)
 
 
+def validation_record(samples: Sequence[Sample], n_noise: int) -> dict:
+    """What a validation figure means, stored beside it (model record, `/info`)."""
+    from fasttextdiff.data.io import is_volume_path
+
+    volumes = sum(is_volume_path(s.image) for s in samples)
+    unit = "volume" if volumes == len(samples) else "image" if not volumes else "image or volume"
+    return {"metric": f"mean Dice per {unit} in its own geometry, through the served path",
+            "noise_draws": n_noise, "volumes": volumes, "images": len(samples) - volumes}
+
+
 @torch.no_grad()
 def validate_model_dir(model_dir: str | Path, samples: Sequence[Sample], device: str | torch.device | None = None,
-                       text_cache_dir: str | Path | None = None, batch_size: int = 8) -> dict:
-    """A saved model's validation Dice/IoU on `samples`, computed exactly as training selects its best
-    epoch (model resolution, one fixed noise draw): a served model and a new run compare like for like."""
-    from fasttextdiff.utils.devices import resolve_device
+                       text_cache_dir: str | Path | None = None, n_noise: int = 4) -> dict:
+    """A saved model's validation Dice on `samples`, computed exactly as training selects its best epoch
+    (`validate_served`): a served model and a new run compare like for like."""
+    from fasttextdiff.inference.pipeline import Segmenter
 
-    device = resolve_device(device)
-    model, record = FastTextDiffModel.load(model_dir, device)
-    encoder = None
-    if model.config.use_text:
-        encoder = TextEncoder.from_model_dir(Path(model_dir), device=device, cache_dir=text_cache_dir)
-    texts = TextTable(encoder, [s.text for s in samples])
-    ds = SegmentationDataset([s for s in samples if s.mask is not None], size=model.backbone.config.image_size,
-                             channels=model.backbone.config.in_channels, num_classes=model.config.num_classes,
-                             window=model.backbone.config.window, body_crop=model.backbone.config.body_crop)
-    if not len(ds):
+    labeled = [s for s in samples if s.mask is not None]
+    if not labeled:
         raise ValueError("no validation samples with masks")
-    scores = validate(model, DataLoader(ds, batch_size=batch_size), texts, None, device)
-    return {**scores, "n": len(ds)}
+    segmenter = Segmenter.load(model_dir, device=device, n_noise=n_noise, text_cache_dir=text_cache_dir)
+    return validate_served(segmenter.model, segmenter.encoder, labeled, n_noise, segmenter.device)
 
 
 def run_record(labeled: Sequence[Sample], val_samples: Sequence[Sample] | None, backbone_dir: str | Path,
