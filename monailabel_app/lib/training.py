@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from lib.configs.app_conf import AppConf
 from lib.model_manager import ModelPaths
@@ -33,33 +32,6 @@ TEXT_KEY = "text"
 
 
 # ---------------------------------------------------------------- datastore -> samples
-def _volume_slices(image_path: str, label_path: str, out_dir: Path, image_id: str, text: str,
-                   background_every: int = 4) -> list:
-    """A labeled volume as 2D samples: every slice with foreground, every n-th empty slice."""
-    from fasttextdiff.data.io import Image, read_image, write_image
-    from fasttextdiff.data.lvit import Sample
-
-    image, label = read_image(image_path), read_image(label_path)
-    if label.array.shape != image.array.shape:
-        logger.warning("skipping %s: label shape %s != image shape %s", image_id, label.array.shape, image.array.shape)
-        return []
-    spacing, origin = tuple(image.spacing[:2]), tuple(image.origin[:2])
-    like = Image(image.array[0], spacing, origin, (1.0, 0.0, 0.0, 1.0), False)
-    samples = []
-    empty_seen = 0
-    for z in range(image.array.shape[0]):
-        has_fg = bool(label.array[z].any())
-        if not has_fg:
-            empty_seen += 1
-            if empty_seen % background_every:
-                continue
-        img_p = write_image(out_dir / f"{image_id}__z{z:04d}.nii.gz", image.array[z].astype(np.float32), like)
-        lab_p = write_image(out_dir / f"{image_id}__z{z:04d}_label.nii.gz", (label.array[z] > 0).astype(np.uint8),
-                            like)
-        samples.append(Sample(image=img_p, mask=lab_p, text=text, name=f"{image_id}[z={z}]"))
-    return samples
-
-
 SLICES_PREFIX = "slices-"
 
 
@@ -100,19 +72,20 @@ def remove_stale_slice_dirs(work: Path) -> list[Path]:
     return removed
 
 
-def labeled_samples(datastore: Any, work: Path, ids: list[str] | None = None,
-                    slice_dir: Path | None = None) -> list:
+def labeled_samples(datastore: Any, ids: list[str] | None = None) -> list:
     """Training samples (image, final label, report text) from the datastore (only `ids` when given).
 
     MONAI Label's datalist carries no image info, so the report is added here from the image's
     info `text` (the trainer's pre-processing step); images without a report train with "".
-    Labeled volumes become 2D slices in `slice_dir` (default: a new `new_slice_dir(work)`), created only
-    when there is a volume: the caller removes it when the run ends.
+    A labeled volume trains on its slices with foreground plus every 4th empty one, chosen and
+    preprocessed in the canonical orientation inference uses (`fasttextdiff.data.dataset`); no slice
+    files are written (older versions wrote them to `slices-*` folders, which `remove_stale_slice_dirs`
+    still clears).
     """
-    from fasttextdiff.data.io import is_volume_path
+    from fasttextdiff.data.dataset import volume_training_slices
+    from fasttextdiff.data.io import read_image
     from fasttextdiff.data.lvit import Sample
 
-    slice_dir = Path(slice_dir) if slice_dir is not None else new_slice_dir(work)
     samples = []
     for image_id in sorted(datastore.get_labeled_images() if ids is None else ids):
         image_path = datastore.get_image_uri(image_id)
@@ -120,11 +93,14 @@ def labeled_samples(datastore: Any, work: Path, ids: list[str] | None = None,
         if not image_path or not label_path:
             continue
         text = str(datastore.get_image_info(image_id).get(TEXT_KEY) or "")
-        if is_volume_path(image_path):
-            slice_dir.mkdir(parents=True, exist_ok=True)
-            samples += _volume_slices(image_path, label_path, slice_dir, image_id, text)
-        else:
-            samples.append(Sample(image=Path(image_path), mask=Path(label_path), text=text, name=image_id))
+        slices = None
+        if read_image(image_path).is_volume:
+            image_shape, label_shape = read_image(image_path).array.shape, read_image(label_path).array.shape
+            if image_shape != label_shape:
+                logger.warning("skipping %s: label shape %s != image shape %s", image_id, label_shape, image_shape)
+                continue
+            slices = volume_training_slices(label_path)
+        samples.append(Sample(image=Path(image_path), mask=Path(label_path), text=text, name=image_id, slices=slices))
     return samples
 
 
@@ -297,44 +273,40 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
         raise ValueError("no image in the datastore has a final label yet: save at least one label, then train")
     train_ids, val_ids, held_out = split_labeled(labeled_ids, paths.state)
     remove_stale_slice_dirs(paths.work)
-    slice_dir = new_slice_dir(paths.work)  # this run's volume slices, removed on every way out of it
+    samples = labeled_samples(datastore, train_ids)
+    val_samples = whole_samples(datastore, val_ids)
+    if not samples:
+        raise ValueError("no labeled image could be read for training (see the server log)")
+    served = paths.served_model_dir()
+    seg_config = SegmenterConfig(num_classes=len(conf.labels) + 1, labels=conf.labels,
+                                 fusion=FusionConfig(text_residual=conf.text_residual))
+    text_config = TextConfig(encoder=conf.text_encoder, focus=conf.text_focus.strip() or None)
+    if served is not None:  # keep the served model's architecture and encoder when retraining
+        record = json.loads((served / MODEL_CONFIG_FILE).read_text())
+        seg_config = SegmenterConfig.from_dict(record["segmenter"])
+        text_config = TextConfig.from_dict(record["text"])
+    train_config = TrainConfig(epochs=epochs, batch_size=min(batch_size, len(samples)), lr=lr, seed=conf.seed,
+                               num_workers=0, text_fallback=conf.text_fallback, val_noise_draws=conf.n_noise)
+    out_dir = paths.work / "segmenter-run"
+    served_val = None
+    if served is not None and val_samples:
+        served_val = validate_model_dir(served, val_samples, device=device, text_cache_dir=paths.text_cache,
+                                        n_noise=conf.n_noise)["dice"]
+        logger.info("served model: validation Dice %.4f on %d validation images", served_val, len(val_ids))
+    job = {"job": "train-segmenter", "out_dir": str(out_dir), "backbone_dir": str(backbone), "device": device,
+           "samples": [_sample_dict(s) for s in samples], "val_samples": [_sample_dict(s) for s in val_samples],
+           "text": text_config.to_dict(), "segmenter": seg_config.to_dict(), "train": train_config.to_dict(),
+           "text_cache_dir": str(paths.text_cache), "init_dir": str(served) if served is not None else None}
+    logger.info("training fusion + head on %d samples, validating on %d (%d epochs, device %s, %d process(es)), "
+                "%s",
+                len(samples), len(val_samples), epochs, device, num_processes,
+                f"continuing from {served}" if served is not None else "new model")
     try:
-        samples = labeled_samples(datastore, paths.work, train_ids, slice_dir=slice_dir)
-        val_samples = whole_samples(datastore, val_ids)
-        if not samples:
-            raise ValueError("no labeled image could be read for training (see the server log)")
-        served = paths.served_model_dir()
-        seg_config = SegmenterConfig(num_classes=len(conf.labels) + 1, labels=conf.labels,
-                                     fusion=FusionConfig(text_residual=conf.text_residual))
-        text_config = TextConfig(encoder=conf.text_encoder, focus=conf.text_focus.strip() or None)
-        if served is not None:  # keep the served model's architecture and encoder when retraining
-            record = json.loads((served / MODEL_CONFIG_FILE).read_text())
-            seg_config = SegmenterConfig.from_dict(record["segmenter"])
-            text_config = TextConfig.from_dict(record["text"])
-        train_config = TrainConfig(epochs=epochs, batch_size=min(batch_size, len(samples)), lr=lr, seed=conf.seed,
-                                   num_workers=0, text_fallback=conf.text_fallback, val_noise_draws=conf.n_noise)
-        out_dir = paths.work / "segmenter-run"
-        served_val = None
-        if served is not None and val_samples:
-            served_val = validate_model_dir(served, val_samples, device=device, text_cache_dir=paths.text_cache,
-                                            n_noise=conf.n_noise)["dice"]
-            logger.info("served model: validation Dice %.4f on %d validation images", served_val, len(val_ids))
-        job = {"job": "train-segmenter", "out_dir": str(out_dir), "backbone_dir": str(backbone), "device": device,
-               "samples": [_sample_dict(s) for s in samples], "val_samples": [_sample_dict(s) for s in val_samples],
-               "text": text_config.to_dict(), "segmenter": seg_config.to_dict(), "train": train_config.to_dict(),
-               "text_cache_dir": str(paths.text_cache), "init_dir": str(served) if served is not None else None}
-        logger.info("training fusion + head on %d samples, validating on %d (%d epochs, device %s, %d process(es)), "
-                    "%s",
-                    len(samples), len(val_samples), epochs, device, num_processes,
-                    f"continuing from {served}" if served is not None else "new model")
-        try:
-            metrics = _run(job, paths, num_processes, gpu_ids, log, stop_event)
-        except CheckpointError as exc:  # the served fusion + head do not fit (other settings): start fresh
-            logger.warning("cannot continue from the served model (%s); training fusion + head from scratch", exc)
-            job["init_dir"] = None
-            metrics = _run(job, paths, num_processes, gpu_ids, log, stop_event)
-    finally:
-        shutil.rmtree(slice_dir, ignore_errors=True)
+        metrics = _run(job, paths, num_processes, gpu_ids, log, stop_event)
+    except CheckpointError as exc:  # the served fusion + head do not fit (other settings): start fresh
+        logger.warning("cannot continue from the served model (%s); training fusion + head from scratch", exc)
+        job["init_dir"] = None
+        metrics = _run(job, paths, num_processes, gpu_ids, log, stop_event)
     history = metrics.pop("history", None) or []
     new_val = metrics.get("best_val_dice")
     split = {"val_images": val_ids, "train_images": train_ids, "held_out": held_out,
@@ -366,4 +338,5 @@ def train_segmenter_from_datastore(datastore: Any, conf: AppConf, paths: ModelPa
 
 
 def _sample_dict(sample) -> dict:
-    return {"image": str(sample.image), "mask": str(sample.mask), "text": sample.text, "name": sample.name}
+    return {"image": str(sample.image), "mask": str(sample.mask), "text": sample.text, "name": sample.name,
+            "slices": list(sample.slices) if sample.slices is not None else None}

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from fasttextdiff.data.io import read_image
+from fasttextdiff.data.io import is_volume_path, read_image
 from fasttextdiff.data.lvit import Sample
-from fasttextdiff.data.preprocess import labels_to_model_grid, mask_to_labels, to_model_input
+from fasttextdiff.data.preprocess import canonical_array, labels_to_model_grid, mask_to_labels, to_model_input
 from fasttextdiff.utils.errors import ImageReadError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,22 @@ def select_labeled(samples: Sequence[Sample], labeled: float | int | None, seed:
         raise ValueError(f"asked for {count} labeled images but the split has only {len(samples)}")
     order = np.random.default_rng(seed).permutation(len(samples))[:count]
     return [samples[i] for i in sorted(order.tolist())]
+
+
+def volume_training_slices(mask_path, background_every: int = 4) -> tuple[int, ...]:
+    """The slices a labeled volume trains on, in canonical order (as `SegmentationDataset` and inference
+    slice it): every slice with foreground and every n-th empty one (empty slices teach "nothing here"
+    without drowning the lesion slices)."""
+    labels = canonical_array(read_image(mask_path))
+    keep, empty_seen = [], 0
+    for z in range(labels.shape[0]):
+        if labels[z].any():
+            keep.append(z)
+            continue
+        empty_seen += 1
+        if empty_seen % background_every == 0:
+            keep.append(z)
+    return tuple(keep)
 
 
 def _augmentation(rotate_degrees: float):
@@ -116,11 +132,40 @@ class SegmentationDataset(Dataset):
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._draws: Counter[int] = Counter()
         self._transform = _augmentation(rotate_degrees) if augment else None
+        self._items: list[tuple[int, int | None]] = []  # (sample, canonical slice of a volume or None)
+        for i, sample in enumerate(self.samples):
+            if is_volume_path(sample.image):  # read now: its slice count is the length (a 2D NIfTI gives [None])
+                self._items += [(i, z) for z in self._load_volume(i)]
+            else:
+                self._items.append((i, None))
         if preload:  # before DataLoader workers fork, so they share one cache instead of re-reading
             self.preload()
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._items)
+
+    def _load_volume(self, index: int) -> list[int | None]:
+        """Every kept slice of a volume into the cache, preprocessed as inference preprocesses the whole
+        volume (orientation, one intensity scaling and one body box for all slices), so training sees the
+        slices exactly as served; slices cut out one by one would each get their own box and statistics."""
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        if not image.is_volume:
+            return [None]  # a 2D image in a volume format: read as any 2D image
+        labels = mask_to_labels(read_image(sample.mask).array, self.num_classes)
+        if labels.shape != image.array.shape:
+            raise ImageReadError(f"mask {sample.mask} is {labels.shape} but its volume {sample.image} is "
+                                 f"{image.array.shape}.")
+        pixels = to_model_input(image, self.size, self.channels, self.window, self.body_crop)
+        grid = labels_to_model_grid(labels, image, self.size, self.window, self.body_crop)
+        chosen = range(pixels.shape[0]) if sample.slices is None else sample.slices
+        kept = []
+        for z in chosen:
+            if not 0 <= z < pixels.shape[0]:
+                raise ImageReadError(f"{sample.name}: slice {z} is outside the volume's {pixels.shape[0]} slices")
+            self._cache[(index, z)] = (pixels[z].to(torch.float16), grid[z])
+            kept.append(int(z))
+        return kept
 
     def set_epoch(self, epoch: int) -> None:
         """Call once per epoch so augmentation differs between epochs (also with fresh workers)."""
@@ -133,11 +178,13 @@ class SegmentationDataset(Dataset):
         return self
 
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if index not in self._cache:
-            sample = self.samples[index]
+        key = self._items[index]
+        if key not in self._cache:  # a 2D image (volumes are cached when the dataset is built)
+            sample = self.samples[key[0]]
             image = read_image(sample.image)
             if image.is_volume:
-                raise ImageReadError(f"{sample.image} is a volume; this dataset trains on 2D images (slice it first).")
+                raise ImageReadError(f"{sample.image} is a volume but its name does not say so; "
+                                     "store volumes as NIfTI, NRRD, MHA or a DICOM series")
             mask = read_image(sample.mask)
             labels = mask_to_labels(mask.array, self.num_classes)
             if labels.shape != image.plane_shape:
@@ -148,8 +195,8 @@ class SegmentationDataset(Dataset):
             label = labels_to_model_grid(
                 labels, image, self.size, self.window, self.body_crop
             )  # same crop and orientation
-            self._cache[index] = (pixels.to(torch.float16), label)  # half the memory; [-1,1] is safe in fp16
-        return self._cache[index]
+            self._cache[key] = (pixels.to(torch.float16), label)  # half the memory; [-1,1] is safe in fp16
+        return self._cache[key]
 
     def __getitem__(self, index: int) -> dict:
         pixels, label = self._load(index)
@@ -163,10 +210,11 @@ class SegmentationDataset(Dataset):
             self._transform.set_random_state(seed=int(state))
             out = self._transform({"image": item["image"], "label": item["label"].float()})
             item = {"image": _plain(out["image"]).float().clamp(-1, 1), "label": _plain(out["label"]).round().long()}
-        sample = self.samples[index]
+        sample_index, z = self._items[index]
+        sample = self.samples[sample_index]
         return {
             "image": item["image"].contiguous(),
             "label": item["label"].contiguous(),
             "text": sample.text,
-            "name": sample.name,
+            "name": sample.name if z is None else f"{sample.name}[z={z}]",
         }

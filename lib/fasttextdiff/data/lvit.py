@@ -32,12 +32,17 @@ _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", "
 
 @dataclass
 class Sample:
-    """One training/evaluation case: file paths plus its report sentence."""
+    """One training/evaluation case: file paths plus its report sentence.
+
+    A volume trains on its slices as inference sees them (`SegmentationDataset`): `slices` picks
+    canonical slice indices (`dataset.volume_training_slices`); None takes every slice. Evaluation
+    always scores the whole volume."""
 
     image: Path
     mask: Path | None
     text: str
     name: str
+    slices: tuple[int, ...] | None = None
 
 
 def split_folder_name(split: str) -> str:

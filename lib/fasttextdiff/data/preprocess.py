@@ -258,19 +258,23 @@ def _paste(part: torch.Tensor, box: tuple[int, int, int], target: tuple[int, int
 
 def labels_to_model_grid(labels: np.ndarray, image: Image, size: int, window: tuple[float, float] | None = None,
                          body_crop: bool = False) -> torch.Tensor:
-    """A class-index mask `(H, W)` of a 2D `image` as the model sees it: `(1, size, size)` uint8.
+    """A class-index mask of `image` as the model sees it: `(1, size, size)` uint8 for a 2D image,
+    `(N, 1, size, size)` for a volume's `(Z, Y, X)` labels (its canonical slices).
 
     Oriented, cropped and resized (nearest) exactly as `to_model_input` treats the image's pixels,
     so image and mask line up.
     """
-    if tuple(labels.shape) != tuple(image.plane_shape) or image.is_volume:
-        raise ValueError(f"labels {labels.shape} do not match the 2D image {image.plane_shape}")
-    as_image = Image(np.asarray(labels, dtype=np.float32), image.spacing, image.origin, image.direction, False)
-    stack = _slices(_oriented(as_image))  # (1, 1, H, W)
+    expected = tuple(image.array.shape) if image.is_volume else tuple(image.plane_shape)
+    if tuple(labels.shape) != expected:
+        raise ValueError(f"labels {labels.shape} do not match the image {expected}")
+    as_image = Image(np.asarray(labels, dtype=np.float32), image.spacing, image.origin, image.direction,
+                     image.is_volume)
+    stack = _slices(_oriented(as_image))  # (N, 1, H, W)
     box = body_box(image, window, size, body_crop)
     if box is not None:
         stack = _crop(stack, box, 0.0)
-    return _resize(stack.contiguous(), (size, size), "nearest")[0].to(torch.uint8)
+    resized = _resize(stack.contiguous(), (size, size), "nearest").to(torch.uint8)
+    return resized if image.is_volume else resized[0]
 
 
 def mask_to_labels(mask_array: np.ndarray, num_classes: int = 2) -> np.ndarray:

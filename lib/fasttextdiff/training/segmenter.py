@@ -413,8 +413,9 @@ def run_record(labeled: Sequence[Sample], val_samples: Sequence[Sample] | None, 
     count (a constant learning rate: more epochs extend the same run), unless ``epochs_matter``
     (text_fallback switches phase after `epochs`, so the count decides the run)."""
     def rows(samples):
-        return digest(sorted([sha256_file(s.image), sha256_file(s.mask) if s.mask else None,
-                              hashlib.sha256(s.text.encode("utf-8")).hexdigest()] for s in samples))
+        return digest(sorted([_content_sha(s.image), _content_sha(s.mask) if s.mask else None,
+                              hashlib.sha256(s.text.encode("utf-8")).hexdigest()]
+                             + ([list(s.slices)] if s.slices is not None else []) for s in samples))
 
     backbone_dir = Path(backbone_dir)
     backbone = {name: sha256_file(backbone_dir / name)
@@ -428,6 +429,14 @@ def run_record(labeled: Sequence[Sample], val_samples: Sequence[Sample] | None, 
     return {"data": {"train": rows(labeled), "val": rows(val_samples or [])}, "backbone": digest(backbone),
             "init": sha256_file(Path(init_dir) / "segmenter.safetensors") if init_dir is not None else None,
             "text": text_config.to_dict(), "segmenter": segmenter_config.to_dict(), "settings": settings}
+
+
+def _content_sha(path: Path) -> str:
+    """A file's checksum; a DICOM series folder's, over its files in name order."""
+    path = Path(path)
+    if path.is_dir():
+        return digest([[f.name, sha256_file(f)] for f in sorted(path.iterdir()) if f.is_file()])
+    return sha256_file(path)
 
 
 def _save_resume(state: ResumeState, model: FastTextDiffModel, optimizer, generator: torch.Generator,

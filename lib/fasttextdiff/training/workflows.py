@@ -143,7 +143,8 @@ def run_job(spec: dict[str, Any], log_fn: Callable[[dict], None] | None = None,
         from fasttextdiff.training.segmenter import train_segmenter
 
         def samples(key: str) -> list[Sample]:
-            return [Sample(image=Path(s["image"]), mask=Path(s["mask"]), text=s["text"], name=s["name"])
+            return [Sample(image=Path(s["image"]), mask=Path(s["mask"]), text=s["text"], name=s["name"],
+                           slices=tuple(s["slices"]) if s.get("slices") is not None else None)
                     for s in spec.get(key) or []]
 
         return train_segmenter(samples("samples"), spec["out_dir"], backbone_dir=spec["backbone_dir"],
