@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from fasttextdiff.utils.atomic import staged_dir
@@ -58,15 +58,21 @@ class FeatureCache(Dataset):
                  batch_size: int = 16, progress: bool = False, on_disk: bool = False):
         self.base = base
         self.on_disk = on_disk
-        self.features: list[torch.Tensor] = []  # per scale: (N, C, h, w) float16
+        self.features: list[torch.Tensor] = []  # per scale: (unique images, C, h, w) float16
         self._files: list = []  # the temporary files behind on-disk arrays (unlinked already; closed with the cache)
-        loader = DataLoader(base, batch_size=batch_size, shuffle=False)
+        # one feature row per distinct image: the same slice named by several reports (one per structure or
+        # finding) goes through the backbone once
+        slot_of: dict[bytes, int] = {}
+        self.slots = [slot_of.setdefault(hashlib.sha256(base[i]["image"].numpy().tobytes()).digest(), len(slot_of))
+                      for i in range(len(base))]
+        firsts = sorted({slot: i for i, slot in reversed(list(enumerate(self.slots)))}.values())
+        loader = DataLoader(Subset(base, firsts), batch_size=batch_size, shuffle=False)
         start = 0
         with torch.inference_mode():
             for batch in tqdm(loader, desc="cache features", disable=not progress):
                 feats = model.pool_features(model.backbone.features(batch["image"].to(device)))
                 if not self.features:
-                    self.features = [self._allocate((len(base), *f.shape[1:])) for f in feats]
+                    self.features = [self._allocate((len(firsts), *f.shape[1:])) for f in feats]
                 n = batch["image"].shape[0]
                 for store, f in zip(self.features, feats):
                     store[start:start + n] = f.to(torch.float16).cpu()
@@ -90,7 +96,7 @@ class FeatureCache(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.base[index]
-        return {"features": [f[index] for f in self.features], "label": item["label"], "text": item["text"],
+        return {"features": [f[self.slots[index]] for f in self.features], "label": item["label"], "text": item["text"],
                 "name": item["name"]}
 
 
