@@ -81,10 +81,10 @@ class DefaultModelBuilder:
             geometry = None
             if paths.backbone_dir() is None:
                 from lib.geometry import choose_geometry
-                from lib.training import all_image_paths
+                from lib.training import all_image_paths, labeled_pairs
 
                 geometry = choose_geometry([str(p) for p in all_image_paths(self.datastore)], conf, device,
-                                           paths.state)
+                                           paths.state, labeled=labeled_pairs(self.datastore))
                 self.manager.set_status("preparing", f"model input {geometry['image_size']} px "
                                         f"({geometry['size_reason']}); intensities: {geometry['window_reason']}",
                                         stage="geometry", geometry=geometry)

@@ -118,6 +118,13 @@ def whole_samples(datastore: Any, ids: list[str]) -> list:
     return samples
 
 
+def labeled_pairs(datastore: Any) -> list[tuple[str, str]]:
+    """(image, final label) paths of the labeled images (what decides a new model's CT window)."""
+    pairs = [(datastore.get_image_uri(i), datastore.get_label_uri(i, "final"))
+             for i in sorted(datastore.get_labeled_images())]
+    return [(str(a), str(b)) for a, b in pairs if a and b]
+
+
 def all_image_paths(datastore: Any) -> list[Path]:
     return [Path(p) for p in (datastore.get_image_uri(i) for i in sorted(datastore.list_images())) if p]
 
@@ -188,7 +195,8 @@ def pretrain_backbone_from_datastore(datastore: Any, conf: AppConf, paths: Model
     if own is None and geometry is None:
         from lib.geometry import choose_geometry
 
-        geometry = choose_geometry([str(f) for f in files], conf, device, paths.state)
+        geometry = choose_geometry([str(f) for f in files], conf, device, paths.state,
+                                   labeled=labeled_pairs(datastore))
     config = own if own is not None else backbone_config(conf, geometry)
     # lr 1e-3 and a short EMA: the server's first start pretrains for minutes, not hours; a checkpoint
     # left by a run on other images (the datastore changed) is ignored rather than refused

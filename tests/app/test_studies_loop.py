@@ -6,7 +6,7 @@ refused (409) while it cannot start, the first saved label starts the default mo
 continues from the served model and publishes only when validation Dice does not drop, and a
 training made worse on purpose (corrupted training labels, a huge learning rate) leaves the served
 model's files untouched with the reason in the train stats. A 512x512 CT volume is modelled at
-128 px with the lung window on a CPU, stated in /info.
+128 px on a CPU with the window its labels call for, stated in /info.
 """
 
 from __future__ import annotations
@@ -98,7 +98,14 @@ def test_import_then_label_then_train_answers_each_step(server, source):
     client.save_label("chest_1", str(source["cases"]["chest_1"]["mask"]), tag="final")
     info = wait_model_ready(server.url, 600)
     model = info["models"][MODEL]
-    assert model["image_size"] == 32 and model["window"] == [-600.0, 1500.0], model  # HU volumes: lung window
+    # HU volumes whose labeled lesions are denser than lung parenchyma: the soft-tissue window
+    from fasttextdiff.data.io import read_image
+
+    image_file = next(studies.glob("chest_0.*"))
+    volume, mask = (read_image(p).array for p in (image_file, source["cases"]["chest_0"]["mask"]))
+    assert np.median(volume[mask > 0]) > -400
+    assert model["image_size"] == 32 and model["window"] == [50.0, 350.0], model
+    assert "soft-tissue window" in model["geometry_choice"]["window_reason"], model["geometry_choice"]
     assert (state / "model" / "current").exists()  # state under the studies folder, not in the code tree
     assert not any(p.name.startswith("mine-")
                    for p in (Path(__file__).parents[2] / "monailabel_app" / "model").glob("*")) \
@@ -200,8 +207,9 @@ def test_validation_split_is_kept_as_labels_grow(tmp_path):
     assert json.loads((tmp_path / "validation_split.json").read_text(encoding="utf-8"))["val"] == val
 
 
-def test_512px_ct_is_modelled_at_128px_with_the_lung_window(tmp_path):
-    """CPU defaults on a 512x512 CT volume (2 slices, HU): /info states 128 px and the lung window.
+def test_512px_ct_is_modelled_at_128px_with_the_window_its_label_calls_for(tmp_path):
+    """CPU defaults on a 512x512 CT volume (2 slices, HU) labeled in the lung: /info states 128 px and the
+    lung window.
     Kept fast: 2 slices, backbone widths 8/16, one epoch of each stage."""
     from fasttextdiff.data.io import Image, write_image
 
@@ -225,8 +233,10 @@ def test_512px_ct_is_modelled_at_128px_with_the_lung_window(tmp_path):
     try:
         info = wait_model_ready(srv.url, 600)
         model = info["models"][MODEL]
+        # the label lies in the lung (about -820 HU): the lung window
         assert model["image_size"] == 128 and model["window"] == [-600.0, 1500.0], model
         assert "HU window center -600" in model["intensity"]
+        assert "labeled findings are at median -8" in model["geometry_choice"]["window_reason"], model
         assert model["body_crop"] is True  # enabled; this body fills > 90 % of the frame, so no box is cut
         choice = model["geometry_choice"]
         assert choice["native_size"] == 512 and "CPU default 128 px" in choice["size_reason"]

@@ -54,8 +54,9 @@ class AppConf:
     # model input size (pixels, square) for a newly built model; a served model keeps its own;
     # 0 = chosen from the images and device (256 on a GPU, 128 on a CPU, never above the images' size)
     image_size: int = 0
-    # intensity scaling of a newly built model: auto (a lung window for CT volumes in HU, else
-    # percentiles), none (percentiles), lung/mediastinum/soft_tissue/bone/brain, or "center,width" in HU
+    # intensity scaling of a newly built model: auto (CT volumes in HU: the lung window for lung findings, the
+    # soft-tissue window for organs and solid lesions, decided by the final labels; else percentiles),
+    # none (percentiles), lung/mediastinum/soft_tissue/bone/brain, or "center,width" in HU
     window: str = "auto"
     # diffusion timesteps (of 1000) the frozen backbone is probed at, for a newly built model
     timesteps: tuple[int, ...] = BackboneConfig.timesteps
