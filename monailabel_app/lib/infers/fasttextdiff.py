@@ -8,6 +8,10 @@ the predictions over `n_noise` noise draws); the uncertainty map itself is saved
 as label tag `uncertainty` for datastore images, or returned instead of the label with
 `{"result": "uncertainty"}`.
 
+The result file's format is MONAI Label's `result_extension` param (`.nrrd`, `.nii.gz`, `.nii`, `.mha`, or
+`.png` for 2D images; others are refused with 400); without it, the input's own format (see
+`result_extension()`), so `curl ... -o <id>_label<ext of the image>` names what it saves.
+
 MONAI Label's BasicInferTask is built around MONAI transform chains and torch checkpoints; this
 task owns its pipeline (the library's `Segmenter`), so it implements the plain `InferTask`.
 """
@@ -32,6 +36,49 @@ from lib.validation import bad_request, check_int, check_text
 logger = logging.getLogger(__name__)
 
 RESULTS = ("label", "uncertainty")
+# what `result_extension` may ask for (MONAI Label's own infer param; its Writer defaults to the input's format)
+RESULT_EXTENSIONS = (".nrrd", ".nii.gz", ".nii", ".mha", ".png")
+_GEOMETRY_EXTENSIONS = (".nrrd", ".nii.gz", ".nii", ".mha")  # keep spacing, origin, direction and float values
+
+
+def _file_extension(path: str) -> str:
+    """The extension of an image path in lower case (`.nii.gz` as one); "" for a folder (a DICOM series)."""
+    if os.path.isdir(path):
+        return ""
+    name = os.path.basename(path).lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+
+
+def map_extension(image_path: str, is_volume: bool) -> str:
+    """The format of a stored float map (the `uncertainty` label): the input's own where it keeps geometry and
+    float values, else `.nii.gz` for a volume and `.nrrd` for a 2D image."""
+    ext = _file_extension(image_path)
+    if ext in _GEOMETRY_EXTENSIONS:
+        return ext
+    return ".nii.gz" if is_volume else ".nrrd"
+
+
+def result_extension(requested: Any, image_path: str, is_volume: bool, kind: str = "label") -> str:
+    """The result file's format. Requested (`result_extension`): one of RESULT_EXTENSIONS, `.png` for 2D only;
+    anything else is a 400 with the reason. Absent (None or ""): the input's own format, as MONAI Label's Writer
+    does: a `.nrrd` study gets `.nrrd` back, a PNG gets `.png`; a DICOM series or file gets `.nii.gz` (a 2D one
+    `.nrrd`), another raster (JPEG, BMP, TIFF) `.png`, and an uncertainty map of a raster image `.nrrd` (PNG
+    would round its float values to 256 grey levels)."""
+    if requested in (None, ""):
+        ext = _file_extension(image_path)
+        if ext in _GEOMETRY_EXTENSIONS:
+            return ext
+        if is_volume or ext in (".dcm", ".dicom", ".ima", ""):
+            return ".nii.gz" if is_volume else ".nrrd"
+        return ".png" if kind == "label" else ".nrrd"
+    shown = requested[:20] if isinstance(requested, str) else repr(requested)[:20]  # false, 0, a list: refused
+    if requested not in RESULT_EXTENSIONS:
+        raise bad_request(400, f"result_extension must be one of {', '.join(RESULT_EXTENSIONS)} (.png for 2D images "
+                               f"only), got {shown!r}")
+    if requested == ".png" and is_volume:
+        raise bad_request(400, "result_extension .png is for 2D images; this image is a volume: ask for .nrrd, "
+                               ".nii.gz, .nii or .mha")
+    return requested
 
 
 def text_sha(text: str) -> str:
@@ -118,11 +165,7 @@ class FastTextDiffInfer(InferTask):
         t_infer = time.time() - t0
 
         t0 = time.time()
-        ext = req.get("result_extension")
-        ext = (".nii.gz" if image.is_volume else ".nrrd") if ext in (None, "") else ext  # absent: the default
-        ext = ext if isinstance(ext, str) else repr(ext)  # false, 0, a list: refused below, not taken as absent
-        if ext not in (".nii.gz", ".nrrd", ".nii"):
-            raise bad_request(400, f"result_extension must be .nii.gz, .nii or .nrrd, got {ext[:20]!r}")
+        ext = result_extension(req.get("result_extension"), image_path, bool(image.is_volume), result_kind)
         from fasttextdiff.data.io import write_image
 
         results = self.manager.paths.work / "results"  # not /tmp: a client on this machine saves there by name
@@ -142,7 +185,8 @@ class FastTextDiffInfer(InferTask):
         ds = self._datastore()
         if image_id and ds is not None and result_kind == "label" and bool(req.get("save_uncertainty")) \
                 and ds.get_image_uri(image_id):
-            unc_file = tempfile.NamedTemporaryFile(suffix=ext, dir=results, delete=False).name
+            map_ext = map_extension(image_path, bool(image.is_volume))  # a float map, whatever the result's format
+            unc_file = tempfile.NamedTemporaryFile(suffix=map_ext, dir=results, delete=False).name
             try:
                 write_image(unc_file, result.uncertainty.astype("float32"), like=image)
                 # unchecked (we made this file ourselves), atomic and serialised with the other writes
