@@ -5,8 +5,13 @@ Sources:
   (a) an LViT-layout dataset (Train_Folder/Val_Folder/Test_Folder with img/, labelcol/ and the text
       tables): every image, its mask as a final label, its report from the table;
   (b) a folder of images, volumes or DICOM series folders, each with an optional `<name>.txt` report
-      and an optional mask (`<name>_mask.*`, `<name>_label.*`, `<name>_seg.*`, or the same name in a
-      `masks/`, `labels/` or `labelcol/` subfolder);
+      and an optional mask: `<name>` + `_label`, `_labels`, `_mask`, `_seg` or `_segmentation` (or `-label`,
+      ...) beside the image, whose own name may end in `_image`, `-image`, `_img` (stripped: the id is
+      `<name>`); or the same name in a `labels/`, `masks/`, `segmentations/` or `labelcol/` subfolder; or the
+      Medical Segmentation Decathlon / nnU-Net layout (`imagesTr/` + `labelsTr/`, `imagesTs/`; nnU-Net's
+      `<name>_0000` channel suffix is stripped, other channels are skipped). Every file not used is
+      reported with the reason (a mask with no image of its name included), and mask-like files of
+      which none became a label give a warning;
   (c) a CSV or XLSX table with an image path column, a report column and an optional label column
       (paths relative to the table).
 
@@ -30,8 +35,14 @@ log = logging.getLogger(__name__)
 
 # what the server's datastore lists (monailabel_app/lib/datastore.py IMAGE_EXTENSIONS)
 STUDIES_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
-MASK_SUFFIXES = ("_mask", "_label", "_seg", "_labels", "_segmentation")
-MASK_FOLDERS = ("masks", "labels", "labelcol", "mask", "label")
+# `<name>_label.*` beside `<name>.*` (or `<name>_image.*`): `_` or `-`, longest first
+MASK_SUFFIXES = tuple(sep + word for word in ("segmentation", "labels", "label", "mask", "seg") for sep in "_-")
+IMAGE_SUFFIXES = ("_image", "-image", "_img", "-img")  # an image's role in its name, stripped to pair and name it
+# folders of masks named like their images (lower case; `labelsTr`: Medical Segmentation Decathlon / nnU-Net)
+MASK_FOLDERS = ("masks", "labels", "labelcol", "mask", "label", "segmentations", "segmentation", "labelstr",
+                "labelsts")
+IMAGE_FOLDERS = ("imagestr", "imagests", "images", "img", "imgs")  # folders of images (lower case)
+NNUNET_CHANNEL = re.compile(r"^(.+)_(\d{4})$")  # nnU-Net's `<case>_0000` (channel 0 of the case)
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename")
 REPORT_COLUMNS = ("report", "text", "description", "findings")
 LABEL_COLUMNS = ("label", "mask", "label_path", "mask_path", "segmentation")
@@ -89,41 +100,182 @@ def lvit_cases(root: Path) -> list[Case]:
     return cases
 
 
-def folder_cases(root: Path, skipped: list[dict]) -> list[Case]:
+def _strip(stem: str, suffixes: tuple[str, ...]) -> str | None:
+    """`stem` without the first of `suffixes` it ends with (any case), or None."""
+    for suffix in suffixes:
+        if stem.lower().endswith(suffix) and len(stem) > len(suffix):
+            return stem[: -len(suffix)]
+    return None
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name
+
+
+@dataclass
+class FolderScan:
+    """What a folder import found besides its cases: files not used (with the reason) and how many files
+    looked like masks (by name or folder), for the summary's warning when none of them became a label."""
+
+    skipped: list[dict]
+    mask_like: int = 0
+
+
+def _image_key(path: Path, in_image_folder: bool) -> tuple[str, str | None]:
+    """(case name, nnU-Net channel or None) of an image file: `<name>_image`/`-image`/`_img`/`-img` loses the
+    suffix; in `imagesTr/`/`imagesTs/` nnU-Net's `<name>_0000` loses its channel."""
+    stem = _stem(path)
+    if in_image_folder:
+        match = NNUNET_CHANNEL.match(stem)
+        if match:
+            return match.group(1), match.group(2)
+    return _strip(stem, IMAGE_SUFFIXES) or stem, None
+
+
+def folder_cases(root: Path, skipped: list[dict], scan: FolderScan | None = None) -> list[Case]:
+    """The cases of a folder of images; every file it does not use goes to `skipped` with the reason.
+
+    Images: the folder's own files and DICOM series folders, and the files of `imagesTr/`, `imagesTs/`,
+    `images/` (Medical Segmentation Decathlon, nnU-Net and similar layouts). Masks: `<name>` + one of
+    MASK_SUFFIXES beside the image, or a file named like the image in a MASK_FOLDERS folder (`labels/`,
+    `masks/`, `segmentations/`, `labelsTr/`, ...). An image `<name>_image.*` (`-image`, `_img`) pairs with
+    `<name>_label.*` and is imported as `<name>`; nnU-Net's `<name>_0000.*` pairs with `labelsTr/<name>.*`."""
     from fasttextdiff.data.io import supported_extensions
 
+    scan = scan if scan is not None else FolderScan(skipped)
     exts = tuple(supported_extensions())
-    entries = sorted(root.iterdir())
+
+    def skip(path: Path, reason: str) -> None:
+        skipped.append({"source": _relative(path, root), "reason": reason})
+
+    def is_image_file(path: Path) -> bool:
+        return path.is_file() and path.name.lower().endswith(exts)
+
+    def hidden(path: Path) -> bool:
+        if path.name.startswith("."):
+            skip(path, "a hidden file or folder (its name starts with '.'); not read")
+            return True
+        return False
+
+    image_folders = [root / f for f in sorted(p.name for p in root.iterdir() if p.is_dir())
+                     if f.lower() in IMAGE_FOLDERS]
+    mask_folders = [root / f for f in sorted(p.name for p in root.iterdir() if p.is_dir())
+                    if f.lower() in MASK_FOLDERS]
+    # ---- masks: key (lower case) -> path, first come first served
     masks: dict[str, Path] = {}
-    for sub in (root / f for f in MASK_FOLDERS):
-        if sub.is_dir():
-            masks.update({_stem(p): p for p in sorted(sub.iterdir()) if p.is_file() and p.name.lower().endswith(exts)})
+    extra_masks: list[tuple[Path, str]] = []
+
+    def add_mask(key: str, path: Path) -> None:
+        scan.mask_like += 1
+        if key.lower() in masks:
+            extra_masks.append((path, key))
+        else:
+            masks[key.lower()] = path
+
+    for folder in mask_folders:
+        for path in sorted(folder.iterdir()):
+            if hidden(path):
+                continue
+            if not is_image_file(path):
+                what = "a folder" if path.is_dir() else (_extension(path) or "no extension")
+                skip(path, f"in the mask folder {folder.name}/ but not an image format the reader knows ({what})")
+                continue
+            add_mask(_strip(_stem(path), MASK_SUFFIXES) or _stem(path), path)
+    entries = sorted(root.iterdir())
     for path in entries:
-        if path.is_file() and path.name.lower().endswith(exts):
-            stem = _stem(path)
-            for suffix in MASK_SUFFIXES:
-                if stem.lower().endswith(suffix):
-                    masks.setdefault(stem[: -len(suffix)], path)
-    mask_files = set(masks.values())
-    cases = []
+        if is_image_file(path) and not path.name.startswith("."):
+            key = _strip(_stem(path), MASK_SUFFIXES)
+            if key is not None:
+                add_mask(key, path)
+    mask_files = set(masks.values()) | {p for p, _ in extra_masks}
+    # ---- images
+    cases: list[Case] = []
+    by_id: dict[str, Case] = {}
+    channels: list[tuple[Path, str, str]] = []
+
+    def add_case(path: Path, name: str) -> None:
+        if name.lower() in by_id:
+            skip(path, f"another image of the source is imported as {name!r} "
+                       f"({_relative(by_id[name.lower()].source, root)}); one id holds one image")
+            return
+        case = Case(path, None, None, name)
+        by_id[name.lower()] = case
+        cases.append(case)
+
     for path in entries:
-        if path.name.startswith(".") or path in mask_files or path.name in MASK_FOLDERS:
+        if hidden(path) or path in mask_files or path in image_folders or path in mask_folders:
             continue
         if path.is_dir():
             if _is_dicom_series(path):
-                cases.append(Case(path, None, masks.get(path.name), path.name))
+                add_case(path, path.name)
+            else:
+                skip(path, "a folder that is neither a DICOM series nor an image or mask folder "
+                           f"({', '.join(IMAGE_FOLDERS + MASK_FOLDERS)}); its files were not read")
             continue
-        if path.suffix.lower() in (".txt", ".csv", ".xlsx", ".xls", ".json"):
+        if path.suffix.lower() == ".txt":
+            continue  # a report: used by its case, or reported below
+        if path.suffix.lower() in (".csv", ".xlsx", ".xls", ".json"):
+            skip(path, "a table or metadata file, not read in a folder import (images, masks and reports are "
+                       "paired by file name; to import from a table, give the .csv/.xlsx itself as SRC)")
             continue
         if not path.name.lower().endswith(exts):
-            skipped.append({"source": path.name,
-                            "reason": f"not an image format the reader knows ({_extension(path) or 'no extension'})"})
+            skip(path, f"not an image format the reader knows ({_extension(path) or 'no extension'})")
             continue
-        cases.append(Case(path, None, masks.get(_stem(path)), _stem(path)))
+        add_case(path, _image_key(path, False)[0])
+    for folder in image_folders:
+        for path in sorted(folder.iterdir()):
+            if hidden(path):
+                continue
+            if path.is_dir():
+                if _is_dicom_series(path):
+                    add_case(path, path.name)
+                else:
+                    skip(path, f"a folder in {folder.name}/ that is not a DICOM series; not read")
+                continue
+            if path.suffix.lower() == ".txt":
+                continue
+            if not is_image_file(path):
+                skip(path, f"in the image folder {folder.name}/ but not an image format the reader knows "
+                           f"({_extension(path) or 'no extension'})")
+                continue
+            name, channel = _image_key(path, folder.name.lower() in ("imagestr", "imagests"))
+            if channel is not None and channel != "0000":
+                channels.append((path, name, channel))
+                continue
+            add_case(path, name)
+    for path, name, channel in channels:
+        skip(path, f"channel {channel} of the nnU-Net case {name!r}: only the first channel (_0000) is imported")
+    # ---- pair masks and reports
+    used_masks: set[Path] = set()
     for case in cases:
-        report = case.source.parent / f"{_stem(case.source) if case.source.is_file() else case.source.name}.txt"
-        if report.is_file():
-            case.report = str(report)  # read (and checked) when the case is imported
+        stem = _stem(case.source) if case.source.is_file() else case.source.name
+        for key in dict.fromkeys((case.name.lower(), stem.lower())):
+            if key in masks:
+                case.mask = masks[key]
+                used_masks.add(case.mask)
+                break
+        for folder in dict.fromkeys((case.source.parent, root)):
+            report = next((folder / f"{n}.txt" for n in dict.fromkeys((stem, case.name))
+                           if (folder / f"{n}.txt").is_file()), None)
+            if report is not None:
+                case.report = str(report)  # read (and checked) when the case is imported
+                break
+    for path in sorted(set(masks.values()) - used_masks):
+        key = next(k for k, v in masks.items() if v == path)
+        skip(path, f"a mask (by its {'folder' if path.parent != root else 'name'}) but there is no image named "
+                   f"{key!r} (looked for {key}.*, {key}_image.*, {key}_img.*, {key}_0000.* in imagesTr/)")
+    for path, key in extra_masks:
+        used = masks[key.lower()]
+        skip(path, f"a second mask for {key!r}: {_relative(used, root)} is the one "
+                   f"{'used' if used in used_masks else 'reported above'}")
+    reports = {Path(c.report) for c in cases if c.report}
+    for folder in [root] + image_folders:
+        for path in sorted(folder.glob("*.txt")):
+            if path not in reports and not path.name.startswith("."):
+                skip(path, f"a report (.txt) but there is no image named {_stem(path)!r}")
     return cases
 
 
@@ -158,14 +310,14 @@ def table_cases(table: Path) -> list[Case]:
     return cases
 
 
-def detect_cases(src: Path, skipped: list[dict]) -> tuple[str, list[Case]]:
+def detect_cases(src: Path, skipped: list[dict], scan: FolderScan | None = None) -> tuple[str, list[Case]]:
     if src.is_file() and src.suffix.lower() in (".csv", ".xlsx", ".xls"):
         return "table", table_cases(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is neither a folder nor a .csv/.xlsx table")
     if (src / "Train_Folder").is_dir() or (src / "Test_Folder").is_dir():
         return "lvit", lvit_cases(src)
-    return "folder", folder_cases(src, skipped)
+    return "folder", folder_cases(src, skipped, scan)
 
 
 # ------------------------------------------------------------------------------------------ import
@@ -221,6 +373,7 @@ def _import_case(case: Case, out: Path, taken: set[str]) -> dict:
         atomic_write_bytes(out / f"{image_id}.txt", report.encode("utf-8"))
     taken.add(image_id.lower())
     return {"id": image_id, "source": str(case.source), "report": bool(report), "label": mask is not None,
+            "mask": str(case.mask) if mask is not None else None,
             "volume": bool(image.is_volume)}
 
 
@@ -238,14 +391,16 @@ def taken_ids(out: Path) -> set[str]:
 
 
 def import_studies(src: str | Path, out: str | Path, progress: bool = True) -> dict:
-    """Import `src` into the studies folder `out`; returns {kind, imported: [...], skipped: [...]}."""
+    """Import `src` into the studies folder `out`; returns {kind, studies, imported: [...], skipped: [{source,
+    reason}], warnings: [...]}."""
     from tqdm.auto import tqdm
 
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise ValueError("--out must be another folder than the source")
     skipped: list[dict] = []
-    kind, cases = detect_cases(src, skipped)
+    scan = FolderScan(skipped)
+    kind, cases = detect_cases(src, skipped, scan)
     if not cases and not skipped:
         raise ValueError(f"{src} holds no images to import")
     out.mkdir(parents=True, exist_ok=True)
@@ -255,9 +410,18 @@ def import_studies(src: str | Path, out: str | Path, progress: bool = True) -> d
         try:
             imported.append(_import_case(case, out, taken))
         except (ValueError, OSError) as exc:
-            skipped.append({"source": str(case.source.name), "reason": str(exc)})
+            skipped.append({"source": _relative(case.source, src) if kind == "folder" else case.source.name,
+                            "reason": str(exc)})
             log.warning("skipped %s: %s", case.source, exc)
-    return {"kind": kind, "studies": str(out), "imported": imported, "skipped": skipped}
+    warnings = []
+    if scan.mask_like and not any(c.mask is not None for c in cases):
+        masks = [s for s in skipped if "mask" in s["reason"]]
+        warnings.append(f"no mask was imported, though {scan.mask_like} file(s) look like masks (by name or folder)"
+                        + (f"; first: {masks[0]['source']}: {masks[0]['reason']}" if masks else "")
+                        + ". Every image was imported unlabeled: check the names (see docs/SERVER.md, import)")
+    for warning in warnings:
+        log.warning("%s", warning)
+    return {"kind": kind, "studies": str(out), "imported": imported, "skipped": skipped, "warnings": warnings}
 
 
 def add_import_studies_arguments(parser: argparse.ArgumentParser) -> None:
@@ -274,6 +438,8 @@ def run_import_studies(args: argparse.Namespace) -> int:
           f"{sum(c['report'] for c in done)} with a report, {sum(c['label'] for c in done)} with a label")
     for item in summary["skipped"]:
         print(f"skipped {item['source']}: {item['reason']}")
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}")
     if args.json:
         from fasttextdiff.utils.atomic import atomic_write_json
 
