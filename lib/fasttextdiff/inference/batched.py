@@ -69,12 +69,16 @@ class InferenceOptions:
     max_batch_items: int = 12  # backbone items (slices x draws x timesteps) per forward: bounds activation memory
     uncertainty: str = "draws"  # "draws": std over the n_noise draws; "softmax": one draw, sqrt(p(1-p))
     reference_path: bool = False  # the plain path: SliceInferer over model.predict (the benchmark's "before")
+    # volumes: foreground components below this many mm³ are dropped (`inference.postprocess`); 0 keeps all
+    min_component_mm3: float = 0.0
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.uncertainty not in UNCERTAINTY_KINDS:
             raise ValueError(f"uncertainty must be one of {UNCERTAINTY_KINDS}, got {self.uncertainty!r}")
+        if self.min_component_mm3 < 0:
+            raise ValueError(f"min_component_mm3 must be >= 0, got {self.min_component_mm3}")
         if self.max_batch_items < 1:
             raise ValueError(f"max_batch_items must be >= 1, got {self.max_batch_items}")
 

@@ -23,6 +23,7 @@ from fasttextdiff.data.preprocess import to_model_input, to_original_grid
 from fasttextdiff.utils.devices import resolve_device
 from fasttextdiff.utils.errors import ReportError
 from fasttextdiff.inference.batched import InferenceOptions, precision_record, predict_slices, resolve_precision
+from fasttextdiff.inference.postprocess import drop_small_components
 from fasttextdiff.models.segmenter import FastTextDiffModel
 from fasttextdiff.text.encoder import TextEncoder
 
@@ -116,6 +117,8 @@ class Segmenter:
         prob_grid = to_original_grid(probabilities, image, mode="bilinear", window=cfg.window,
                                      body_crop=cfg.body_crop).astype(np.float32)  # (K, *grid)
         mask_grid = prob_grid.argmax(0).astype(np.uint8)
+        if image.is_volume and self.options.min_component_mm3 > 0:
+            mask_grid = drop_small_components(mask_grid, image.spacing, self.options.min_component_mm3)
         unc_grid = to_original_grid(uncertainty, image, mode="bilinear", window=cfg.window,
                                     body_crop=cfg.body_crop).astype(np.float32)
         return SegmentationResult(mask_grid, unc_grid, prob_grid, image, self._summary(mask_grid, unc_grid, n_noise))
