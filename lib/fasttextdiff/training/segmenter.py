@@ -96,7 +96,8 @@ class FeatureCache(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.base[index]
-        return {"features": [f[self.slots[index]] for f in self.features], "label": item["label"], "text": item["text"],
+        slot = self.slots[index]
+        return {"features": [f[slot] for f in self.features], "label": item["label"], "text": item["text"],
                 "name": item["name"]}
 
 
