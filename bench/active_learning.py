@@ -227,10 +227,7 @@ class AppLoop:
     def labeled_samples(self):
         from lib.training import labeled_samples
 
-        samples = labeled_samples(self.datastore, self.paths.work)
-        for p in self.paths.work.glob("slices-*"):
-            shutil.rmtree(p, ignore_errors=True)
-        return samples
+        return labeled_samples(self.datastore)
 
 
 def run_strategy(strategy: str, seed: int, ctx: dict, bar) -> dict:

@@ -397,6 +397,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "the lung window is -600,1500)")
     parser.add_argument("--budgets", type=float, nargs="+", help="override the labeled shares, e.g. 1.0")
     parser.add_argument("--name", help="result file name (default real_ct_quick / real_ct)")
+    parser.add_argument("--steps", type=int, help="fusion + head optimiser steps (quick: 250)")
+    parser.add_argument("--lesion-variants", type=int, help="lesion copies of each patient (quick: 3)")
     parser.add_argument("--server", action="store_true", help="the served default model instead: import-studies of "
                         "A (liver labeled) and B, make serve's defaults, B's liver through /infer")
     args = parser.parse_args(argv)
@@ -418,6 +420,10 @@ def main(argv: list[str] | None = None) -> dict:
         plan.window = tuple(float(v) for v in args.window.split(","))
     if args.budgets:
         plan.budgets = args.budgets
+    if args.steps:
+        plan.steps = plan.baseline_steps = args.steps
+    if args.lesion_variants:
+        plan.lesion_variants = args.lesion_variants
     started = time.time()
     device = "cpu"
     patients = {n: real_ct.load_patient(n) for n in sorted({p for d in plan.directions for p in d})}
