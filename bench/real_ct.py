@@ -393,8 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS)
-    parser.add_argument("--window", help="HU window 'center,width' of the backbone (default: soft tissue 50,350; "
-                        "the lung window is -600,1500)")
+    parser.add_argument("--window", help="HU window 'center,width' of the backbone (default: the soft-tissue "
+                        "window, 50,350; the lung window is -600,1500)")
     parser.add_argument("--budgets", type=float, nargs="+", help="override the labeled shares, e.g. 1.0")
     parser.add_argument("--name", help="result file name (default real_ct_quick / real_ct)")
     parser.add_argument("--steps", type=int, help="fusion + head optimiser steps (quick: 250)")
