@@ -114,6 +114,30 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step", disable=not sys.stderr.isatty(), leave=False)
 
 
+def _fit(net, next_batch, lr: float, max_steps: int, budget_s: float, started: float, name: str,
+         device) -> tuple[int, float]:
+    """DiceCE + Adam on `next_batch()` samples until `max_steps` or `budget_s`: (steps, last loss)."""
+    from monai.losses import DiceCELoss
+
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    steps, loss = 0, float("nan")
+    with _progress(max_steps, name) as bar:
+        while steps < max_steps and time.perf_counter() - started < budget_s:
+            samples = next_batch()
+            x = torch.stack([_plain(s["image"]) for s in samples]).to(device)
+            y = torch.stack([_plain(s["label"]) for s in samples]).to(device)
+            out = loss_fn(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            out.backward()
+            optimizer.step()
+            steps += 1
+            loss = float(out.detach())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+    return steps, loss
+
+
 def _resample(x: torch.Tensor, shape: Sequence[int], label: bool) -> torch.Tensor:
     """(C, *spatial) -> (C, *shape): trilinear for images/probabilities, nearest for labels."""
     if tuple(x.shape[1:]) == tuple(shape):
@@ -178,7 +202,6 @@ def train_unet3d(volumes: list[np.ndarray], labels: list[np.ndarray], num_classe
     `network`: "unet" (channels 16..256 unless `channels`) or "segresnet" (`init_filters`).
     """
     from monai.inferers import sliding_window_inference
-    from monai.losses import DiceCELoss
     from monai.transforms import RandCropByPosNegLabeld, SpatialPad
     from monai.transforms.utils import map_binary_to_indices
 
@@ -208,23 +231,12 @@ def train_unet3d(volumes: list[np.ndarray], labels: list[np.ndarray], num_classe
     aug = _augmentations(["image", "label"], 3, seed + 1)
 
     net.to(device).train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    steps, loss = 0, float("nan")
     name = f"monai_{network}3d"
-    with _progress(max_steps, name) as bar:
-        while steps < max_steps and time.perf_counter() - started < budget_s:
-            samples = [aug(s) for s in crop(items[int(rng.integers(len(items)))])]
-            x = torch.stack([_plain(s["image"]) for s in samples]).to(device)
-            y = torch.stack([_plain(s["label"]) for s in samples]).to(device)
-            out = loss_fn(net(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            out.backward()
-            optimizer.step()
-            steps += 1
-            loss = float(out.detach())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+
+    def batch():
+        return [aug(s) for s in crop(items[int(rng.integers(len(items)))])]
+
+    steps, loss = _fit(net, batch, lr, max_steps, budget_s, started, name, device)
     seconds = time.perf_counter() - started
     net.eval()
 
@@ -275,7 +287,6 @@ def train_unet2d(volumes: list[np.ndarray], labels: list[np.ndarray], num_classe
     training to those slices. `predict` runs every slice, resizes the softmax back bilinearly and
     returns the argmax on the volume's own (Z, Y, X) grid.
     """
-    from monai.losses import DiceCELoss
 
     _check_pairs(volumes, labels, num_classes)
     if labeled_slices is not None and len(labeled_slices) != len(volumes):
@@ -305,27 +316,16 @@ def train_unet2d(volumes: list[np.ndarray], labels: list[np.ndarray], num_classe
     aug = _augmentations(["image", "label"], 2, seed + 1)
 
     net = build_unet(widths, in_channels=1, num_classes=num_classes).to(device).train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    steps, loss = 0, float("nan")
-    with _progress(max_steps, "monai_unet2d") as bar:
-        while steps < max_steps and time.perf_counter() - started < budget_s:
-            if len(pos_ids) and len(neg_ids):
-                n_pos = (batch_size + 1) // 2
-                ids = np.concatenate([rng.choice(pos_ids, n_pos), rng.choice(neg_ids, batch_size - n_pos)])
-            else:
-                ids = rng.integers(len(images), size=batch_size)
-            samples = [aug({"image": images[j], "label": targets[j]}) for j in ids]
-            x = torch.stack([_plain(s["image"]) for s in samples]).to(device)
-            y = torch.stack([_plain(s["label"]) for s in samples]).to(device)
-            out = loss_fn(net(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            out.backward()
-            optimizer.step()
-            steps += 1
-            loss = float(out.detach())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+
+    def batch():
+        if len(pos_ids) and len(neg_ids):  # half of each batch from slices with labels
+            n_pos = (batch_size + 1) // 2
+            ids = np.concatenate([rng.choice(pos_ids, n_pos), rng.choice(neg_ids, batch_size - n_pos)])
+        else:
+            ids = rng.integers(len(images), size=batch_size)
+        return [aug({"image": images[j], "label": targets[j]}) for j in ids]
+
+    steps, loss = _fit(net, batch, lr, max_steps, budget_s, started, "monai_unet2d", device)
     seconds = time.perf_counter() - started
     net.eval()
 
