@@ -83,7 +83,7 @@ def labeled_samples(datastore: Any, ids: list[str] | None = None) -> list:
     still clears).
     """
     from fasttextdiff.data.dataset import volume_training_slices
-    from fasttextdiff.data.io import read_image
+    from fasttextdiff.data.io import is_volume_path, read_image
     from fasttextdiff.data.lvit import Sample
 
     samples = []
@@ -94,12 +94,14 @@ def labeled_samples(datastore: Any, ids: list[str] | None = None) -> list:
             continue
         text = str(datastore.get_image_info(image_id).get(TEXT_KEY) or "")
         slices = None
-        if read_image(image_path).is_volume:
-            image_shape, label_shape = read_image(image_path).array.shape, read_image(label_path).array.shape
-            if image_shape != label_shape:
-                logger.warning("skipping %s: label shape %s != image shape %s", image_id, label_shape, image_shape)
+        image = read_image(image_path) if is_volume_path(image_path) else None  # 2D images are read by the dataset
+        if image is not None and image.is_volume:
+            label = read_image(label_path)
+            if image.array.shape != label.array.shape:
+                logger.warning("skipping %s: label shape %s != image shape %s", image_id, label.array.shape,
+                               image.array.shape)
                 continue
-            slices = volume_training_slices(label_path)
+            slices = volume_training_slices(label)
         samples.append(Sample(image=Path(image_path), mask=Path(label_path), text=text, name=image_id, slices=slices))
     return samples
 

@@ -51,7 +51,7 @@ def test_volume_slices_are_the_inference_slices_with_their_labels_in_place(tmp_p
 
 def test_training_slices_are_canonical_and_keep_foreground_and_some_empty(tmp_path):
     image_path, mask_path = _volume(tmp_path)
-    chosen = volume_training_slices(mask_path, background_every=2)
+    chosen = volume_training_slices(read_image(mask_path), background_every=2)
     labels = canonical_array(read_image(mask_path))
     with_fg = [z for z in range(labels.shape[0]) if labels[z].any()]
     assert set(with_fg) <= set(chosen) and len(chosen) == len(with_fg) + (labels.shape[0] - len(with_fg)) // 2

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from fasttextdiff.data.io import is_volume_path, read_image
+from fasttextdiff.data.io import Image, is_volume_path, read_image
 from fasttextdiff.data.lvit import Sample
 from fasttextdiff.data.preprocess import canonical_array, labels_to_model_grid, mask_to_labels, to_model_input
 from fasttextdiff.utils.errors import ImageReadError
@@ -52,11 +52,11 @@ def select_labeled(samples: Sequence[Sample], labeled: float | int | None, seed:
     return [samples[i] for i in sorted(order.tolist())]
 
 
-def volume_training_slices(mask_path, background_every: int = 4) -> tuple[int, ...]:
-    """The slices a labeled volume trains on, in canonical order (as `SegmentationDataset` and inference
-    slice it): every slice with foreground and every n-th empty one (empty slices teach "nothing here"
-    without drowning the lesion slices)."""
-    labels = canonical_array(read_image(mask_path))
+def volume_training_slices(mask: Image, background_every: int = 4) -> tuple[int, ...]:
+    """The slices a labeled volume (its read mask) trains on, in canonical order (as `SegmentationDataset` and
+    inference slice it): every slice with foreground and every n-th empty one (empty slices teach "nothing
+    here" without drowning the lesion slices)."""
+    labels = canonical_array(mask)
     keep, empty_seen = [], 0
     for z in range(labels.shape[0]):
         if labels[z].any():
