@@ -32,13 +32,7 @@ TEXT_KEY = "text"
 
 
 # ---------------------------------------------------------------- datastore -> samples
-SLICES_PREFIX = "slices-"
-
-
-def new_slice_dir(work: Path) -> Path:
-    """A scratch folder name for one run's volume slices: `slices-<pid>-<ns>` (the pid tells whether its
-    run can still be going: `remove_stale_slice_dirs`). Not created here."""
-    return Path(work) / f"{SLICES_PREFIX}{os.getpid()}-{time.time_ns()}"
+SLICES_PREFIX = "slices-"  # `slices-<pid>-<ns>`: the scratch folders older versions wrote volume slices to
 
 
 def _process_alive(pid: int) -> bool:

@@ -16,6 +16,7 @@ by the fixture right after the server first answers, and no test stops the modul
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -123,7 +124,7 @@ def test_slice_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     and leaves those of live ones (another run in progress) alone."""
     sys.path.insert(0, str(APP_DIR))
     try:
-        from lib.training import new_slice_dir, remove_stale_slice_dirs
+        from lib.training import remove_stale_slice_dirs
     finally:
         sys.path.remove(str(APP_DIR))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -132,7 +133,7 @@ def test_slice_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     try:
         folders = {name: tmp_path / f"slices-{pid}-1" for name, pid in (("dead", dead.pid), ("live", live.pid))}
         folders["old-style"] = tmp_path / "slices-1700000000000000000"
-        folders["mine"] = new_slice_dir(tmp_path)
+        folders["mine"] = tmp_path / f"slices-{os.getpid()}-{time.time_ns()}"
         for folder in folders.values():
             (folder / "sub").mkdir(parents=True)
             (folder / "sub" / "x.nii.gz").write_bytes(b"x")
