@@ -65,7 +65,10 @@ class FeatureCache(Dataset):
         slot_of: dict[bytes, int] = {}
         self.slots = [slot_of.setdefault(hashlib.sha256(base[i]["image"].numpy().tobytes()).digest(), len(slot_of))
                       for i in range(len(base))]
-        firsts = sorted({slot: i for i, slot in reversed(list(enumerate(self.slots)))}.values())
+        firsts: list[int] = []  # the first item of each slot, in slot order: feature row k is slot k
+        for i, slot in enumerate(self.slots):
+            if slot == len(firsts):
+                firsts.append(i)
         loader = DataLoader(Subset(base, firsts), batch_size=batch_size, shuffle=False)
         start = 0
         with torch.inference_mode():
