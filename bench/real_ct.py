@@ -529,11 +529,14 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((axes[0], "anatomy_mean_dice", "anatomy by text: mean 3D Dice"),
-                           (axes[1], "lesion_dice", "named lesions: 3D Dice per volume")):
-        budgets = sorted(result["summary"], key=float)
-        methods = sorted({m for b in budgets for m in result["summary"][b]["methods"]})
+    budgets = sorted(result["summary"], key=float)
+    panels = [(key, title) for key, title in (("anatomy_mean_dice", "anatomy by text: mean 3D Dice"),
+                                              ("lesion_dice", "named lesions: 3D Dice per volume"))
+              if any(m.get(key) is not None for b in budgets for m in result["summary"][b]["methods"].values())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        methods = sorted({m for b in budgets for m in result["summary"][b]["methods"]
+                          if result["summary"][b]["methods"][m].get(key) is not None})
         for method in methods:
             ys = [result["summary"][b]["methods"].get(method, {}).get(key) for b in budgets]
             xs = [100 * float(b) for b, y in zip(budgets, ys) if y is not None]
@@ -542,7 +545,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+        ax.set_xlim(0, 105)
+    axes[0][0].legend(fontsize=8)
     common.savefig(fig, path)
 
 
